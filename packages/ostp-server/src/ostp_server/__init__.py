@@ -1,0 +1,1 @@
+"""ostp_server."""
