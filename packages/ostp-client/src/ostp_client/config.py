@@ -1,0 +1,798 @@
+"""The daemon's user-facing configuration: pydantic models, loading, conversion, share links.
+
+`load_config(path)` / `parse_config_text(text)` accept the native format (inbounds, outbounds,
+routing; JSON with `//` comments) and upstream's flat client config (spec §10.10), which is
+converted. Every problem is reported as a `ConfigError` whose `issues` name the field by its
+JSON path (`outbounds[0].server`) and say what is wrong.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, unquote
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    SerializationInfo,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
+
+__all__ = [
+    "BlockOutboundConfig",
+    "ClientConfig",
+    "ConfigError",
+    "ConfigIssue",
+    "ControlConfig",
+    "DirectOutboundConfig",
+    "InboundConfig",
+    "LocalProxyInboundConfig",
+    "LogConfig",
+    "MuxConfig",
+    "NatConfig",
+    "OstpOutboundConfig",
+    "OutboundConfig",
+    "RoutingConfig",
+    "RoutingRule",
+    "UserConfig",
+    "config_from_share_link",
+    "config_json_schema",
+    "convert_flat_config",
+    "dump_config",
+    "is_flat_config",
+    "load_config",
+    "ostp_outbound_from_share_link",
+    "parse_config_text",
+    "parse_host_port",
+    "strip_json_comments",
+]
+
+DEFAULT_PROXY_PORT = 1088  # spec §10.10 socks5_bind default 127.0.0.1:1088
+DEFAULT_MTU = 1350  # spec §10.10 (CLI default)
+DEFAULT_KEEPALIVE = 5.0  # spec §10.2
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# host:port text
+
+
+def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """Split `host:port`, `[v6]:port` or (with `default_port`) a bare host; raise ValueError."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty address")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"missing ']' in {text!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
+        if not rest:
+            port_text = None
+        elif rest.startswith(":"):
+            port_text = rest[1:]
+        else:
+            raise ValueError(f"unexpected {rest!r} after ']'")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") > 1:
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            raise ValueError(f"{text!r}: write IPv6 addresses as [addr]:port") from None
+        host, port_text = text, None
+    else:
+        host, port_text = text, None
+    if not host:
+        raise ValueError(f"missing host in {text!r}")
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"missing port in {text!r} (expected host:port)")
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"port {port_text!r} is not a number from 1 to 65535")
+    return host, int(port_text)
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+class LogConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level of the daemon."""
+
+
+class UserConfig(_Model):
+    """One username/password pair accepted by a proxy inbound (RFC 1929, HTTP Basic)."""
+
+    username: Annotated[str, Field(min_length=1, max_length=255)]
+    password: Annotated[SecretStr, Field(min_length=1, max_length=255)]
+
+    @field_serializer("password", when_used="always")
+    def _reveal(self, value: SecretStr, info: SerializationInfo) -> str:
+        return _secret_out(value, info)
+
+
+class LocalProxyInboundConfig(_Model):
+    """One TCP port speaking SOCKS5 and HTTP proxy (first byte 0x05 → SOCKS5), spec §10.4."""
+
+    type: Literal["local_proxy"] = "local_proxy"
+    tag: Annotated[str, Field(min_length=1)] = "proxy-in"
+    listen: str = "127.0.0.1"
+    """Address to listen on; loopback by default (a wildcard is the user's explicit choice)."""
+    port: Annotated[int, Field(ge=0, le=65535)] = DEFAULT_PROXY_PORT
+    """TCP port (and the UDP ASSOCIATE relay's address); 0 picks a free port."""
+    users: list[UserConfig] = Field(default_factory=list)
+    """When non-empty, every client must authenticate as one of these users."""
+    set_system_proxy: bool = False
+    """Point the desktop's proxy settings at this inbound while the daemon runs."""
+    udp: bool = True
+    """Accept SOCKS5 UDP ASSOCIATE."""
+    handshake_timeout: Annotated[float, Field(gt=0)] = 30.0
+    """Seconds a client has to finish the SOCKS5/HTTP request before it is dropped."""
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        value = value.strip()
+        if value not in ("localhost", ""):
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError("expected an IP address such as 127.0.0.1 or ::1") from None
+        return value or "127.0.0.1"
+
+
+InboundConfig = Annotated[LocalProxyInboundConfig, Field(discriminator="type")]
+"""Discriminated union of inbound types (add `TunInboundConfig` here with `|`)."""
+
+
+class MuxConfig(_Model):
+    enabled: bool = False
+    """Spread streams over several OSTP sessions to one server (spec §10.3)."""
+    sessions: Annotated[int, Field(ge=1, le=64)] = 1
+    """Number of sessions when enabled."""
+
+
+class NatConfig(_Model):
+    """NAT traversal options of an ostp outbound (reserved; filled in by the NAT work)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    enabled: bool = False
+
+
+class OstpOutboundConfig(_Model):
+    """A pool of OSTP sessions to one server."""
+
+    type: Literal["ostp"] = "ostp"
+    tag: Annotated[str, Field(min_length=1)] = "proxy"
+    server: str
+    """`host:port` of the OSTP server."""
+    access_key: SecretStr
+    """The shared access key; never logged."""
+    mtu: Annotated[int, Field(ge=576, le=65535)] = DEFAULT_MTU
+    mux: MuxConfig | None = None
+    """Sessions to the server; when absent, the top-level `mux` applies."""
+    keepalive_interval: Annotated[float, Field(gt=0, le=3600)] = DEFAULT_KEEPALIVE
+    """Seconds between keepalive Ping/KeepAlive (spec §10.2)."""
+    connect_timeout: Annotated[float, Field(gt=0, le=300)] = 5.0
+    """Seconds to wait for the server to confirm a stream (spec §10.4)."""
+    nat: NatConfig | None = None
+
+    @field_validator("server")
+    @classmethod
+    def _check_server(cls, value: str) -> str:
+        parse_host_port(value)
+        return value.strip()
+
+    @field_validator("access_key")
+    @classmethod
+    def _check_key(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_serializer("access_key", when_used="always")
+    def _reveal(self, value: SecretStr, info: SerializationInfo) -> str:
+        return _secret_out(value, info)
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        return parse_host_port(self.server)
+
+
+class DirectOutboundConfig(_Model):
+    """Connects from this machine."""
+
+    type: Literal["direct"] = "direct"
+    tag: Annotated[str, Field(min_length=1)] = "direct"
+    connect_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+    bind_address: str | None = None
+    """Local IP address to connect from (the origin sees it)."""
+    override_address: str | None = None
+    """Connect to this host instead of the requested one (the port is kept)."""
+    override_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+
+    @field_validator("bind_address")
+    @classmethod
+    def _check_bind(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError("expected an IP address") from None
+        return value
+
+
+class BlockOutboundConfig(_Model):
+    """Refuses every connection (SOCKS5 reply 0x02, HTTP 403)."""
+
+    type: Literal["block"] = "block"
+    tag: Annotated[str, Field(min_length=1)] = "block"
+
+
+OutboundConfig = Annotated[
+    OstpOutboundConfig | DirectOutboundConfig | BlockOutboundConfig,
+    Field(discriminator="type"),
+]
+
+_PORT_RANGE = re.compile(r"^\s*(\d{1,5})\s*[-:]\s*(\d{1,5})\s*$")
+
+
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str | int) else value
+
+
+RULE_CONDITIONS = (
+    "domain",
+    "domain_suffix",
+    "domain_keyword",
+    "domain_regex",
+    "ip_cidr",
+    "port",
+    "port_range",
+    "network",
+    "inbound",
+)
+_CONDITIONS = RULE_CONDITIONS
+
+
+class RoutingRule(_Model):
+    """Conditions are ANDed; the values inside one condition are ORed; first match wins."""
+
+    domain: list[str] | None = None
+    domain_suffix: list[str] | None = None
+    domain_keyword: list[str] | None = None
+    domain_regex: list[str] | None = None
+    ip_cidr: list[str] | None = None
+    port: list[Annotated[int, Field(ge=0, le=65535)]] | None = None
+    port_range: list[str] | None = None
+    network: list[Literal["tcp", "udp"]] | None = None
+    inbound: list[str] | None = None
+    outbound: Annotated[str, Field(min_length=1)]
+
+    @field_validator(*_CONDITIONS, mode="before")
+    @classmethod
+    def _normalize(cls, value: Any) -> Any:
+        return _one_or_many(value)
+
+    @field_validator("domain_regex")
+    @classmethod
+    def _check_regex(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or ():
+            try:
+                re.compile(item)
+            except re.error as exc:
+                raise ValueError(f"bad regular expression {item!r}: {exc}") from None
+        return value
+
+    @field_validator("ip_cidr")
+    @classmethod
+    def _check_cidr(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or ():
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+        return value
+
+    @field_validator("port_range")
+    @classmethod
+    def _check_range(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or ():
+            parse_port_range(item)
+        return value
+
+    def conditions(self) -> dict[str, list[Any]]:
+        """The conditions that are set, by name."""
+        return {
+            name: getattr(self, name) for name in RULE_CONDITIONS if getattr(self, name) is not None
+        }
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """`"1000-2000"` (or `"1000:2000"`) → `(1000, 2000)`; raise ValueError otherwise."""
+    match = _PORT_RANGE.match(text)
+    if not match:
+        raise ValueError(f"port range {text!r} should look like '1000-2000'")
+    low, high = int(match[1]), int(match[2])
+    if not low <= high <= 65535:
+        raise ValueError(f"port range {text!r} must go from low to high within 0-65535")
+    return low, high
+
+
+class RoutingConfig(_Model):
+    rules: list[RoutingRule] = Field(default_factory=list)
+    default_outbound: str | None = None
+    """Tag used when no rule matches; the first outbound when absent."""
+
+
+class ControlConfig(_Model):
+    socket: str | None = None
+    """Path of the control socket (the dashboard talks to it); none disables it."""
+
+
+class ClientConfig(_Model):
+    log: LogConfig = Field(default_factory=LogConfig)
+    inbounds: list[InboundConfig] = Field(default_factory=lambda: [LocalProxyInboundConfig()])
+    outbounds: Annotated[list[OutboundConfig], Field(min_length=1)]
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    mux: MuxConfig = Field(default_factory=MuxConfig)
+    """Default `mux` of every ostp outbound that has none."""
+    control: ControlConfig = Field(default_factory=ControlConfig)
+
+    @property
+    def default_outbound(self) -> str:
+        return self.routing.default_outbound or self.outbounds[0].tag
+
+    def mux_for(self, outbound: OstpOutboundConfig) -> MuxConfig:
+        return outbound.mux if outbound.mux is not None else self.mux
+
+    def outbound(self, tag: str) -> OstpOutboundConfig | DirectOutboundConfig | BlockOutboundConfig:
+        for item in self.outbounds:
+            if item.tag == tag:
+                return item
+        raise KeyError(tag)
+
+
+def _secret_out(value: SecretStr, info: SerializationInfo) -> str:
+    context = info.context
+    if isinstance(context, Mapping) and context.get("reveal_secrets"):
+        return value.get_secret_value()
+    return str(value)  # "**********"
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    path: str
+    """JSON path of the field, e.g. `outbounds[0].server`; empty for the whole document."""
+    message: str
+
+
+@dataclass(eq=False)
+class ConfigError(Exception):
+    """An invalid configuration; `issues` say where and what."""
+
+    issues: list[ConfigIssue]
+    source: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        where = f" in {self.source}" if self.source else ""
+        lines = [f"invalid configuration{where}:"]
+        for issue in self.issues:
+            lines.append(f"  {issue.path or '(top level)'}: {issue.message}")
+        return "\n".join(lines)
+
+
+_SECRET_FIELDS = frozenset({"access_key", "password"})
+
+
+def _format_path(loc: Sequence[int | str], data: Any) -> tuple[str, Any, bool]:
+    """Render a pydantic `loc` as a JSON path, skipping discriminator-tag segments."""
+    parts: list[str] = []
+    node: Any = data
+    secret = False
+    for segment in loc:
+        if isinstance(segment, int):
+            parts.append(f"[{segment}]")
+            node = node[segment] if isinstance(node, list) and segment < len(node) else None
+            continue
+        if isinstance(node, Mapping) and segment not in node and node.get("type") == segment:
+            continue  # the union member pydantic tried, not a field
+        if (
+            isinstance(node, Mapping)
+            and segment not in node
+            and segment.startswith(("function-", "list[", "union[", "tagged-union["))
+        ):
+            continue
+        parts.append(f".{segment}" if parts else segment)
+        secret = secret or segment in _SECRET_FIELDS
+        node = node.get(segment) if isinstance(node, Mapping) else None
+    return "".join(parts), node, secret
+
+
+def _issue_message(error: Any, model_fields: Iterable[str], secret: bool) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "extra_forbidden":
+        name = str(error["loc"][-1])
+        close = difflib.get_close_matches(name, list(model_fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown field{hint}"
+    if kind == "union_tag_invalid":
+        ctx = error.get("ctx", {})
+        return f"unknown type {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+    if kind == "union_tag_not_found":
+        return "missing 'type' (which kind of entry this is)"
+    message = str(error["msg"])
+    message = message.removeprefix("Value error, ")
+    message = message[0].lower() + message[1:] if message else message
+    value = error.get("input")
+    if not secret and isinstance(value, str | int | float | bool) and kind != "value_error":
+        text = repr(value)
+        message += f" (got {text[:60] + '...' if len(text) > 60 else text})"
+    return message
+
+
+def _all_field_names() -> list[str]:
+    """Every field name of the config models (for "did you mean")."""
+    names: set[str] = set()
+    for model in (
+        ClientConfig,
+        LogConfig,
+        LocalProxyInboundConfig,
+        UserConfig,
+        MuxConfig,
+        OstpOutboundConfig,
+        DirectOutboundConfig,
+        BlockOutboundConfig,
+        RoutingConfig,
+        RoutingRule,
+        ControlConfig,
+    ):
+        names.update(model.model_fields)
+    return sorted(names)
+
+
+def _issues_from_validation(exc: ValidationError, data: Any) -> list[ConfigIssue]:
+    issues = []
+    for error in exc.errors():
+        path, _, secret = _format_path(error["loc"], data)
+        issues.append(ConfigIssue(path, _issue_message(error, _all_field_names(), secret)))
+    return issues
+
+
+def _check_references(config: ClientConfig) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    outbound_tags: dict[str, int] = {}
+    for index, outbound in enumerate(config.outbounds):
+        if outbound.tag in outbound_tags:
+            first = outbound_tags[outbound.tag]
+            issues.append(
+                ConfigIssue(
+                    f"outbounds[{index}].tag",
+                    f"duplicate tag {outbound.tag!r} (also outbounds[{first}])",
+                )
+            )
+        outbound_tags.setdefault(outbound.tag, index)
+    inbound_tags: dict[str, int] = {}
+    for index, inbound in enumerate(config.inbounds):
+        if inbound.tag in inbound_tags:
+            issues.append(ConfigIssue(f"inbounds[{index}].tag", f"duplicate tag {inbound.tag!r}"))
+        inbound_tags.setdefault(inbound.tag, index)
+    known = ", ".join(repr(tag) for tag in outbound_tags)
+    for index, rule in enumerate(config.routing.rules):
+        path = f"routing.rules[{index}]"
+        if rule.outbound not in outbound_tags:
+            issues.append(
+                ConfigIssue(
+                    f"{path}.outbound", f"no outbound is tagged {rule.outbound!r} (have {known})"
+                )
+            )
+        if not rule.conditions():
+            issues.append(
+                ConfigIssue(path, "a rule needs at least one condition (use default_outbound)")
+            )
+        for tag in rule.inbound or ():
+            if tag not in inbound_tags:
+                issues.append(ConfigIssue(f"{path}.inbound", f"no inbound is tagged {tag!r}"))
+    default = config.routing.default_outbound
+    if default is not None and default not in outbound_tags:
+        issues.append(
+            ConfigIssue(
+                "routing.default_outbound", f"no outbound is tagged {default!r} (have {known})"
+            )
+        )
+    return issues
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def strip_json_comments(text: str) -> str:
+    """Remove `//` line comments and `/* */` block comments outside JSON strings.
+
+    Comment characters are replaced by spaces (newlines kept) so that error positions still
+    point at the right line and column.
+    """
+    out: list[str] = []
+    i, n = 0, len(text)
+    in_string = False
+    while i < n:
+        ch = text[i]
+        if in_string:
+            out.append(ch)
+            if ch == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 2
+                continue
+            if ch == '"':
+                in_string = False
+            i += 1
+        elif ch == '"':
+            in_string = True
+            out.append(ch)
+            i += 1
+        elif text.startswith("//", i):
+            end = text.find("\n", i)
+            end = n if end < 0 else end
+            out.append(" " * (end - i))
+            i = end
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            end = n if end < 0 else end + 2
+            out.append("".join(c if c == "\n" else " " for c in text[i:end]))
+            i = end
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def is_flat_config(data: Mapping[str, Any]) -> bool:
+    """Upstream's flat client config (spec §10.10) rather than the native format."""
+    return "mode" in data or ("outbounds" not in data and "access_key" in data)
+
+
+def parse_config_text(text: str, source: str = "") -> tuple[ClientConfig, list[str]]:
+    """Parse and validate config text; return the config and conversion warnings."""
+    try:
+        data = json.loads(strip_json_comments(text))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            [ConfigIssue("", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")],
+            source,
+        ) from None
+    return config_from_data(data, source)
+
+
+def config_from_data(data: Any, source: str = "") -> tuple[ClientConfig, list[str]]:
+    warnings: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue("", "the configuration must be a JSON object")], source)
+    flat = is_flat_config(data)
+    if flat:
+        data, warnings = convert_flat_config(data, source)
+    try:
+        config = ClientConfig.model_validate(data)
+    except ValidationError as exc:
+        issues = _issues_from_validation(exc, data)
+        if flat:
+            issues = [ConfigIssue(_flat_path(i.path), i.message) for i in issues]
+        raise ConfigError(issues, source, warnings) from None
+    issues = _check_references(config)
+    if issues:
+        raise ConfigError(issues, source, warnings)
+    return config, warnings
+
+
+_FLAT_PATHS = (
+    ("outbounds[0].", ""),
+    ("inbounds[0].listen", "socks5_bind"),
+    ("inbounds[0].port", "socks5_bind"),
+    ("routing.rules[0].domain_suffix", "exclude.domains"),
+    ("routing.rules[0].ip_cidr", "exclude.ips"),
+    ("routing.rules[1].ip_cidr", "exclude.ips"),
+)
+
+
+def _flat_path(path: str) -> str:
+    """Map a native path back to the flat config's key (spec §10.10) for error messages."""
+    for native, flat in _FLAT_PATHS:
+        if path.startswith(native):
+            return flat + path[len(native) :] if native.endswith(".") else flat
+    return path
+
+
+def load_config(path: str | Path) -> tuple[ClientConfig, list[str]]:
+    """Read and validate a config file; raise ConfigError (also for a missing file)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    "",
+                    "file not found (write one with `ostp-client import 'ostp://KEY@HOST:PORT'"
+                    f" -o {path}`)",
+                )
+            ],
+            str(path),
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read: {exc}")], str(path)) from None
+    return parse_config_text(text, str(path))
+
+
+def dump_config(config: ClientConfig, *, reveal_secrets: bool = True) -> str:
+    """Canonical JSON text of a config (secrets written out only with `reveal_secrets`)."""
+    data = config.model_dump(
+        mode="json", exclude_none=True, context={"reveal_secrets": reveal_secrets}
+    )
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def config_json_schema() -> dict[str, Any]:
+    schema = ClientConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "ostp-client configuration"
+    return schema
+
+
+# --------------------------------------------------------------------------------------------
+# upstream's flat config (spec §10.10)
+
+
+def _flat_issue(path: str, message: str, source: str) -> ConfigError:
+    return ConfigError([ConfigIssue(path, message)], source)
+
+
+def convert_flat_config(
+    flat: Mapping[str, Any], source: str = ""
+) -> tuple[dict[str, Any], list[str]]:
+    """Convert upstream's flat client config into the native layout (unvalidated dict)."""
+    warnings: list[str] = []
+    mode = flat.get("mode", "client")
+    if mode != "client":
+        raise _flat_issue(
+            "mode", f'{mode!r} is not a client config (ostp-client needs "client")', source
+        )
+    for name in ("server", "access_key"):
+        if name not in flat:
+            raise _flat_issue(name, "required field is missing", source)
+    bind = flat.get("socks5_bind", f"127.0.0.1:{DEFAULT_PROXY_PORT}")
+    try:
+        listen, port = parse_host_port(str(bind))
+    except ValueError as exc:
+        raise _flat_issue("socks5_bind", str(exc), source) from None
+    outbound: dict[str, Any] = {
+        "type": "ostp",
+        "tag": "proxy",
+        "server": flat["server"],
+        "access_key": flat["access_key"],
+        "mtu": flat.get("mtu", DEFAULT_MTU),
+    }
+    mux = flat.get("mux")
+    if isinstance(mux, Mapping):
+        outbound["mux"] = {
+            "enabled": mux.get("enabled", False),
+            "sessions": mux.get("sessions", 1),
+        }
+    rules: list[dict[str, Any]] = []
+    exclude = flat.get("exclude") or {}
+    if not isinstance(exclude, Mapping):
+        raise _flat_issue("exclude", "expected an object with domains/ips lists", source)
+    # spec §10.8: suffix match, leading '.' ignored
+    domains = [str(d).strip().lstrip(".") for d in exclude.get("domains") or () if str(d).strip()]
+    if domains:
+        rules.append({"domain_suffix": domains, "outbound": "direct"})
+    ips = [str(ip).strip() for ip in exclude.get("ips") or () if str(ip).strip()]
+    if ips:
+        rules.append({"ip_cidr": ips, "outbound": "direct"})
+        warnings.append(
+            "exclude.ips match only IP destinations; names are not resolved for the match"
+        )
+    if exclude.get("processes"):
+        warnings.append("exclude.processes is ignored (as upstream does)")
+    tun = flat.get("tun")
+    if isinstance(tun, Mapping) and tun.get("enable"):
+        warnings.append("tun.enable: TUN mode is not available yet; running as a local proxy")
+    transport = flat.get("transport")
+    if isinstance(transport, Mapping) and str(transport.get("mode", "udp")).lower() != "udp":
+        warnings.append(f"transport.mode {transport.get('mode')!r} is not supported; using udp")
+    level = "debug" if flat.get("debug") else "info"
+    converted: dict[str, Any] = {
+        "log": {"level": level},
+        "inbounds": [{"type": "local_proxy", "tag": "proxy-in", "listen": listen, "port": port}],
+        "outbounds": [outbound, {"type": "direct", "tag": "direct"}],
+        "routing": {"rules": rules, "default_outbound": "proxy"},
+    }
+    return converted, warnings
+
+
+# --------------------------------------------------------------------------------------------
+# share links (spec §10.9)
+
+SHARE_LINK_SCHEME = "ostp://"
+
+
+@dataclass(frozen=True, slots=True)
+class ShareLink:
+    access_key: str
+    host: str
+    port: int
+    query: dict[str, str]
+    name: str
+
+
+def parse_share_link(link: str) -> ShareLink:
+    """Parse `ostp://KEY@HOST:PORT[?query][#name]`; raise ValueError with a reason."""
+    link = link.strip()
+    if not link.lower().startswith(SHARE_LINK_SCHEME):
+        raise ValueError("a share link starts with ostp://")
+    rest = link[len(SHARE_LINK_SCHEME) :]
+    rest, _, fragment = rest.partition("#")
+    authority, _, query_text = rest.partition("?")
+    authority = authority.rstrip("/")
+    userinfo, at, hostport = authority.rpartition("@")
+    if not at or not userinfo:
+        raise ValueError("missing access key (ostp://KEY@HOST:PORT)")
+    key = userinfo.split(":", 1)[0]  # the userinfo's user part, taken as written (spec §10.9)
+    if not key:
+        raise ValueError("empty access key")
+    host, port = parse_host_port(hostport)
+    query = {k: v for k, v in parse_qsl(query_text, keep_blank_values=True)}
+    return ShareLink(key, host, port, query, unquote(fragment))
+
+
+def ostp_outbound_from_share_link(link: str, tag: str = "proxy") -> OstpOutboundConfig:
+    parsed = parse_share_link(link)
+    host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
+    return OstpOutboundConfig(
+        tag=tag, server=f"{host}:{parsed.port}", access_key=SecretStr(parsed.access_key)
+    )
+
+
+def config_from_share_link(link: str) -> tuple[ClientConfig, list[str]]:
+    """A complete client config for a share link: local proxy on 127.0.0.1:1088 → ostp."""
+    parsed = parse_share_link(link)
+    warnings = []
+    mode = parsed.query.get("type", "udp").lower()
+    if mode in ("tcp", "uot"):
+        warnings.append(f"type={mode}: UDP-over-TCP is not supported; using udp")
+    if parsed.query.get("tun", "").lower() == "true":
+        warnings.append("tun=true: TUN mode is not available yet; using the local proxy")
+    outbound = ostp_outbound_from_share_link(link)
+    config = ClientConfig(
+        inbounds=[LocalProxyInboundConfig()],
+        outbounds=[outbound, DirectOutboundConfig(), BlockOutboundConfig()],
+        routing=RoutingConfig(default_outbound=outbound.tag),
+    )
+    return config, warnings
