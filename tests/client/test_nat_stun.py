@@ -196,9 +196,15 @@ tids = st.binary(min_size=12, max_size=12)
 
 
 @given(
-    methods, classes, tids, attributes, st.one_of(st.none(), st.binary(max_size=32)), st.booleans()
+    method=methods,
+    cls=classes,
+    tid=tids,
+    attrs=attributes,
+    key=st.one_of(st.none(), st.binary(max_size=32)),
+    fingerprint=st.booleans(),
 )
 def test_encode_decode_round_trip(
+    *,
     method: int,
     cls: MessageClass,
     tid: bytes,
