@@ -117,6 +117,8 @@ class TurnClient:
         self.relayed_address: Address | None = None
         self.mapped_address: Address | None = None
         self.lifetime = 0
+        self.stale_nonce_retries = 0
+        """How many requests were resent after 438 (Stale Nonce)."""
         self._transactions = transactions
         self._emit = emit
         self._realm: str | None = None
@@ -333,6 +335,7 @@ class TurnClient:
                 self._fail_request(request, f"the server keeps answering {text}", code)
                 return
             self._nonce = nonce
+            self.stale_nonce_retries += 1
             realm = message.get(Attr.REALM)
             if realm is not None:
                 try:
