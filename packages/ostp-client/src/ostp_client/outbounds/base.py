@@ -85,8 +85,10 @@ class Address:
         return cls(host, port)
 
     @classmethod
-    def from_sockaddr(cls, sockaddr: tuple[Any, ...]) -> Address:
+    def from_sockaddr(cls, sockaddr: tuple[Any, ...] | str) -> Address:
         """From a socket address tuple; IPv4-mapped IPv6 addresses become IPv4 text."""
+        if isinstance(sockaddr, str):
+            raise ValueError(f"not an IP socket address: {sockaddr!r}")
         host = str(sockaddr[0])
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]

@@ -1,0 +1,151 @@
+"""Live connections: the registry, the dispatcher inbounds go through, and the byte pump.
+
+Every inbound (local proxy, later TUN) gets one `Dispatcher`. It routes a destination with the
+`Router`, records the decision on the connection's `ConnContext` (the dashboard shows why a
+connection took its route) and opens the stream through the chosen outbound.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from ostp_client.outbounds.base import Address, ConnContext, Network, Outbound
+from ostp_client.router import Router
+
+__all__ = [
+    "EXPECTED_STREAM_ERRORS",
+    "READ_SIZE",
+    "ConnectionRegistry",
+    "Dispatcher",
+    "relay_streams",
+]
+
+logger = logging.getLogger(__name__)
+
+READ_SIZE = 65536
+"""Bytes per read in the pump; the send side waits for the peer (backpressure)."""
+
+EXPECTED_STREAM_ERRORS = (
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+    ConnectionError,
+    OSError,
+)
+"""Connection noise (reset, broken pipe, EOF): logged at debug level only."""
+
+
+class ConnectionRegistry:
+    """Live connections by id (ids start at 1 and are never reused within a run)."""
+
+    def __init__(self) -> None:
+        self._next_id = 1
+        self.live: dict[int, ConnContext] = {}
+        self.closed_total = 0
+        self.closed_bytes_up = 0
+        self.closed_bytes_down = 0
+
+    def open(
+        self, inbound_tag: str, network: Network = "tcp", source: Address | None = None
+    ) -> ConnContext:
+        ctx = ConnContext(self._next_id, inbound_tag, network, source)
+        self._next_id += 1
+        self.live[ctx.id] = ctx
+        return ctx
+
+    def close(self, ctx: ConnContext) -> None:
+        if self.live.pop(ctx.id, None) is not None:
+            self.closed_total += 1
+            self.closed_bytes_up += ctx.bytes_up
+            self.closed_bytes_down += ctx.bytes_down
+
+    @contextmanager
+    def track(
+        self, inbound_tag: str, network: Network = "tcp", source: Address | None = None
+    ) -> Iterator[ConnContext]:
+        ctx = self.open(inbound_tag, network, source)
+        try:
+            yield ctx
+        finally:
+            self.close(ctx)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [ctx.snapshot() for ctx in self.live.values()]
+
+
+class Dispatcher:
+    """Routes destinations to outbounds for the inbounds."""
+
+    def __init__(
+        self, router: Router, outbounds: Mapping[str, Outbound], registry: ConnectionRegistry
+    ) -> None:
+        self.router = router
+        self.outbounds = outbounds
+        self.registry = registry
+
+    def route(self, ctx: ConnContext, target: Address, network: Network | None = None) -> Outbound:
+        """Choose the outbound for `target` and record the decision on `ctx`."""
+        decision = self.router.route(target, network or ctx.network, ctx.inbound_tag)
+        ctx.destination = target
+        ctx.rule_index = decision.rule_index
+        ctx.outbound_tag = decision.outbound_tag
+        if logger.isEnabledFor(logging.DEBUG):
+            why = "default" if decision.rule_index is None else f"rule {decision.rule_index}"
+            logger.debug(
+                "#%d %s %s -> %s via %s (%s)",
+                ctx.id,
+                network or ctx.network,
+                ctx.source,
+                target,
+                decision.outbound_tag,
+                why,
+            )
+        return self.outbounds[decision.outbound_tag]
+
+    async def connect_tcp(self, ctx: ConnContext, target: Address) -> anyio.abc.ByteStream:
+        """Route and connect; raises `OutboundError` subclasses."""
+        return await self.route(ctx, target, "tcp").connect_tcp(target, ctx)
+
+
+async def _pump(
+    src: anyio.abc.ByteReceiveStream, dst: anyio.abc.ByteSendStream, ctx: ConnContext, up: bool
+) -> bool:
+    """Copy until EOF, then half-close `dst`. False when either side broke."""
+    try:
+        while True:
+            try:
+                data = await src.receive(READ_SIZE)
+            except anyio.EndOfStream:
+                break
+            await dst.send(data)
+            if up:
+                ctx.bytes_up += len(data)
+            else:
+                ctx.bytes_down += len(data)
+        if isinstance(dst, anyio.abc.ByteStream):
+            await dst.send_eof()
+    except EXPECTED_STREAM_ERRORS as exc:
+        logger.debug("#%d %s: %r", ctx.id, "upload" if up else "download", exc)
+        return False
+    return True
+
+
+async def relay_streams(
+    client: anyio.abc.ByteStream, remote: anyio.abc.ByteStream, ctx: ConnContext
+) -> None:
+    """Pump both directions until both ended (half-close aware) or one side broke."""
+    async with anyio.create_task_group() as tg:
+
+        async def download() -> None:
+            if not await _pump(remote, client, ctx, up=False):
+                tg.cancel_scope.cancel()
+
+        tg.start_soon(download)
+        if not await _pump(client, remote, ctx, up=True):
+            tg.cancel_scope.cancel()

@@ -1,0 +1,63 @@
+"""Inbounds and the factory registry that builds them from config.
+
+`INBOUND_FACTORIES` maps a config `type` to `(config, dispatcher) -> Inbound`; a module adding a
+type (e.g. `tun`) calls `register_inbound()` at import and is listed in
+`OPTIONAL_INBOUND_MODULES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from ostp_client.config import LocalProxyInboundConfig
+from ostp_client.connections import Dispatcher
+from ostp_client.inbounds.base import Inbound, ProxySettings
+from ostp_client.inbounds.local_proxy import LocalProxyInbound
+
+__all__ = [
+    "INBOUND_FACTORIES",
+    "Inbound",
+    "InboundFactory",
+    "LocalProxyInbound",
+    "ProxySettings",
+    "build_inbound",
+    "register_inbound",
+]
+
+logger = logging.getLogger(__name__)
+
+InboundFactory = Callable[[Any, Dispatcher], Inbound]
+INBOUND_FACTORIES: dict[str, InboundFactory] = {}
+OPTIONAL_INBOUND_MODULES = ("ostp_client.tun.inbound",)
+
+
+def register_inbound(type_name: str, factory: InboundFactory) -> None:
+    INBOUND_FACTORIES[type_name] = factory
+
+
+def _local_proxy(config: LocalProxyInboundConfig, dispatcher: Dispatcher) -> Inbound:
+    return LocalProxyInbound(config, dispatcher)
+
+
+register_inbound("local_proxy", _local_proxy)
+
+
+def load_optional_inbounds() -> None:
+    for name in OPTIONAL_INBOUND_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            if exc.name is None or not name.startswith(exc.name):
+                raise
+            logger.debug("optional inbound module %s not available", name)
+
+
+def build_inbound(config: Any, dispatcher: Dispatcher) -> Inbound:
+    load_optional_inbounds()
+    factory = INBOUND_FACTORIES.get(config.type)
+    if factory is None:
+        raise LookupError(f"inbound type {config.type!r} is not available in this build")
+    return factory(config, dispatcher)

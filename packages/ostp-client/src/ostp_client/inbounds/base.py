@@ -1,0 +1,55 @@
+"""The Inbound interface and what the proxy inbounds share (settings, user check)."""
+
+from __future__ import annotations
+
+import hmac
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.abc import TaskStatus
+
+from ostp_client.connections import Dispatcher
+
+__all__ = ["Inbound", "ProxySettings", "check_user"]
+
+
+class Inbound(ABC):
+    """Accepts local connections and hands them to the `Dispatcher`. Owned by the daemon."""
+
+    type: str = "abstract"
+
+    def __init__(self, tag: str, dispatcher: Dispatcher) -> None:
+        self.tag = tag
+        self.dispatcher = dispatcher
+
+    @abstractmethod
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; call `task_status.started()` once accepting."""
+
+    def status(self) -> dict[str, object]:
+        return {"tag": self.tag, "type": self.type}
+
+
+@dataclass(slots=True)
+class ProxySettings:
+    users: Mapping[str, bytes] = field(default_factory=dict)
+    """username → password; empty means no authentication."""
+    udp: bool = True
+    """Accept SOCKS5 UDP ASSOCIATE."""
+    handshake_timeout: float = 30.0
+    """Seconds for a client to finish its SOCKS5 negotiation / send an HTTP request head."""
+
+
+def check_user(users: Mapping[str, bytes], username: bytes, password: bytes) -> str | None:
+    """The username when the pair is valid (constant-time password compare), else None."""
+    try:
+        name = username.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    expected = users.get(name)
+    if expected is None:
+        hmac.compare_digest(password, password)  # same work for unknown users
+        return None
+    return name if hmac.compare_digest(expected, password) else None

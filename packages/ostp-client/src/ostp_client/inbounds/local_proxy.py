@@ -1,0 +1,88 @@
+"""The `local_proxy` inbound: one TCP port, SOCKS5 and HTTP (first byte 0x05 → SOCKS5, §10.4)."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute, TaskStatus
+
+from ostp_client.config import LocalProxyInboundConfig
+from ostp_client.connections import EXPECTED_STREAM_ERRORS, READ_SIZE, Dispatcher
+from ostp_client.inbounds.base import Inbound, ProxySettings
+from ostp_client.inbounds.http_proxy import handle_http
+from ostp_client.inbounds.socks5 import VERSION as SOCKS5_VERSION
+from ostp_client.inbounds.socks5 import handle_socks5
+from ostp_client.outbounds.base import Address
+
+__all__ = ["LocalProxyInbound"]
+
+logger = logging.getLogger(__name__)
+
+
+class LocalProxyInbound(Inbound):
+    type = "local_proxy"
+
+    def __init__(self, config: LocalProxyInboundConfig, dispatcher: Dispatcher) -> None:
+        super().__init__(config.tag, dispatcher)
+        self.config = config
+        self.settings = ProxySettings(
+            users={u.username: u.password.get_secret_value().encode() for u in config.users},
+            udp=config.udp,
+            handshake_timeout=config.handshake_timeout,
+        )
+        self.addresses: list[Address] = []
+        """Where it listens, once started (useful with port 0)."""
+        self.accepted = 0
+        self.failed_handlers = 0
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        listener = await anyio.create_tcp_listener(
+            local_host=self.config.listen, local_port=self.config.port
+        )
+        async with listener, anyio.create_task_group() as tg:
+            self.addresses = [
+                Address.from_sockaddr(sub.extra(SocketAttribute.local_address))  # noqa: S610
+                for sub in listener.listeners
+            ]
+            where = ", ".join(str(a) for a in self.addresses)
+            auth = "with authentication" if self.settings.users else "no authentication"
+            logger.info("inbound %s: SOCKS5+HTTP proxy on %s (%s)", self.tag, where, auth)
+            task_status.started()
+            await listener.serve(self._handle, task_group=tg)
+
+    def status(self) -> dict[str, object]:
+        return {
+            **super().status(),
+            "listen": [str(a) for a in self.addresses],
+            "accepted": self.accepted,
+        }
+
+    async def _handle(self, stream: anyio.abc.SocketStream) -> None:
+        self.accepted += 1
+        registry = self.dispatcher.registry
+        try:
+            source: Address | None = Address.from_sockaddr(
+                stream.extra(SocketAttribute.remote_address)  # noqa: S610
+            )
+        except (OSError, ValueError, anyio.TypedAttributeLookupError):
+            source = None
+        ctx = registry.open(self.tag, "tcp", source)
+        try:
+            async with stream:
+                with anyio.move_on_after(self.settings.handshake_timeout):
+                    first = await stream.receive(READ_SIZE)
+                if not first:
+                    return
+                if first[0] == SOCKS5_VERSION:
+                    await handle_socks5(stream, first, ctx, self.dispatcher, self.settings)
+                else:
+                    await handle_http(stream, first, ctx, self.dispatcher, self.settings)
+        except EXPECTED_STREAM_ERRORS as exc:
+            logger.debug("#%d connection noise: %r", ctx.id, exc)
+        except Exception:
+            self.failed_handlers += 1
+            logger.exception("#%d proxy handler failed", ctx.id)
+        finally:
+            registry.close(ctx)
