@@ -5,6 +5,7 @@ from __future__ import annotations
 import configparser
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,3 +86,39 @@ def read_ini(path: Path) -> dict[str, dict[str, str]]:
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     parser.read(path, encoding="utf-8")
     return {s: dict(parser.items(s)) for s in parser.sections() if parser.items(s)}
+
+
+KIOSLAVERC = ("config", "kioslaverc")
+GSETTINGS_KEYFILE = ("config", "glib-2.0", "settings", "keyfile")
+
+
+def gsettings(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        ["gsettings", *args], env=env, capture_output=True, text=True, check=True, timeout=30
+    )
+    return done.stdout
+
+
+def kwrite(env: dict[str, str], key: str, value: str) -> None:
+    subprocess.run(
+        ["kwriteconfig5", "--file", "kioslaverc", "--group", "Proxy Settings", "--key", key, value],
+        env=env,
+        check=True,
+        timeout=30,
+    )
+
+
+def customise_gnome(env: dict[str, str]) -> None:
+    # A user with their own (switched-off) corporate proxy; socks/https left at defaults.
+    gsettings(env, "set", "org.gnome.system.proxy.http", "host", "corp-proxy.example")
+    gsettings(env, "set", "org.gnome.system.proxy.http", "port", "3128")
+    gsettings(env, "set", "org.gnome.system.proxy", "ignore-hosts", "['*.corp.example', \"it's\"]")
+    gsettings(env, "set", "org.gnome.system.proxy", "mode", "auto")
+    gsettings(env, "set", "org.gnome.system.proxy", "autoconfig-url", "http://wpad/p.pac")
+
+
+def customise_kde(env: dict[str, str]) -> None:
+    kwrite(env, "ProxyType", "2")
+    kwrite(env, "httpProxy", "http://corp-proxy.example 3128")
+    kwrite(env, "NoProxyFor", "*.corp.example,-weird value")
+    kwrite(env, "ReversedException", "true")

@@ -10,26 +10,17 @@ import pytest
 
 from ostp_client.sysproxy import SystemProxy, SystemProxyError
 
-from .sysproxy_fakes import isolated_env, read_ini, require_tools
-
-KIOSLAVERC = ("config", "kioslaverc")
-GSETTINGS_KEYFILE = ("config", "glib-2.0", "settings", "keyfile")
-
-
-def gsettings(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(
-        ["gsettings", *args], env=env, capture_output=True, text=True, check=True, timeout=30
-    )
-    return done.stdout
-
-
-def kwrite(env: dict[str, str], key: str, value: str) -> None:
-    subprocess.run(
-        ["kwriteconfig5", "--file", "kioslaverc", "--group", "Proxy Settings", "--key", key, value],
-        env=env,
-        check=True,
-        timeout=30,
-    )
+from .sysproxy_fakes import (
+    GSETTINGS_KEYFILE,
+    KIOSLAVERC,
+    customise_gnome,
+    customise_kde,
+    gsettings,
+    isolated_env,
+    kwrite,
+    read_ini,
+    require_tools,
+)
 
 
 def gnome_snapshot(env: dict[str, str], tmp: Path) -> tuple[str, dict[str, dict[str, str]]]:
@@ -38,22 +29,6 @@ def gnome_snapshot(env: dict[str, str], tmp: Path) -> tuple[str, dict[str, dict[
         gsettings(env, "list-recursively", "org.gnome.system.proxy"),
         read_ini(tmp.joinpath(*GSETTINGS_KEYFILE)),
     )
-
-
-def customise_gnome(env: dict[str, str]) -> None:
-    # A user with their own (switched-off) corporate proxy; socks/https left at defaults.
-    gsettings(env, "set", "org.gnome.system.proxy.http", "host", "corp-proxy.example")
-    gsettings(env, "set", "org.gnome.system.proxy.http", "port", "3128")
-    gsettings(env, "set", "org.gnome.system.proxy", "ignore-hosts", "['*.corp.example', \"it's\"]")
-    gsettings(env, "set", "org.gnome.system.proxy", "mode", "auto")
-    gsettings(env, "set", "org.gnome.system.proxy", "autoconfig-url", "http://wpad/p.pac")
-
-
-def customise_kde(env: dict[str, str]) -> None:
-    kwrite(env, "ProxyType", "2")
-    kwrite(env, "httpProxy", "http://corp-proxy.example 3128")
-    kwrite(env, "NoProxyFor", "*.corp.example,-weird value")
-    kwrite(env, "ReversedException", "true")
 
 
 @pytest.fixture
