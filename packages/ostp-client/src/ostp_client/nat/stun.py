@@ -13,6 +13,7 @@ import ipaddress
 import struct
 import unicodedata
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ostp_client.nat.errors import StunParseError
@@ -175,7 +176,7 @@ def encode_message(
     method: int,
     cls: MessageClass,
     transaction_id: bytes,
-    attributes: list[tuple[int, bytes]] | tuple[tuple[int, bytes], ...] = (),
+    attributes: Sequence[tuple[int, bytes]] = (),
     *,
     integrity_key: bytes | None = None,
     fingerprint: bool = True,
