@@ -1,0 +1,312 @@
+"""`ostp-client` command line.
+
+Subcommands are registered in `COMMANDS` with the `command()` decorator. Modules listed in
+`OPTIONAL_COMMAND_MODULES` are imported (when present) before the parser is built, so another
+package module adds a subcommand just by defining, at import time:
+
+    from ostp_client.cli import add_config_argument, command
+
+    def _configure(parser: argparse.ArgumentParser) -> None:
+        add_config_argument(parser)
+
+    @command("sysproxy", "set or clear the desktop proxy settings", _configure)
+    def _sysproxy(args: argparse.Namespace) -> int:
+        ...
+        return 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from ostp_client.config import (
+    ClientConfig,
+    ConfigError,
+    LocalProxyInboundConfig,
+    config_from_share_link,
+    config_json_schema,
+    dump_config,
+    load_config,
+)
+
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "add_config_argument",
+    "build_parser",
+    "command",
+    "load_config_or_exit",
+    "main",
+    "setup_logging",
+]
+
+DEFAULT_CONFIG = "config.json"
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+CommandRun = Callable[[argparse.Namespace], int]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None] | None
+    run: CommandRun
+
+
+COMMANDS: dict[str, Command] = {}
+"""Subcommands by name, in registration order."""
+
+OPTIONAL_COMMAND_MODULES = (
+    "ostp_client.sysproxy.cli",
+    "ostp_client.control.cli",
+    "ostp_client.demo",
+)
+"""Modules that register more subcommands (sysproxy, ctl, demo) when they exist."""
+
+
+def command(
+    name: str, help: str, configure: Callable[[argparse.ArgumentParser], None] | None = None
+) -> Callable[[CommandRun], CommandRun]:
+    """Register a subcommand; the decorated function returns the exit status."""
+
+    def register(run: CommandRun) -> CommandRun:
+        COMMANDS[name] = Command(name, help, configure, run)
+        return run
+
+    return register
+
+
+def add_config_argument(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=None if required else DEFAULT_CONFIG,
+        required=required,
+        help=f"config file (JSON, // comments allowed; default {DEFAULT_CONFIG})",
+    )
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def load_config_or_exit(path: str) -> ClientConfig:
+    """Load a config, printing its problems (by JSON path) and exiting with status 2."""
+    try:
+        config, warnings = load_config(path)
+    except ConfigError as exc:
+        _err(str(exc))
+        raise SystemExit(EXIT_CONFIG) from None
+    for warning in warnings:
+        _err(f"warning: {warning}")
+    return config
+
+
+def _load_optional_commands() -> None:
+    for name in OPTIONAL_COMMAND_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            if exc.name is None or not name.startswith(exc.name):
+                raise  # the module exists but is broken: say so
+        except Exception as exc:  # a broken plug-in must not take the whole CLI down
+            _err(f"warning: cannot load {name}: {exc}")
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("ostp-client")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not installed
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_optional_commands()
+    parser = argparse.ArgumentParser(
+        prog="ostp-client",
+        description="OSTP client daemon: SOCKS5/HTTP proxy with rule routing",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS.values():
+        sub_parser = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        if cmd.configure is not None:
+            cmd.configure(sub_parser)
+        sub_parser.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `ostp-client`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status: int = args._run(args)
+    except KeyboardInterrupt:
+        status = 130
+    if argv is None:
+        sys.exit(status)
+    return status
+
+
+# --------------------------------------------------------------------------------------------
+# built-in commands
+
+
+def _configure_run(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="override log.level from the config",
+    )
+
+
+def _run_backend_options() -> dict[str, object]:
+    return {"use_uvloop": True} if importlib.util.find_spec("uvloop") is not None else {}
+
+
+@command("run", "run the daemon (SIGINT/SIGTERM stop it gracefully)", _configure_run)
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ostp_client.daemon import run_daemon  # noqa: PLC0415 (keeps `schema` etc. light)
+
+    config = load_config_or_exit(args.config)
+    setup_logging(args.log_level or config.log.level)
+    try:
+        anyio.run(run_daemon, config, backend="asyncio", backend_options=_run_backend_options())
+    except OSError as exc:
+        logging.getLogger("ostp_client").error("cannot start: %s", exc)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+@command("check", "validate a config file", add_config_argument)
+def _cmd_check(args: argparse.Namespace) -> int:
+    config = load_config_or_exit(args.config)
+    print(
+        f"{args.config}: OK ({len(config.inbounds)} inbound(s), {len(config.outbounds)} "
+        f"outbound(s), {len(config.routing.rules)} rule(s), default outbound "
+        f"{config.default_outbound!r})"
+    )
+    return EXIT_OK
+
+
+def _configure_format(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
+    parser.add_argument(
+        "--stdout", action="store_true", help="print the result instead of rewriting the file"
+    )
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file that holds secrets: readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+@command("format", "rewrite a config as canonical JSON (converts flat configs)", _configure_format)
+def _cmd_format(args: argparse.Namespace) -> int:
+    config = load_config_or_exit(args.config)
+    text = dump_config(config)
+    if args.stdout:
+        sys.stdout.write(text)
+    else:
+        _write_private(Path(args.config), text)
+        _err(f"{args.config}: rewritten")
+    return EXIT_OK
+
+
+@command("schema", "print the JSON Schema of the config file")
+def _cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(config_json_schema(), indent=2))
+    return EXIT_OK
+
+
+def _configure_import(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("link", help="share link ostp://KEY@HOST:PORT[?...]")
+    parser.add_argument("-o", "--output", help="write the config here (default: stdout)")
+    parser.add_argument("-f", "--force", action="store_true", help="overwrite an existing file")
+
+
+@command("import", "write a config from a share link", _configure_import)
+def _cmd_import(args: argparse.Namespace) -> int:
+    try:
+        config, warnings = config_from_share_link(args.link)
+    except (ValueError, ConfigError) as exc:
+        _err(f"invalid share link: {exc}")
+        return EXIT_CONFIG
+    for warning in warnings:
+        _err(f"warning: {warning}")
+    text = dump_config(config)
+    if args.output is None:
+        sys.stdout.write(text)
+        return EXIT_OK
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        _err(f"{out} exists; use --force to overwrite")
+        return EXIT_FAILURE
+    _write_private(out, text)
+    _err(f"wrote {out}")
+    return EXIT_OK
+
+
+def _configure_proxy_env(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help=f"config file (default {DEFAULT_CONFIG} if present)")
+
+
+@command("proxy-env", "print `export` lines pointing the shell at the proxy", _configure_proxy_env)
+def _cmd_proxy_env(args: argparse.Namespace) -> int:
+    path = args.config
+    if path is None and Path(DEFAULT_CONFIG).exists():
+        path = DEFAULT_CONFIG
+    inbound = LocalProxyInboundConfig()
+    if path is not None:
+        config = load_config_or_exit(path)
+        proxies = [i for i in config.inbounds if isinstance(i, LocalProxyInboundConfig)]
+        if not proxies:
+            _err(f"{path}: no local_proxy inbound")
+            return EXIT_FAILURE
+        inbound = proxies[0]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "localhost": "127.0.0.1"}.get(
+        inbound.listen, inbound.listen
+    )
+    if ":" in host:
+        host = f"[{host}]"
+    where = f"{host}:{inbound.port}"
+    if inbound.users:
+        print("# this proxy requires a username and password: add user:pass@ to the URLs")
+    print(f'export http_proxy="http://{where}"')
+    print(f'export https_proxy="http://{where}"')
+    print(f'export all_proxy="socks5h://{where}"')
+    print('export no_proxy="localhost,127.0.0.1,::1"')
+    return EXIT_OK
+
+
+@command("version", "print the version")
+def _cmd_version(args: argparse.Namespace) -> int:
+    print(f"ostp-client {version()}")
+    return EXIT_OK
