@@ -159,9 +159,9 @@ class StateFile:
         directory = self.path.parent
         tmp = directory / f".{self.path.name}.{os.getpid()}.tmp"
         try:
+            # A directory we create is owner-only; an existing one (maybe a caller's choice
+            # like /tmp) keeps its mode: the file itself is 0600 either way.
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if sys.platform != "win32":
-                os.chmod(directory, 0o700)
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
