@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import anyio
 
@@ -72,11 +73,14 @@ COMMANDS: dict[str, Command] = {}
 """Subcommands by name, in registration order."""
 
 OPTIONAL_COMMAND_MODULES = (
-    "ostp_client.sysproxy.cli",
     "ostp_client.control.cli",
     "ostp_client.demo",
 )
-"""Modules that register more subcommands (sysproxy, ctl, demo) when they exist."""
+"""Modules that register more subcommands with `command()` (ctl, demo) when they exist."""
+
+OPTIONAL_SUBPARSER_HOOKS = (("ostp_client.sysproxy.commands", "add_sysproxy_commands"),)
+"""`(module, function)`: `function(subparsers)` adds its own parser and sets `func=` (the
+`run` callable, `(args) -> int`) as a parser default. Skipped when the module is missing."""
 
 
 def command(
@@ -126,15 +130,15 @@ def load_config_or_exit(path: str) -> ClientConfig:
     return config
 
 
-def _load_optional_commands() -> None:
-    for name in OPTIONAL_COMMAND_MODULES:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            if exc.name is None or not name.startswith(exc.name):
-                raise  # the module exists but is broken: say so
-        except Exception as exc:  # a broken plug-in must not take the whole CLI down
-            _err(f"warning: cannot load {name}: {exc}")
+def _import_optional(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        if exc.name is None or not name.startswith(exc.name):
+            _err(f"warning: cannot load {name}: {exc}")  # present but broken: say so
+    except Exception as exc:  # a broken plug-in must not take the whole CLI down
+        _err(f"warning: cannot load {name}: {exc}")
+    return None
 
 
 def version() -> str:
@@ -145,7 +149,8 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    _load_optional_commands()
+    for name in OPTIONAL_COMMAND_MODULES:
+        _import_optional(name)
     parser = argparse.ArgumentParser(
         prog="ostp-client",
         description="OSTP client daemon: SOCKS5/HTTP proxy with rule routing",
@@ -155,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub_parser = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         if cmd.configure is not None:
             cmd.configure(sub_parser)
-        sub_parser.set_defaults(_run=cmd.run)
+        sub_parser.set_defaults(func=cmd.run)
+    for module_name, function_name in OPTIONAL_SUBPARSER_HOOKS:
+        module = _import_optional(module_name)
+        if module is not None:
+            getattr(module, function_name)(sub)
     return parser
 
 
@@ -164,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        status: int = args._run(args)
+        status: int = args.func(args)
     except KeyboardInterrupt:
         status = 130
     if argv is None:
