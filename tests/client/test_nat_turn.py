@@ -7,6 +7,8 @@ import itertools
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ostp_client.nat import (
     AllocationSucceeded,
@@ -17,6 +19,7 @@ from ostp_client.nat import (
     NatEvent,
     NatMux,
     RelayReady,
+    StunParseError,
     TurnClosed,
     TurnConfig,
     TurnFailed,
@@ -28,6 +31,7 @@ from ostp_client.nat.stun import (
     MessageClass,
     Method,
     StunMessage,
+    decode_channel_data,
     decode_message,
     decode_u32,
     decode_xor_address,
@@ -404,3 +408,19 @@ def test_ostp_datagrams_pass_through_untouched() -> None:
     datagram = bytes(range(256)) * 4
     assert mux.receive_datagram(datagram, PEER, 1.0) == (datagram, PEER)
     assert mux.counters.as_dict() == dict.fromkeys(mux.counters.as_dict(), 0)
+
+
+@given(st.binary(max_size=40), st.integers(0x40, 0x7F))
+def test_relayed_fast_path_agrees_with_the_codec(tail: bytes, first: int) -> None:
+    mux, _, _ = ready_mux()
+    data = bytes([first]) + tail
+    got = mux.receive_datagram(data, SERVER, 1.0)
+    try:
+        channel, payload = decode_channel_data(data)
+    except StunParseError:
+        assert got == (data, SERVER)  # not ChannelData: handed on as "other"
+        return
+    if channel == 0x4000:
+        assert got == (payload, PEER)
+    else:
+        assert got is None and mux.counters.turn_channel_drop == 1

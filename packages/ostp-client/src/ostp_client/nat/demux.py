@@ -179,6 +179,22 @@ class NatMux:
         """
         turn = self.turn
         server = turn.server if turn is not None else None
+        if (
+            turn is not None
+            and turn.state is TurnState.READY
+            and data
+            and data[0] & 0xC0 == 0x40
+            and from_addr[0] == turn.server[0]
+            and from_addr[1] == turn.server[1]
+        ):
+            # Fast path for the relayed data stream: the same checks as classify() (RFC 8656
+            # §12.4), without building intermediate objects.
+            length = len(data) - 4
+            if length >= 0 and 0 <= length - (data[2] << 8 | data[3]) <= 3:
+                if (data[0] << 8 | data[1]) != turn.channel or turn.peer is None:
+                    self.counters.turn_channel_drop += 1
+                    return None
+                return data[4 : 4 + (data[2] << 8 | data[3])], turn.peer
         result = classify(data, from_addr, transactions=self._transactions, turn_server=server)
         kind = result.kind
         if kind is DatagramKind.OTHER:
