@@ -167,7 +167,9 @@ class Kernel:
         self.received = bytearray()
         self.segments: list[Seg] = []
 
-    def packet(self, flags: int, payload: bytes = b"", *, seq: int | None = None, **kw: Any) -> bytes:
+    def packet(
+        self, flags: int, payload: bytes = b"", *, seq: int | None = None, **kw: Any
+    ) -> bytes:
         return tcp_packet(
             self.src,
             self.dst,

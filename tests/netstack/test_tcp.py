@@ -45,13 +45,19 @@ def connect(stack: NetStack | None = None, **kw: Any) -> tuple[Kernel, int]:
     stack = stack or NetStack(random=lambda n: b"\x10\x20\x30\x40"[:n])
     k = Kernel(stack, **kw)
     k.syn()
-    [req] = drain(stack)
+    req = requested(stack)
     assert isinstance(req, TcpConnectionRequested)
     stack.tcp_accept(req.conn_id)
     [synack] = k.flush()
     k.handshake_ack(synack)
     assert drain(stack) == [TcpConnectionEstablished(req.conn_id)]
     return k, req.conn_id
+
+
+def requested(stack: NetStack) -> TcpConnectionRequested:
+    [event] = drain(stack)
+    assert isinstance(event, TcpConnectionRequested)
+    return event
 
 
 def received(events: list[Event]) -> bytes:
@@ -62,12 +68,19 @@ def test_handshake_offers_connection_and_negotiates_options() -> None:
     stack = NetStack(NetStackConfig(mtu=9000), random=lambda n: b"\xff\xff\xff\xf0"[:n])
     k = Kernel(stack, dst="203.0.113.9", dport=443, mss=8960, wscale=7)
     k.syn()
-    [req] = drain(stack)
-    assert req == TcpConnectionRequested(1, Endpoint("10.0.0.2", 40000), Endpoint("203.0.113.9", 443))
+    req = requested(stack)
+    assert req == TcpConnectionRequested(
+        1, Endpoint("10.0.0.2", 40000), Endpoint("203.0.113.9", 443)
+    )
     assert stack.packets_to_send(0.0) == []  # nothing until the application decides
     stack.tcp_accept(req.conn_id)
     [synack] = k.flush()
-    assert (synack.src, synack.sport, synack.dst, synack.dport) == ("203.0.113.9", 443, "10.0.0.2", 40000)
+    assert (synack.src, synack.sport, synack.dst, synack.dport) == (
+        "203.0.113.9",
+        443,
+        "10.0.0.2",
+        40000,
+    )
     assert synack.seq == 0xFFFFFFF0
     opts = dict(synack.options)
     assert int.from_bytes(opts[2], "big") == 8960  # MSS = MTU - 40
@@ -78,7 +91,7 @@ def test_handshake_offers_connection_and_negotiates_options() -> None:
 
 
 def test_no_window_scaling_when_syn_lacks_it() -> None:
-    k, conn = connect(wscale=None)
+    k, _conn = connect(wscale=None)
     synack = k.segments[0]
     assert 3 not in dict(synack.options)
     k.send(b"x")
@@ -114,14 +127,14 @@ def test_refuse_with_rst_and_with_icmp() -> None:
     stack = NetStack()
     k = Kernel(stack)
     k.syn()
-    [req] = drain(stack)
+    req = requested(stack)
     stack.tcp_refuse(req.conn_id)
     [rst] = k.flush()
     assert rst.flags & (RST | ACK) == RST | ACK and rst.ack == k.iss + 1
     assert stack.tcp_state(req.conn_id) is None
     k2 = Kernel(stack, sport=40001)
     k2.syn()
-    [req2] = drain(stack)
+    req2 = requested(stack)
     stack.tcp_refuse(req2.conn_id, icmp=True)
     [pkt] = stack.packets_to_send(0.0)
     assert pkt[9] == 1 and pkt[20] == 3 and pkt[21] == 1  # ICMP host unreachable
@@ -200,7 +213,7 @@ def test_rtt_sample_sets_retransmission_timeout() -> None:
 
 
 def test_out_of_order_segments_are_reassembled() -> None:
-    k, conn = connect()
+    k, _conn = connect()
     stack = k.stack
     base = k.snd_nxt
     parts = [bytes([i]) * 100 for i in range(5)]
@@ -216,7 +229,7 @@ def test_out_of_order_segments_are_reassembled() -> None:
 
 
 def test_reassembly_limit_counts_drops() -> None:
-    k, conn = connect(stack=NetStack(NetStackConfig(tcp_max_out_of_order_segments=2)))
+    k, _conn = connect(stack=NetStack(NetStackConfig(tcp_max_out_of_order_segments=2)))
     base = k.snd_nxt
     for i in range(1, 5):
         k.feed(k.packet(ACK, b"z" * 10, seq=base + 10 * i))
@@ -390,7 +403,7 @@ def test_syn_ack_is_retransmitted_and_duplicate_syn_reanswered() -> None:
     stack = NetStack()
     k = Kernel(stack)
     k.syn()
-    [req] = drain(stack)
+    req = requested(stack)
     k.feed(k.packet(SYN, seq=k.iss))  # kernel retransmits its SYN while we decide
     assert drain(stack) == []
     stack.tcp_accept(req.conn_id)
@@ -408,7 +421,7 @@ def test_accept_timeout_refuses() -> None:
     stack = NetStack(NetStackConfig(tcp_accept_timeout=5.0))
     k = Kernel(stack)
     k.syn()
-    [req] = drain(stack)
+    req = requested(stack)
     assert stack.get_timer() == 5.0
     stack.handle_timer(5.0)
     assert drain(stack) == [TcpConnectionReset(req.conn_id, "accept timeout")]
@@ -439,7 +452,7 @@ def test_new_syn_replaces_time_wait() -> None:
     k.iss += 100_000
     k.snd_nxt = k.iss
     k.syn()
-    [req] = drain(stack)
+    req = requested(stack)
     assert isinstance(req, TcpConnectionRequested) and req.conn_id != conn
 
 
@@ -476,7 +489,7 @@ def test_large_mss_segments() -> None:
 
 
 def test_corrupted_segment_is_dropped_and_counted() -> None:
-    k, conn = connect()
+    k, _conn = connect()
     stack = k.stack
     k.feed(k.packet(ACK | PSH, b"evil", corrupt=True))
     assert drain(stack) == []
@@ -494,7 +507,7 @@ def test_checksum_offload_leaves_pseudo_header_sum() -> None:
     stack = NetStack(NetStackConfig(checksum_offload=True))
     k = Kernel(stack)
     k.syn()
-    [req] = drain(stack)
+    req = requested(stack)
     stack.tcp_accept(req.conn_id)
     [pkt] = stack.packets_to_send(0.0)
     field = int.from_bytes(pkt[36:38], "big")
@@ -502,11 +515,9 @@ def test_checksum_offload_leaves_pseudo_header_sum() -> None:
 
 
 def test_unacceptable_ack_is_dropped() -> None:
-    k, conn = connect()
+    k, _conn = connect()
     stack = k.stack
-    k.feed(
-        tcp_packet(k.src, k.dst, k.sport, k.dport, k.snd_nxt, k.rcv_nxt + 5000, ACK, 65535)
-    )
+    k.feed(tcp_packet(k.src, k.dst, k.sport, k.dport, k.snd_nxt, k.rcv_nxt + 5000, ACK, 65535))
     assert stack.stats.tcp_bad_ack_drop == 1
     [ack] = k.flush()
     assert ack.ack == k.snd_nxt
