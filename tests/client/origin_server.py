@@ -1,0 +1,160 @@
+"""A small HTTP/1.1 origin for the proxy tests, run as a subprocess on loopback.
+
+`python origin_server.py` prints its port on the first line of stdout and serves until killed:
+- `GET /bytes/<n>`: n bytes of `body_bytes(n)` (deterministic), with Content-Length.
+- `POST|PUT /upload`: reads the body (Content-Length or chunked) and answers
+  `{"length": n, "sha256": hex}`.
+- `GET /whoami`: `{"client": ip, "host": Host, "headers": {...}}`.
+- `GET /_log`: every request seen so far (client ip, method, path, host, headers) as JSON;
+  `POST /_clear` empties it. Those two are not logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_BLOCK_COUNT = 32768
+BLOCK = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(_BLOCK_COUNT))
+"""1 MiB of pseudo-random bytes; bodies repeat it."""
+
+
+def body_bytes(n: int) -> bytes:
+    whole, rest = divmod(n, len(BLOCK))
+    return BLOCK * whole + BLOCK[:rest]
+
+
+def body_sha256(n: int) -> str:
+    digest = hashlib.sha256()
+    whole, rest = divmod(n, len(BLOCK))
+    for _ in range(whole):
+        digest.update(BLOCK)
+    digest.update(BLOCK[:rest])
+    return digest.hexdigest()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+    log: list[dict[str, Any]]
+    lock: threading.Lock
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def _record(self) -> None:
+        if self.path in ("/_log", "/_clear"):
+            return
+        entry = {
+            "client": self.client_address[0],
+            "method": self.command,
+            "path": self.path,
+            "host": self.headers.get("Host"),
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+        }
+        with self.server.lock:
+            self.server.log.append(entry)
+
+    def _reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, value: Any) -> None:
+        self._reply(200, json.dumps(value).encode())
+
+    def do_GET(self) -> None:
+        self._record()
+        path = self.path.split("?", 1)[0]
+        if path.startswith("/bytes/"):
+            n = int(path.removeprefix("/bytes/"))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            view = memoryview(BLOCK)
+            left = n
+            while left:
+                chunk = view[: min(left, len(BLOCK))]
+                self.wfile.write(chunk)
+                left -= len(chunk)
+        elif path == "/whoami":
+            self._json(
+                {
+                    "client": self.client_address[0],
+                    "host": self.headers.get("Host"),
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                }
+            )
+        elif path == "/_log":
+            with self.server.lock:
+                self._json(list(self.server.log))
+        else:
+            self._reply(404, b"not found\n", "text/plain")
+
+    do_HEAD = do_GET
+
+    def _read_body(self) -> tuple[int, str]:
+        digest = hashlib.sha256()
+        length = 0
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                left = size
+                while left:
+                    data = self.rfile.read(min(left, 1 << 20))
+                    digest.update(data)
+                    left -= len(data)
+                    length += len(data)
+                self.rfile.readline()
+        else:
+            left = int(self.headers.get("Content-Length", "0"))
+            while left:
+                data = self.rfile.read(min(left, 1 << 20))
+                if not data:
+                    break
+                digest.update(data)
+                left -= len(data)
+                length += len(data)
+        return length, digest.hexdigest()
+
+    def do_POST(self) -> None:
+        self._record()
+        if self.path == "/_clear":
+            with self.server.lock:
+                self.server.log.clear()
+            self._json({"ok": True})
+            return
+        length, sha = self._read_body()
+        self._json({"length": length, "sha256": sha})
+
+    do_PUT = do_POST
+
+
+def main() -> None:
+    server = _Server(("127.0.0.1", 0), _Handler)
+    server.log = []
+    server.lock = threading.Lock()
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
