@@ -448,9 +448,9 @@ class _UdpAssociation:
                 source, data = await session.receive()
                 if self.client is None:
                     continue
-                await self.udp.sendto(encode_udp_packet(source, data), *self.client)
                 self.ctx.bytes_down += len(data)
                 self.stats.received += 1
+                await self.udp.sendto(encode_udp_packet(source, data), *self.client)
         except anyio.EndOfStream:
             return
         except EXPECTED_STREAM_ERRORS as exc:
