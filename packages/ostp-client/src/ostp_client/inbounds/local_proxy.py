@@ -71,9 +71,11 @@ class LocalProxyInbound(Inbound):
         ctx = registry.open(self.tag, "tcp", source)
         try:
             async with stream:
+                first = b""
                 with anyio.move_on_after(self.settings.handshake_timeout):
                     first = await stream.receive(READ_SIZE)
                 if not first:
+                    logger.debug("#%d client sent nothing", ctx.id)
                     return
                 if first[0] == SOCKS5_VERSION:
                     await handle_socks5(stream, first, ctx, self.dispatcher, self.settings)
