@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,3 +126,10 @@ def base_config(**inbound: Any) -> dict[str, Any]:
             "default_outbound": "direct",
         },
     }
+
+
+async def wait_for(predicate: Callable[[], bool], time_limit: float = 10) -> None:
+    """Poll `predicate` until it holds (the daemon exposes counters, not events)."""
+    with anyio.fail_after(time_limit):
+        while not predicate():  # noqa: ASYNC110
+            await anyio.sleep(0.01)

@@ -23,6 +23,7 @@ __all__ = [
     "READ_SIZE",
     "ConnectionRegistry",
     "Dispatcher",
+    "is_connection_noise",
     "relay_streams",
 ]
 
@@ -39,6 +40,13 @@ EXPECTED_STREAM_ERRORS = (
     OSError,
 )
 """Connection noise (reset, broken pipe, EOF): logged at debug level only."""
+
+
+def is_connection_noise(exc: BaseException) -> bool:
+    """True for reset/broken pipe/EOF, also when wrapped in (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_connection_noise(sub) for sub in exc.exceptions)
+    return isinstance(exc, EXPECTED_STREAM_ERRORS)
 
 
 class ConnectionRegistry:

@@ -9,7 +9,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute, TaskStatus
 
 from ostp_client.config import LocalProxyInboundConfig
-from ostp_client.connections import EXPECTED_STREAM_ERRORS, READ_SIZE, Dispatcher
+from ostp_client.connections import READ_SIZE, Dispatcher, is_connection_noise
 from ostp_client.inbounds.base import Inbound, ProxySettings
 from ostp_client.inbounds.http_proxy import handle_http
 from ostp_client.inbounds.socks5 import VERSION as SOCKS5_VERSION
@@ -81,10 +81,11 @@ class LocalProxyInbound(Inbound):
                     await handle_socks5(stream, first, ctx, self.dispatcher, self.settings)
                 else:
                     await handle_http(stream, first, ctx, self.dispatcher, self.settings)
-        except EXPECTED_STREAM_ERRORS as exc:
-            logger.debug("#%d connection noise: %r", ctx.id, exc)
-        except Exception:
-            self.failed_handlers += 1
-            logger.exception("#%d proxy handler failed", ctx.id)
+        except Exception as exc:
+            if is_connection_noise(exc):
+                logger.debug("#%d connection noise: %r", ctx.id, exc)
+            else:
+                self.failed_handlers += 1
+                logger.exception("#%d proxy handler failed", ctx.id)
         finally:
             registry.close(ctx)
