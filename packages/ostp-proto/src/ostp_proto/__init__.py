@@ -1,1 +1,75 @@
-"""ostp_proto."""
+"""ostp_proto: the OSTP wire protocol as a sans-IO library.
+
+Byte-compatible with the upstream Rust implementation (see the shared spec). Feed bytes and the
+current time in; take datagrams and events out.
+"""
+
+from .connection import (
+    SERVER_DEFAULTS,
+    AcceptorStats,
+    ClientConnection,
+    Connection,
+    ConnectionConfig,
+    ConnectionStats,
+    ServerAcceptor,
+    ServerConnection,
+    State,
+)
+from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from .events import ConnectionTerminated, DataLost, Event, HandshakeCompleted, RelayMessageReceived
+from .frames import FrameKind, PaddingPolicy, Profile
+from .keys import Secrets, derive_secrets, split_transport_keys
+from .relay import (
+    Close,
+    Connect,
+    ConnectOk,
+    Data,
+    Error,
+    KeepAlive,
+    Ping,
+    Pong,
+    RelayMessage,
+    UdpAssociate,
+    UdpData,
+    decode_relay,
+    encode_relay,
+)
+
+__all__ = [
+    "SERVER_DEFAULTS",
+    "AcceptorStats",
+    "ClientConnection",
+    "Close",
+    "Connect",
+    "ConnectOk",
+    "Connection",
+    "ConnectionConfig",
+    "ConnectionStats",
+    "ConnectionTerminated",
+    "Data",
+    "DataLost",
+    "Error",
+    "Event",
+    "FrameKind",
+    "HandshakeCompleted",
+    "KeepAlive",
+    "LocalProtocolError",
+    "PaddingPolicy",
+    "Ping",
+    "Pong",
+    "Profile",
+    "ProtocolError",
+    "RelayMessage",
+    "RelayMessageReceived",
+    "RemoteProtocolError",
+    "Secrets",
+    "ServerAcceptor",
+    "ServerConnection",
+    "State",
+    "UdpAssociate",
+    "UdpData",
+    "decode_relay",
+    "derive_secrets",
+    "encode_relay",
+    "split_transport_keys",
+]

@@ -133,24 +133,36 @@ class NoiseHandshake:
         self,
         *,
         initiator: bool,
-        ephemeral_private: bytes,
+        ephemeral_private: bytes | None,
         psk: bytes | None,
         prologue: bytes = b"",
     ) -> None:
-        if len(ephemeral_private) != DHLEN:
-            raise LocalProtocolError("ephemeral private key must be 32 bytes")
         if psk is not None and len(psk) != 32:
             raise LocalProtocolError("psk must be 32 bytes")
         name = PROTOCOL_NAME if psk is not None else b"Noise_NN_25519_ChaChaPoly_BLAKE2s"
         self.initiator = initiator
         self._psk = psk
-        self._e = X25519PrivateKey.from_private_bytes(ephemeral_private)
-        self._e_pub = _public_bytes(self._e)
+        self._e: X25519PrivateKey | None = None
+        self._e_pub = b""
+        if ephemeral_private is not None:
+            self.set_ephemeral(ephemeral_private)
         self._re: bytes | None = None
         self._ss = SymmetricState(name)
         self._ss.mix_hash(prologue)
         self._step = 0
         self.complete = False
+
+    def set_ephemeral(self, ephemeral_private: bytes) -> None:
+        """Set the ephemeral private key (a responder may do this only once msg 1 checks out)."""
+        if len(ephemeral_private) != DHLEN:
+            raise LocalProtocolError("ephemeral private key must be 32 bytes")
+        self._e = X25519PrivateKey.from_private_bytes(ephemeral_private)
+        self._e_pub = _public_bytes(self._e)
+
+    def _ephemeral(self) -> X25519PrivateKey:
+        if self._e is None:
+            raise LocalProtocolError("noise: no ephemeral key set")
+        return self._e
 
     @property
     def handshake_hash(self) -> bytes:
@@ -170,6 +182,7 @@ class NoiseHandshake:
     def write_message_1(self, payload: bytes) -> bytes:
         """Initiator: tokens ``psk, e``."""
         self._expect(0, writing=True)
+        self._ephemeral()
         if self._psk is not None:
             self._ss.mix_key_and_hash(self._psk)
         self._ss.mix_hash(self._e_pub)
@@ -198,11 +211,12 @@ class NoiseHandshake:
     def write_message_2(self, payload: bytes) -> bytes:
         """Responder: tokens ``e, ee``."""
         self._expect(1, writing=True)
+        e = self._ephemeral()
         assert self._re is not None
         self._ss.mix_hash(self._e_pub)
         if self._psk is not None:
             self._ss.mix_key(self._e_pub)
-        self._ss.mix_key(_dh(self._e, self._re))
+        self._ss.mix_key(_dh(e, self._re))
         out = self._e_pub + self._ss.encrypt_and_hash(payload)
         self._step = 2
         self.complete = True
@@ -211,13 +225,14 @@ class NoiseHandshake:
     def read_message_2(self, message: bytes) -> bytes:
         """Initiator: read ``e, ee``; returns the payload."""
         self._expect(1, writing=False)
+        e = self._ephemeral()
         if len(message) < DHLEN + TAGLEN:
             raise RemoteProtocolError("noise: message 2 too short")
         re = bytes(message[:DHLEN])
         self._ss.mix_hash(re)
         if self._psk is not None:
             self._ss.mix_key(re)
-        self._ss.mix_key(_dh(self._e, re))
+        self._ss.mix_key(_dh(e, re))
         payload = self._ss.decrypt_and_hash(bytes(message[DHLEN:]))
         self._re = re
         self._step = 2

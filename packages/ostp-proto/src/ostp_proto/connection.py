@@ -1,0 +1,721 @@
+"""OSTP connections as sans-IO state machines (spec §3-§9).
+
+The I/O shell's loop is always: feed datagrams with :meth:`receive_datagram`, drain events with
+:meth:`next_event`, send what :meth:`datagrams_to_send` returns, sleep until :meth:`get_timer`
+(or until a datagram arrives) and call :meth:`handle_timer`. Nothing here reads a clock or
+touches a socket; randomness comes from ``random_bytes`` (default ``os.urandom``).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .arq import Receiver, Sender, decode_ack, decode_nack
+from .errors import LocalProtocolError, RemoteProtocolError
+from .events import (
+    ConnectionTerminated,
+    DataLost,
+    Event,
+    HandshakeCompleted,
+    RelayMessageReceived,
+)
+from .frames import (
+    DATAGRAM_OVERHEAD,
+    FrameKind,
+    PaddingPolicy,
+    decode_frame,
+    encode_frame,
+)
+from .keys import Secrets, derive_secrets, split_transport_keys
+from .noise import NoiseHandshake
+from .obfuscation import (
+    MAX_NONCE,
+    DataOpener,
+    DataSealer,
+    build_handshake_datagram,
+    parse_handshake_datagram,
+)
+from .relay import (
+    Data,
+    KeepAlive,
+    Ping,
+    Pong,
+    RelayMessage,
+    decode_relay,
+    encode_data_header,
+    encode_relay,
+)
+
+RandomBytes = Callable[[int], bytes]
+
+MIN_CLIENT_PAYLOAD = 12  # spec §3: ts:8 | sid:4 | key
+TIMESTAMP_WINDOW = 300.0  # spec §9.2: |now - ts| <= 300 s
+REPLAY_CACHE_SIZE = 50_000  # spec §9.2
+DATA_RELAY_HEADER = 3  # tag + u16 length (spec §8)
+MAX_RELAY_FIELD = 0xFFFF
+_ELICITING = frozenset((FrameKind.DATA, FrameKind.CLOSE, FrameKind.KEEPALIVE, FrameKind.RESUME))
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    HANDSHAKING = "handshaking"
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionConfig:
+    """Tunables of one OSTP connection. Defaults suit a client on a real network."""
+
+    max_datagram_size: int = 1400
+    """Largest data datagram built for stream data (UDP payload bytes)."""
+    padding: PaddingPolicy = field(default_factory=PaddingPolicy.upstream_client)
+    """Padding of frames (spec §6.1); any padding is legal for the peer."""
+    ack_delay: float = 0.005
+    """Delay before an ACK is sent for a lone ack-eliciting datagram (spec §7.1)."""
+    ack_frequency: int = 32
+    """Send an ACK at once after this many ack-eliciting datagrams."""
+    initial_rtt: float = 0.1
+    """RTT assumed before the first sample (the handshake provides one on the client)."""
+    min_rto: float = 0.03
+    """Floor of the retransmission timeout."""
+    max_rto: float = 2.0
+    """Ceiling of the backed-off retransmission timeout; frames are never given up."""
+    max_in_flight: int = 8192
+    """Most unacknowledged nonces ahead of the oldest one (upstream's reorder buffer size)."""
+    gap_skip_after: float = 5.0
+    """Seconds of the peer sending without filling a gap before it is skipped and reported."""
+    idle_timeout: float = 25.0
+    """Terminate after this long without a valid datagram from the peer."""
+    keepalive_interval: float | None = 5.0
+    """Client: send Ping and KeepAlive on stream 0 this often (None: never)."""
+    handshake_timeout: float = 1.2
+    """Client: wait this long for message 2 before a fresh handshake (spec §10.1)."""
+    handshake_attempts: int = 4
+    """Client: handshakes tried before giving up."""
+    send_buffer_limit: int = 1 << 20
+    """Bytes queued for sending above which :attr:`writable` turns False (backpressure)."""
+
+
+SERVER_DEFAULTS = ConnectionConfig(
+    padding=PaddingPolicy.upstream_server(),
+    idle_timeout=600.0,
+    keepalive_interval=None,
+)
+
+
+@dataclass(slots=True)
+class ConnectionStats:
+    """Counters; ``*_drop`` fields count datagrams dropped and why."""
+
+    datagrams_received: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    datagram_session_drop: int = 0
+    datagram_auth_drop: int = 0
+    frame_decode_drop: int = 0
+    relay_decode_drop: int = 0
+    handshake_drop: int = 0
+    state_drop: int = 0
+
+
+class Connection:
+    """Behaviour shared by both roles once keys exist."""
+
+    def __init__(
+        self,
+        secrets: Secrets,
+        config: ConnectionConfig,
+        random_bytes: RandomBytes,
+    ) -> None:
+        self._secrets = secrets
+        self.config = config
+        self._random = random_bytes
+        self.state = State.IDLE
+        self.session_id = 0
+        self._events: deque[Event] = deque()
+        self._out: list[bytes] = []
+        self._queues: dict[int, deque[bytes]] = {}
+        self._rr: deque[int] = deque()
+        self.send_buffer_bytes = 0
+        self._sealer: DataSealer | None = None
+        self._opener: DataOpener | None = None
+        self.sender = Sender(
+            mss=config.max_datagram_size,
+            initial_rtt=config.initial_rtt,
+            max_in_flight=config.max_in_flight,
+            min_rto=config.min_rto,
+            max_rto=config.max_rto,
+        )
+        self.receiver = Receiver(
+            ack_delay=config.ack_delay,
+            ack_frequency=config.ack_frequency,
+            gap_skip_after=config.gap_skip_after,
+        )
+        self.stats = ConnectionStats()
+        self.last_receive = 0.0
+        self._established_at: float | None = None
+        self._reserved_pool = b""
+        self._pad_randint: Callable[[int], int] = self._randint
+        # Capacity of stream data per datagram: overhead, relay header, then no padding
+        # for full datagrams (profiles pad payloads under 1280 bytes only).
+        self.max_stream_chunk = max(
+            config.max_datagram_size - DATAGRAM_OVERHEAD - DATA_RELAY_HEADER, 64
+        )
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def established(self) -> bool:
+        return self.state is State.ESTABLISHED
+
+    @property
+    def writable(self) -> bool:
+        """False while more than ``send_buffer_limit`` bytes wait to be sent."""
+        return self.send_buffer_bytes < self.config.send_buffer_limit
+
+    @property
+    def smoothed_rtt(self) -> float:
+        return self.sender.rtt.srtt
+
+    def next_event(self) -> Event | None:
+        """The next event, or None."""
+        return self._events.popleft() if self._events else None
+
+    def send(self, stream_id: int, message: RelayMessage) -> None:
+        """Queue a relay message on ``stream_id``; long Data is split into several frames."""
+        if not 0 <= stream_id <= 0xFFFF:
+            raise LocalProtocolError("stream id must fit in 16 bits")
+        if self.state is State.CLOSED:
+            raise LocalProtocolError("connection is closed")
+        if isinstance(message, Data):
+            self.send_data(stream_id, message.data)
+            return
+        self._enqueue(stream_id, encode_relay(message))
+
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue stream bytes as Data relay messages (the hot path: no message objects)."""
+        if self.state is State.CLOSED:
+            raise LocalProtocolError("connection is closed")
+        if not 0 <= stream_id <= 0xFFFF:
+            raise LocalProtocolError("stream id must fit in 16 bits")
+        view = memoryview(data)
+        chunk = self.max_stream_chunk
+        for start in range(0, len(view), chunk):
+            piece = view[start : start + chunk]
+            self._enqueue(stream_id, encode_data_header(len(piece)) + piece)
+        if not view:
+            self._enqueue(stream_id, encode_data_header(0))
+
+    def close(self, now: float) -> None:
+        """Send a Close frame once (best effort) and stop. Upstream peers simply drop state."""
+        if self.state is State.CLOSED:
+            return
+        if self.state is State.ESTABLISHED:
+            self._build(FrameKind.CLOSE, 0, b"", now, retransmittable=False)
+        self._terminate("closed locally")
+
+    def get_timer(self) -> float | None:
+        """Absolute time at which :meth:`handle_timer` must be called, or None."""
+        if self.state is State.CLOSED:
+            return None
+        deadlines: list[float] = []
+        extra = self._role_timer()
+        if extra is not None:
+            deadlines.append(extra)
+        if self.state is State.ESTABLISHED:
+            deadlines.append(self.last_receive + self.config.idle_timeout)
+            receiver = self.receiver
+            sender = self.sender
+            for t in (
+                receiver.ack_deadline(),
+                receiver.nack_deadline(),
+                sender.probe_deadline(),
+                sender.pacing_deadline() if (self._rr or sender.has_lost) else None,
+            ):
+                if t is not None:
+                    deadlines.append(t)
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> None:
+        """Run whatever timers are due at ``now``."""
+        if self.state is State.CLOSED:
+            return
+        self._role_handle_timer(now)
+        if self.state is not State.ESTABLISHED:
+            return
+        if now - self.last_receive >= self.config.idle_timeout:
+            self._terminate("idle timeout: no valid datagram from the peer")
+            return
+        deadline = self.sender.probe_deadline()
+        if deadline is not None and now >= deadline:
+            self._out.extend(self.sender.on_probe_timeout(now))
+
+    def datagrams_to_send(self, now: float) -> list[bytes]:
+        """Datagrams to put on the wire now, in order."""
+        if self.state is State.ESTABLISHED:
+            receiver = self.receiver
+            nack = receiver.build_nack(now) if receiver.nack_due else None
+            if nack is not None:
+                self._build(FrameKind.NACK, 0, nack, now, retransmittable=False)
+            if receiver.ack_due(now):
+                ack = receiver.build_ack(now)
+                if ack is not None:
+                    self._build(FrameKind.ACK, 0, ack, now, retransmittable=False)
+            if self.sender.has_lost:
+                self._out.extend(self.sender.retransmissions(now))
+            if self._rr:
+                self._flush_queue(now)
+        out = self._out
+        if out:
+            self._out = []
+            for d in out:
+                self.stats.bytes_sent += len(d)
+        return out
+
+    def receive_datagram(self, data: bytes, now: float) -> None:
+        """Feed one datagram from the peer. Garbage is dropped and counted, never raised."""
+        if self.state is State.CLOSED:
+            self.stats.state_drop += 1
+            return
+        if self.state is State.HANDSHAKING:
+            self._receive_handshake(data, now)
+            return
+        if self.state is not State.ESTABLISHED:
+            self.stats.state_drop += 1
+            return
+        opener = self._opener
+        assert opener is not None
+        nonce = opener.unmask(data)
+        if nonce is None:
+            self.stats.datagram_session_drop += 1
+            return
+        receiver = self.receiver
+        if receiver.classify(nonce, now):
+            return
+        plaintext = opener.decrypt(nonce, data)
+        if plaintext is None:
+            self.stats.datagram_auth_drop += 1
+            return
+        self.last_receive = now
+        self.stats.datagrams_received += 1
+        self.stats.bytes_received += len(data)
+        try:
+            kind, stream_id, payload = decode_frame(plaintext)
+        except RemoteProtocolError:
+            # Authenticated but undecodable: keep the nonce sequence whole, deliver nothing.
+            self.stats.frame_decode_drop += 1
+            self._deliver(receiver.accept(nonce, None, False, now), now)
+            return
+        if kind in (FrameKind.DATA, FrameKind.RESUME):
+            self._deliver(receiver.accept(nonce, (kind, stream_id, payload), True, now), now)
+            if receiver.buffer:
+                self._check_gap(now)
+        elif kind == FrameKind.ACK:
+            try:
+                self.sender.on_ack(decode_ack(payload), now)
+            except RemoteProtocolError:
+                self.stats.frame_decode_drop += 1
+            self._deliver(receiver.accept(nonce, None, False, now), now)
+        elif kind == FrameKind.NACK:
+            try:
+                again = self.sender.on_nack(decode_nack(payload), now)
+            except RemoteProtocolError:
+                self.stats.frame_decode_drop += 1
+                again = None
+            if again is not None:
+                self._out.append(again)
+            self._deliver(receiver.accept(nonce, None, False, now), now)
+        elif kind == FrameKind.CLOSE:
+            self._terminate("closed by peer")
+        else:  # KEEPALIVE (ack-eliciting) and HANDSHAKE (no-op), spec §6
+            eliciting = kind == FrameKind.KEEPALIVE
+            self._deliver(receiver.accept(nonce, None, eliciting, now), now)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _check_gap(self, now: float) -> None:
+        frames, skipped = self.receiver.maybe_skip_gap()
+        if skipped:
+            self._events.append(DataLost(skipped))
+            self._deliver(frames, now)
+
+    def _randint(self, n: int) -> int:
+        return int.from_bytes(self._random(2), "big") % (n + 1) if n > 0 else 0
+
+    def _reserved(self) -> int:
+        pool = self._reserved_pool
+        if len(pool) < 2:
+            pool = self._random(4096)
+        self._reserved_pool = pool[2:]
+        return int.from_bytes(pool[:2], "big")
+
+    def _enqueue(self, stream_id: int, relay: bytes) -> None:
+        queue = self._queues.get(stream_id)
+        if queue is None:
+            queue = self._queues[stream_id] = deque()
+            self._rr.append(stream_id)
+        queue.append(relay)
+        self.send_buffer_bytes += len(relay)
+
+    def _flush_queue(self, now: float) -> None:
+        sender = self.sender
+        queues = self._queues
+        rr = self._rr
+        while rr and sender.window_open(now):
+            stream_id = rr[0]
+            queue = queues[stream_id]
+            relay = queue.popleft()
+            self.send_buffer_bytes -= len(relay)
+            if queue:
+                rr.rotate(-1)
+            else:
+                rr.popleft()
+                del queues[stream_id]
+            if not self._build(FrameKind.DATA, stream_id, relay, now, retransmittable=True):
+                return
+
+    def _build(
+        self, kind: int, stream_id: int, payload: bytes, now: float, *, retransmittable: bool
+    ) -> bool:
+        sender = self.sender
+        nonce = sender.next_nonce
+        if nonce > MAX_NONCE:
+            self._terminate("nonce space exhausted: the session must be re-established")
+            return False
+        sealer = self._sealer
+        assert sealer is not None
+        pad = self.config.padding.pad_len(len(payload), self._pad_randint)
+        frame = encode_frame(kind, stream_id, payload, pad, self._reserved())
+        datagram = sealer.seal(nonce, frame)
+        sender.next_nonce = nonce + 1
+        sender.record(nonce, datagram, now, retransmittable)
+        self._out.append(datagram)
+        return True
+
+    def _deliver(self, frames: list[tuple[int, int, bytes]], now: float) -> None:
+        for _kind, stream_id, payload in frames:
+            try:
+                message = decode_relay(payload)
+            except RemoteProtocolError:
+                self.stats.relay_decode_drop += 1
+                continue
+            if isinstance(message, Ping):
+                self._enqueue(stream_id, encode_relay(Pong(message.timestamp)))
+            elif isinstance(message, Pong):
+                self._on_pong(message, now)
+            elif isinstance(message, KeepAlive):
+                continue
+            else:
+                self._events.append(RelayMessageReceived(stream_id, message))
+
+    def _on_pong(self, message: Pong, now: float) -> None:
+        """Client hook; the server ignores Pongs (spec §8)."""
+
+    def _establish(self, secrets: Secrets, send_key: bytes, recv_key: bytes, now: float) -> None:
+        self._sealer = DataSealer(secrets.obfuscation_key, send_key, self.session_id)
+        self._opener = DataOpener(secrets.obfuscation_key, recv_key, self.session_id)
+        self.state = State.ESTABLISHED
+        self._established_at = now
+        self.last_receive = now
+
+    def _terminate(self, reason: str) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        self._events.append(ConnectionTerminated(reason))
+
+    def _role_timer(self) -> float | None:
+        return None
+
+    def _role_handle_timer(self, now: float) -> None:
+        return None
+
+    def _receive_handshake(self, data: bytes, now: float) -> None:
+        self.stats.state_drop += 1
+
+
+# ------------------------------------------------------------------------------------ client
+
+
+@dataclass(slots=True)
+class _Attempt:
+    session_id: int
+    noise: NoiseHandshake
+    sent_at: float
+
+
+class ClientConnection(Connection):
+    """The initiator (spec §3, §10.1).
+
+    Call :meth:`connect` with the current monotonic time and the Unix time; every handshake
+    retry is a fresh handshake (new ephemeral key and session id), since an upstream server
+    rejects an identical first datagram as a replay (spec §9.2).
+    """
+
+    def __init__(
+        self,
+        *,
+        access_key: str | bytes,
+        session_id: int | None = None,
+        config: ConnectionConfig | None = None,
+        random_bytes: RandomBytes = os.urandom,
+    ) -> None:
+        key = access_key.encode() if isinstance(access_key, str) else bytes(access_key)
+        if not key:
+            raise LocalProtocolError("the access key must not be empty")
+        if len(key) > 964:
+            raise LocalProtocolError("the access key must be at most 964 bytes (spec §3)")
+        super().__init__(derive_secrets(key), config or ConnectionConfig(), random_bytes)
+        self._key = key
+        self._first_session_id = session_id
+        self._attempts: list[_Attempt] = []
+        self._unix_offset = 0.0
+        self._next_keepalive: float | None = None
+        self.ping_rtt: float | None = None
+        self.handshake_rtt: float | None = None
+
+    def connect(self, now: float, unix_time: float) -> None:
+        """Start the handshake: message 1 is ready in :meth:`datagrams_to_send`."""
+        if self.state is not State.IDLE:
+            raise LocalProtocolError("connect() may be called once")
+        self._unix_offset = unix_time - now
+        self.state = State.HANDSHAKING
+        self.last_receive = now
+        self._start_attempt(now)
+
+    def _start_attempt(self, now: float) -> None:
+        if self._first_session_id is not None and not self._attempts:
+            sid = self._first_session_id
+        else:
+            sid = int.from_bytes(self._random(4), "big")
+        noise = NoiseHandshake(
+            initiator=True, ephemeral_private=self._random(32), psk=self._secrets.psk
+        )
+        ts = int(now + self._unix_offset)
+        payload = ts.to_bytes(8, "big") + sid.to_bytes(4, "big") + self._key
+        message = noise.write_message_1(payload)
+        s = self._secrets
+        pad = s.handshake_pad_min + self._randint(s.handshake_pad_max - s.handshake_pad_min)
+        self._out.append(
+            build_handshake_datagram(s.obfuscation_key, sid, message, self._random(pad))
+        )
+        self._attempts.append(_Attempt(sid, noise, now))
+        self.session_id = sid
+
+    def _receive_handshake(self, data: bytes, now: float) -> None:
+        try:
+            sid, message = parse_handshake_datagram(self._secrets.obfuscation_key, data)
+        except RemoteProtocolError:
+            self.stats.handshake_drop += 1
+            return
+        for attempt in self._attempts:
+            if attempt.session_id != sid:
+                continue
+            try:
+                attempt.noise.read_message_2(message)
+            except RemoteProtocolError:
+                break
+            self.session_id = sid
+            send_key, recv_key = split_transport_keys(attempt.noise.handshake_hash)
+            self._establish(self._secrets, send_key, recv_key, now)
+            self._attempts = []
+            rtt = now - attempt.sent_at
+            self.handshake_rtt = rtt
+            self.sender.rtt.sample(rtt, now)
+            self._events.append(HandshakeCompleted(sid, rtt))
+            if self.config.keepalive_interval is not None:
+                self._send_keepalive(now, with_keepalive=False)  # spec §10.1: Ping at once
+            return
+        self.stats.handshake_drop += 1
+
+    def _send_keepalive(self, now: float, *, with_keepalive: bool = True) -> None:
+        ts = round((now + self._unix_offset) * 1000)
+        self._enqueue(0, encode_relay(Ping(ts)))
+        if with_keepalive:
+            self._enqueue(0, encode_relay(KeepAlive()))
+        interval = self.config.keepalive_interval
+        self._next_keepalive = now + interval if interval is not None else None
+
+    def _on_pong(self, message: Pong, now: float) -> None:
+        rtt = (now + self._unix_offset) * 1000 - message.timestamp
+        if 0 <= rtt < 600_000:
+            self.ping_rtt = rtt / 1000
+
+    def _role_timer(self) -> float | None:
+        if self.state is State.HANDSHAKING and self._attempts:
+            return self._attempts[-1].sent_at + self.config.handshake_timeout
+        if self.state is State.ESTABLISHED:
+            return self._next_keepalive
+        return None
+
+    def _role_handle_timer(self, now: float) -> None:
+        if self.state is State.HANDSHAKING and self._attempts:
+            if now >= self._attempts[-1].sent_at + self.config.handshake_timeout:
+                if len(self._attempts) >= self.config.handshake_attempts:
+                    self._terminate(f"handshake timed out after {len(self._attempts)} attempts")
+                else:
+                    self._start_attempt(now)
+        elif self._next_keepalive is not None and now >= self._next_keepalive:
+            self._send_keepalive(now)
+
+
+# ------------------------------------------------------------------------------------ server
+
+
+class ServerConnection(Connection):
+    """The responder side of one session, created by :class:`ServerAcceptor`."""
+
+    key_index: int
+    """Index of the access key (in the acceptor's list) the client authenticated with."""
+
+    def __init__(
+        self,
+        secrets: Secrets,
+        config: ConnectionConfig,
+        random_bytes: RandomBytes,
+        *,
+        session_id: int,
+        key_index: int,
+        noise: NoiseHandshake,
+        now: float,
+    ) -> None:
+        super().__init__(secrets, config, random_bytes)
+        self.session_id = session_id
+        self.key_index = key_index
+        noise.set_ephemeral(random_bytes(32))
+        message = noise.write_message_2(b"")
+        pad = secrets.handshake_pad_min + self._randint(
+            secrets.handshake_pad_max - secrets.handshake_pad_min
+        )
+        self._out.append(
+            build_handshake_datagram(
+                secrets.obfuscation_key, session_id, message, random_bytes(pad)
+            )
+        )
+        recv_key, send_key = split_transport_keys(noise.handshake_hash)
+        self._establish(secrets, send_key, recv_key, now)
+        self._events.append(HandshakeCompleted(session_id, None))
+
+    def matches(self, data: bytes) -> bool:
+        """True if ``data`` is a data datagram of this session (for roaming lookups)."""
+        return self._opener is not None and self._opener.unmask(data) is not None
+
+
+@dataclass(slots=True)
+class AcceptorStats:
+    """Why first datagrams were dropped."""
+
+    accepted: int = 0
+    short_drop: int = 0
+    no_key_drop: int = 0
+    timestamp_drop: int = 0
+    replay_drop: int = 0
+    replay_cache_full_drop: int = 0
+
+
+@dataclass(slots=True)
+class _Key:
+    key: bytes
+    secrets: Secrets
+    min_len: int
+    max_len: int
+
+
+class ServerAcceptor:
+    """Turns an authenticated first datagram into a :class:`ServerConnection` (spec §9.2).
+
+    Anything else (garbage, a wrong key, a stale timestamp, a replay) returns None silently
+    and bumps a counter; the work per datagram is bounded by the number of keys.
+    """
+
+    def __init__(
+        self,
+        access_keys: Sequence[str | bytes],
+        *,
+        config: ConnectionConfig = SERVER_DEFAULTS,
+        timestamp_window: float = TIMESTAMP_WINDOW,
+        replay_cache_size: int = REPLAY_CACHE_SIZE,
+        random_bytes: RandomBytes = os.urandom,
+    ) -> None:
+        self._keys: list[_Key] = []
+        for k in access_keys:
+            key = k.encode() if isinstance(k, str) else bytes(k)
+            if not key:
+                raise LocalProtocolError("access keys must not be empty")
+            s = derive_secrets(key)
+            noise_len = 32 + MIN_CLIENT_PAYLOAD + len(key) + 16
+            self._keys.append(
+                _Key(
+                    key, s, 6 + noise_len + s.handshake_pad_min, 6 + noise_len + s.handshake_pad_max
+                )
+            )
+        self.config = config
+        self.timestamp_window = timestamp_window
+        self.replay_cache_size = replay_cache_size
+        self._replay: dict[tuple[int, int, int], int] = {}
+        self._random = random_bytes
+        self.stats = AcceptorStats()
+
+    def secrets_for(self, key_index: int) -> Secrets:
+        return self._keys[key_index].secrets
+
+    def accept(self, data: bytes, now: float, unix_time: float) -> ServerConnection | None:
+        """Try ``data`` as message 1 under every key; a new connection or None."""
+        if len(data) < 7:
+            self.stats.short_drop += 1
+            return None
+        for index, k in enumerate(self._keys):
+            if not k.min_len <= len(data) <= k.max_len:
+                continue  # cheap filter: exact Noise length plus the key's padding range
+            try:
+                sid, message = parse_handshake_datagram(k.secrets.obfuscation_key, data)
+            except RemoteProtocolError:
+                continue
+            noise = NoiseHandshake(initiator=False, ephemeral_private=None, psk=k.secrets.psk)
+            try:
+                payload = noise.read_message_1(message)
+            except RemoteProtocolError:
+                continue
+            if len(payload) < MIN_CLIENT_PAYLOAD:
+                continue
+            ts = int.from_bytes(payload[:8], "big")
+            if int.from_bytes(payload[8:12], "big") != sid or payload[12:] != k.key:
+                continue
+            if abs(unix_time - ts) > self.timestamp_window:
+                self.stats.timestamp_drop += 1
+                return None
+            replay_id = (ts, sid, index)
+            if replay_id in self._replay:
+                self.stats.replay_drop += 1
+                return None
+            if len(self._replay) >= self.replay_cache_size:
+                self._purge(unix_time)
+                if len(self._replay) >= self.replay_cache_size:
+                    self.stats.replay_cache_full_drop += 1
+                    return None
+            self._replay[replay_id] = ts
+            self.stats.accepted += 1
+            return ServerConnection(
+                k.secrets,
+                self.config,
+                self._random,
+                session_id=sid,
+                key_index=index,
+                noise=noise,
+                now=now,
+            )
+        self.stats.no_key_drop += 1
+        return None
+
+    def _purge(self, unix_time: float) -> None:
+        window = self.timestamp_window
+        self._replay = {k: ts for k, ts in self._replay.items() if abs(unix_time - ts) <= window}
+
+    def purge(self, unix_time: float) -> None:
+        """Forget replay entries older than the timestamp window (call now and then)."""
+        self._purge(unix_time)
