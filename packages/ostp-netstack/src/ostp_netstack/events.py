@@ -48,7 +48,7 @@ class TcpDataReceived:
     """In-order bytes from the application; call ``tcp_consumed`` once they are passed on."""
 
     conn_id: int
-    data: bytes
+    data: bytes = dataclasses.field(repr=False)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -88,7 +88,7 @@ class UdpDatagramReceived:
     flow_id: int
     src: Endpoint
     dst: Endpoint
-    data: bytes
+    data: bytes = dataclasses.field(repr=False)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -413,8 +413,7 @@ class TcpConnection:
         window_changed = window != self.snd_wnd
         if seq_off > self.snd_wl1 or (seq_off == self.snd_wl1 and ack_off >= self.snd_wl2):
             self.snd_wnd = window
-            if window > self.max_snd_wnd:
-                self.max_snd_wnd = window
+            self.max_snd_wnd = max(self.max_snd_wnd, window)
             self.snd_wl1 = seq_off
             self.snd_wl2 = ack_off
             if window and self.persist:
