@@ -99,7 +99,7 @@ def upload(total: int, mss: int) -> tuple[float, float]:
     start = clock()
     now = 0.0
     while delivered < total:
-        burst = []
+        burst: list[bytes] = []
         while sent < total and ((seq - acked) & 0xFFFFFFFF) + mss <= window and len(burst) < 64:
             burst.append(kernel_packet(seq, our_seq, ACK | PSH, payload, payload_sum))
             seq = (seq + mss) & 0xFFFFFFFF

@@ -521,3 +521,34 @@ def test_unacceptable_ack_is_dropped() -> None:
     assert stack.stats.tcp_bad_ack_drop == 1
     [ack] = k.flush()
     assert ack.ack == k.snd_nxt
+
+
+def test_timer_follows_acks_without_a_flush() -> None:
+    k, conn = connect(mss=1000)
+    stack = k.stack
+    stack.tcp_send(conn, bytes(2000))
+    segs = k.flush()
+    assert stack.get_timer() == 0.2  # the handshake's RTT sample (0 s) gave the minimum RTO
+    k.now = 0.1
+    k.take(segs[:1])
+    k.ack()  # no packets_to_send before asking for the timer
+    deadline = stack.get_timer()
+    assert deadline is not None and deadline > 0.2  # restarted from the ACK (RFC 6298 §5.3)
+    stack.handle_timer(0.2)
+    assert stack.packets_to_send(0.2) == []  # the old deadline fired nothing
+
+
+def test_fin_wait_2_is_bounded() -> None:
+    k, conn = connect(NetStack(NetStackConfig(tcp_fin_wait_timeout=10.0)))
+    stack = k.stack
+    stack.tcp_close(conn)
+    k.take(k.flush())
+    k.ack()
+    assert stack.tcp_state(conn) == "FIN-WAIT-2"
+    k.now = 5.0
+    k.send(b"still talking")
+    assert stack.get_timer() == 15.0
+    stack.handle_timer(15.0)
+    events = drain(stack)
+    assert events[-1] == TcpConnectionReset(conn, "FIN-WAIT-2 timeout")
+    assert read_tcp(stack.packets_to_send(15.0)[-1]).flags & RST

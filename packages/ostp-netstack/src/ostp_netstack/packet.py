@@ -52,7 +52,8 @@ _IP6 = struct.Struct("!IHBB16s16s")
 _TCP = struct.Struct("!HHIIHHHH")
 _UDP = struct.Struct("!HHHH")
 _ICMP_ECHO = struct.Struct("!BBHHH")
-_PORTS = struct.Struct("!HH")
+_HEAD4 = 120
+_HEAD6 = 1024
 
 
 class TcpSegment:
@@ -168,7 +169,9 @@ def parse_packet(buf: bytes, checksum_verified: bool = False) -> Parsed:
 def _parse_ipv4(buf: bytes, checksum_verified: bool) -> Parsed:
     if len(buf) < 20:
         return Drop.IP_TRUNCATED
-    ip: Any = dpkt.ip.IP(buf)
+    # dpkt copies payloads while decoding; hand it the headers only (IPv4 and TCP headers are
+    # at most 60 bytes each) and slice the payload out of ``buf`` once, below.
+    ip: Any = dpkt.ip.IP(buf[:_HEAD4])
     hl = ip.hl * 4
     total = ip.len
     if hl < 20 or total < hl:
@@ -185,7 +188,7 @@ def _parse_ipv4(buf: bytes, checksum_verified: bool) -> Parsed:
 def _parse_ipv6(buf: bytes, checksum_verified: bool) -> Parsed:
     if len(buf) < 40:
         return Drop.IP_TRUNCATED
-    ip: Any = dpkt.ip6.IP6(buf)
+    ip: Any = dpkt.ip6.IP6(buf[:_HEAD6])
     end = 40 + ip.plen
     if ip.plen == 0:
         return Drop.IP_MALFORMED  # jumbograms (RFC 2675) cannot come through a TUN device
@@ -202,6 +205,8 @@ def _parse_ipv6(buf: bytes, checksum_verified: bool) -> Parsed:
         return Drop.IP_FRAGMENT if proto == _IPV6_FRAGMENT else Drop.IP_PROTOCOL
     if offset > end:
         return Drop.IP_TRUNCATED
+    if offset + 60 > _HEAD6 and len(buf) > _HEAD6:
+        ip = dpkt.ip6.IP6(buf)  # long extension headers: decode the whole packet
     data = ip.data if not isinstance(ip.data, bytes) else None
     return _parse_transport(6, proto, ip.src, ip.dst, buf, offset, end, data, checksum_verified)
 
@@ -254,7 +259,7 @@ def _parse_transport(
             decoded.win,
             mss,
             wscale,
-            bytes(decoded.data),
+            buf[start + off : end],
             buf,
         )
     if proto == PROTO_UDP:

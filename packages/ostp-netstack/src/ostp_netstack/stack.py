@@ -120,6 +120,7 @@ class NetStack:
                 conn.on_timer(float("inf"))  # a new incarnation ends TIME-WAIT (RFC 9293 §3.6.1)
             else:
                 conn.on_segment(seg, now)
+                self.schedule(conn)
                 return
         if flags & (SYN | ACK | RST) != SYN:
             self.stats.count(Drop.TCP_NO_CONNECTION)
@@ -228,6 +229,9 @@ class NetStack:
             if conn is not None and conn.deadline == deadline:
                 break
             heapq.heappop(timers)
+            if conn is not None and conn.scheduled == deadline:
+                conn.scheduled = None
+                self.schedule(conn)  # its deadline moved: file the new one
         best = timers[0][0] if timers else None
         flow_timers = self._flow_timers
         while flow_timers and flow_timers[0][1] not in self._flows:
@@ -243,8 +247,13 @@ class NetStack:
         while timers and timers[0][0] <= now:
             deadline, conn_id = heapq.heappop(timers)
             conn = self._conns.get(conn_id)
-            if conn is not None and conn.deadline == deadline:
+            if conn is None:
+                continue
+            if conn.scheduled == deadline:
+                conn.scheduled = None
+            if conn.deadline == deadline:
                 conn.on_timer(now)
+            self.schedule(conn)
         flow_timers = self._flow_timers
         idle = self.config.udp_idle_timeout
         while flow_timers and flow_timers[0][0] <= now:
@@ -264,7 +273,8 @@ class NetStack:
 
     def schedule(self, conn: TcpConnection) -> None:
         deadline = conn.deadline
-        if deadline is not None and conn.conn_id in self._conns:
+        if deadline is not None and deadline != conn.scheduled and conn.conn_id in self._conns:
+            conn.scheduled = deadline
             heapq.heappush(self._timers, (deadline, conn.conn_id))
 
     def mark_dirty(self, conn: TcpConnection) -> None:

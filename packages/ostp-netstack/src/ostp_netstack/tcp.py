@@ -172,6 +172,7 @@ class TcpConnection:
         self.ack_pending = False
         self.reported = False  # Closed or Reset was reported: the application is done with it
         self.accepted = False
+        self.scheduled: float | None = None  # the deadline last filed with the stack
         self.syn_ack_due = False
 
     # -- sequence numbers -------------------------------------------------------------------
@@ -393,6 +394,8 @@ class TcpConnection:
             return
         if not self._on_ack(seg, now, seq_off, probe=False):
             return
+        if self.state is State.FIN_WAIT_2:
+            self.state_deadline = now + host.config.tcp_fin_wait_timeout  # the peer is alive
         if self.state is State.CLOSED:
             return
         if seg_len:
