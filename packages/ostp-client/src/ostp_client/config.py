@@ -196,6 +196,10 @@ class OstpOutboundConfig(_Model):
     """Seconds between keepalive Ping/KeepAlive (spec §10.2)."""
     connect_timeout: Annotated[float, Field(gt=0, le=300)] = 5.0
     """Seconds to wait for the server to confirm a stream (spec §10.4)."""
+    idle_timeout: Annotated[float, Field(ge=1, le=3600)] = 25.0
+    """Seconds without a valid datagram before a session is re-established (spec §10.2)."""
+    reconnect_delay: Annotated[float, Field(ge=0, le=300)] = 5.0
+    """Fixed back-off before a stopped session is started again (spec §10.2)."""
     nat: NatConfig | None = None
 
     @field_validator("server")

@@ -1,0 +1,643 @@
+"""The `ostp` outbound: a pool of OSTP sessions to one server, each on its own UDP socket.
+
+Each session is an :class:`ostp_proto.ClientConnection` driven by one task: read every datagram
+the socket has, feed the core, dispatch its events to streams, send what it produced, sleep
+until its timer or the socket is readable. Streams write straight into the core and flush at
+once, so no task or queue hop sits on the data path. A session that stops for any reason is
+re-established after a fixed back-off, forever, until the daemon stops (spec §10.2); the streams
+it carried are reset cleanly.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import random
+import socket
+import time
+from collections import deque
+from dataclasses import replace
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.abc import TaskStatus
+
+from ostp_client.config import OstpOutboundConfig
+from ostp_client.outbounds import OutboundContext, register_outbound
+from ostp_client.outbounds.base import (
+    Address,
+    ConnContext,
+    ConnectionRefused,
+    ConnectTimeout,
+    GeneralFailure,
+    HostUnreachable,
+    NetworkUnreachable,
+    Outbound,
+    OutboundError,
+    UdpOutboundSession,
+)
+from ostp_proto import (
+    ClientConnection,
+    Close,
+    Connect,
+    ConnectionConfig,
+    ConnectionTerminated,
+    ConnectOk,
+    Data,
+    DataLost,
+    Error,
+    HandshakeCompleted,
+    PaddingPolicy,
+    RelayMessageReceived,
+    UdpAssociate,
+    UdpData,
+)
+
+__all__ = ["OstpOutbound", "SessionState"]
+
+logger = logging.getLogger(__name__)
+
+SOCKET_BUFFER = 32 * 1024 * 1024  # upstream asks for 32 MiB (spec §9.1, §16)
+RECV_SIZE = 65535
+RECONNECT_DELAY = 5.0  # spec §10.2: fixed back-off, no cap on attempts
+STREAM_RECEIVE_LIMIT = 4 * 1024 * 1024
+"""Bytes buffered for streams of one session before the session stops reading its socket."""
+
+
+class SessionState:
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+
+
+def _error_from_text(text: str) -> OutboundError:
+    """Map the server's ``connect failed: <reason>`` text to an OutboundError (spec §9.5)."""
+    lowered = text.lower()
+    if "refused" in lowered:
+        return ConnectionRefused(text)
+    if "timed out" in lowered or "timeout" in lowered:
+        return ConnectTimeout(text)
+    if "network is unreachable" in lowered:
+        return NetworkUnreachable(text)
+    if "unreachable" in lowered or "resolve" in lowered or "name" in lowered:
+        return HostUnreachable(text)
+    return GeneralFailure(text)
+
+
+class _Channel:
+    """What a stream id is bound to inside a session: a TCP stream or a UDP association."""
+
+    def __init__(self, session: _Session, stream_id: int) -> None:
+        self.session = session
+        self.stream_id = stream_id
+        self.connected = anyio.Event()
+        self.error: OutboundError | None = None
+        self.closed = False
+        self.readable = anyio.Event()
+
+    def on_message(self, message: object) -> None:
+        raise NotImplementedError
+
+    def reset(self, reason: str) -> None:
+        raise NotImplementedError
+
+
+class OstpStream(_Channel, anyio.abc.ByteStream):
+    """A TCP connection through the tunnel (relay Connect/Data/Close on one stream id)."""
+
+    def __init__(self, session: _Session, stream_id: int, ctx: ConnContext) -> None:
+        super().__init__(session, stream_id)
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self._reset: str | None = None
+        self.ctx = ctx
+
+    # -- from the session --------------------------------------------------------------------
+
+    def on_message(self, message: object) -> None:
+        if isinstance(message, Data):
+            if self._eof:
+                return
+            self._chunks.append(message.data)
+            self.session.buffered += len(message.data)
+            self.connected.set()  # the first Data may race ahead of ConnectOk (spec §9.5)
+            self.readable.set()
+        elif isinstance(message, ConnectOk):
+            self.connected.set()
+        elif isinstance(message, Error):
+            if not self.connected.is_set():
+                self.error = _error_from_text(message.message)
+                self.connected.set()
+            self._finish()
+        elif isinstance(message, Close):
+            self._finish()
+
+    def _finish(self) -> None:
+        self._eof = True
+        self.readable.set()
+        self.session.unbind(self.stream_id)
+
+    def reset(self, reason: str) -> None:
+        self._reset = reason
+        if not self.connected.is_set():
+            self.error = GeneralFailure(reason)
+            self.connected.set()
+        self._finish()
+
+    # -- ByteStream ------------------------------------------------------------------------
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        while not self._chunks:
+            if self._eof:
+                if self._reset is not None:
+                    raise anyio.BrokenResourceError(self._reset)
+                raise anyio.EndOfStream
+            if self.closed:
+                raise anyio.ClosedResourceError
+            self.readable = anyio.Event()
+            await self.readable.wait()
+        chunk = self._chunks.popleft()
+        if len(chunk) > max_bytes:
+            self._chunks.appendleft(chunk[max_bytes:])
+            chunk = chunk[:max_bytes]
+        self.session.consumed(len(chunk))
+        return chunk
+
+    async def send(self, item: bytes) -> None:
+        if self.closed or self._eof:
+            raise anyio.ClosedResourceError if self.closed else anyio.BrokenResourceError
+        await self.session.send_data(self.stream_id, item)
+
+    async def send_eof(self) -> None:
+        # OSTP has no half-close: Close ends the remote connection both ways (spec §8).
+        self._close_remote()
+
+    def _close_remote(self) -> None:
+        if not self._eof:
+            self._eof = True
+            self.session.send_message(self.stream_id, Close())
+            self.session.unbind(self.stream_id)
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self._close_remote()
+        self.closed = True
+        self.session.buffered -= sum(len(c) for c in self._chunks)
+        self._chunks.clear()
+        self.readable.set()
+
+
+class OstpUdpSession(_Channel, UdpOutboundSession):
+    """A UDP association through the tunnel (relay UdpAssociate/UdpData on one stream id)."""
+
+    QUEUE_LIMIT = 256
+
+    def __init__(self, session: _Session, stream_id: int) -> None:
+        super().__init__(session, stream_id)
+        self._queue: deque[tuple[Address, bytes]] = deque()
+        self._ended = False
+
+    def on_message(self, message: object) -> None:
+        if isinstance(message, UdpData):
+            if len(self._queue) >= self.QUEUE_LIMIT:
+                return  # UDP: drop rather than grow
+            try:
+                source = Address.parse(message.address)
+            except ValueError:
+                return
+            self._queue.append((source, message.data))
+            self.readable.set()
+        elif isinstance(message, ConnectOk):
+            self.connected.set()
+        elif isinstance(message, (Close, Error)):
+            self.reset("association closed by the server")
+
+    def reset(self, reason: str) -> None:
+        self._ended = True
+        self.connected.set()
+        self.readable.set()
+        self.session.unbind(self.stream_id)
+
+    async def send_to(self, target: Address, data: bytes) -> None:
+        if self._ended or self.closed:
+            raise GeneralFailure("UDP association is closed")
+        self.session.send_message(self.stream_id, UdpData(str(target), data))
+
+    async def receive(self) -> tuple[Address, bytes]:
+        while not self._queue:
+            if self._ended or self.closed:
+                raise anyio.EndOfStream
+            self.readable = anyio.Event()
+            await self.readable.wait()
+        return self._queue.popleft()
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not self._ended:
+            self.session.send_message(self.stream_id, Close())
+        self.reset("closed")
+
+
+class _Session:
+    """One OSTP session: one UDP socket, one ClientConnection, one driving task."""
+
+    def __init__(self, outbound: OstpOutbound, index: int) -> None:
+        self.outbound = outbound
+        self.index = index
+        self.state = SessionState.IDLE
+        self.conn: ClientConnection | None = None
+        self.sock: socket.socket | None = None
+        self.channels: dict[int, _Channel] = {}
+        self.buffered = 0
+        self.connected_at: float | None = None
+        self.reconnects = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.last_error: str | None = None
+        self.session_id: int | None = None
+        self._sleep: anyio.CancelScope | None = None
+        self._sleep_until = math.inf
+        self._writable = anyio.Event()
+        self._readable_again = anyio.Event()
+        self.connected_event = anyio.Event()
+
+    # -- the driving loop ----------------------------------------------------------------------
+
+    async def supervise(self, task_status: TaskStatus[None]) -> None:
+        task_status.started()
+        while True:
+            try:
+                await self._run_once()
+            except OSError as exc:
+                self.last_error = f"socket error: {exc.strerror or exc}"
+                logger.warning("%s session %d: %s", self.outbound.tag, self.index, self.last_error)
+            self._teardown(self.last_error or "session ended")
+            logger.info(
+                "%s session %d: reconnecting in %.0f s",
+                self.outbound.tag,
+                self.index,
+                self.outbound.reconnect_delay,
+            )
+            await anyio.sleep(self.outbound.reconnect_delay)
+            self.reconnects += 1
+
+    async def _run_once(self) -> None:
+        self._set_state(SessionState.CONNECTING)
+        host, port = self.outbound.server
+        infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        if not infos:
+            raise OSError(errno.EHOSTUNREACH, f"cannot resolve {host}")
+        family, _, _, _, sockaddr = infos[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock = sock
+        sock.setblocking(False)
+        for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # *BUFFORCE
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        sock.connect(sockaddr)
+        conn = ClientConnection(
+            access_key=self.outbound.access_key, config=self.outbound.connection_config
+        )
+        self.conn = conn
+        conn.connect(time.monotonic(), time.time())
+        self.flush()
+        while True:
+            now = time.monotonic()
+            if self.buffered < STREAM_RECEIVE_LIMIT:
+                self._read_all(sock, conn, now)
+            timer = conn.get_timer()
+            if timer is not None and timer <= now:
+                conn.handle_timer(now)
+            if not self._handle_events(conn):
+                return
+            self.flush()
+            await self._wait(sock, conn)
+
+    def _read_all(self, sock: socket.socket, conn: ClientConnection, now: float) -> None:
+        receive = conn.receive_datagram
+        recv = sock.recv
+        for _ in range(1024):  # bounded, so timers and events still get their turn
+            try:
+                data = recv(RECV_SIZE)
+            except BlockingIOError:
+                return
+            except ConnectionRefusedError:
+                continue  # ICMP port unreachable: the server may come back; timers decide
+            self.bytes_down += len(data)
+            receive(data, now)
+
+    async def _wait(self, sock: socket.socket, conn: ClientConnection) -> None:
+        timer = conn.get_timer()
+        now = time.monotonic()
+        delay = 1.0 if timer is None else max(timer - now, 0.0)
+        if delay <= 0:
+            await anyio.lowlevel.checkpoint()
+            return
+        self._sleep_until = now + delay
+        with anyio.CancelScope(deadline=anyio.current_time() + delay) as scope:
+            self._sleep = scope
+            if self.buffered < STREAM_RECEIVE_LIMIT:
+                await anyio.wait_readable(sock)
+            else:
+                self._readable_again = anyio.Event()
+                await self._readable_again.wait()
+        self._sleep = None
+        self._sleep_until = math.inf
+
+    def _wake_if_needed(self) -> None:
+        conn = self.conn
+        if self._sleep is None or conn is None:
+            return
+        timer = conn.get_timer()
+        if timer is not None and timer < self._sleep_until:
+            self._sleep.cancel()
+
+    def _handle_events(self, conn: ClientConnection) -> bool:
+        while (event := conn.next_event()) is not None:
+            if isinstance(event, RelayMessageReceived):
+                channel = self.channels.get(event.stream_id)
+                if channel is not None:
+                    channel.on_message(event.message)
+                elif isinstance(event.message, Data) and event.stream_id:
+                    # a stream we no longer know: tell the server to stop sending
+                    conn.send(event.stream_id, Close())
+            elif isinstance(event, HandshakeCompleted):
+                self.session_id = event.session_id
+                self.connected_at = time.time()
+                self.last_error = None
+                self._set_state(SessionState.CONNECTED)
+                self.connected_event.set()
+                self.outbound.session_connected()
+            elif isinstance(event, DataLost):
+                logger.warning(
+                    "%s session %d: the server gave up on %d datagrams; resetting its %d streams",
+                    self.outbound.tag,
+                    self.index,
+                    event.count,
+                    len(self.channels),
+                )
+                self._reset_channels("data lost in the tunnel; stream reset")
+            elif isinstance(event, ConnectionTerminated):
+                self.last_error = event.reason
+                logger.info("%s session %d: %s", self.outbound.tag, self.index, event.reason)
+                return False
+        if conn.writable and not self._writable.is_set():
+            self._writable.set()
+        return True
+
+    def flush(self) -> None:
+        conn, sock = self.conn, self.sock
+        if conn is None or sock is None:
+            return
+        send = sock.send
+        for datagram in conn.datagrams_to_send(time.monotonic()):
+            try:
+                send(datagram)
+            except (BlockingIOError, ConnectionRefusedError):
+                pass  # dropped like on the wire; the ARQ re-sends what matters
+            except OSError as exc:
+                logger.debug("%s session %d: send failed: %s", self.outbound.tag, self.index, exc)
+            self.bytes_up += len(datagram)
+
+    def _teardown(self, reason: str) -> None:
+        self._set_state(SessionState.IDLE)
+        self.connected_event = anyio.Event()
+        self._reset_channels(f"tunnel session ended: {reason}")
+        if self.conn is not None and self.conn.established:
+            self.conn.close(time.monotonic())
+            self.flush()
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = None
+        self.conn = None
+        self.buffered = 0
+        self._writable.set()
+
+    def _reset_channels(self, reason: str) -> None:
+        for channel in list(self.channels.values()):
+            channel.reset(reason)
+        self.channels.clear()
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            logger.info("%s session %d: %s -> %s", self.outbound.tag, self.index, self.state, state)
+            self.state = state
+            self.outbound.state_changed()
+
+    # -- used by streams -------------------------------------------------------------------
+
+    def bind(self, stream_id: int, channel: _Channel) -> None:
+        self.channels[stream_id] = channel
+
+    def unbind(self, stream_id: int) -> None:
+        self.channels.pop(stream_id, None)
+        self.outbound.release_stream_id(stream_id)
+
+    def consumed(self, n: int) -> None:
+        before = self.buffered
+        self.buffered -= n
+        if before >= STREAM_RECEIVE_LIMIT > self.buffered:
+            self._readable_again.set()
+
+    def send_message(self, stream_id: int, message: Any) -> None:
+        conn = self.conn
+        if conn is None or not conn.established:
+            return
+        conn.send(stream_id, message)
+        self.flush()
+        self._wake_if_needed()
+
+    async def send_data(self, stream_id: int, data: bytes) -> None:
+        conn = self.conn
+        while conn is not None and not conn.writable:
+            self._writable = anyio.Event()
+            await self._writable.wait()
+            conn = self.conn
+        if conn is None or not conn.established or stream_id not in self.channels:
+            raise anyio.BrokenResourceError("tunnel session ended")
+        conn.send_data(stream_id, data)
+        self.flush()
+        self._wake_if_needed()
+
+    def status(self) -> dict[str, Any]:
+        conn = self.conn
+        rtt = None
+        if conn is not None and conn.established:
+            rtt = conn.ping_rtt if conn.ping_rtt is not None else conn.handshake_rtt
+        return {
+            "index": self.index,
+            "state": self.state,
+            "session_id": self.session_id if self.state == SessionState.CONNECTED else None,
+            "rtt_ms": round(rtt * 1000, 2) if rtt is not None else None,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "connected_since": self.connected_at if self.state == SessionState.CONNECTED else None,
+            "reconnects": self.reconnects,
+            "streams": len(self.channels),
+            "last_error": self.last_error,
+        }
+
+
+class OstpOutbound(Outbound):
+    """A pool of `mux.sessions` OSTP sessions to one server; streams spread over live ones."""
+
+    type = "ostp"
+
+    def __init__(
+        self,
+        tag: str,
+        *,
+        server: tuple[str, int],
+        access_key: str,
+        sessions: int = 1,
+        mtu: int = 1350,
+        keepalive_interval: float = 5.0,
+        connect_timeout: float = 5.0,
+        idle_timeout: float = 25.0,
+        reconnect_delay: float = RECONNECT_DELAY,
+    ) -> None:
+        super().__init__(tag)
+        self.server = server
+        self.access_key = access_key
+        self.connect_timeout = connect_timeout
+        self.reconnect_delay = reconnect_delay
+        # Data datagrams up to the configured MTU minus IP/UDP headers; upstream's client
+        # padding profile (spec §6.1), keepalives every `keepalive_interval` (spec §10.2).
+        self.connection_config = replace(
+            ConnectionConfig(),
+            max_datagram_size=max(mtu - 48, 500),
+            padding=PaddingPolicy.upstream_client(mtu),
+            keepalive_interval=keepalive_interval,
+            idle_timeout=idle_timeout,
+        )
+        self.sessions = [_Session(self, i) for i in range(sessions)]
+        self._next_stream = 1
+        self._active_ids: set[int] = set()
+        self._any_connected = anyio.Event()
+        self.state = SessionState.IDLE
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            for session in self.sessions:
+                await tg.start(session.supervise)
+            task_status.started()
+
+    async def reconnect(self) -> None:
+        """Drop every session; each is re-established at once (control socket action)."""
+        for session in self.sessions:
+            if session.conn is not None:
+                session.conn.close(time.monotonic())
+                session.flush()
+                if session._sleep is not None:
+                    session._sleep.cancel()
+
+    def state_changed(self) -> None:
+        states = {s.state for s in self.sessions}
+        if SessionState.CONNECTED in states:
+            new = SessionState.CONNECTED
+        elif SessionState.CONNECTING in states:
+            new = SessionState.CONNECTING
+        else:
+            new = SessionState.IDLE
+        if new != self.state:
+            logger.info("outbound %s: %s", self.tag, new)
+            self.state = new
+        if new != SessionState.CONNECTED and self._any_connected.is_set():
+            self._any_connected = anyio.Event()
+
+    def session_connected(self) -> None:
+        self._any_connected.set()
+
+    # -- streams -----------------------------------------------------------------------------
+
+    def _allocate_stream_id(self) -> int:
+        # spec §10.3: a u16 counter skipping 0 and ids still in use
+        for _ in range(65536):
+            sid = self._next_stream
+            self._next_stream = sid % 0xFFFF + 1
+            if sid not in self._active_ids:
+                self._active_ids.add(sid)
+                return sid
+        raise GeneralFailure("no free stream id (65535 streams open)")
+
+    def release_stream_id(self, stream_id: int) -> None:
+        self._active_ids.discard(stream_id)
+
+    async def _pick_session(self) -> _Session:
+        live = [s for s in self.sessions if s.state == SessionState.CONNECTED]
+        if not live:
+            with anyio.move_on_after(self.connect_timeout):
+                await self._any_connected.wait()
+            live = [s for s in self.sessions if s.state == SessionState.CONNECTED]
+            if not live:
+                raise GeneralFailure(f"tunnel {self.tag} is not connected")
+        return min(live, key=lambda s: (len(s.channels), random.random()))
+
+    async def connect_tcp(self, target: Address, ctx: ConnContext) -> anyio.abc.ByteStream:
+        session = await self._pick_session()
+        stream = OstpStream(session, self._allocate_stream_id(), ctx)
+        session.bind(stream.stream_id, stream)
+        session.send_message(stream.stream_id, Connect(str(target)))
+        with anyio.move_on_after(self.connect_timeout):
+            await stream.connected.wait()
+        if not stream.connected.is_set():
+            # Not Close: upstream's client sends nothing for a failed connect (spec §10.4),
+            # but the stream id must not receive late data into a new connection.
+            await stream.aclose()
+            raise ConnectTimeout(f"{target}: no answer from the server in {self.connect_timeout} s")
+        if stream.error is not None:
+            session.unbind(stream.stream_id)
+            raise stream.error
+        return stream
+
+    async def open_udp(self, ctx: ConnContext) -> UdpOutboundSession:
+        session = await self._pick_session()
+        udp = OstpUdpSession(session, self._allocate_stream_id())
+        session.bind(udp.stream_id, udp)
+        session.send_message(udp.stream_id, UdpAssociate())
+        with anyio.move_on_after(self.connect_timeout):
+            await udp.connected.wait()  # upstream's client does not wait (spec §10.4)
+        return udp
+
+    def status(self) -> dict[str, Any]:
+        sessions = [s.status() for s in self.sessions]
+        rtts = [s["rtt_ms"] for s in sessions if s["rtt_ms"] is not None]
+        return {
+            "tag": self.tag,
+            "type": self.type,
+            "state": self.state,
+            "server": f"{self.server[0]}:{self.server[1]}",
+            "rtt_ms": min(rtts) if rtts else None,
+            "bytes_up": sum(s["bytes_up"] for s in sessions),
+            "bytes_down": sum(s["bytes_down"] for s in sessions),
+            "reconnects": sum(s["reconnects"] for s in sessions),
+            "streams": len(self._active_ids),
+            "sessions": sessions,
+        }
+
+
+def _factory(cfg: OstpOutboundConfig, ctx: OutboundContext) -> Outbound:
+    mux = ctx.config.mux_for(cfg)
+    return OstpOutbound(
+        cfg.tag,
+        server=cfg.server_address,
+        access_key=cfg.access_key.get_secret_value(),
+        sessions=mux.sessions if mux.enabled else 1,
+        mtu=cfg.mtu,
+        keepalive_interval=cfg.keepalive_interval,
+        connect_timeout=cfg.connect_timeout,
+        idle_timeout=cfg.idle_timeout,
+        reconnect_delay=cfg.reconnect_delay,
+    )
+
+
+register_outbound("ostp", _factory)
