@@ -127,3 +127,14 @@ def test_lossy_download_completes(seed: int, loss: float, mss: int) -> None:
             stack.handle_timer(k.now)
     assert bytes(k.received) == data
     assert stack.tcp_state(conn) == "FIN-WAIT-2"
+
+
+@SETTINGS
+@given(st.one_of(st.binary(max_size=120), st.sampled_from(VALID)), st.integers(0, 120))
+def test_every_packet_is_counted_or_handled(packet: bytes, cut: int) -> None:
+    stack = NetStack()
+    data = packet[: len(packet) - cut] if cut < len(packet) else packet
+    stack.receive_packet(data, 0.0)
+    drops = sum(stack.stats.drops().values())
+    events = drain(stack)
+    assert drops + len(events) == 1, (drops, events)  # exactly one outcome per packet

@@ -552,3 +552,26 @@ def test_fin_wait_2_is_bounded() -> None:
     events = drain(stack)
     assert events[-1] == TcpConnectionReset(conn, "FIN-WAIT-2 timeout")
     assert read_tcp(stack.packets_to_send(15.0)[-1]).flags & RST
+
+
+def test_small_window_with_nothing_in_flight_still_sends() -> None:
+    k, conn = connect(mss=1000, wscale=None)
+    stack = k.stack
+    stack.tcp_send(conn, bytes(600))
+    k.take(k.flush())
+    k.ack(window=300)  # everything acknowledged, but the window became small
+    stack.tcp_send(conn, bytes(2000))
+    segs = k.flush()
+    assert [len(s.payload) for s in segs] == [300]  # no deadlock waiting for a bigger window
+
+
+def test_pending_limit() -> None:
+    stack = NetStack(NetStackConfig(tcp_max_pending=1))
+    Kernel(stack, sport=1).syn()
+    Kernel(stack, sport=2).syn()
+    [req] = drain(stack)
+    assert isinstance(req, TcpConnectionRequested)
+    assert stack.stats.tcp_connection_limit_drop == 1
+    stack.tcp_accept(req.conn_id)
+    Kernel(stack, sport=3).syn()  # accepting freed the pending slot
+    assert len(drain(stack)) == 1

@@ -273,8 +273,15 @@ class TcpConnection:
             size = min(mss, end - nxt, limit - nxt)
             if size <= 0:
                 break
-            if size < mss and size < end - nxt and size * 2 < self.max_snd_wnd:
-                break  # sender-side silly window avoidance (RFC 9293 §3.8.6.2.1)
+            if (
+                size < mss
+                and size < end - nxt
+                and size * 2 < self.max_snd_wnd
+                and self.snd_max > self.snd_una
+            ):
+                # Sender-side silly window avoidance (RFC 9293 §3.8.6.2.1): wait for a bigger
+                # window while an ACK is still due; with nothing in flight, send (override).
+                break
             flags = PSH if nxt + size == end else 0
             if flags and self.fin_queued:
                 flags |= FIN
