@@ -119,3 +119,12 @@ def test_icmp_echo_answered_only_when_enabled(src: str, dst: str, v6: bool) -> N
     assert isinstance(icmp, dpkt.icmp.ICMP | dpkt.icmp6.ICMP6)
     assert icmp.type == (129 if v6 else 0)
     assert reply.endswith(b"ping!")
+
+
+def test_packets_in_reused_buffers_are_copied() -> None:
+    stack = NetStack()
+    buf = bytearray(udp_packet("10.0.0.2", "8.8.8.8", 1, 2, b"first"))
+    stack.receive_packet(memoryview(buf), 0.0)
+    buf[:] = bytes(len(buf))  # the shell reuses its receive buffer
+    event = stack.next_event()
+    assert isinstance(event, UdpDatagramReceived) and event.data == b"first"

@@ -94,7 +94,9 @@ class NetStack:
 
     # -- input ------------------------------------------------------------------------------
 
-    def receive_packet(self, packet: bytes, now: float, checksum_verified: bool = False) -> None:
+    def receive_packet(
+        self, packet: bytes | bytearray | memoryview, now: float, checksum_verified: bool = False
+    ) -> None:
         """Feed one IP packet written by the kernel into the TUN device.
 
         Never raises on bad input: unusable packets are dropped and counted in :attr:`stats`.
@@ -102,6 +104,8 @@ class NetStack:
         """
         self.stats.packets_received += 1
         self._now = now
+        if type(packet) is not bytes:
+            packet = bytes(packet)  # a reused receive buffer must not change under us
         parsed = parse_packet(packet, checksum_verified)
         if type(parsed) is TcpSegment:
             self._on_tcp(parsed, now)
