@@ -43,11 +43,11 @@ def sum16(buf: bytes | bytearray | memoryview) -> int:
 
 
 def finish(residue: int) -> int:
-    """Checksum field for a sum residue: the complement of the folded sum.
+    """Checksum field for a sum residue: the ones' complement of the folded sum.
 
-    A residue of 0 stands for a sum of 0xFFFF (a real sum is never zero here: every pseudo
-    header holds a non-zero protocol), so the field becomes 0 ... except that UDP reserves 0, so
-    0xFFFF (the other zero) is returned; it is valid for every protocol (RFC 768, RFC 1624).
+    A residue of 0 means a sum of 0xFFFF (a real sum is never zero here: every pseudo header
+    holds a non-zero protocol), whose complement 0 is written as 0xFFFF, the other zero: valid
+    for every protocol and required for UDP, where 0 means "no checksum" (RFC 768).
     """
     return 0xFFFF - (residue % 0xFFFF)
 
