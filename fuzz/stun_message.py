@@ -22,7 +22,7 @@ from ostp_client.nat.stun import (
 )
 
 _SERVER = ("127.0.0.1", 3478)
-_CONFIG = NatConfig(turn=TurnConfig(server=_SERVER, username="u", password="p"))  # noqa: S106 (dummy)
+_CONFIG = NatConfig(turn=TurnConfig(server=_SERVER, username="u", password="p"))
 
 
 def test_one_input(data: bytes) -> None:

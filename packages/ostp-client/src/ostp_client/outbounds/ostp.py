@@ -38,6 +38,7 @@ from ostp_client.outbounds.base import (
     OutboundError,
     UdpOutboundSession,
 )
+from ostp_client.udp import BatchSocket
 from ostp_proto import (
     ClientConnection,
     Close,
@@ -252,6 +253,7 @@ class _Session:
         self.state = SessionState.IDLE
         self.conn: ClientConnection | None = None
         self.sock: socket.socket | None = None
+        self.batch: BatchSocket | None = None
         self.channels: dict[int, _Channel] = {}
         self.buffered = 0
         self.connected_at: float | None = None
@@ -302,6 +304,7 @@ class _Session:
             except OSError:
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
         sock.connect(sockaddr)
+        self.batch = BatchSocket(sock, gso=self.outbound.batching, gro=self.outbound.batching)
         conn = ClientConnection(
             access_key=self.outbound.access_key, config=self.outbound.connection_config
         )
@@ -321,15 +324,12 @@ class _Session:
             await self._wait(sock, conn)
 
     def _read_all(self, sock: socket.socket, conn: ClientConnection, now: float) -> None:
+        # Bounded per round so timers and events still get their turn. ICMP errors (the
+        # server's port closed) are ignored: the server may come back; the timers decide.
         receive = conn.receive_datagram
-        recv = sock.recv
-        for _ in range(1024):  # bounded, so timers and events still get their turn
-            try:
-                data = recv(RECV_SIZE)
-            except BlockingIOError:
-                return
-            except ConnectionRefusedError:
-                continue  # ICMP port unreachable: the server may come back; timers decide
+        batch = self.batch
+        assert batch is not None
+        for data in batch.recv_batch(256):
             self.bytes_down += len(data)
             receive(data, now)
 
@@ -393,18 +393,13 @@ class _Session:
         return True
 
     def flush(self) -> None:
-        conn, sock = self.conn, self.sock
-        if conn is None or sock is None:
+        conn, batch = self.conn, self.batch
+        if conn is None or batch is None:
             return
-        send = sock.send
-        for datagram in conn.datagrams_to_send(time.monotonic()):
-            try:
-                send(datagram)
-            except (BlockingIOError, ConnectionRefusedError):
-                pass  # dropped like on the wire; the ARQ re-sends what matters
-            except OSError as exc:
-                logger.debug("%s session %d: send failed: %s", self.outbound.tag, self.index, exc)
-            self.bytes_up += len(datagram)
+        datagrams = conn.datagrams_to_send(time.monotonic())
+        if datagrams:
+            # Kernel drops count as loss on the wire; the ARQ re-sends what matters.
+            self.bytes_up += batch.send_batch(datagrams)
 
     def _teardown(self, reason: str) -> None:
         self._set_state(SessionState.IDLE)
@@ -416,6 +411,7 @@ class _Session:
         if self.sock is not None:
             self.sock.close()
         self.sock = None
+        self.batch = None
         self.conn = None
         self.buffered = 0
         self._writable.set()
@@ -502,8 +498,10 @@ class OstpOutbound(Outbound):
         connect_timeout: float = 5.0,
         idle_timeout: float = 25.0,
         reconnect_delay: float = RECONNECT_DELAY,
+        batching: bool = True,
     ) -> None:
         super().__init__(tag)
+        self.batching = batching
         self.server = server
         self.access_key = access_key
         self.connect_timeout = connect_timeout
