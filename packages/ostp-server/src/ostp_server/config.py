@@ -1,0 +1,206 @@
+"""The server's configuration file (JSON), its own format and upstream's server.json.
+
+Upstream's keys (spec §10.10: ``"mode": "server"``, ``"listen"`` as a string or a list,
+``"access_keys"`` as strings or ``{access_key, name?, limit_bytes?}``) are accepted unchanged;
+keys this server does not implement (``reality``, ``outbound``, ``api``, ...) are ignored and
+reported by :meth:`ServerConfig.ignored_keys` so the CLI can warn about them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+__all__ = [
+    "ConfigError",
+    "ServerConfig",
+    "User",
+    "format_host_port",
+    "load_config",
+    "parse_config_text",
+    "parse_host_port",
+]
+
+DEFAULT_PORT = 50000  # upstream's default listen port (server.json template)
+
+
+class ConfigError(ValueError):
+    """The configuration file is unreadable or invalid; the message says where and why."""
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split ``host:port`` or ``[v6]:port`` (spec §8 address text); raise ValueError."""
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1 :].startswith(":"):
+            raise ValueError(f"{text!r}: expected [IPv6]:port")
+        host, port_text = text[1:end], text[end + 2 :]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"{text!r}: expected host:port (IPv6 in brackets)")
+    if not host:
+        raise ValueError(f"{text!r}: the host is missing")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def format_host_port(host: str, port: int) -> str:
+    """``host:port`` with IPv6 literals in brackets."""
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            return f"[{host}]:{port}"
+    except ValueError:
+        pass
+    return f"{host}:{port}"
+
+
+class User(BaseModel):
+    """One access key with a name for logs and counters (the key itself is never logged)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    key: SecretStr = Field(validation_alias=AliasChoices("key", "access_key"))
+    name: str | None = None
+    limit_bytes: int | None = None
+    """Accepted for upstream compatibility; not enforced by this server."""
+
+    @field_validator("key")
+    @classmethod
+    def _non_empty(cls, v: SecretStr) -> SecretStr:
+        raw = v.get_secret_value()
+        if not raw:
+            raise ValueError("the access key must not be empty")
+        if len(raw.encode()) > 964:
+            raise ValueError("the access key must be at most 964 bytes (spec §3)")
+        return v
+
+
+class ServerConfig(BaseModel):
+    """Everything ``ostp-server run`` reads from its JSON file."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    mode: Literal["server"] = "server"
+    listen: list[str] = Field(default_factory=lambda: [f"0.0.0.0:{DEFAULT_PORT}"])
+    """UDP addresses to listen on (``host:port``, IPv6 in brackets); one string or a list."""
+    access_keys: list[User] = Field(min_length=1)
+    """Access keys: plain strings or ``{"name": ..., "key": ...}`` objects."""
+    max_sessions: int = Field(default=1024, ge=1)
+    """Handshakes beyond this many live sessions are dropped silently (spec §9.2)."""
+    idle_timeout: float = Field(default=600.0, gt=0)
+    """Seconds without an authenticated datagram after which a session is dropped (spec §9.3)."""
+    connect_timeout: float = Field(default=10.0, gt=0)
+    """Seconds for resolving and connecting a Connect target (spec §9.5)."""
+    max_streams: int = Field(default=1024, ge=1)
+    """Open TCP streams and UDP associations per session (each holds a file descriptor)."""
+    udp_idle_timeout: float = Field(default=120.0, gt=0)
+    """Seconds after which a UDP association without traffic is closed."""
+    max_datagram_size: int = Field(default=1400, ge=256, le=65000)
+    """Size of the data datagrams the server builds (upstream sends about 4.2 KB)."""
+    remote_buffer: int = Field(default=4 << 20, ge=65536)
+    """Bytes of client data per session waiting for slow remotes before the session's
+    datagrams are dropped (the client's ARQ resends them: backpressure by loss)."""
+    stall_timeout: float = Field(default=15.0, gt=0)
+    """A stream whose remote accepts nothing for this long while data waits is reset."""
+    socket_buffer: int = Field(default=32 << 20, ge=65536)
+    """SO_RCVBUF/SO_SNDBUF asked for on the listen sockets (upstream: 32 MiB)."""
+    log_level: str = "info"
+    debug: bool = False
+    """Upstream's switch; same as ``"log_level": "debug"``."""
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _listen_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_valid(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one listen address is needed")
+        for item in v:
+            host, _port = parse_host_port(item)
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"{item!r}: listen on an IP address, not a name") from None
+        return v
+
+    @field_validator("access_keys", mode="before")
+    @classmethod
+    def _keys(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"key": k} if isinstance(k, str) else k for k in v]
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        level = v.lower()
+        if level not in ("debug", "info", "warning", "error"):
+            raise ValueError("log_level must be debug, info, warning or error")
+        return level
+
+    @property
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        return [parse_host_port(item) for item in self.listen]
+
+    def key_strings(self) -> list[str]:
+        return [u.key.get_secret_value() for u in self.access_keys]
+
+    def key_labels(self) -> list[str]:
+        """A log-safe label per key: the user's name, else ``key#N``."""
+        return [u.name or f"key#{i}" for i, u in enumerate(self.access_keys)]
+
+    def ignored_keys(self) -> list[str]:
+        """Top-level keys present in the file that this server does not use."""
+        return sorted((self.model_extra or {}).keys())
+
+    @property
+    def effective_log_level(self) -> str:
+        return "debug" if self.debug else self.log_level
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def parse_config_text(text: str) -> ServerConfig:
+    """Parse the JSON text of a config file; raise :class:`ConfigError` with clear messages."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("the config file must hold a JSON object")
+    try:
+        return ServerConfig.model_validate(raw)
+    except ValidationError as e:
+        issues = "; ".join(f"{_location(err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(issues) from None
+
+
+def load_config(path: str | Path) -> ServerConfig:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    return parse_config_text(text)

@@ -1,0 +1,520 @@
+"""The UDP side of the server: listen sockets, the session table, timers (spec §9).
+
+One task per listen socket reads every datagram that is ready (no task per datagram), feeds it
+to its session or to the acceptor, then lets each touched session act on its events and flush.
+One timer task sleeps until the earliest deadline of any session. Replies leave from the socket
+the client's datagram came in on. Nothing unauthenticated ever gets an answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import heapq
+import logging
+import socket
+import struct
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from ostp_proto import SERVER_DEFAULTS, ServerAcceptor, ServerConnection
+
+from .config import ServerConfig, format_host_port
+from .session import Session
+
+log = logging.getLogger("ostp_server")
+
+ROAM_BUCKET_CAPACITY = 50.0  # spec §9.2 step 3: token bucket, capacity 50
+ROAM_BUCKET_RATE = 50.0  # refilled 50 per second
+RECV_BATCH = 512  # datagrams read per wake-up before others get a turn
+RECV_SIZE = 65535
+HOUSEKEEPING_INTERVAL = 1.0
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+UDP_GRO = 104  # Linux <netinet/udp.h>; see PERFORMANCE.md
+UDP_SEGMENT = 103
+GSO_MAX_SEGMENTS = 64
+
+
+@dataclass(slots=True)
+class KeyStats:
+    """Counters per access key (spec §9.4); the label never contains the key."""
+
+    label: str
+    bytes_up: int = 0
+    """Bytes of datagrams routed to this key's sessions."""
+    bytes_down: int = 0
+    """Bytes of datagrams sent to this key's sessions (all of them, ACKs included)."""
+    sessions: int = 0
+    """Handshakes accepted."""
+    active: int = 0
+
+
+@dataclass(slots=True)
+class ServerStats:
+    datagrams_received: int = 0
+    datagrams_sent: int = 0
+    send_drop: int = 0
+    """Datagrams the kernel refused (full socket buffer); the ARQ resends them."""
+    unauthenticated_drop: int = 0
+    """Datagrams that matched no session and were no valid handshake: never answered."""
+    session_cap_drop: int = 0
+    backpressure_drop: int = 0
+    roam_scan_skipped: int = 0
+    """Roaming scans skipped because the token bucket was empty."""
+    roam_rebinds: int = 0
+    sessions_started: int = 0
+    sessions_ended: int = 0
+
+
+@dataclass(slots=True)
+class Listener:
+    sock: socket.socket
+    address: tuple[str, int]
+    gro: bool = False
+    gso: bool = False
+
+
+def _set_buffer(sock: socket.socket, size: int) -> None:
+    for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)  # root only
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)  # capped at rmem_max/wmem_max
+
+
+def open_listener(host: str, port: int, buffer_size: int, *, offload: bool) -> Listener:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+        _set_buffer(sock, buffer_size)
+        gro = gso = False
+        if offload and sys.platform == "linux":
+            try:
+                sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+                gro = True
+            except OSError:
+                pass
+            gso = True  # probed on first use; turned off if the kernel refuses
+    except BaseException:
+        sock.close()
+        raise
+    bound = sock.getsockname()
+    return Listener(sock, (str(bound[0]), int(bound[1])), gro, gso)
+
+
+class OstpServer:
+    """An OSTP server bound to its listen sockets; :meth:`run` serves until cancelled.
+
+    Use :func:`serve` or :func:`running_server` rather than driving this directly.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        unix_clock: Callable[[], float] = time.time,
+        offload: bool = True,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.unix_clock = unix_clock
+        self.offload = offload
+        self.conn_config = dataclasses.replace(
+            SERVER_DEFAULTS,
+            idle_timeout=config.idle_timeout,
+            max_datagram_size=config.max_datagram_size,
+        )
+        self.acceptor = ServerAcceptor(config.key_strings(), config=self.conn_config)
+        self.key_stats = [KeyStats(label) for label in config.key_labels()]
+        self.stats = ServerStats()
+        self.listeners: list[Listener] = []
+        self.sessions: dict[int, Session] = {}
+        self._by_addr: dict[tuple[object, ...], Session] = {}
+        self._heap: list[tuple[float, int, Session]] = []
+        self._seq = 0
+        self._sleep_until = float("inf")
+        self._timer_wake: anyio.Event | None = None
+        self._tokens = ROAM_BUCKET_CAPACITY
+        self._tokens_at = clock()
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The bound (host, port) of every listen socket, in config order."""
+        return [listener.address for listener in self.listeners]
+
+    def spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(fn)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        for host, port in self.config.listen_addresses:
+            try:
+                listener = open_listener(
+                    host, port, self.config.socket_buffer, offload=self.offload
+                )
+            except OSError as e:
+                self.close_sockets()
+                raise OSError(
+                    e.errno, f"cannot listen on {format_host_port(host, port)}: {e.strerror}"
+                ) from None
+            self.listeners.append(listener)
+
+    def close_sockets(self) -> None:
+        for listener in self.listeners:
+            listener.sock.close()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[OstpServer] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind, report readiness with ``self``, and serve until cancelled."""
+        if not self.listeners:
+            self.bind()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for listener in self.listeners:
+                    tg.start_soon(self._read_loop, listener)
+                tg.start_soon(self._timer_loop)
+                tg.start_soon(self._housekeeping_loop)
+                for listener in self.listeners:
+                    log.info("listening on udp %s", format_host_port(*listener.address))
+                task_status.started(self)
+        finally:
+            for session in list(self.sessions.values()):  # no await: cancellation-safe
+                session.conn.close(self.clock())
+                self.flush(session)
+                self._end_session(session, "server shutting down")
+            self.close_sockets()
+            self._tg = None
+
+    # -- receive path ----------------------------------------------------------------------
+
+    def _receive(self, listener: Listener) -> Iterator[tuple[bytes, tuple[object, ...]]]:
+        sock = listener.sock
+        if listener.gro:
+            for _ in range(RECV_BATCH):
+                try:
+                    data, ancdata, _flags, addr = sock.recvmsg(RECV_SIZE, 64)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    continue
+                seg = 0
+                for level, kind, value in ancdata:
+                    if level == socket.SOL_UDP and kind == UDP_GRO:
+                        seg = int.from_bytes(value[:4], sys.byteorder)
+                if seg and len(data) > seg:
+                    view = memoryview(data)
+                    for start in range(0, len(data), seg):
+                        yield bytes(view[start : start + seg]), addr
+                else:
+                    yield data, addr
+        else:
+            for _ in range(RECV_BATCH):
+                try:
+                    data, addr = sock.recvfrom(RECV_SIZE)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    continue
+                yield data, addr
+
+    async def _read_loop(self, listener: Listener) -> None:
+        while True:
+            await anyio.wait_readable(listener.sock)
+            now = self.clock()
+            unix = self.unix_clock()
+            touched: dict[Session, None] = {}
+            for data, addr in self._receive(listener):
+                self._dispatch(data, addr, listener, now, unix, touched)
+            for session in touched:
+                self._process(session)
+
+    def _dispatch(
+        self,
+        data: bytes,
+        addr: tuple[object, ...],
+        listener: Listener,
+        now: float,
+        unix: float,
+        touched: dict[Session, None],
+    ) -> None:
+        self.stats.datagrams_received += 1
+        session = self._by_addr.get(addr)
+        if session is not None:
+            conn = session.conn
+            stats = conn.stats
+            if session.remote_pending > self.config.remote_buffer:
+                session.stats.backpressure_drop += 1
+                self.stats.backpressure_drop += 1
+                return
+            before = stats.datagram_session_drop
+            conn.receive_datagram(data, now)
+            if stats.datagram_session_drop == before:  # the header was this session's
+                session.listener = listener
+                session.key_stats.bytes_up += len(data)
+                touched[session] = None
+                return
+        if self.sessions and self._roam(data, addr, listener, now, touched):
+            return
+        fresh = self.acceptor.accept(data, now, unix)
+        if fresh is None:
+            self.stats.unauthenticated_drop += 1
+            return
+        self._start_session(fresh, addr, listener, now, touched)
+
+    def _take_token(self, now: float) -> bool:
+        tokens = min(
+            ROAM_BUCKET_CAPACITY, self._tokens + (now - self._tokens_at) * ROAM_BUCKET_RATE
+        )
+        self._tokens_at = now
+        if tokens < 1.0:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1.0
+        return True
+
+    def _roam(
+        self,
+        data: bytes,
+        addr: tuple[object, ...],
+        listener: Listener,
+        now: float,
+        touched: dict[Session, None],
+    ) -> bool:
+        """Spec §9.2 step 3, but re-binding only once the datagram authenticated."""
+        if len(data) < 12:
+            return False
+        if not self._take_token(now):
+            self.stats.roam_scan_skipped += 1
+            return False
+        for session in self.sessions.values():
+            if session.addr == addr or not session.conn.matches(data):
+                continue
+            if session.remote_pending > self.config.remote_buffer:
+                self.stats.backpressure_drop += 1
+                return True
+            stats = session.conn.stats
+            before = stats.datagrams_received
+            session.conn.receive_datagram(data, now)
+            if stats.datagrams_received > before:
+                old = session.addr
+                if self._by_addr.get(old) is session:
+                    del self._by_addr[old]
+                replaced = self._by_addr.get(addr)
+                if replaced is not None and replaced is not session:
+                    self._end_session(replaced, "its address was taken over by another session")
+                session.addr = addr
+                session.listener = listener
+                self._by_addr[addr] = session
+                session.key_stats.bytes_up += len(data)
+                self.stats.roam_rebinds += 1
+                log.info("session %s moved from %s to %s", session.name, _addr(old), _addr(addr))
+                touched[session] = None
+            return True
+        return False
+
+    def _start_session(
+        self,
+        conn: ServerConnection,
+        addr: tuple[object, ...],
+        listener: Listener,
+        now: float,
+        touched: dict[Session, None],
+    ) -> None:
+        old = self.sessions.get(conn.session_id)
+        if old is not None:
+            self._end_session(old, "replaced by a new handshake with the same session id")
+        old = self._by_addr.get(addr)
+        if old is not None:
+            self._end_session(old, "replaced by a new handshake from the same address")
+        if len(self.sessions) >= self.config.max_sessions:
+            self.stats.session_cap_drop += 1
+            log.debug("handshake from %s dropped: %d sessions", _addr(addr), len(self.sessions))
+            return
+        ks = self.key_stats[conn.key_index]
+        session = Session(self, conn, addr, listener, ks.label, ks, now)
+        self.sessions[conn.session_id] = session
+        self._by_addr[addr] = session
+        ks.sessions += 1
+        ks.active += 1
+        self.stats.sessions_started += 1
+        log.info("session %s started from %s (%s)", session.name, _addr(addr), ks.label)
+        touched[session] = None
+
+    def _end_session(self, session: Session, reason: str) -> None:
+        if session.closed:
+            return
+        session.end()
+        if self.sessions.get(session.conn.session_id) is session:
+            del self.sessions[session.conn.session_id]
+        if self._by_addr.get(session.addr) is session:
+            del self._by_addr[session.addr]
+        session.key_stats.active -= 1
+        self.stats.sessions_ended += 1
+        s = session.conn.stats
+        log.info(
+            "session %s ended (%s) after %.1f s: %d bytes in, %d bytes out, %d streams",
+            session.name,
+            reason,
+            self.clock() - session.started,
+            s.bytes_received,
+            s.bytes_sent,
+            session.stats.streams_opened,
+        )
+
+    # -- events, output and timers ---------------------------------------------------------
+
+    def _process(self, session: Session) -> None:
+        if session.closed:
+            return
+        reason = session.handle_events()
+        if reason is not None:
+            self.flush(session)
+            self._end_session(session, reason)
+            return
+        self.flush(session)
+
+    def flush(self, session: Session) -> None:
+        """Send what the session's core has ready, then re-arm its timer."""
+        out = session.conn.datagrams_to_send(self.clock())
+        if out:
+            listener = session.listener
+            if listener.gso and len(out) > 1:
+                sent = self._send_gso(listener, out, session.addr)
+            else:
+                sent = self._send_plain(listener.sock, out, session.addr)
+            session.key_stats.bytes_down += sent
+        session.after_flush()
+        if not session.closed:
+            self._schedule(session)
+
+    def _send_plain(self, sock: socket.socket, out: list[bytes], addr: tuple[object, ...]) -> int:
+        sent = 0
+        for d in out:
+            try:
+                sock.sendto(d, addr)
+            except OSError:  # full buffer (EAGAIN) or unreachable: the ARQ recovers
+                self.stats.send_drop += 1
+                continue
+            sent += len(d)
+            self.stats.datagrams_sent += 1
+        return sent
+
+    def _send_gso(self, listener: Listener, out: list[bytes], addr: tuple[object, ...]) -> int:
+        """Runs of equal-sized datagrams go out in one ``sendmsg`` with UDP_SEGMENT."""
+        sock = listener.sock
+        sent = 0
+        i = 0
+        n = len(out)
+        while i < n:
+            size = len(out[i])
+            j = i + 1
+            limit = min(n, i + GSO_MAX_SEGMENTS, i + max(1, 65000 // size))
+            while j < limit and len(out[j]) == size:
+                j += 1
+            if j - i == 1:
+                sent += self._send_plain(sock, out[i:j], addr)
+            else:
+                try:
+                    sock.sendmsg(
+                        out[i:j], [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("H", size))], 0, addr
+                    )
+                except BlockingIOError:
+                    self.stats.send_drop += j - i
+                except OSError:
+                    listener.gso = False  # the kernel refuses GSO: plain sends from now on
+                    sent += self._send_plain(sock, out[i:j], addr)
+                else:
+                    sent += size * (j - i)
+                    self.stats.datagrams_sent += j - i
+            i = j
+        return sent
+
+    def _schedule(self, session: Session) -> None:
+        t = session.conn.get_timer()
+        if t == session.timer:
+            return
+        session.timer = t
+        if t is None:
+            return
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, session))
+        if t < self._sleep_until and self._timer_wake is not None:
+            self._timer_wake.set()
+
+    async def _timer_loop(self) -> None:
+        heap = self._heap
+        while True:
+            now = self.clock()
+            while heap and heap[0][0] <= now:
+                t, _, session = heapq.heappop(heap)
+                if session.closed or session.timer != t:
+                    continue
+                session.timer = None
+                session.conn.handle_timer(now)
+                self._process(session)
+            target = heap[0][0] if heap else now + 60.0
+            self._sleep_until = target
+            self._timer_wake = wake = anyio.Event()
+            with anyio.move_on_after(max(0.0, target - now)):
+                await wake.wait()
+            self._sleep_until = float("inf")
+
+    async def _housekeeping_loop(self) -> None:
+        while True:
+            await anyio.sleep(HOUSEKEEPING_INTERVAL)
+            self.acceptor.purge(self.unix_clock())
+            now = self.clock()
+            for session in list(self.sessions.values()):
+                session.housekeeping(now)
+
+
+def _addr(addr: tuple[object, ...]) -> str:
+    return format_host_port(str(addr[0]), int(str(addr[1])))
+
+
+async def serve(
+    config: ServerConfig,
+    *,
+    task_status: anyio.abc.TaskStatus[OstpServer] = anyio.TASK_STATUS_IGNORED,
+    offload: bool = True,
+) -> None:
+    """Run a server for ``config`` until cancelled; ``task_status.started(server)`` on bind.
+
+    ``server = await tg.start(serve, config)`` gives the :class:`OstpServer`, whose
+    :attr:`~OstpServer.addresses` hold the bound ports (listen on port 0 to get a free one).
+    """
+    server = OstpServer(config, offload=offload)
+    await server.run(task_status=task_status)
+
+
+@asynccontextmanager
+async def running_server(
+    config: ServerConfig, *, offload: bool = True
+) -> AsyncIterator[OstpServer]:
+    """``async with running_server(cfg) as server:`` serves inside the block."""
+    async with anyio.create_task_group() as tg:
+        server: OstpServer = await tg.start(functools.partial(serve, config, offload=offload))
+        try:
+            yield server
+        finally:
+            tg.cancel_scope.cancel()
