@@ -27,6 +27,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 
@@ -205,7 +206,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config_or_exit(args.config)
     setup_logging(args.log_level or config.log.level)
     try:
-        anyio.run(run_daemon, config, backend="asyncio", backend_options=_run_backend_options())
+        anyio.run(
+            partial(run_daemon, config, config_path=args.config),
+            backend="asyncio",
+            backend_options=_run_backend_options(),
+        )
     except OSError as exc:
         logging.getLogger("ostp_client").error("cannot start: %s", exc)
         return EXIT_FAILURE

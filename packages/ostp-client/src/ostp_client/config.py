@@ -352,7 +352,9 @@ class RoutingConfig(_Model):
 
 class ControlConfig(_Model):
     socket: str | None = None
-    """Path of the control socket (the dashboard talks to it); none disables it."""
+    """Path of the control socket (the dashboard talks to it). Absent: the default path
+    (`$XDG_RUNTIME_DIR/ostp-client/control.sock`, else `/tmp/ostp-client-<uid>/`); `""`
+    disables it."""
 
 
 class ClientConfig(_Model):

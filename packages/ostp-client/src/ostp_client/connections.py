@@ -58,6 +58,7 @@ class ConnectionRegistry:
         self.closed_total = 0
         self.closed_bytes_up = 0
         self.closed_bytes_down = 0
+        self._cancel_scopes: dict[int, anyio.CancelScope] = {}
 
     def open(
         self, inbound_tag: str, network: Network = "tcp", source: Address | None = None
@@ -67,7 +68,19 @@ class ConnectionRegistry:
         self.live[ctx.id] = ctx
         return ctx
 
+    def cancel_scope(self, ctx: ConnContext) -> anyio.CancelScope:
+        """The scope the connection's handler runs in; `cancel(id)` cancels it."""
+        return self._cancel_scopes.setdefault(ctx.id, anyio.CancelScope())
+
+    def cancel(self, conn_id: int) -> bool:
+        """Close a live connection by cancelling its handler; False when it is not live."""
+        if conn_id not in self.live:
+            return False
+        self.cancel_scope(self.live[conn_id]).cancel()
+        return True
+
     def close(self, ctx: ConnContext) -> None:
+        self._cancel_scopes.pop(ctx.id, None)
         if self.live.pop(ctx.id, None) is not None:
             self.closed_total += 1
             self.closed_bytes_up += ctx.bytes_up
@@ -79,7 +92,8 @@ class ConnectionRegistry:
     ) -> Iterator[ConnContext]:
         ctx = self.open(inbound_tag, network, source)
         try:
-            yield ctx
+            with self.cancel_scope(ctx):
+                yield ctx
         finally:
             self.close(ctx)
 

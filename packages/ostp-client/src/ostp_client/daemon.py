@@ -101,10 +101,18 @@ class Daemon:
         }
 
 
-async def run_daemon(config: ClientConfig, *, handle_signals: bool = True) -> Daemon:
-    """Run a daemon until SIGINT/SIGTERM (graceful stop) and return it."""
+async def run_daemon(
+    config: ClientConfig, *, handle_signals: bool = True, config_path: str | None = None
+) -> Daemon:
+    """Run a daemon until SIGINT/SIGTERM (graceful stop) and return it.
+
+    Also serves the control socket (`reload` and SIGHUP re-read `config_path`).
+    """
+    from ostp_client.control.server import serve_control  # noqa: PLC0415
+
     daemon = Daemon(config)
     async with anyio.create_task_group() as tg:
+        await tg.start(serve_control, daemon, config_path, handle_signals)
         if handle_signals:
 
             async def watch_signals() -> None:

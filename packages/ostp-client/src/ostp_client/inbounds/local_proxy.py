@@ -70,17 +70,18 @@ class LocalProxyInbound(Inbound):
             source = None
         ctx = registry.open(self.tag, "tcp", source)
         try:
-            async with stream:
-                first = b""
-                with anyio.move_on_after(self.settings.handshake_timeout):
-                    first = await stream.receive(READ_SIZE)
-                if not first:
-                    logger.debug("#%d client sent nothing", ctx.id)
-                    return
-                if first[0] == SOCKS5_VERSION:
-                    await handle_socks5(stream, first, ctx, self.dispatcher, self.settings)
-                else:
-                    await handle_http(stream, first, ctx, self.dispatcher, self.settings)
+            with registry.cancel_scope(ctx):  # the control socket's close_connection
+                async with stream:
+                    first = b""
+                    with anyio.move_on_after(self.settings.handshake_timeout):
+                        first = await stream.receive(READ_SIZE)
+                    if not first:
+                        logger.debug("#%d client sent nothing", ctx.id)
+                        return
+                    if first[0] == SOCKS5_VERSION:
+                        await handle_socks5(stream, first, ctx, self.dispatcher, self.settings)
+                    else:
+                        await handle_http(stream, first, ctx, self.dispatcher, self.settings)
         except Exception as exc:
             if is_connection_noise(exc):
                 logger.debug("#%d connection noise: %r", ctx.id, exc)

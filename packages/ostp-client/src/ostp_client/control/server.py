@@ -1,0 +1,765 @@
+"""The control server inside the daemon: a Unix socket speaking `control.protocol`.
+
+One task per client (in the server's task group); each subscription is one more task in the
+client's own group, so a client that goes away takes its subscriptions with it. Writes to a
+client are serialized by a lock and bounded in time (a stuck reader is dropped, the daemon is
+not). A line that is not a valid request is answered with an error and the connection stays.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import signal
+import stat
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+from anyio.abc import TaskStatus
+from anyio.streams.buffered import BufferedByteReceiveStream
+from pydantic import BaseModel, ValidationError
+
+from ostp_client.config import ClientConfig, ConfigError, load_config
+from ostp_client.control.protocol import (
+    LEVELS,
+    MAX_LINE,
+    TOPICS,
+    ActionResult,
+    ConnectionInfo,
+    ConnectionList,
+    DaemonStatus,
+    ErrorCode,
+    ErrorInfo,
+    Event,
+    Hello,
+    InboundStatus,
+    LogBatch,
+    LogLine,
+    OutboundStatus,
+    ReloadResult,
+    Request,
+    Response,
+    RouteRule,
+    RouteTable,
+    SessionStatus,
+    SubscribeResult,
+    default_socket_path,
+    encode,
+    level_at_least,
+)
+from ostp_client.router import Router, RoutingError
+
+if TYPE_CHECKING:
+    from ostp_client.daemon import Daemon
+
+__all__ = [
+    "ControlServer",
+    "LogRing",
+    "RequestFailed",
+    "open_control_listener",
+    "reload_config",
+    "serve_control",
+]
+
+logger = logging.getLogger(__name__)
+
+SEND_TIMEOUT = 5.0
+"""A client that does not read for this long is disconnected."""
+SAMPLE_INTERVAL = 1.0
+"""Seconds between rate samples."""
+MIN_INTERVAL_MS = 50
+
+
+class RequestFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --------------------------------------------------------------------------------------------
+# logs
+
+
+class LogRing(logging.Handler):
+    """Keeps the last `capacity` log records as `LogLine`s (formatted once, when logged)."""
+
+    def __init__(self, capacity: int = 2000) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: deque[LogLine] = deque(maxlen=capacity)
+        self.seq = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info and record.exc_info[1] is not None:
+                message += f" ({record.exc_info[1]!r})"
+        except Exception:  # a broken format string must not break logging
+            message = str(record.msg)
+        self.seq += 1
+        self.lines.append(
+            LogLine(
+                seq=self.seq,
+                time=record.created,
+                level=record.levelname.lower(),
+                logger=record.name,
+                message=message,
+            )
+        )
+
+    def since(self, after: int, level: str = "debug", limit: int | None = None) -> LogBatch:
+        """Lines with `seq > after` at `level` or above (the newest `limit` of them)."""
+        oldest = self.lines[0].seq if self.lines else self.seq + 1
+        dropped = max(0, oldest - after - 1) if after < self.seq else 0
+        lines = [
+            line for line in self.lines if line.seq > after and level_at_least(line.level, level)
+        ]
+        if limit is not None:
+            lines = lines[-limit:] if limit > 0 else []
+        return LogBatch(lines=lines, dropped=dropped)
+
+
+@contextmanager
+def _installed(handler: logging.Handler) -> Iterator[None]:
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+
+
+# --------------------------------------------------------------------------------------------
+# daemon data → protocol models
+
+
+def _num(raw: dict[str, Any], *keys: str) -> float | None:
+    for key in keys:
+        value = raw.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _session_from_raw(raw: dict[str, Any], default_id: str, now: float) -> dict[str, Any]:
+    """Lenient mapping of an outbound's `status()` dict (missing keys are fine)."""
+    uptime = _num(raw, "uptime")
+    since = _num(raw, "connected_since", "connected_at")
+    if uptime is None and since is not None:
+        uptime = max(0.0, now - since)
+    rtt = _num(raw, "rtt_ms")
+    if rtt is None and (seconds := _num(raw, "rtt")) is not None:
+        rtt = seconds * 1000
+    ident = raw.get("id", raw.get("index", default_id))
+    server = raw.get("server")
+    mapped = raw.get("mapped_address")
+    return {
+        "id": str(ident),
+        "state": str(raw.get("state") or "ready"),
+        "server": str(server) if server is not None else None,
+        "rtt_ms": rtt,
+        "bytes_up": int(_num(raw, "bytes_up", "bytes_sent") or 0),
+        "bytes_down": int(_num(raw, "bytes_down", "bytes_received") or 0),
+        "rate_up": _num(raw, "rate_up") or 0.0,
+        "rate_down": _num(raw, "rate_down") or 0.0,
+        "uptime": uptime,
+        "reconnects": int(_num(raw, "reconnects", "reconnect_count") or 0),
+        "mapped_address": str(mapped) if mapped is not None else None,
+    }
+
+
+class _Rates:
+    """Byte counters sampled every `SAMPLE_INTERVAL`; rate = delta / elapsed."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, int, int]] = {}
+        self.rates: dict[str, tuple[float, float]] = {}
+
+    def sample(self, key: str, now: float, up: int, down: int) -> None:
+        last = self._last.get(key)
+        if last is not None and now > last[0]:
+            elapsed = now - last[0]
+            self.rates[key] = (max(0, up - last[1]) / elapsed, max(0, down - last[2]) / elapsed)
+        self._last[key] = (now, up, down)
+
+    def get(self, key: str) -> tuple[float, float]:
+        return self.rates.get(key, (0.0, 0.0))
+
+
+def describe_rule(conditions: dict[str, list[Any]]) -> str:
+    return " ".join(
+        f"{name}={','.join(str(v) for v in values)}" for name, values in conditions.items()
+    )
+
+
+def _daemon_version() -> str:
+    try:
+        return importlib.metadata.version("ostp-client")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# reload
+
+
+async def reload_config(daemon: Daemon, path: str | None) -> ReloadResult:
+    """Validate the config at `path` and apply what can change while running.
+
+    Applied live: `routing` (a new router; hit counters restart) and `log.level`. Other changes
+    are validated and reported in `needs_restart`. An invalid config raises `RequestFailed`
+    with the validation errors and leaves the running config untouched.
+    """
+    if path is None:
+        raise RequestFailed(ErrorCode.INVALID_PARAMS, "no config file to reload from")
+    try:
+        new, _warnings = await anyio.to_thread.run_sync(load_config, path)
+    except ConfigError as exc:
+        raise RequestFailed(ErrorCode.INVALID_CONFIG, str(exc)) from None
+    old: ClientConfig = daemon.config
+    try:
+        router = Router(new.routing, daemon.outbounds) if new.routing != old.routing else None
+    except RoutingError as exc:
+        raise RequestFailed(ErrorCode.INVALID_CONFIG, f"invalid configuration: {exc}") from None
+    applied: list[str] = []
+    if router is not None:
+        daemon.router = router
+        daemon.dispatcher.router = router
+        applied.append("routing")
+    if new.log != old.log:
+        logging.getLogger().setLevel(getattr(logging, new.log.level.upper()))
+        applied.append("log.level")
+    needs_restart = [
+        name
+        for name in ("inbounds", "outbounds", "mux", "control")
+        if getattr(new, name) != getattr(old, name)
+    ]
+    daemon.config = old.model_copy(update={"routing": new.routing, "log": new.log})
+    message = f"reloaded {path}: " + (", ".join(applied) if applied else "nothing changed")
+    if needs_restart:
+        message += f"; restart to apply {', '.join(needs_restart)}"
+    logger.info("%s", message)
+    return ReloadResult(message=message, applied=applied, needs_restart=needs_restart)
+
+
+# --------------------------------------------------------------------------------------------
+# listener
+
+
+def _prepare_unix_path(path: Path) -> bool:
+    """Create the socket's directory owner-only; refuse one that another user owns.
+
+    True when a socket file is already there (live or stale).
+    """
+    directory = path.parent
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=True)
+        os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask
+    info = directory.stat()
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise PermissionError(f"{directory} belongs to another user; not using it")
+    if (path.exists() or path.is_symlink()) and not stat.S_ISSOCK(path.lstat().st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    return path.exists()
+
+
+async def _socket_is_live(path: Path) -> bool:
+    try:
+        stream = await anyio.connect_unix(path)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
+
+
+async def open_control_listener(path: str) -> anyio.abc.Listener[anyio.abc.ByteStream]:
+    """Listen at `path`: a Unix socket (mode 0600 in a 0700 directory) or, on Windows, a pipe."""
+    if sys.platform == "win32":  # pragma: no cover - not tested on this platform
+        from ostp_client.control.pipes import NamedPipeListener  # noqa: PLC0415
+
+        return NamedPipeListener(path)
+    sock_path = Path(path)
+    if _prepare_unix_path(sock_path):
+        if await _socket_is_live(sock_path):
+            raise FileExistsError(f"{path}: another daemon is already listening there")
+        os.unlink(sock_path)  # stale socket of a daemon that did not clean up
+    listener = await anyio.create_unix_listener(sock_path, mode=0o600)
+    return listener
+
+
+# --------------------------------------------------------------------------------------------
+# the server
+
+
+Handler = Callable[[dict[str, Any]], Awaitable[BaseModel]]
+
+
+class _Client:
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self.stream = stream
+        self.lock = anyio.Lock()
+        self.subscriptions: dict[int | str, anyio.CancelScope] = {}
+        self.closed = False
+
+    async def send(self, message: BaseModel) -> None:
+        if self.closed:
+            return
+        data = encode(message)
+        async with self.lock:
+            try:
+                with anyio.fail_after(SEND_TIMEOUT):
+                    await self.stream.send(data)
+            except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                self.closed = True
+                await anyio.aclose_forcefully(self.stream)
+
+
+class ControlServer:
+    """Serves the control protocol for one `Daemon`.
+
+    `path` defaults to `config.control.socket` or `default_socket_path()`. `config_path` is
+    the file `reload` (and SIGHUP when `handle_sighup`) re-reads.
+    """
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        path: str | None = None,
+        *,
+        config_path: str | None = None,
+        log_capacity: int = 2000,
+        handle_sighup: bool = False,
+    ) -> None:
+        self.daemon = daemon
+        self.path = path or daemon.config.control.socket or default_socket_path()
+        self.config_path = config_path
+        self.logs = LogRing(log_capacity)
+        self.handle_sighup = handle_sighup
+        self.started_at = time.time()
+        self.rates = _Rates()
+        self._closed_by_outbound: dict[str, tuple[int, int]] = {}
+        self._seen: dict[int, tuple[str | None, int, int]] = {}
+        self.malformed_lines = 0
+        self.clients = 0
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._handlers: dict[str, Handler] = {
+            "hello": self._hello,
+            "status": self._status,
+            "connections": self._connections,
+            "routes": self._routes,
+            "logs": self._logs,
+            "reconnect": self._reconnect,
+            "close_connection": self._close_connection,
+            "reload": self._reload,
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled; removes the socket file at exit."""
+        with _installed(self.logs):
+            try:
+                listener = await open_control_listener(self.path)
+            except OSError as exc:
+                logger.error("control socket %s not available: %s", self.path, exc)
+                task_status.started()
+                return
+            identity = _inode(self.path)
+            logger.info("control socket on %s", self.path)
+            try:
+                async with listener, anyio.create_task_group() as tg:
+                    self._tg = tg
+                    tg.start_soon(self._sampler)
+                    if self.handle_sighup and hasattr(signal, "SIGHUP"):
+                        tg.start_soon(self._watch_sighup)
+                    task_status.started()
+                    await listener.serve(self._serve_client, task_group=tg)
+            finally:
+                if identity is not None and _inode(self.path) == identity:
+                    with suppress(OSError):
+                        os.unlink(self.path)
+
+    async def _watch_sighup(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                logger.info("SIGHUP: reloading %s", self.config_path)
+                try:
+                    await reload_config(self.daemon, self.config_path)
+                except RequestFailed as exc:
+                    logger.error("reload refused, keeping the running config: %s", exc.message)
+
+    async def _sampler(self) -> None:
+        while True:
+            self.sample(time.time())
+            await anyio.sleep(SAMPLE_INTERVAL)
+
+    def sample(self, now: float) -> None:
+        """Update per-outbound byte totals and rates (also counts connections that closed)."""
+        live = self.daemon.registry.live
+        for conn_id in list(self._seen):
+            if conn_id not in live:
+                tag, up, down = self._seen.pop(conn_id)
+                if tag is not None:
+                    old_up, old_down = self._closed_by_outbound.get(tag, (0, 0))
+                    self._closed_by_outbound[tag] = (old_up + up, old_down + down)
+        for conn_id, ctx in live.items():
+            self._seen[conn_id] = (ctx.outbound_tag, ctx.bytes_up, ctx.bytes_down)
+        for outbound in self.status_model(now).outbounds:
+            self.rates.sample(outbound.id, now, outbound.bytes_up, outbound.bytes_down)
+            for session in outbound.sessions:
+                key = f"{outbound.id}/{session.id}"
+                self.rates.sample(key, now, session.bytes_up, session.bytes_down)
+
+    # -- data --------------------------------------------------------------------------------
+
+    def _connection_bytes(self) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
+        totals = dict(self._closed_by_outbound)
+        counts: dict[str, int] = {}
+        for ctx in self.daemon.registry.live.values():
+            if ctx.outbound_tag is None:
+                continue
+            up, down = totals.get(ctx.outbound_tag, (0, 0))
+            totals[ctx.outbound_tag] = (up + ctx.bytes_up, down + ctx.bytes_down)
+            counts[ctx.outbound_tag] = counts.get(ctx.outbound_tag, 0) + 1
+        return totals, counts
+
+    def status_model(self, now: float | None = None) -> DaemonStatus:
+        now = time.time() if now is None else now
+        daemon = self.daemon
+        totals, counts = self._connection_bytes()
+        outbounds: list[OutboundStatus] = []
+        for tag, outbound in daemon.outbounds.items():
+            try:
+                raw = dict(outbound.status())
+            except Exception:
+                logger.exception("status() of outbound %s failed", tag)
+                raw = {"state": "error"}
+            fields = _session_from_raw(raw, tag, now)
+            fields["id"] = tag
+            if not any(k in raw for k in ("bytes_up", "bytes_sent")):
+                fields["bytes_up"], fields["bytes_down"] = totals.get(tag, (0, 0))
+            if not any(k in raw for k in ("rate_up",)):
+                fields["rate_up"], fields["rate_down"] = self.rates.get(tag)
+            sessions = []
+            for index, item in enumerate(raw.get("sessions") or ()):
+                if not isinstance(item, dict):
+                    continue
+                session = _session_from_raw(item, str(index), now)
+                if session["server"] is None:
+                    session["server"] = fields["server"]
+                if "rate_up" not in item:
+                    key = f"{tag}/{session['id']}"
+                    session["rate_up"], session["rate_down"] = self.rates.get(key)
+                sessions.append(SessionStatus(**session))
+            outbounds.append(
+                OutboundStatus(
+                    **fields,
+                    type=str(raw.get("type", outbound.type)),
+                    sessions=sessions,
+                    can_reconnect=callable(getattr(outbound, "reconnect", None)),
+                    connections=counts.get(tag, 0),
+                )
+            )
+        inbounds = []
+        for inbound in daemon.inbounds.values():
+            raw_in: dict[str, Any] = dict(inbound.status())
+            listen = raw_in.get("listen")
+            accepted = raw_in.get("accepted")
+            inbounds.append(
+                InboundStatus(
+                    tag=inbound.tag,
+                    type=inbound.type,
+                    listen=[str(a) for a in listen] if isinstance(listen, list) else [],
+                    accepted=accepted if isinstance(accepted, int) else None,
+                )
+            )
+        registry = daemon.registry
+        live = registry.live.values()
+        return DaemonStatus(
+            state="running" if daemon.started.is_set() else "starting",
+            version=_daemon_version(),
+            pid=os.getpid(),
+            uptime=max(0.0, now - self.started_at),
+            config_path=self.config_path,
+            inbounds=inbounds,
+            outbounds=outbounds,
+            connections_live=len(registry.live),
+            connections_closed=registry.closed_total,
+            bytes_up=registry.closed_bytes_up + sum(c.bytes_up for c in live),
+            bytes_down=registry.closed_bytes_down + sum(c.bytes_down for c in live),
+            time=now,
+        )
+
+    def connections_model(self) -> ConnectionList:
+        return ConnectionList(
+            connections=[ConnectionInfo(**c) for c in self.daemon.registry.snapshot()],
+            time=time.time(),
+        )
+
+    def routes_model(self) -> RouteTable:
+        router = self.daemon.router
+        routing = self.daemon.config.routing
+        rules = [
+            RouteRule(
+                index=index,
+                match=describe_rule(rule.conditions()),
+                outbound=rule.outbound,
+                hits=router.rule_hits[index] if index < len(router.rule_hits) else 0,
+            )
+            for index, rule in enumerate(routing.rules)
+        ]
+        rules.append(
+            RouteRule(
+                index=None,
+                match="(default)",
+                outbound=router.default_outbound,
+                hits=router.default_hits,
+            )
+        )
+        return RouteTable(rules=rules, default_outbound=router.default_outbound)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def hello_model(self) -> Hello:
+        methods = [*self._handlers, "subscribe", "unsubscribe"]
+        return Hello(version=_daemon_version(), pid=os.getpid(), methods=methods)
+
+    async def _hello(self, params: dict[str, Any]) -> BaseModel:
+        return self.hello_model()
+
+    async def _status(self, params: dict[str, Any]) -> BaseModel:
+        return self.status_model()
+
+    async def _connections(self, params: dict[str, Any]) -> BaseModel:
+        return self.connections_model()
+
+    async def _routes(self, params: dict[str, Any]) -> BaseModel:
+        return self.routes_model()
+
+    async def _logs(self, params: dict[str, Any]) -> BaseModel:
+        limit = _int_param(params, "limit", 200)
+        after = _int_param(params, "after", 0)
+        return self.logs.since(after, _level_param(params), limit)
+
+    async def _reconnect(self, params: dict[str, Any]) -> BaseModel:
+        tag = params.get("outbound")
+        outbound = self.daemon.outbounds.get(str(tag)) if tag is not None else None
+        if outbound is None:
+            raise RequestFailed(ErrorCode.NOT_FOUND, f"no outbound tagged {tag!r}")
+        action = getattr(outbound, "reconnect", None)
+        if not callable(action):
+            raise RequestFailed(
+                ErrorCode.UNSUPPORTED, f"outbound {tag!r} ({outbound.type}) has no sessions"
+            )
+        logger.info("control: reconnect outbound %s", tag)
+        with anyio.fail_after(SEND_TIMEOUT):
+            await action()
+        return ActionResult(message=f"reconnecting {tag}")
+
+    async def _close_connection(self, params: dict[str, Any]) -> BaseModel:
+        conn_id = params.get("id")
+        if not isinstance(conn_id, int) or isinstance(conn_id, bool):
+            raise RequestFailed(ErrorCode.INVALID_PARAMS, "params.id must be an integer")
+        if not self.daemon.registry.cancel(conn_id):
+            raise RequestFailed(ErrorCode.NOT_FOUND, f"no live connection #{conn_id}")
+        logger.info("control: closed connection #%d", conn_id)
+        return ActionResult(message=f"closed #{conn_id}")
+
+    async def _reload(self, params: dict[str, Any]) -> BaseModel:
+        path = params.get("path", self.config_path)
+        if path is not None and not isinstance(path, str):
+            raise RequestFailed(ErrorCode.INVALID_PARAMS, "params.path must be a string")
+        return await reload_config(self.daemon, path)
+
+    # -- subscriptions -----------------------------------------------------------------------
+
+    def _snapshot(self, topic: str) -> BaseModel:
+        if topic == "status":
+            return self.status_model()
+        if topic == "connections":
+            return self.connections_model()
+        return self.routes_model()
+
+    async def _subscription(
+        self,
+        client: _Client,
+        request: Request,
+        topic: str,
+        interval: float,
+        level: str,
+        backlog: int,
+        scope: anyio.CancelScope,
+    ) -> None:
+        with scope:
+            if topic == "logs":
+                after = self.logs.seq
+                if backlog > 0:
+                    batch = self.logs.since(0, level, backlog)
+                    if batch.lines:
+                        await client.send(Event(subscription=request.id, topic="logs", data=batch))
+                while not client.closed:
+                    if self.logs.seq > after:
+                        batch = self.logs.since(after, level)
+                        after = self.logs.seq
+                        if batch.lines or batch.dropped:
+                            await client.send(
+                                Event(subscription=request.id, topic="logs", data=batch)
+                            )
+                    await anyio.sleep(min(interval, 0.2))
+            else:
+                while not client.closed:
+                    data = self._snapshot(topic)
+                    await client.send(Event(subscription=request.id, topic=topic, data=data))  # type: ignore[arg-type]
+                    await anyio.sleep(interval)
+        client.subscriptions.pop(request.id, None)
+
+    def _subscribe(
+        self, client: _Client, request: Request, tg: anyio.abc.TaskGroup
+    ) -> SubscribeResult:
+        params = request.params
+        topic = params.get("topic")
+        if topic not in TOPICS:
+            raise RequestFailed(
+                ErrorCode.INVALID_PARAMS, f"params.topic must be one of {', '.join(TOPICS)}"
+            )
+        if request.id in client.subscriptions:
+            raise RequestFailed(ErrorCode.INVALID_PARAMS, f"subscription {request.id!r} exists")
+        interval = max(MIN_INTERVAL_MS, _int_param(params, "interval_ms", 1000)) / 1000
+        level = _level_param(params)
+        backlog = _int_param(params, "backlog", 0)
+        scope = anyio.CancelScope()
+        client.subscriptions[request.id] = scope
+        tg.start_soon(self._subscription, client, request, topic, interval, level, backlog, scope)
+        return SubscribeResult(subscription=request.id, topic=topic)
+
+    def _unsubscribe(self, client: _Client, params: dict[str, Any]) -> ActionResult:
+        sub = params.get("subscription")
+        scope = client.subscriptions.pop(sub, None) if isinstance(sub, int | str) else None
+        if scope is None:
+            raise RequestFailed(ErrorCode.NOT_FOUND, f"no subscription {sub!r}")
+        scope.cancel()
+        return ActionResult(message=f"unsubscribed {sub}")
+
+    # -- one client --------------------------------------------------------------------------
+
+    async def _serve_client(self, stream: anyio.abc.ByteStream) -> None:
+        self.clients += 1
+        client = _Client(stream)
+        reader = BufferedByteReceiveStream(stream)
+        try:
+            async with stream, anyio.create_task_group() as tg:
+                await client.send(self.hello_model())
+                while not client.closed:
+                    try:
+                        line = await reader.receive_until(b"\n", MAX_LINE)
+                    except anyio.DelimiterNotFound:
+                        await client.send(_error(None, ErrorCode.MALFORMED, "line too long"))
+                        break
+                    except (anyio.IncompleteRead, anyio.EndOfStream):
+                        break
+                    if line.strip():
+                        await self._handle_line(client, line, tg)
+                tg.cancel_scope.cancel()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            logger.debug("control client dropped: %r", exc)
+        finally:
+            self.clients -= 1
+
+    async def _handle_line(self, client: _Client, line: bytes, tg: anyio.abc.TaskGroup) -> None:
+        try:
+            request = Request.model_validate_json(line)
+        except ValidationError as exc:
+            self.malformed_lines += 1
+            request_id = _salvage_id(line)
+            await client.send(_error(request_id, ErrorCode.MALFORMED, _short(exc)))
+            return
+        try:
+            if request.method == "subscribe":
+                result: BaseModel = self._subscribe(client, request, tg)
+            elif request.method == "unsubscribe":
+                result = self._unsubscribe(client, request.params)
+            else:
+                handler = self._handlers.get(request.method)
+                if handler is None:
+                    raise RequestFailed(
+                        ErrorCode.UNKNOWN_METHOD, f"unknown method {request.method!r}"
+                    )
+                result = await handler(request.params)
+        except RequestFailed as exc:
+            await client.send(_error(request.id, exc.code, exc.message))
+            return
+        except Exception as exc:
+            logger.exception("control request %s failed", request.method)
+            await client.send(
+                _error(request.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            )
+            return
+        await client.send(Response(id=request.id, ok=True, result=result.model_dump(mode="json")))
+
+
+def _error(request_id: int | str | None, code: str, message: str) -> Response:
+    return Response(id=request_id, ok=False, error=ErrorInfo(code=code, message=message))
+
+
+def _short(exc: ValidationError) -> str:
+    first = exc.errors()[0] if exc.errors() else {"msg": str(exc)}
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return f"not a request: {where + ': ' if where else ''}{first.get('msg', '')}"
+
+
+def _salvage_id(line: bytes) -> int | str | None:
+    import json  # noqa: PLC0415
+
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(data, dict) and isinstance(data.get("id"), int | str):
+        value: int | str = data["id"]
+        return value
+    return None
+
+
+def _int_param(params: dict[str, Any], name: str, default: int) -> int:
+    value = params.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RequestFailed(ErrorCode.INVALID_PARAMS, f"params.{name} must be an integer")
+    return value
+
+
+def _level_param(params: dict[str, Any]) -> str:
+    level = params.get("level", "debug")
+    if level not in LEVELS:
+        raise RequestFailed(ErrorCode.INVALID_PARAMS, f"params.level must be one of {LEVELS}")
+    return str(level)
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino)
+
+
+async def serve_control(
+    daemon: Daemon,
+    config_path: str | None = None,
+    handle_sighup: bool = True,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the control server for `daemon` unless `control.socket` is `""` (disabled)."""
+    if daemon.config.control.socket == "":
+        task_status.started()
+        return
+    server = ControlServer(daemon, config_path=config_path, handle_sighup=handle_sighup)
+    await server.run(task_status=task_status)
