@@ -45,6 +45,7 @@ __all__ = [
     "OutboundConfig",
     "RoutingConfig",
     "RoutingRule",
+    "TunInboundConfig",
     "UserConfig",
     "config_from_share_link",
     "config_json_schema",
@@ -162,8 +163,103 @@ class LocalProxyInboundConfig(_Model):
         return value or "127.0.0.1"
 
 
-InboundConfig = Annotated[LocalProxyInboundConfig, Field(discriminator="type")]
-"""Discriminated union of inbound types (add `TunInboundConfig` here with `|`)."""
+_TUN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1 on Linux
+
+
+def _check_cidr_list(value: list[str], what: str) -> list[str]:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not {what}") from None
+    return value
+
+
+class TunInboundConfig(_Model):
+    """A TUN device whose IP packets a user-space TCP/IP stack turns into routed connections."""
+
+    type: Literal["tun"] = "tun"
+    tag: Annotated[str, Field(min_length=1)] = "tun-in"
+    name: str = "ostp0"
+    """Interface name (at most 15 characters on Linux)."""
+    mtu: Annotated[int, Field(ge=1280, le=65535)] = 9000
+    """MTU of the device; larger means fewer packets (and less CPU) per byte."""
+    address: list[str] = Field(default_factory=lambda: ["198.18.0.1/30", "fdfe:dcba:9876::1/126"])
+    """Addresses of the device with their prefix length (IPv4 and/or IPv6)."""
+    auto_route: bool = True
+    """Route all traffic through the device while the daemon runs (removed on exit); the OSTP
+    servers and `exclude_routes` keep their current routes."""
+    route_mode: Literal["split", "default"] = "split"
+    """`split`: 0.0.0.0/1 + 128.0.0.0/1 and ::/1 + 8000::/1 (the old default routes stay, but
+    lose); `default`: 0.0.0.0/0 and ::/0 with a low metric."""
+    exclude_routes: list[str] = Field(default_factory=list)
+    """CIDRs that keep their current route (LAN, a second VPN)."""
+    dns_hijack: bool = True
+    """Answer every query to port 53 that enters the device through the tunnel."""
+    dns_upstream: str | None = None
+    """`host:port` the hijacked queries go to (through the routed outbound); when absent, each
+    query goes to the address it was sent to."""
+    fake_ip: bool = False
+    """Answer A/AAAA queries with addresses from `fake_ip_range`/`fake_ip6_range` and connect
+    by name, so that domain rules apply to TUN traffic."""
+    fake_ip_range: str = "198.18.0.0/15"
+    """IPv4 range for fake-IP answers (the device's own addresses are left out)."""
+    fake_ip6_range: str | None = "fc00::/18"
+    """IPv6 range for fake-IP AAAA answers; none answers AAAA queries with no address."""
+    offload: bool = True
+    """Linux: checksum and segmentation offload with the kernel (`IFF_VNET_HDR`)."""
+    udp_timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    """Seconds a UDP flow may be idle before it is closed."""
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _TUN_NAME.match(value):
+            raise ValueError("expected 1-15 letters, digits, '_', '.' or '-'")
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_interface(item)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an address with a prefix length") from None
+        return value
+
+    @field_validator("exclude_routes")
+    @classmethod
+    def _check_excludes(cls, value: list[str]) -> list[str]:
+        return _check_cidr_list(value, "an IP address or CIDR")
+
+    @field_validator("fake_ip_range", "fake_ip6_range")
+    @classmethod
+    def _check_fake_range(cls, value: str | None) -> str | None:
+        if value is not None:
+            net = ipaddress.ip_network(value, strict=False) if _is_net(value) else None
+            if net is None or net.num_addresses < 16:
+                raise ValueError(f"{value!r} is not a CIDR range of at least 16 addresses")
+        return value
+
+    @field_validator("dns_upstream")
+    @classmethod
+    def _check_upstream(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_host_port(value, 53)
+        return value
+
+
+def _is_net(value: str) -> bool:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+InboundConfig = Annotated[LocalProxyInboundConfig | TunInboundConfig, Field(discriminator="type")]
+"""Discriminated union of inbound types."""
 
 
 class MuxConfig(_Model):
@@ -357,9 +453,13 @@ class ControlConfig(_Model):
     disables it."""
 
 
+def _default_inbounds() -> list[LocalProxyInboundConfig | TunInboundConfig]:
+    return [LocalProxyInboundConfig()]
+
+
 class ClientConfig(_Model):
     log: LogConfig = Field(default_factory=LogConfig)
-    inbounds: list[InboundConfig] = Field(default_factory=lambda: [LocalProxyInboundConfig()])
+    inbounds: list[InboundConfig] = Field(default_factory=_default_inbounds)
     outbounds: Annotated[list[OutboundConfig], Field(min_length=1)]
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     mux: MuxConfig = Field(default_factory=MuxConfig)
@@ -472,6 +572,7 @@ def _all_field_names() -> list[str]:
         ClientConfig,
         LogConfig,
         LocalProxyInboundConfig,
+        TunInboundConfig,
         UserConfig,
         MuxConfig,
         OstpOutboundConfig,
