@@ -1,0 +1,150 @@
+"""The server relays TCP and UDP for a real client over real loopback sockets (spec §8, §9.5)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import anyio
+import pytest
+
+from ostp_proto import Close, ConnectionConfig, UdpData
+
+from .helpers import KEY, http_origin, server, tcp_echo, udp_echo
+from .tunnel import tunnel
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+
+async def test_tcp_echo_and_close() -> None:
+    async with server() as srv, tcp_echo() as port, tunnel(srv.addresses[0], KEY) as t:
+        sid = await t.open(f"127.0.0.1:{port}")
+        await t.write(sid, b"hello, echo")
+        assert await t.read(sid, 11) == b"hello, echo"
+        t.send(sid, Close())
+        session = next(iter(srv.sessions.values()))
+        with anyio.fail_after(5):
+            while session.relays:
+                await anyio.sleep(0.01)
+        assert srv.key_stats[0].sessions == 1
+        assert srv.key_stats[0].bytes_up > 0 and srv.key_stats[0].bytes_down > 0
+
+
+async def test_http_origin_response_and_remote_close() -> None:
+    async with server() as srv, http_origin() as port, tunnel(srv.addresses[0], KEY) as t:
+        sid = await t.open(f"127.0.0.1:{port}")
+        await t.write(sid, b"GET / HTTP/1.1\r\nHost: origin\r\n\r\n")
+        st = t.streams[sid]
+        await t.wait(lambda: st.closed)  # the origin closes: Close reaches the client
+        head, _, body = bytes(st.received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        assert body == b"hello from the origin\n" * 1000
+
+
+async def test_gateway_address_means_the_server_itself() -> None:
+    async with server() as srv, tcp_echo() as port, tunnel(srv.addresses[0], KEY) as t:
+        sid = await t.open(f"10.1.0.1:{port}")
+        await t.write(sid, b"ping")
+        assert await t.read(sid, 4) == b"ping"
+
+
+async def test_connect_failure_is_an_error_message() -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    closed_port = s.getsockname()[1]
+    s.close()
+    async with server() as srv, tunnel(srv.addresses[0], KEY) as t:
+        sid = await t.open(f"127.0.0.1:{closed_port}", expect_ok=False)
+        err = t.streams[sid].error
+        assert err is not None and err.startswith("connect failed: ")
+        sid = await t.open("not an address", expect_ok=False)
+        assert (t.streams[sid].error or "").startswith("connect failed: ")
+
+
+async def test_data_before_connect_ok_is_dropped() -> None:
+    async with server() as srv, tunnel(srv.addresses[0], KEY) as t:
+        await t.handshake()
+        await t.write(7, b"nobody is listening on stream 7")
+        with anyio.fail_after(5):
+            while not srv.sessions or next(iter(srv.sessions.values())).stats.remote_data_drop == 0:
+                await anyio.sleep(0.01)
+
+
+async def test_20_mb_byte_exact_both_ways() -> None:
+    payload = os.urandom(20 * 1024 * 1024)
+    async with server() as srv, tcp_echo() as port, tunnel(srv.addresses[0], KEY) as t:
+        sid = await t.open(f"127.0.0.1:{port}")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(t.write, sid, payload)
+            got = await t.read(sid, len(payload), timeout=50)
+        assert got == payload
+        assert len(t.streams[sid].received) == len(payload)
+
+
+async def test_100_streams_at_once() -> None:
+    async with server() as srv, tcp_echo() as port, tunnel(srv.addresses[0], KEY) as t:
+        await t.handshake()
+        payloads: dict[int, bytes] = {}
+
+        async def one(i: int) -> None:
+            sid = await t.open(f"127.0.0.1:{port}")
+            data = bytes([i]) * 10_000 + os.urandom(10_000)
+            payloads[sid] = data
+            await t.write(sid, data)
+            assert await t.read(sid, len(data)) == data
+
+        async with anyio.create_task_group() as tg:
+            for i in range(100):
+                tg.start_soon(one, i)
+        assert len(payloads) == 100
+        session = next(iter(srv.sessions.values()))
+        assert session.stats.streams_opened == 100
+
+
+async def test_udp_relay_round_trip() -> None:
+    async with server() as srv, udp_echo() as port, tunnel(srv.addresses[0], KEY) as t:
+        sid = await t.associate()
+        st = t.streams[sid]
+        for i in range(5):
+            t.send(sid, UdpData(f"127.0.0.1:{port}", b"datagram %d" % i))
+        t.send(sid, UdpData(f"10.1.0.1:{port}", b"via gateway"))
+        await t.wait(lambda: len(st.datagrams) >= 6)
+        assert {d for _, d in st.datagrams} == {b"echo:datagram %d" % i for i in range(5)} | {
+            b"echo:via gateway"
+        }
+        assert {a for a, _ in st.datagrams} == {f"127.0.0.1:{port}"}
+        t.send(sid, Close())
+        session = next(iter(srv.sessions.values()))
+        with anyio.fail_after(5):
+            while session.relays:
+                await anyio.sleep(0.01)
+
+
+async def test_udp_association_expires_when_idle() -> None:
+    async with server(udp_idle_timeout=0.3) as srv, tunnel(srv.addresses[0], KEY) as t:
+        sid = await t.associate()
+        await t.wait(lambda: t.streams[sid].closed, timeout=10)
+        assert not next(iter(srv.sessions.values())).relays
+
+
+async def test_remote_data_for_unknown_association_is_dropped() -> None:
+    async with server() as srv, udp_echo() as port, tunnel(srv.addresses[0], KEY) as t:
+        await t.handshake()
+        t.send(3, UdpData(f"127.0.0.1:{port}", b"x"))
+        with anyio.fail_after(5):
+            while not srv.sessions or next(iter(srv.sessions.values())).stats.udp_drop == 0:
+                await anyio.sleep(0.01)
+
+
+async def test_large_server_datagrams() -> None:
+    payload = os.urandom(2 * 1024 * 1024)
+    cfg = ConnectionConfig(max_datagram_size=4096)
+    async with (
+        server(max_datagram_size=4096) as srv,
+        tcp_echo() as port,
+        tunnel(srv.addresses[0], KEY, config=cfg) as t,
+    ):
+        sid = await t.open(f"127.0.0.1:{port}")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(t.write, sid, payload)
+            assert await t.read(sid, len(payload)) == payload
