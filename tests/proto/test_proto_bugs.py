@@ -1,16 +1,10 @@
-"""Bugs found in ostp_proto by the property, fuzz and peer tests; strict xfail until fixed.
-
-When a fix lands, the test starts passing, the strict xfail turns it into a failure, and the
-mark must be removed (so the test then guards the fix).
-"""
+"""Regression tests for bugs the property, fuzz and peer tests found in ostp_proto."""
 
 from __future__ import annotations
 
 import random
 
-import pytest
-
-from ostp_proto import ClientConnection, RemoteProtocolError, ServerAcceptor, derive_secrets
+from ostp_proto import ClientConnection, ServerAcceptor, derive_secrets
 from ostp_proto.noise import NoiseHandshake
 from ostp_proto.obfuscation import build_handshake_datagram
 
@@ -18,12 +12,6 @@ KEY = "0123456789abcdef0123456789abcdef"
 UNIX = 1_700_000_000.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RemoteProtocolError,
-    reason="connection.py ServerAcceptor.accept: ServerConnection() -> noise.write_message_2 -> "
-    "_dh raises RemoteProtocolError for a low-order client ephemeral; accept does not catch it",
-)
 def test_acceptor_never_raises_for_a_low_order_ephemeral_key() -> None:
     # A holder of the access key sends message 1 whose ephemeral public key is the all-zero
     # (low-order) point. Message 1 itself authenticates (psk0 keys it), so the acceptor gets
@@ -39,13 +27,6 @@ def test_acceptor_never_raises_for_a_low_order_ephemeral_key() -> None:
     assert acceptor.accept(datagram, 0.0, UNIX) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="noise.py NoiseHandshake.read_message_2 mixes the peer's key into h/ck before the "
-    "AEAD check; after one bad message 2 (connection.py ClientConnection._receive_handshake) the "
-    "attempt is poisoned and the genuine message 2 is rejected",
-)
 def test_client_accepts_genuine_message_2_after_a_corrupted_copy() -> None:
     # A corrupted copy of message 2 (one bit flipped in its AEAD tag: the masked header, which
     # depends only on the ephemeral key, still matches) arrives before the genuine one, as a

@@ -616,6 +616,7 @@ class AcceptorStats:
     timestamp_drop: int = 0
     replay_drop: int = 0
     replay_cache_full_drop: int = 0
+    bad_key_drop: int = 0
 
 
 @dataclass(slots=True)
@@ -699,16 +700,21 @@ class ServerAcceptor:
                     self.stats.replay_cache_full_drop += 1
                     return None
             self._replay[replay_id] = ts
+            try:
+                connection = ServerConnection(
+                    k.secrets,
+                    self.config,
+                    self._random,
+                    session_id=sid,
+                    key_index=index,
+                    noise=noise,
+                    now=now,
+                )
+            except RemoteProtocolError:  # e.g. a low-order ephemeral key: no shared secret
+                self.stats.bad_key_drop += 1
+                return None
             self.stats.accepted += 1
-            return ServerConnection(
-                k.secrets,
-                self.config,
-                self._random,
-                session_id=sid,
-                key_index=index,
-                noise=noise,
-                now=now,
-            )
+            return connection
         self.stats.no_key_drop += 1
         return None
 

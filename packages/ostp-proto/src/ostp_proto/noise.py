@@ -229,11 +229,17 @@ class NoiseHandshake:
         if len(message) < DHLEN + TAGLEN:
             raise RemoteProtocolError("noise: message 2 too short")
         re = bytes(message[:DHLEN])
-        self._ss.mix_hash(re)
-        if self._psk is not None:
-            self._ss.mix_key(re)
-        self._ss.mix_key(_dh(e, re))
-        payload = self._ss.decrypt_and_hash(bytes(message[DHLEN:]))
+        # A forged or corrupted message 2 must not poison the state for the genuine one.
+        saved = (self._ss.h, self._ss.ck, self._ss.cipher)
+        try:
+            self._ss.mix_hash(re)
+            if self._psk is not None:
+                self._ss.mix_key(re)
+            self._ss.mix_key(_dh(e, re))
+            payload = self._ss.decrypt_and_hash(bytes(message[DHLEN:]))
+        except RemoteProtocolError:
+            self._ss.h, self._ss.ck, self._ss.cipher = saved
+            raise
         self._re = re
         self._step = 2
         self.complete = True
