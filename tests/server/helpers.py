@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -103,3 +103,10 @@ async def no_reply(sock: socket.socket, wait: float = 0.5) -> bool:
         await anyio.wait_readable(sock)
         return False
     return True
+
+
+async def poll_until(cond: Callable[[], bool], limit: float = 5.0) -> None:
+    """Wait until ``cond()`` holds (state owned by the server has no event to wait on)."""
+    with anyio.fail_after(limit):
+        while not cond():  # noqa: ASYNC110
+            await anyio.sleep(0.01)

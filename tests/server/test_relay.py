@@ -10,7 +10,7 @@ import pytest
 
 from ostp_proto import Close, ConnectionConfig, UdpData
 
-from .helpers import KEY, http_origin, server, tcp_echo, udp_echo
+from .helpers import KEY, http_origin, poll_until, server, tcp_echo, udp_echo
 from .tunnel import tunnel
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -23,9 +23,7 @@ async def test_tcp_echo_and_close() -> None:
         assert await t.read(sid, 11) == b"hello, echo"
         t.send(sid, Close())
         session = next(iter(srv.sessions.values()))
-        with anyio.fail_after(5):
-            while session.relays:
-                await anyio.sleep(0.01)
+        await poll_until(lambda: not session.relays)
         assert srv.key_stats[0].sessions == 1
         assert srv.key_stats[0].bytes_up > 0 and srv.key_stats[0].bytes_down > 0
 
@@ -65,9 +63,7 @@ async def test_data_before_connect_ok_is_dropped() -> None:
     async with server() as srv, tunnel(srv.addresses[0], KEY) as t:
         await t.handshake()
         await t.write(7, b"nobody is listening on stream 7")
-        with anyio.fail_after(5):
-            while not srv.sessions or next(iter(srv.sessions.values())).stats.remote_data_drop == 0:
-                await anyio.sleep(0.01)
+        await poll_until(lambda: any(s.stats.remote_data_drop for s in srv.sessions.values()))
 
 
 async def test_20_mb_byte_exact_both_ways() -> None:
@@ -76,7 +72,7 @@ async def test_20_mb_byte_exact_both_ways() -> None:
         sid = await t.open(f"127.0.0.1:{port}")
         async with anyio.create_task_group() as tg:
             tg.start_soon(t.write, sid, payload)
-            got = await t.read(sid, len(payload), timeout=50)
+            got = await t.read(sid, len(payload), limit=50)
         assert got == payload
         assert len(t.streams[sid].received) == len(payload)
 
@@ -115,15 +111,13 @@ async def test_udp_relay_round_trip() -> None:
         assert {a for a, _ in st.datagrams} == {f"127.0.0.1:{port}"}
         t.send(sid, Close())
         session = next(iter(srv.sessions.values()))
-        with anyio.fail_after(5):
-            while session.relays:
-                await anyio.sleep(0.01)
+        await poll_until(lambda: not session.relays)
 
 
 async def test_udp_association_expires_when_idle() -> None:
     async with server(udp_idle_timeout=0.3) as srv, tunnel(srv.addresses[0], KEY) as t:
         sid = await t.associate()
-        await t.wait(lambda: t.streams[sid].closed, timeout=10)
+        await t.wait(lambda: t.streams[sid].closed, limit=10)
         assert not next(iter(srv.sessions.values())).relays
 
 
@@ -131,9 +125,7 @@ async def test_remote_data_for_unknown_association_is_dropped() -> None:
     async with server() as srv, udp_echo() as port, tunnel(srv.addresses[0], KEY) as t:
         await t.handshake()
         t.send(3, UdpData(f"127.0.0.1:{port}", b"x"))
-        with anyio.fail_after(5):
-            while not srv.sessions or next(iter(srv.sessions.values())).stats.udp_drop == 0:
-                await anyio.sleep(0.01)
+        await poll_until(lambda: any(s.stats.udp_drop for s in srv.sessions.values()))
 
 
 async def test_large_server_datagrams() -> None:

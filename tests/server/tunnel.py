@@ -10,11 +10,12 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from ostp_proto import (
     ClientConnection,
@@ -83,10 +84,8 @@ class Tunnel:
         for d in self.conn.datagrams_to_send(time.monotonic()):
             if not self.established:
                 self.first_datagrams.append(d)
-            try:
+            with suppress(BlockingIOError):
                 self.sock.sendto(d, self.server)
-            except BlockingIOError:
-                pass
         self._timer_wake.set()
 
     def _drain(self) -> None:
@@ -113,7 +112,9 @@ class Tunnel:
         elif isinstance(message, UdpData):
             st.datagrams.append((message.address, message.data))
 
-    async def _reader(self, sock: socket.socket, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    async def _reader(
+        self, sock: socket.socket, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
         with anyio.CancelScope() as scope:
             self._reader_scope = scope
             task_status.started()
@@ -163,21 +164,21 @@ class Tunnel:
         return self.local_port
 
     async def _reader_after_close(self, old: socket.socket) -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         old.close()
         await self._reader(self.sock, task_status=anyio.TASK_STATUS_IGNORED)
 
     # -- API for tests ----------------------------------------------------------------------
 
-    async def wait(self, cond: Callable[[], bool], timeout: float = 20.0) -> None:
-        with anyio.fail_after(timeout):
+    async def wait(self, cond: Callable[[], bool], limit: float = 20.0) -> None:
+        with anyio.fail_after(limit):
             while not cond():
                 if self.terminated is not None:
                     raise AssertionError(f"tunnel terminated: {self.terminated}")
                 await self._changed.wait()
 
-    async def handshake(self, timeout: float = 10.0) -> None:
-        await self.wait(lambda: self.established, timeout)
+    async def handshake(self, limit: float = 10.0) -> None:
+        await self.wait(lambda: self.established, limit)
 
     def _new_stream(self) -> int:
         sid = self._next_stream
@@ -208,7 +209,7 @@ class Tunnel:
     async def write(self, stream_id: int, data: bytes, chunk: int = 65536) -> None:
         view = memoryview(data)
         for start in range(0, len(view), chunk):
-            await self.wait(lambda: self.conn.writable, timeout=30)
+            await self.wait(lambda: self.conn.writable, limit=30)
             self.conn.send_data(stream_id, view[start : start + chunk])
             self.flush()
 
@@ -216,9 +217,9 @@ class Tunnel:
         self.conn.send(stream_id, message)
         self.flush()
 
-    async def read(self, stream_id: int, n: int, timeout: float = 30.0) -> bytes:
+    async def read(self, stream_id: int, n: int, limit: float = 30.0) -> bytes:
         st = self.streams[stream_id]
-        await self.wait(lambda: len(st.received) >= n, timeout)
+        await self.wait(lambda: len(st.received) >= n, limit)
         return bytes(st.received[:n])
 
 
