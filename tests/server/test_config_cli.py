@@ -1,0 +1,167 @@
+"""Config parsing (own and upstream format), the CLI, and the network-facing parsers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fuzz.server_datagram import test_one_input as fuzz_server
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ostp_server import ConfigError, generate_key, parse_config_text, share_links
+from ostp_server.cli import main
+from ostp_server.config import format_host_port, parse_host_port
+
+UPSTREAM = {
+    "mode": "server",
+    "listen": "0.0.0.0:50000",
+    "access_keys": ["0123456789abcdef0123456789abcdef", "second-key"],
+    "reality": {"enabled": False},
+    "api": {"enabled": True},
+    "debug": False,
+}
+
+
+def test_upstream_server_json_unchanged() -> None:
+    cfg = parse_config_text(json.dumps(UPSTREAM))
+    assert cfg.listen_addresses == [("0.0.0.0", 50000)]
+    assert cfg.key_strings() == UPSTREAM["access_keys"]
+    assert cfg.ignored_keys() == ["api", "reality"]
+    assert cfg.max_sessions == 1024 and cfg.idle_timeout == 600
+
+
+def test_users_lists_ipv6_and_upstream_user_objects() -> None:
+    cfg = parse_config_text(
+        json.dumps(
+            {
+                "listen": ["127.0.0.1:9000", "[::1]:9001"],
+                "access_keys": [
+                    {"name": "alice", "key": "k-alice"},
+                    {"access_key": "k-bob", "name": "bob", "limit_bytes": 10},
+                    "k-plain",
+                ],
+                "max_sessions": 5,
+                "idle_timeout": 30,
+                "log_level": "DEBUG",
+            }
+        )
+    )
+    assert cfg.listen_addresses == [("127.0.0.1", 9000), ("::1", 9001)]
+    assert cfg.key_labels() == ["alice", "bob", "key#2"]
+    assert cfg.key_strings() == ["k-alice", "k-bob", "k-plain"]
+    assert cfg.effective_log_level == "debug"
+    assert "k-alice" not in repr(cfg) and "k-alice" not in str(cfg)
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ("[1, 2]", "JSON object"),
+        ("{", "not valid JSON"),
+        ('{"access_keys": []}', "access_keys"),
+        ('{"access_keys": [""]}', "access_keys[0]"),
+        ('{"access_keys": ["k"], "listen": "example.com:1"}', "IP address"),
+        ('{"access_keys": ["k"], "listen": "1.2.3.4"}', "host:port"),
+        ('{"access_keys": ["k"], "listen": "1.2.3.4:70000"}', "0 to 65535"),
+        ('{"access_keys": ["k"], "mode": "client"}', "mode"),
+        ('{"access_keys": ["k"], "max_sessions": 0}', "max_sessions"),
+    ],
+)
+def test_config_errors_say_where(raw: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        parse_config_text(raw)
+
+
+def test_gen_key_and_links(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = generate_key()
+    assert re.fullmatch(r"[0-9a-f]{32}", key) and key != generate_key()
+    assert main(["gen-key"]) == 0
+    assert re.fullmatch(r"[0-9a-f]{32}\n", capsys.readouterr().out)
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps(UPSTREAM))
+    assert main(["links", "-c", str(path), "--host", "vpn.example.com"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "ostp://0123456789abcdef0123456789abcdef@vpn.example.com:50000",
+        "ostp://second-key@vpn.example.com:50000",
+    ]
+    cfg = parse_config_text(json.dumps(UPSTREAM))
+    assert share_links(cfg, "2001:db8::1")[0].endswith("@[2001:db8::1]:50000")
+
+
+def test_cli_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "server.json"
+    path.write_text('{"access_keys": []}')
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "-c", str(path)])
+    assert exc.value.code == 2
+    assert "access_keys" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_run_as_a_process_and_stop_gracefully(tmp_path: Path, sig: signal.Signals) -> None:
+    key = generate_key()
+    path = tmp_path / "server.json"
+    path.write_text(
+        json.dumps({"mode": "server", "listen": "127.0.0.1:0", "access_keys": [key], "dns": {}})
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ostp_server.cli", "run", "-c", str(path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stderr is not None
+        lines = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if "listening on udp" in line:
+                break
+        assert any("listening on udp 127.0.0.1:" in x for x in lines), lines
+        assert any("'dns' is not used" in x for x in lines), lines
+        proc.send_signal(sig)
+        assert proc.wait(timeout=10) == 0
+        rest = proc.stderr.read()
+        assert "shutting down" in rest
+        assert key not in "".join(lines) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@given(st.binary(max_size=1500))
+@settings(max_examples=300, deadline=None)
+def test_fuzz_entry_point(data: bytes) -> None:
+    fuzz_server(data)
+
+
+@given(
+    st.one_of(
+        st.ip_addresses().map(str),
+        st.from_regex(r"[a-z0-9.-]{1,30}", fullmatch=True),
+    ),
+    st.integers(0, 65535),
+)
+def test_host_port_round_trip(host: str, port: int) -> None:
+    assert parse_host_port(format_host_port(host, port)) == (host, port)
+
+
+@given(st.text(max_size=60))
+def test_host_port_garbage_only_value_error(text: str) -> None:
+    try:
+        host, port = parse_host_port(text)
+    except ValueError:
+        return
+    assert host and 0 <= port <= 65535
