@@ -402,7 +402,8 @@ class _Session:
             self.bytes_up += batch.send_batch(datagrams)
 
     def _teardown(self, reason: str) -> None:
-        self._set_state(SessionState.IDLE)
+        # Still trying: the supervisor starts again after its back-off (never Idle again).
+        self._set_state(SessionState.CONNECTING)
         self.connected_event = anyio.Event()
         self._reset_channels(f"tunnel session ended: {reason}")
         if self.conn is not None and self.conn.established:

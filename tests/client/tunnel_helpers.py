@@ -1,0 +1,138 @@
+"""A real ostp-server child process and an in-process lossy UDP relay for tunnel tests."""
+
+from __future__ import annotations
+
+import json
+import random
+import secrets
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SERVER_EXE = Path(sys.executable).with_name("ostp-server")
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """`ostp-server run -c server.json` on 127.0.0.1; stop() and start() keep port and key."""
+
+    workdir: Path
+    port: int = field(default_factory=free_udp_port)
+    key: str = field(default_factory=lambda: secrets.token_hex(16))
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        config = self.workdir / "server.json"
+        config.write_text(
+            json.dumps({"listen": f"127.0.0.1:{self.port}", "access_keys": [self.key]})
+        )
+        self.process = subprocess.Popen(
+            [str(SERVER_EXE), "run", "-c", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=(self.workdir / "server.log").open("ab"),
+        )
+        time.sleep(0.3)  # the socket is bound well within this; the client retries anyway
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+            self.process = None
+
+    def outbound(self, port: int | None = None, **extra: Any) -> dict[str, Any]:
+        return {
+            "type": "ostp",
+            "tag": "proxy",
+            "server": f"127.0.0.1:{port or self.port}",
+            "access_key": self.key,
+            **extra,
+        }
+
+
+@contextmanager
+def ostp_server(workdir: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class LossyRelay:
+    """Forwards UDP between one client and the server, dropping a fraction each way.
+
+    Runs in a thread with plain sockets so the event loop under test is not involved.
+    """
+
+    def __init__(self, server_port: int, loss: float, seed: int = 1) -> None:
+        self.loss = loss
+        self.rng = random.Random(seed)
+        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.front.bind(("127.0.0.1", 0))
+        self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.back.connect(("127.0.0.1", server_port))
+        for s in (self.front, self.back):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.port = int(self.front.getsockname()[1])
+        self.client: tuple[str, int] | None = None
+        self.forwarded = 0
+        self.dropped = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> LossyRelay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.front.close()
+        self.back.close()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 600  # bounded even if a test forgets to stop it
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            ready, _, _ = select.select([self.front, self.back], [], [], 0.1)
+            for sock in ready:
+                for _ in range(256):
+                    try:
+                        if sock is self.front:
+                            data, addr = self.front.recvfrom(65535, socket.MSG_DONTWAIT)
+                            self.client = addr
+                            target: tuple[str, int] | None = None
+                        else:
+                            data = self.back.recv(65535, socket.MSG_DONTWAIT)
+                            target = self.client
+                    except (BlockingIOError, ConnectionRefusedError):
+                        break
+                    if self.rng.random() < self.loss:
+                        self.dropped += 1
+                        continue
+                    self.forwarded += 1
+                    try:
+                        if target is None:
+                            self.back.send(data)
+                        else:
+                            self.front.sendto(data, target)
+                    except OSError:
+                        pass
