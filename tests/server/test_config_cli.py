@@ -20,6 +20,8 @@ from ostp_server import ConfigError, generate_key, parse_config_text, share_link
 from ostp_server.cli import main
 from ostp_server.config import format_host_port, parse_host_port
 
+RUN_SERVER = "import sys; from ostp_server.cli import main; sys.exit(main(sys.argv[1:]))"
+
 UPSTREAM = {
     "mode": "server",
     "listen": "0.0.0.0:50000",
@@ -114,7 +116,7 @@ def test_run_as_a_process_and_stop_gracefully(tmp_path: Path, sig: signal.Signal
         json.dumps({"mode": "server", "listen": "127.0.0.1:0", "access_keys": [key], "dns": {}})
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ostp_server.cli", "run", "-c", str(path)],
+        [sys.executable, "-c", RUN_SERVER, "run", "-c", str(path)],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
