@@ -187,11 +187,10 @@ class TunInboundConfig(_Model):
     address: list[str] = Field(default_factory=lambda: ["198.18.0.1/30", "fdfe:dcba:9876::1/126"])
     """Addresses of the device with their prefix length (IPv4 and/or IPv6)."""
     auto_route: bool = True
-    """Route all traffic through the device while the daemon runs (removed on exit); the OSTP
-    servers and `exclude_routes` keep their current routes."""
-    route_mode: Literal["split", "default"] = "split"
-    """`split`: 0.0.0.0/1 + 128.0.0.0/1 and ::/1 + 8000::/1 (the old default routes stay, but
-    lose); `default`: 0.0.0.0/0 and ::/0 with a low metric."""
+    """Route all traffic through the device while the daemon runs (removed on exit): the split
+    default routes 0.0.0.0/1 + 128.0.0.0/1 and ::/1 + 8000::/1, which win over the system's
+    default routes without replacing them. The OSTP servers and `exclude_routes` keep their
+    current routes."""
     exclude_routes: list[str] = Field(default_factory=list)
     """CIDRs that keep their current route (LAN, a second VPN)."""
     dns_hijack: bool = True

@@ -1,0 +1,307 @@
+"""The Linux TUN device (``/dev/net/tun``) and the routes ``auto_route`` installs.
+
+The device is opened with ``IFF_TUN | IFF_NO_PI`` and, with offload, ``IFF_VNET_HDR``: every
+packet then carries a 10-byte virtio-net header. On input it says whether the kernel already
+vouches for the checksum (so the netstack need not verify it) and lets the kernel hand over
+TCP segments larger than the MTU (``TUN_F_TSO4/6``). On output it asks the kernel to fill in
+the transport checksum (``NEEDS_CSUM``), which the netstack then leaves as the pseudo-header
+sum (``NetStackConfig.checksum_offload``). See PERFORMANCE.md, "TUN and checksums".
+
+Addresses, MTU and routes are set with the ``ip`` command (iproute2); every change made is
+recorded and undone in reverse order on close.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import itertools
+import logging
+import os
+import shutil
+import struct
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from ostp_client.tun.device import TunDevice
+
+__all__ = [
+    "IpCommandError",
+    "LinuxTun",
+    "RouteManager",
+    "RouteVia",
+    "parse_route_get",
+    "plan_routes",
+]
+
+logger = logging.getLogger(__name__)
+
+# linux/if_tun.h
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+
+# linux/virtio_net.h: struct virtio_net_hdr (10 bytes, little-endian on every Linux host that
+# runs this without TUNSETVNETLE)
+VNET_HDR_LEN = 10
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+_VNET_HDR = struct.Struct("<BBHHHH")
+_PLAIN_HDR = bytes(VNET_HDR_LEN)
+_TCP_CSUM_OFFSET = 16  # RFC 9293 §3.1: checksum at byte 16 of the TCP header
+_UDP_CSUM_OFFSET = 6  # RFC 768
+_PROTO_CSUM_OFFSET = {6: _TCP_CSUM_OFFSET, 17: _UDP_CSUM_OFFSET}
+
+READ_BUFFER = 65535 + VNET_HDR_LEN
+SPLIT_ROUTES_V4 = ("0.0.0.0/1", "128.0.0.0/1")
+SPLIT_ROUTES_V6 = ("::/1", "8000::/1")
+
+
+def vnet_header_for(packet: bytes) -> bytes:
+    """The virtio-net header that asks the kernel to finish a TCP/UDP checksum."""
+    if not packet:
+        return _PLAIN_HDR
+    version = packet[0] >> 4
+    if version == 4:
+        start = (packet[0] & 0x0F) * 4
+        proto = packet[9]
+    elif version == 6 and len(packet) >= 40:
+        start = 40  # the netstack sends no extension headers
+        proto = packet[6]
+    else:
+        return _PLAIN_HDR
+    offset = _PROTO_CSUM_OFFSET.get(proto)
+    if offset is None:
+        return _PLAIN_HDR
+    return _VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, start, offset)
+
+
+class LinuxTun(TunDevice):
+    """An open TUN interface. Non-blocking; use :attr:`fd` to wait for packets."""
+
+    def __init__(self, name: str, *, offload: bool = True, path: str = "/dev/net/tun") -> None:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+            ifr = struct.pack("16sH22x", name.encode(), flags)
+            result = fcntl.ioctl(fd, TUNSETIFF, ifr)
+            self.name = result[:16].rstrip(b"\0").decode()
+            self.offload = offload
+            if offload:
+                try:
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+                except OSError as exc:
+                    logger.debug("TUNSETOFFLOAD refused (%s); checksums only", exc)
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.read_errors = 0
+        self.write_drops = 0
+
+    def read_batch(self, limit: int = 256) -> list[tuple[bytes, bool]]:
+        """Packets waiting (at most ``limit``) with "checksum already verified" flags."""
+        out: list[tuple[bytes, bool]] = []
+        read = os.read
+        fd = self.fd
+        offload = self.offload
+        for _ in range(limit):
+            try:
+                data = read(fd, READ_BUFFER)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    break
+                self.read_errors += 1
+                continue
+            if offload:
+                if len(data) <= VNET_HDR_LEN:
+                    continue
+                # NEEDS_CSUM: a local sender left only the pseudo-header sum; DATA_VALID: the
+                # kernel checked it. Either way the netstack must not verify it again.
+                verified = bool(
+                    data[0] & (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID)
+                )
+                out.append((data[VNET_HDR_LEN:], verified))
+            else:
+                out.append((data, False))
+        return out
+
+    def write_batch(self, packets: Iterable[bytes]) -> None:
+        fd = self.fd
+        try:
+            if self.offload:
+                writev = os.writev
+                for packet in packets:
+                    writev(fd, (vnet_header_for(packet), packet))
+            else:
+                write = os.write
+                for packet in packets:
+                    write(fd, packet)
+        except (BlockingIOError, InterruptedError):
+            self.write_drops += 1  # the kernel's queue is full: TCP will retransmit
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EIO, errno.ENOBUFS):
+                raise
+            self.write_drops += 1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# --------------------------------------------------------------------------------------------
+# addresses and routes
+
+
+class IpCommandError(OSError):
+    """An ``ip`` command failed; the message has its stderr."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteVia:
+    """Where the system routes an address now (from ``ip route get``)."""
+
+    kind: str
+    """``unicast``, ``local`` or ``unreachable``."""
+    gateway: str | None = None
+    dev: str | None = None
+
+
+def parse_route_get(text: str) -> RouteVia:
+    """Parse the first line of ``ip route get ADDR`` output."""
+    words = text.split()
+    if not words:
+        return RouteVia("unreachable")
+    kind = "unicast"
+    if words[0] in ("local", "broadcast", "multicast"):
+        kind = "local"
+    elif words[0] in ("unreachable", "blackhole", "prohibit", "throw"):
+        return RouteVia("unreachable")
+    gateway = dev = None
+    for key, value in itertools.pairwise(words):
+        if key == "via" and gateway is None:
+            gateway = value
+        elif key == "dev" and dev is None:
+            dev = value
+    if dev == "lo":
+        kind = "local"
+    return RouteVia(kind, gateway, dev)
+
+
+def plan_routes(
+    name: str,
+    excludes: Sequence[tuple[str, RouteVia]],
+    *,
+    ipv6: bool = True,
+) -> list[list[str]]:
+    """The ``ip`` argument lists that ``auto_route`` runs, in order.
+
+    ``excludes`` pairs a network to keep off the TUN with its current route: the network gets
+    that route back as a more specific one; a network with no route at all gets an
+    ``unreachable`` route, so that it can never fall into the tunnel. Then the split default
+    routes go to the device (both families: no IPv6 may leak around the tunnel).
+    """
+    commands: list[list[str]] = []
+    for network, via in excludes:
+        net = ipaddress.ip_network(network, strict=False)
+        family = "-6" if net.version == 6 else "-4"
+        if via.kind == "local":
+            continue
+        if via.kind == "unreachable" or via.dev == name:
+            commands.append(["ip", family, "route", "add", "unreachable", str(net)])
+            continue
+        command = ["ip", family, "route", "add", str(net)]
+        if via.gateway:
+            command += ["via", via.gateway]
+        if via.dev:
+            command += ["dev", via.dev]
+        commands.append(command)
+    for route in SPLIT_ROUTES_V4:
+        commands.append(["ip", "-4", "route", "add", route, "dev", name])
+    if ipv6:
+        for route in SPLIT_ROUTES_V6:
+            commands.append(["ip", "-6", "route", "add", route, "dev", name])
+    return commands
+
+
+def undo_command(command: Sequence[str]) -> list[str]:
+    """``ip ... add ...`` → ``ip ... del ...``."""
+    out = list(command)
+    out[out.index("add")] = "del"
+    return out
+
+
+def _ip(args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    ip = shutil.which("ip") or "/sbin/ip"
+    result = subprocess.run(  # noqa: S603 (fixed program, argument list)
+        [ip, *args[1:]], capture_output=True, text=True, timeout=10, check=False
+    )
+    if check and result.returncode != 0:
+        raise IpCommandError(f"`{' '.join(args)}` failed: {result.stderr.strip()}")
+    return result
+
+
+def ipv6_available() -> bool:
+    return os.path.exists("/proc/sys/net/ipv6")
+
+
+@dataclass
+class RouteManager:
+    """Configures the device and installs routes; :meth:`restore` undoes all of it."""
+
+    name: str
+    applied: list[list[str]] = field(default_factory=list)
+
+    def configure(self, mtu: int, addresses: Sequence[str]) -> None:
+        _ip(["ip", "link", "set", "dev", self.name, "mtu", str(mtu)])
+        for address in addresses:
+            iface = ipaddress.ip_interface(address)
+            if iface.version == 6:
+                # nodad: the address is usable at once (no duplicate detection on a TUN)
+                _ip(["ip", "-6", "addr", "add", str(iface), "dev", self.name, "nodad"])
+            else:
+                _ip(["ip", "-4", "addr", "add", str(iface), "dev", self.name])
+        _ip(["ip", "link", "set", "dev", self.name, "up"])
+
+    @staticmethod
+    def lookup(network: str) -> RouteVia:
+        net = ipaddress.ip_network(network, strict=False)
+        family = "-6" if net.version == 6 else "-4"
+        result = _ip(["ip", family, "route", "get", str(net.network_address)], check=False)
+        if result.returncode != 0:
+            return RouteVia("unreachable")
+        return parse_route_get(result.stdout)
+
+    def install(self, excludes: Iterable[str]) -> None:
+        """Look up the current routes of ``excludes``, then install the plan."""
+        pairs = [(network, self.lookup(network)) for network in dict.fromkeys(excludes)]
+        for command in plan_routes(self.name, pairs, ipv6=ipv6_available()):
+            result = _ip(command, check=False)
+            if result.returncode == 0:
+                self.applied.append(command)
+                logger.debug("route: %s", " ".join(command[1:]))
+            elif "File exists" in result.stderr and command[-2:] != ["dev", self.name]:
+                logger.debug("route already present: %s", " ".join(command[1:]))
+            else:
+                self.restore()
+                raise IpCommandError(f"`{' '.join(command)}` failed: {result.stderr.strip()}")
+
+    def restore(self) -> None:
+        while self.applied:
+            command = undo_command(self.applied.pop())
+            result = _ip(command, check=False)
+            if result.returncode != 0:
+                logger.warning(
+                    "could not remove route (%s): %s", " ".join(command[1:]), result.stderr.strip()
+                )

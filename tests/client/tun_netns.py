@@ -1,0 +1,211 @@
+"""Two network namespaces for the TUN tests and the netstack benchmark.
+
+```
+ client ns ("c")                                   server ns ("s")
+  curl → 203.0.113.10 ─┐                            lo: 203.0.113.10, 2001:db8:2::10 (origins)
+        ostp0 (TUN) ◄──┘ split default routes       veth 192.0.2.2/24, 2001:db8:1::2/64
+  daemon ── veth 192.0.2.1/24, 2001:db8:1::1/64 ─────┘  (origin HTTP, DNS responder, ostp-server)
+```
+
+The client namespace has no route to 203.0.113.0/24 or 2001:db8:2::/48 but the TUN's, so curl's
+traffic enters the TUN; the daemon reaches the server namespace over the veth pair (the `direct`
+outbound with `override_address` 192.0.2.2, or `ostp` to an ostp-server at 192.0.2.2). Every
+address is a documentation range inside namespaces this module creates and deletes.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIENT_V4, SERVER_V4 = "192.0.2.1", "192.0.2.2"
+CLIENT_V6, SERVER_V6 = "2001:db8:1::1", "2001:db8:1::2"
+ORIGIN_V4, ORIGIN_V6 = "203.0.113.10", "2001:db8:2::10"
+DNS_V4 = "203.0.113.53"
+
+ORIGIN_CODE = """
+import socket, sys
+sys.path.insert(0, sys.argv[1])
+import origin_server as o
+import threading
+class S(o._Server):
+    address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+s = S(("::", int(sys.argv[2])), o._Handler)
+s.log = []
+s.lock = threading.Lock()
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"""
+
+DNS_CODE = """
+import socket, struct, sys
+answers = {}
+for item in sys.argv[1:]:
+    name, ip = item.split("=")
+    answers[name] = socket.inet_aton(ip)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 53))
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(4096)
+    ident, flags, qd = struct.unpack_from("!HHH", data)
+    i, labels = 12, []
+    while data[i]:
+        labels.append(data[i + 1 : i + 1 + data[i]].decode())
+        i += 1 + data[i]
+    question = data[12 : i + 5]
+    name = ".".join(labels).lower()
+    qtype = struct.unpack_from("!H", data, i + 1)[0]
+    ip = answers.get(name) if qtype == 1 else None
+    rcode = 0 if name in answers else 3
+    head = struct.pack("!HHHHHH", ident, 0x8180 | rcode, 1, 1 if ip else 0, 0, 0)
+    rr = struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + ip if ip else b""
+    s.sendto(head + question + rr, peer)
+"""
+
+
+_CLI = "import sys; from ostp_client.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def need_root_and_tools(*tools: str) -> None:
+    """Skip (outside CI) unless root with /dev/net/tun and the tools; fail in CI."""
+    missing = [t for t in ("ip", *tools) if shutil.which(t) is None]
+    reason = None
+    if os.geteuid() != 0:
+        reason = "needs root (network namespaces, TUN device)"
+    elif not os.path.exists("/dev/net/tun"):
+        reason = "needs /dev/net/tun"
+    elif missing:
+        reason = f"needs {', '.join(missing)}"
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, check=check, timeout=30)
+
+
+class Namespaces:
+    """Create with `setup()`, remove with `teardown()` (also kills processes started here)."""
+
+    def __init__(self, mtu: int = 1500) -> None:
+        tag = secrets.token_hex(3)
+        self.client = f"ostpt-c-{tag}"
+        self.server = f"ostpt-s-{tag}"
+        self._veth_c = f"otc{tag}"
+        self._veth_s = f"ots{tag}"
+        self.mtu = mtu
+        self.processes: list[subprocess.Popen[str]] = []
+
+    def setup(self) -> None:
+        c, s = self.client, self.server
+        _run("ip", "netns", "add", c)
+        _run("ip", "netns", "add", s)
+        _run("ip", "link", "add", self._veth_c, "type", "veth", "peer", "name", self._veth_s)
+        _run("ip", "link", "set", self._veth_c, "netns", c)
+        _run("ip", "link", "set", self._veth_s, "netns", s)
+        for ns, dev, v4, v6 in (
+            (c, self._veth_c, CLIENT_V4, CLIENT_V6),
+            (s, self._veth_s, SERVER_V4, SERVER_V6),
+        ):
+            self.ip(ns, "link", "set", "lo", "up")
+            self.ip(ns, "link", "set", dev, "mtu", str(self.mtu), "up")
+            self.ip(ns, "addr", "add", f"{v4}/24", "dev", dev)
+            self.ip(ns, "-6", "addr", "add", f"{v6}/64", "dev", dev, "nodad")
+        for address in (f"{ORIGIN_V4}/32", f"{DNS_V4}/32", f"{ORIGIN_V6}/128"):
+            self.ip(s, "addr", "add", address, "dev", "lo")
+
+    def ip(self, ns: str, *args: str) -> str:
+        return _run("ip", "-n", ns, *args).stdout
+
+    def exec(self, ns: str, *args: str, timeout: float = 60, check: bool = True) -> str:
+        result = subprocess.run(
+            ["ip", "netns", "exec", ns, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"{args} failed ({result.returncode}): {result.stderr[-2000:]}")
+        return result.stdout
+
+    def popen(self, ns: str, args: Sequence[str], **kwargs: object) -> subprocess.Popen[str]:
+        proc: subprocess.Popen[str] = subprocess.Popen(  # type: ignore[call-overload]
+            ["ip", "netns", "exec", ns, *args], text=True, **kwargs
+        )
+        self.processes.append(proc)
+        return proc
+
+    def start_origin(self) -> int:
+        proc = self.popen(
+            self.server,
+            [sys.executable, "-c", ORIGIN_CODE, str(ROOT / "tests" / "client"), "0"],
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        return int(proc.stdout.readline())
+
+    def start_dns(self, answers: dict[str, str]) -> None:
+        args = [f"{k}={v}" for k, v in answers.items()]
+        proc = self.popen(self.server, [sys.executable, "-c", DNS_CODE, *args], stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+
+    def start_daemon(self, config_path: Path, tun_name: str, log_path: Path) -> subprocess.Popen[str]:
+        log = log_path.open("w")
+        proc = self.popen(
+            self.client,
+            [sys.executable, "-c", _CLI, "run", "-c", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"daemon exited: {log_path.read_text()[-3000:]}")
+            routes = _run("ip", "-n", self.client, "route", check=False).stdout
+            if f"128.0.0.0/1 dev {tun_name}" in routes:
+                return proc
+            time.sleep(0.1)
+        raise AssertionError(f"daemon did not set up {tun_name}: {log_path.read_text()[-3000:]}")
+
+    def stop(self, proc: subprocess.Popen[str], timeout: float = 10) -> int:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                return proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+                return -9
+        return proc.returncode
+
+    def teardown(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.kill()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+        for ns in (self.client, self.server):
+            _run("ip", "netns", "del", ns, check=False)
