@@ -15,6 +15,7 @@ address is a documentation range inside namespaces this module creates and delet
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -163,11 +164,15 @@ class Namespaces:
 
     def start_dns(self, answers: dict[str, str]) -> None:
         args = [f"{k}={v}" for k, v in answers.items()]
-        proc = self.popen(self.server, [sys.executable, "-c", DNS_CODE, *args], stdout=subprocess.PIPE)
+        proc = self.popen(
+            self.server, [sys.executable, "-c", DNS_CODE, *args], stdout=subprocess.PIPE
+        )
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
 
-    def start_daemon(self, config_path: Path, tun_name: str, log_path: Path) -> subprocess.Popen[str]:
+    def start_daemon(
+        self, config_path: Path, tun_name: str, log_path: Path
+    ) -> subprocess.Popen[str]:
         log = log_path.open("w")
         proc = self.popen(
             self.client,
@@ -200,10 +205,8 @@ class Namespaces:
         for proc in self.processes:
             if proc.poll() is None:
                 proc.kill()
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    pass
             for stream in (proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()

@@ -18,6 +18,7 @@ after each call `_service()` drains its events and writes its packets.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -209,6 +210,8 @@ class TunInbound(Inbound):
                 if config.auto_route:
                     self.excluded_routes = await self._route_excludes()
                     routes.install(self.excluded_routes)
+                if self.fake_ips is not None:
+                    routes.add_device_routes(str(n) for n in self.fake_ips.networks)
             self.stack = NetStack(
                 NetStackConfig(
                     mtu=config.mtu,
@@ -246,9 +249,8 @@ class TunInbound(Inbound):
             **self.counters,
         }
         if self.stack is not None:
-            out["netstack"] = {
-                k: v for k, v in vars(self.stack.stats).items() if isinstance(v, int) and v
-            }
+            stats = dataclasses.asdict(self.stack.stats)
+            out["netstack"] = {k: v for k, v in stats.items() if isinstance(v, int) and v}
         return out
 
     # -- the loop ---------------------------------------------------------------------------
@@ -527,32 +529,17 @@ class TunInbound(Inbound):
 
     # -- UDP --------------------------------------------------------------------------------
 
-    def _reply_udp(self, flow: _Udp, source: Address, data: bytes) -> None:
+    def _reply_udp(self, flow: _Udp, data: bytes) -> None:
+        """A datagram back to the application, always from the flow's destination: the
+        outbound may answer from another address (an override, a resolved name, an IPv4-mapped
+        form) that the application's connected socket would not accept."""
         stack = self.stack
         assert stack is not None
         if flow.flow_id not in self._udp:
             return
-        ip = source.ip
-        if ip is None or (source.host == flow.dst.host and source.port == flow.dst.port):
-            sent = stack.udp_send(flow.flow_id, data)
-        else:
-            if ip.version == 6 and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped
-            if ip.version != ipaddress.ip_address(flow.src.host).version:
-                self.counters["udp_dropped"] += 1
-                return
-            host = str(ip)
-            if self.fake_ips is not None and host == self._target_host(flow):
-                sent = stack.udp_send(flow.flow_id, data)
-            else:
-                sent = stack.udp_send_from(Endpoint(host, source.port), flow.src, data)
-        if not sent:
+        if not stack.udp_send(flow.flow_id, data):
             self.counters["udp_dropped"] += 1
         self._service()
-
-    def _target_host(self, flow: _Udp) -> str | None:
-        target = self._target(flow.dst)
-        return target.host if target is not None else None
 
     async def _handle_udp(self, flow: _Udp) -> None:
         registry = self.dispatcher.registry
@@ -589,9 +576,9 @@ class TunInbound(Inbound):
     async def _udp_replies(self, flow: _Udp, session: UdpOutboundSession, ctx: ConnContext) -> None:
         try:
             while True:
-                source, data = await session.receive()
+                _, data = await session.receive()
                 ctx.bytes_down += len(data)
-                self._reply_udp(flow, source, data)
+                self._reply_udp(flow, data)
         except anyio.EndOfStream:
             pass
         flow.send.close()

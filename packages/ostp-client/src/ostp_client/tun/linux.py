@@ -297,6 +297,20 @@ class RouteManager:
                 self.restore()
                 raise IpCommandError(f"`{' '.join(command)}` failed: {result.stderr.strip()}")
 
+    def add_device_routes(self, networks: Iterable[str]) -> None:
+        """Route ``networks`` (the fake-IP ranges) to the device, auto_route or not."""
+        for network in networks:
+            net = ipaddress.ip_network(network, strict=False)
+            family = "-6" if net.version == 6 else "-4"
+            command = ["ip", family, "route", "add", str(net), "dev", self.name]
+            result = _ip(command, check=False)
+            if result.returncode == 0:
+                self.applied.append(command)
+            else:
+                logger.warning(
+                    "could not route %s to %s: %s", net, self.name, result.stderr.strip()
+                )
+
     def restore(self) -> None:
         while self.applied:
             command = undo_command(self.applied.pop())
