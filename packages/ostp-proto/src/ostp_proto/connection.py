@@ -344,15 +344,23 @@ class Connection:
             self._events.append(DataLost(skipped))
             self._deliver(frames, now)
 
-    def _randint(self, n: int) -> int:
-        return int.from_bytes(self._random(2), "big") % (n + 1) if n > 0 else 0
-
-    def _reserved(self) -> int:
+    def _take_random(self) -> int:
+        """Two random bytes as an int, from a pool refilled 4 KiB at a time (no syscall each)."""
         pool = self._reserved_pool
         if len(pool) < 2:
             pool = self._random(4096)
         self._reserved_pool = pool[2:]
         return int.from_bytes(pool[:2], "big")
+
+    def _randint(self, n: int) -> int:
+        return self._take_random() % (n + 1) if n > 0 else 0
+
+    def _reserved(self) -> int:
+        return self._take_random()
+
+    def _fresh_randint(self, n: int) -> int:
+        """Uniform in [0, n] straight from ``random_bytes`` (handshakes: rare, scriptable)."""
+        return int.from_bytes(self._random(2), "big") % (n + 1) if n > 0 else 0
 
     def _enqueue(self, stream_id: int, relay: bytes) -> None:
         queue = self._queues.get(stream_id)
@@ -500,7 +508,7 @@ class ClientConnection(Connection):
         payload = ts.to_bytes(8, "big") + sid.to_bytes(4, "big") + self._key
         message = noise.write_message_1(payload)
         s = self._secrets
-        pad = s.handshake_pad_min + self._randint(s.handshake_pad_max - s.handshake_pad_min)
+        pad = s.handshake_pad_min + self._fresh_randint(s.handshake_pad_max - s.handshake_pad_min)
         self._out.append(
             build_handshake_datagram(s.obfuscation_key, sid, message, self._random(pad))
         )
@@ -589,7 +597,7 @@ class ServerConnection(Connection):
         self.key_index = key_index
         noise.set_ephemeral(random_bytes(32))
         message = noise.write_message_2(b"")
-        pad = secrets.handshake_pad_min + self._randint(
+        pad = secrets.handshake_pad_min + self._fresh_randint(
             secrets.handshake_pad_max - secrets.handshake_pad_min
         )
         self._out.append(

@@ -121,6 +121,9 @@ class PaddingPolicy:
 
         ``randint(n)`` returns a uniform integer in [0, n]; only the adaptive strategy uses it.
         """
+        room = self.mtu_hint - length - PADDING_CLAMP_OVERHEAD
+        if room <= 0:
+            return 0  # the final clamp of every strategy (spec §6.1): full datagrams get none
         if self.fixed is not None:
             raw = max(self.fixed - length, 0)
         elif self.profile is not None:
@@ -133,4 +136,4 @@ class PaddingPolicy:
             raw = min(base + jitter, self.max_pad)
         else:
             return 0
-        return min(raw, max(self.mtu_hint - length - PADDING_CLAMP_OVERHEAD, 0))
+        return min(raw, room)

@@ -159,9 +159,20 @@ class OstpStream(_Channel, anyio.abc.ByteStream):
                 raise anyio.ClosedResourceError
             self.readable = anyio.Event()
             await self.readable.wait()
-        chunk = self._chunks.popleft()
+        # Hand over everything queued at once (up to max_bytes): one local write per batch of
+        # datagrams instead of one per relay message.
+        chunks = self._chunks
+        chunk = chunks.popleft()
+        if chunks and len(chunk) < max_bytes:
+            parts = [chunk]
+            size = len(chunk)
+            while chunks and size + len(chunks[0]) <= max_bytes:
+                nxt = chunks.popleft()
+                parts.append(nxt)
+                size += len(nxt)
+            chunk = b"".join(parts)
         if len(chunk) > max_bytes:
-            self._chunks.appendleft(chunk[max_bytes:])
+            chunks.appendleft(chunk[max_bytes:])
             chunk = chunk[:max_bytes]
         self.session.consumed(len(chunk))
         return chunk

@@ -1,0 +1,245 @@
+"""Bulk download through the tunnel next to its baselines, in one run.
+
+(a) curl straight from a local origin, (b) curl through ostp-client and ostp-server (each its
+own process, as users run them), (c) curl through pproxy's SOCKS5 front end chained to a pproxy
+shadowsocks server (chacha20-ietf-poly1305), and (b) again through a relay that drops 2 % of
+datagrams. Prints MB/s and the ratios b/a and b/c; then the resident memory of the idle daemon
+and with 1,000 open streams. Writes bench/results/tunnel_bench.json.
+
+    hatch run python bench/tunnel_bench.py [--mb 100] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+CURL = shutil.which("curl") or "/usr/bin/curl"
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_tcp(port: int, limit: float = 15.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+@contextmanager
+def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("ab") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=out)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def curl_speed(url: str, proxy: list[str]) -> float:
+    out = subprocess.run(
+        [CURL, "-sS", "--noproxy", "", *proxy, "-o", "/dev/null", "-w", "%{speed_download}", url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return float(out.stdout) / 1e6
+
+
+def best(url: str, proxy: list[str], runs: int) -> float:
+    return max(curl_speed(url, proxy) for _ in range(runs))
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def client_config(path: Path, port: int, server_port: int, key: str) -> None:
+    path.write_text(
+        json.dumps(
+            {
+                "log": {"level": "warning"},
+                "inbounds": [
+                    {"type": "local_proxy", "tag": "in", "listen": "127.0.0.1", "port": port}
+                ],
+                "outbounds": [
+                    {
+                        "type": "ostp",
+                        "tag": "proxy",
+                        "server": f"127.0.0.1:{server_port}",
+                        "access_key": key,
+                    }
+                ],
+                "routing": {"default_outbound": "proxy"},
+            }
+        )
+    )
+
+
+async def hold_streams(proxy_port: int, target_port: int, count: int) -> list[asyncio.StreamWriter]:
+    writers = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+        writer.write(b"\x05\x01\x00")
+        await reader.readexactly(2)
+        writer.write(b"\x05\x01\x00\x01\x7f\x00\x00\x01" + target_port.to_bytes(2, "big"))
+        reply = await reader.readexactly(10)
+        assert reply[1] == 0, reply
+        writers.append(writer)
+    return writers
+
+
+def memory(tmp: Path, server_port: int, key: str) -> dict[str, float]:
+    port = free_port()
+    config = tmp / "mem-client.json"
+    client_config(config, port, server_port, key)
+    sink_port = free_port()
+    result: dict[str, float] = {}
+
+    async def main(pid: int) -> None:
+        held: list[asyncio.StreamWriter] = []
+
+        async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)
+            try:
+                await reader.read()
+            except (asyncio.CancelledError, ConnectionError):
+                pass
+
+        server = await asyncio.start_server(sink, "127.0.0.1", sink_port, backlog=2048)
+        await asyncio.sleep(2.0)
+        result["idle_rss_mb"] = rss_mb(pid)
+        writers = await hold_streams(port, sink_port, 1000)
+        await asyncio.sleep(1.0)
+        result["rss_1000_streams_mb"] = rss_mb(pid)
+        result["added_by_1000_streams_mb"] = result["rss_1000_streams_mb"] - result["idle_rss_mb"]
+        for w in writers + held:
+            w.close()
+        server.close()
+
+    with process([str(BIN / "ostp-client"), "run", "-c", str(config)], tmp / "mem.log") as proc:
+        wait_tcp(port)
+        asyncio.run(main(proc.pid))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=int, default=100)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    from tests.client.tunnel_helpers import LossyRelay
+
+    tmp = Path(tempfile.mkdtemp(prefix="tunnel-bench-"))
+    (tmp / "www").mkdir()
+    (tmp / "www" / "body").write_bytes(os.urandom(args.mb * 1024 * 1024))
+    origin_port, server_port = free_port(), free_port(socket.SOCK_DGRAM)
+    proxy_port, ss_port, pp_port, lossy_proxy_port = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    )
+    key = secrets.token_hex(16)
+    (tmp / "server.json").write_text(
+        json.dumps({"listen": f"127.0.0.1:{server_port}", "access_keys": [key]})
+    )
+    client_config(tmp / "client.json", proxy_port, server_port, key)
+    url = f"http://127.0.0.1:{origin_port}/body"
+    results: dict[str, float] = {}
+    origin_cmd = [sys.executable, "-m", "http.server", str(origin_port), "--bind", "127.0.0.1"]
+    with (
+        process([*origin_cmd, "--directory", str(tmp / "www")], tmp / "origin.log"),
+        process([str(BIN / "ostp-server"), "run", "-c", str(tmp / "server.json")], tmp / "s.log"),
+    ):
+        wait_tcp(origin_port)
+        results["a_direct_MBps"] = best(url, [], args.runs)
+        with process(
+            [str(BIN / "ostp-client"), "run", "-c", str(tmp / "client.json")], tmp / "c.log"
+        ):
+            wait_tcp(proxy_port)
+            time.sleep(1.5)  # first handshake
+            results["b_ostp_MBps"] = best(
+                url, ["-x", f"socks5h://127.0.0.1:{proxy_port}"], args.runs
+            )
+        cipher = "chacha20-ietf-poly1305:benchpass"
+        ss_cmd = [str(BIN / "pproxy"), "-l", f"ss://{cipher}@127.0.0.1:{ss_port}"]
+        socks_cmd = [
+            str(BIN / "pproxy"),
+            "-l",
+            f"socks5://127.0.0.1:{pp_port}",
+            "-r",
+            f"ss://{cipher}@127.0.0.1:{ss_port}",
+        ]
+        with process(ss_cmd, tmp / "ss.log"), process(socks_cmd, tmp / "pp.log"):
+            wait_tcp(ss_port)
+            wait_tcp(pp_port)
+            results["c_pproxy_ss_MBps"] = best(
+                url, ["-x", f"socks5h://127.0.0.1:{pp_port}"], args.runs
+            )
+        with LossyRelay(server_port, 0.02) as relay:
+            client_config(tmp / "lossy.json", lossy_proxy_port, relay.port, key)
+            with process(
+                [str(BIN / "ostp-client"), "run", "-c", str(tmp / "lossy.json")], tmp / "l.log"
+            ):
+                wait_tcp(lossy_proxy_port)
+                time.sleep(1.5)
+                results["b_ostp_2pct_loss_MBps"] = curl_speed(
+                    url, ["-x", f"socks5h://127.0.0.1:{lossy_proxy_port}"]
+                )
+        results.update(memory(tmp, server_port, key))
+    results["b_over_a"] = results["b_ostp_MBps"] / results["a_direct_MBps"]
+    results["b_over_c"] = results["b_ostp_MBps"] / results["c_pproxy_ss_MBps"]
+    results["b_2pct_over_b"] = results["b_ostp_2pct_loss_MBps"] / results["b_ostp_MBps"]
+    print(f"tunnel_bench: {args.mb} MB download with curl, best of {args.runs}")
+    print(f"  (a) direct from the origin          {results['a_direct_MBps']:9.1f} MB/s")
+    print(f"  (b) ostp-client + ostp-server       {results['b_ostp_MBps']:9.1f} MB/s")
+    print(f"  (c) pproxy socks5 -> shadowsocks    {results['c_pproxy_ss_MBps']:9.1f} MB/s")
+    print(f"  (b) at 2 % loss (one run)           {results['b_ostp_2pct_loss_MBps']:9.1f} MB/s")
+    print(
+        f"  ratios: b/a {results['b_over_a']:.3f}   b/c {results['b_over_c']:.2f}   "
+        f"b(2%)/b {results['b_2pct_over_b']:.2f}"
+    )
+    print(
+        f"  memory: idle daemon {results['idle_rss_mb']:.1f} MB RSS, with 1,000 streams "
+        f"{results['rss_1000_streams_mb']:.1f} MB (+{results['added_by_1000_streams_mb']:.1f} MB)"
+    )
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tunnel_bench.json").write_text(json.dumps(results, indent=2))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
