@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,10 +132,8 @@ def memory(tmp: Path, server_port: int, key: str) -> dict[str, float]:
 
         async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             held.append(writer)
-            try:
+            with suppress(asyncio.CancelledError, ConnectionError):
                 await reader.read()
-            except (asyncio.CancelledError, ConnectionError):
-                pass
 
         server = await asyncio.start_server(sink, "127.0.0.1", sink_port, backlog=2048)
         await asyncio.sleep(2.0)
