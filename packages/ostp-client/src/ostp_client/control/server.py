@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from anyio.abc import TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 from pydantic import BaseModel, ValidationError
@@ -655,7 +656,7 @@ class ControlServer:
         client = _Client(stream)
         reader = BufferedByteReceiveStream(stream)
         try:
-            async with stream, anyio.create_task_group() as tg:
+            async with anyio.create_task_group() as tg:
                 await client.send(self.hello_model())
                 while not client.closed:
                     try:
@@ -672,6 +673,12 @@ class ControlServer:
             logger.debug("control client dropped: %r", exc)
         finally:
             self.clients -= 1
+            client.closed = True
+            with anyio.CancelScope(shield=True):
+                # let a just-cancelled receive finish its cleanup before closing: anyio's Unix
+                # stream raises InvalidStateError otherwise (agronholm/anyio#1267)
+                await anyio.lowlevel.checkpoint()
+                await anyio.aclose_forcefully(stream)
 
     async def _handle_line(self, client: _Client, line: bytes, tg: anyio.abc.TaskGroup) -> None:
         try:
