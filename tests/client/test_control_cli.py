@@ -1,0 +1,117 @@
+"""`ostp-client run` serves the control socket; `ostp-client ctl` uses it; SIGHUP reloads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.tui.live import (
+    base_config,
+    program,
+    short_socket_dir,
+    start_daemon_process,
+    stop_process,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    directory = short_socket_dir()
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _ctl(socket: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*program(), "ctl", "--socket", str(socket), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def _wait_ctl(socket: Path, process: subprocess.Popen[str]) -> None:
+    for _ in range(200):
+        if process.poll() is not None:
+            raise AssertionError(
+                f"daemon exited: {process.stderr.read() if process.stderr else ''}"
+            )
+        if socket.exists() and _ctl(socket, "status").returncode == 0:
+            return
+        subprocess.run(["sleep", "0.05"], check=True)
+    raise AssertionError("control socket never answered")
+
+
+def _route_matches(socket: Path) -> list[str]:
+    done = _ctl(socket, "--json", "routes")
+    assert done.returncode == 0, done.stderr
+    return [rule["match"] for rule in json.loads(done.stdout)["rules"]]
+
+
+def test_ctl_commands_and_sighup_reload(sock_dir: Path) -> None:
+    socket = sock_dir / "control.sock"
+    config = base_config(str(socket), log={"level": "info"})
+    config_file = sock_dir / "cfg.json"
+    config_file.write_text(json.dumps(config))
+    process = start_daemon_process(config_file)
+    try:
+        _wait_ctl(socket, process)
+        status = _ctl(socket, "status")
+        assert status.returncode == 0
+        assert "running" in status.stdout and "direct" in status.stdout
+        assert "proxy-in" in status.stdout
+        as_json = json.loads(_ctl(socket, "--json", "status").stdout)
+        assert [o["id"] for o in as_json["outbounds"]] == ["direct", "block"]
+        assert json.loads(_ctl(socket, "connections", "--json").stdout)["connections"] == []
+        assert "ID" in _ctl(socket, "connections").stdout
+        routes = _ctl(socket, "routes")
+        assert "domain_suffix=blocked.test" in routes.stdout and "(default)" in routes.stdout
+        logs = _ctl(socket, "logs", "--level", "info")
+        assert "control socket on" in logs.stdout
+        refused = _ctl(socket, "reconnect", "direct")
+        assert refused.returncode == 1 and "no sessions" in refused.stderr
+        assert _ctl(socket, "close", "99").returncode == 1
+
+        config["routing"]["rules"].append({"domain": ["example.com"], "outbound": "direct"})
+        config_file.write_text(json.dumps(config))
+        process.send_signal(signal.SIGHUP)
+        for _ in range(200):
+            if "domain=example.com" in _route_matches(socket):
+                break
+            subprocess.run(["sleep", "0.05"], check=True)
+        assert _route_matches(socket) == [
+            "domain_suffix=blocked.test",
+            "domain=example.com",
+            "(default)",
+        ]
+
+        config_file.write_text('{"outbounds": []}')  # invalid: refused, the old one stays
+        process.send_signal(signal.SIGHUP)
+        for _ in range(200):
+            if "reload refused" in _ctl(socket, "logs").stdout:
+                break
+            subprocess.run(["sleep", "0.05"], check=True)
+        assert "reload refused" in _ctl(socket, "logs").stdout
+        assert process.poll() is None
+        assert len(_route_matches(socket)) == 3
+        reload = _ctl(socket, "reload")
+        assert reload.returncode == 1 and "outbounds" in reload.stderr
+    finally:
+        stop_process(process)
+    assert process.returncode == 0
+    assert not socket.exists()
+
+
+def test_ctl_without_a_daemon(sock_dir: Path) -> None:
+    done = _ctl(sock_dir / "nothing.sock", "status")
+    assert done.returncode == 3
+    assert "nothing.sock" in done.stderr
