@@ -206,28 +206,40 @@ def main() -> None:
             results["c_pproxy_ss_MBps"] = best(
                 url, ["-x", f"socks5h://127.0.0.1:{pp_port}"], args.runs
             )
-        with LossyRelay(server_port, 0.02) as relay:
-            client_config(tmp / "lossy.json", lossy_proxy_port, relay.port, key)
-            with process(
-                [str(BIN / "ostp-client"), "run", "-c", str(tmp / "lossy.json")], tmp / "l.log"
-            ):
-                wait_tcp(lossy_proxy_port)
-                time.sleep(1.5)
-                results["b_ostp_2pct_loss_MBps"] = curl_speed(
-                    url, ["-x", f"socks5h://127.0.0.1:{lossy_proxy_port}"]
-                )
+        faults = {
+            "b_ostp_2pct_loss_MBps": (0.02, 0.0, 0.0),
+            "b_ostp_3pct_loss_dup_reorder_MBps": (0.03, 0.01, 0.05),
+        }
+        for name, (loss, dup, reorder) in faults.items():
+            with LossyRelay(server_port, loss, duplicate=dup, reorder=reorder) as relay:
+                client_config(tmp / "lossy.json", lossy_proxy_port, relay.port, key)
+                lossy_cmd = [str(BIN / "ostp-client"), "run", "-c", str(tmp / "lossy.json")]
+                with process(lossy_cmd, tmp / "l.log"):
+                    wait_tcp(lossy_proxy_port)
+                    time.sleep(1.5)
+                    lossy = ["-x", f"socks5h://127.0.0.1:{lossy_proxy_port}"]
+                    results[name] = curl_speed(url, lossy)
         results.update(memory(tmp, server_port, key))
     results["b_over_a"] = results["b_ostp_MBps"] / results["a_direct_MBps"]
     results["b_over_c"] = results["b_ostp_MBps"] / results["c_pproxy_ss_MBps"]
     results["b_2pct_over_b"] = results["b_ostp_2pct_loss_MBps"] / results["b_ostp_MBps"]
+    results["b_3pct_dup_reorder_over_b"] = (
+        results["b_ostp_3pct_loss_dup_reorder_MBps"] / results["b_ostp_MBps"]
+    )
     print(f"tunnel_bench: {args.mb} MB download with curl, best of {args.runs}")
+    print("  (the relay for the lossy runs is a Python thread: it caps those runs' speed)")
     print(f"  (a) direct from the origin          {results['a_direct_MBps']:9.1f} MB/s")
     print(f"  (b) ostp-client + ostp-server       {results['b_ostp_MBps']:9.1f} MB/s")
     print(f"  (c) pproxy socks5 -> shadowsocks    {results['c_pproxy_ss_MBps']:9.1f} MB/s")
     print(f"  (b) at 2 % loss (one run)           {results['b_ostp_2pct_loss_MBps']:9.1f} MB/s")
     print(
+        "  (b) 3 % loss, 1 % dup, 5 % reorder   "
+        f"{results['b_ostp_3pct_loss_dup_reorder_MBps']:9.1f} MB/s"
+    )
+    print(
         f"  ratios: b/a {results['b_over_a']:.3f}   b/c {results['b_over_c']:.2f}   "
-        f"b(2%)/b {results['b_2pct_over_b']:.2f}"
+        f"b(2%)/b {results['b_2pct_over_b']:.2f}   "
+        f"b(3%+dup+reorder)/b {results['b_3pct_dup_reorder_over_b']:.2f}"
     )
     print(
         f"  memory: idle daemon {results['idle_rss_mb']:.1f} MB RSS, with 1,000 streams "

@@ -186,6 +186,16 @@ async def test_20mb_byte_exact_through_a_lossy_path(
         assert relay.dropped > 0
 
 
+async def test_duplication_and_reordering_with_loss(
+    origin: Origin, server: ServerProcess, tmp_path: Path
+) -> None:
+    with LossyRelay(server.port, 0.03, duplicate=0.01, reorder=0.05) as relay:
+        async with running_daemon(tunnel_config(server.outbound(relay.port))) as daemon:
+            await _connected(daemon, limit=30)
+            await _download(proxy_port(daemon), origin, "socks5h", 20 * MB, tmp_path / "body")
+        assert relay.dropped > 0 and relay.duplicated > 0 and relay.reordered > 0
+
+
 async def _udp_echo(sock: anyio.abc.UDPSocket) -> None:
     async for data, (host, port) in sock:
         await sock.sendto(b"echo:" + data, host, port)

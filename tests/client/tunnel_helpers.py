@@ -78,13 +78,28 @@ def ostp_server(workdir: Path) -> Iterator[ServerProcess]:
 
 
 class LossyRelay:
-    """Forwards UDP between one client and the server, dropping a fraction each way.
+    """Forwards UDP between one client and the server, dropping, duplicating and reordering.
 
-    Runs in a thread with plain sockets so the event loop under test is not involved.
+    ``loss``, ``duplicate`` and ``reorder`` are fractions of datagrams per direction; a reordered
+    datagram is held back and sent after the next one. Runs in a thread with plain sockets so
+    the event loop under test is not involved.
     """
 
-    def __init__(self, server_port: int, loss: float, seed: int = 1) -> None:
+    def __init__(
+        self,
+        server_port: int,
+        loss: float,
+        seed: int = 1,
+        *,
+        duplicate: float = 0.0,
+        reorder: float = 0.0,
+    ) -> None:
         self.loss = loss
+        self.duplicate = duplicate
+        self.reorder = reorder
+        self._held: dict[bool, bytes | None] = {True: None, False: None}
+        self.duplicated = 0
+        self.reordered = 0
         self.rng = random.Random(seed)
         self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.front.bind(("127.0.0.1", 0))
@@ -128,11 +143,24 @@ class LossyRelay:
                     if self.rng.random() < self.loss:
                         self.dropped += 1
                         continue
-                    self.forwarded += 1
-                    try:
-                        if target is None:
-                            self.back.send(data)
-                        else:
-                            self.front.sendto(data, target)
-                    except OSError:
-                        pass
+                    upstream = target is None
+                    out = [data]
+                    if self.rng.random() < self.duplicate:
+                        self.duplicated += 1
+                        out.append(data)
+                    held = self._held[upstream]
+                    if held is not None:
+                        out.append(held)
+                        self._held[upstream] = None
+                    elif self.rng.random() < self.reorder:
+                        self.reordered += 1
+                        self._held[upstream] = out.pop(0)
+                    for item in out:
+                        self.forwarded += 1
+                        try:
+                            if upstream:
+                                self.back.send(item)
+                            elif target is not None:
+                                self.front.sendto(item, target)
+                        except OSError:
+                            pass
