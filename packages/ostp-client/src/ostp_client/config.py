@@ -27,6 +27,7 @@ from pydantic import (
     ValidationError,
     field_serializer,
     field_validator,
+    model_validator,
 )
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "LogConfig",
     "MuxConfig",
     "NatConfig",
+    "NatTurnConfig",
     "OstpOutboundConfig",
     "OutboundConfig",
     "RoutingConfig",
@@ -268,11 +270,86 @@ class MuxConfig(_Model):
     """Number of sessions when enabled."""
 
 
-class NatConfig(_Model):
-    """NAT traversal options of an ostp outbound (reserved; filled in by the NAT work)."""
+STUN_PORT = 3478  # RFC 8489 §18.6: the default port of STUN and TURN over UDP
 
-    model_config = ConfigDict(extra="allow", frozen=True)
-    enabled: bool = False
+
+class NatTurnConfig(_Model):
+    """A TURN server (RFC 8656, over UDP) and its long-term credentials (RFC 8489 §9.2)."""
+
+    server: str
+    """`host:port` of the TURN server (port 3478 when omitted)."""
+    username: Annotated[str, Field(min_length=1, max_length=508)]  # RFC 8489 §14.3
+    password: Annotated[SecretStr, Field(min_length=1)]
+    """Long-term credential password; never logged."""
+    lifetime: Annotated[int, Field(ge=60, le=86400)] | None = None
+    """Allocation LIFETIME to ask for, seconds; absent lets the server choose (600)."""
+    refresh_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.8
+    """Refresh the allocation when this fraction of its granted lifetime has passed."""
+    permission_refresh: Annotated[float, Field(gt=0, lt=300)] = 240.0
+    """Seconds between permission refreshes (permissions expire after 300 s, RFC 8656 §9)."""
+    channel_refresh: Annotated[float, Field(gt=0, lt=600)] = 480.0
+    """Seconds between channel refreshes (channels expire after 600 s, RFC 8656 §12)."""
+
+    @field_validator("server")
+    @classmethod
+    def _check_server(cls, value: str) -> str:
+        parse_host_port(value, STUN_PORT)
+        return value.strip()
+
+    @field_serializer("password", when_used="always")
+    def _reveal(self, value: SecretStr, info: SerializationInfo) -> str:
+        return _secret_out(value, info)
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        return parse_host_port(self.server, STUN_PORT)
+
+
+class NatConfig(_Model):
+    """NAT traversal of an ostp outbound: STUN discovery and TURN relaying, each on the
+    session's own UDP socket.
+
+    `mode` is `direct` (never relay), `turn` (always relay through `turn`) or `auto` (direct
+    first; relay when the handshake gets no answer). When `mode` is omitted it is `auto` if a
+    `turn` server is given and `direct` otherwise.
+    """
+
+    mode: Literal["direct", "turn", "auto"] = "direct"
+    stun: list[str] = Field(default_factory=list)
+    """STUN servers (`host:port`, port 3478 when omitted) asked for the mapped address at the
+    start of every session."""
+    turn: NatTurnConfig | None = None
+    retry_direct_after: Annotated[float, Field(ge=0, le=86400)] = 600.0
+    """`auto`: seconds after falling back to TURN before a new session tries direct again."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mode(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "mode" not in data and data.get("turn") is not None:
+            return {**data, "mode": "auto"}
+        return data
+
+    @field_validator("stun", mode="before")
+    @classmethod
+    def _stun_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stun")
+    @classmethod
+    def _check_stun(cls, value: list[str]) -> list[str]:
+        for text in value:
+            parse_host_port(text, STUN_PORT)
+        return [text.strip() for text in value]
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> NatConfig:
+        if self.mode != "direct" and self.turn is None:
+            raise ValueError(f"mode {self.mode!r} needs a `turn` server")
+        return self
+
+    @property
+    def stun_addresses(self) -> list[tuple[str, int]]:
+        return [parse_host_port(text, STUN_PORT) for text in self.stun]
 
 
 class OstpOutboundConfig(_Model):
@@ -296,6 +373,7 @@ class OstpOutboundConfig(_Model):
     reconnect_delay: Annotated[float, Field(ge=0, le=300)] = 5.0
     """Fixed back-off before a stopped session is started again (spec §10.2)."""
     nat: NatConfig | None = None
+    """NAT traversal (STUN discovery, TURN relaying); absent: plain direct UDP."""
 
     @field_validator("server")
     @classmethod
