@@ -156,6 +156,7 @@ class Dashboard(App[None]):
         self.sort_index = 0
         self.panels: dict[str, OutboundPanel] = {}
         self.render_errors = 0
+        self.header_text = ""
 
     # -- layout ------------------------------------------------------------------------------
 
@@ -293,6 +294,7 @@ class Dashboard(App[None]):
                 f"  {status.connections_live} conns  up {format_duration(status.uptime)}"
                 f"  v{status.version} pid {status.pid}"
             )
+        self.header_text = header.plain
         self.query_one("#header", Static).update(header)
 
     def _render_status(self) -> None:
