@@ -6,6 +6,7 @@ import os
 import socket
 
 import anyio
+import anyio.abc
 import pytest
 
 from ostp_proto import Close, ConnectionConfig, UdpData
@@ -140,3 +141,95 @@ async def test_large_server_datagrams() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(t.write, sid, payload)
             assert await t.read(sid, len(payload)) == payload
+
+
+async def test_slow_remote_bounds_memory_then_stream_is_reset() -> None:
+    """A remote that never reads: queued bytes stay bounded; the stream is reset when stalled."""
+    ls = socket.create_server(("127.0.0.1", 0))
+    # a small fixed receive buffer (no autotuning) so the kernel cannot absorb the test
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    ls.setblocking(False)
+    port = ls.getsockname()[1]
+    held: list[socket.socket] = []
+    limit = 256 * 1024
+    try:
+        async with (
+            server(remote_buffer=limit, stall_timeout=1.0) as srv,
+            tunnel(srv.addresses[0], KEY) as t,
+        ):
+            connect = t.open(f"127.0.0.1:{port}")
+            async with anyio.create_task_group() as tg:
+
+                async def accept() -> None:
+                    await anyio.wait_readable(ls)
+                    held.append(ls.accept()[0])  # never read from
+
+                tg.start_soon(accept)
+                sid = await connect
+            (session,) = srv.sessions.values()
+            peak = 0
+
+            async def push() -> None:
+                with anyio.move_on_after(20):
+                    while not t.streams[sid].closed:
+                        await t.write(sid, b"z" * 65536)
+
+            async def watch() -> None:
+                nonlocal peak
+                while not t.streams[sid].closed:
+                    peak = max(peak, session.remote_pending)
+                    await anyio.sleep(0.005)
+
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(push)
+                inner.start_soon(watch)
+            assert t.streams[sid].closed  # reset by the stall timeout
+            assert session.stats.streams_reset == 1
+            assert session.stats.backpressure_drop > 0
+            # Overshoot is bounded by what the core may release at once when a gap is
+            # filled: the reorder window (max_in_flight datagrams).
+            cfg = session.conn.config
+            assert peak < limit + cfg.max_in_flight * cfg.max_datagram_size
+            assert session.remote_pending == 0
+    finally:
+        for s in held:
+            s.close()
+        ls.close()
+
+
+async def test_slow_client_bounds_the_send_buffer() -> None:
+    """A client that stops reading: the server stops reading the remote instead of queueing."""
+    total = 30 * 1024 * 1024
+    sent = 0
+
+    async def source(stream: anyio.abc.SocketStream) -> None:
+        nonlocal sent
+        async with stream:
+            await stream.receive(1)
+            block = bytes(range(256)) * 256
+            while sent < total:
+                await stream.send(block)
+                sent += len(block)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with (
+        listener,
+        anyio.create_task_group() as tg,
+        server() as srv,
+        tunnel(srv.addresses[0], KEY) as t,
+    ):
+        tg.start_soon(listener.serve, source)
+        sid = await t.open(f"127.0.0.1:{port}")
+        (session,) = srv.sessions.values()
+        t.pause()
+        await t.write(sid, b"g")
+        await poll_until(lambda: sent > 0)
+        await anyio.sleep(1.0)  # the server has had time to read all it would
+        held = session.conn.send_buffer_bytes
+        assert held <= session.conn.config.send_buffer_limit + 65536
+        assert sent < total  # the remote was throttled, not drained into memory
+        t.resume()
+        got = await t.read(sid, total, limit=40)
+        assert got == (bytes(range(256)) * 256) * (total // 65536)
+        tg.cancel_scope.cancel()

@@ -163,9 +163,19 @@ class Tunnel:
         self._tg.start_soon(self._reader_after_close, old)
         return self.local_port
 
-    async def _reader_after_close(self, old: socket.socket) -> None:
+    def pause(self) -> None:
+        """Stop reading the UDP socket (a client that does not keep up)."""
+        assert self._reader_scope is not None
+        self._reader_scope.cancel()
+
+    def resume(self) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(self._reader_after_close, None)
+
+    async def _reader_after_close(self, old: socket.socket | None) -> None:
         await anyio.lowlevel.checkpoint()
-        old.close()
+        if old is not None:
+            old.close()
         await self._reader(self.sock, task_status=anyio.TASK_STATUS_IGNORED)
 
     # -- API for tests ----------------------------------------------------------------------

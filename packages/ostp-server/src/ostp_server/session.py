@@ -242,6 +242,7 @@ class TcpRelay:
         self.pending_bytes = 0
         self.client_closed = False
         self.last_progress = 0.0
+        self.remote: anyio.abc.SocketStream | None = None
         self._data_ready: anyio.Event | None = None
 
     def on_data(self, data: bytes) -> None:
@@ -287,6 +288,7 @@ class TcpRelay:
         try:
             with self.scope:
                 remote = await self._connect()
+                self.remote = remote
                 if remote is None:
                     return
                 async with remote, anyio.create_task_group() as tg:
