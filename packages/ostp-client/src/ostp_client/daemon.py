@@ -11,16 +11,19 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 
-from ostp_client.config import ClientConfig
+from ostp_client.config import ClientConfig, LocalProxyInboundConfig
 from ostp_client.connections import ConnectionRegistry, Dispatcher
 from ostp_client.inbounds import Inbound, build_inbound
+from ostp_client.inbounds.local_proxy import LocalProxyInbound
 from ostp_client.outbounds import Outbound, OutboundContext, build_outbound
 from ostp_client.router import Router
+from ostp_client.sysproxy import SystemProxy, SystemProxyError, SystemProxyGuard
 
 __all__ = ["Daemon", "run_daemon"]
 
@@ -111,6 +114,7 @@ async def run_daemon(
     from ostp_client.control.server import serve_control  # noqa: PLC0415
 
     daemon = Daemon(config)
+    proxy = await _system_proxy(config)
     async with anyio.create_task_group() as tg:
         await tg.start(serve_control, daemon, config_path, handle_signals)
         if handle_signals:
@@ -123,6 +127,58 @@ async def run_daemon(
                         return
 
             tg.start_soon(watch_signals)
-        await daemon.run()
+        finished = anyio.Event()
+
+        async def run_and_signal(*, task_status: TaskStatus[Daemon]) -> None:
+            try:
+                await daemon.run(task_status=task_status)
+            finally:
+                finished.set()
+
+        async with AsyncExitStack() as stack:
+            await tg.start(run_and_signal)
+            if proxy is not None:
+                await _enter_system_proxy(stack, proxy, daemon)
+            await finished.wait()
         tg.cancel_scope.cancel()
     return daemon
+
+
+async def _system_proxy(config: ClientConfig) -> SystemProxy | None:
+    """The desktop's proxy settings, after undoing what a crashed earlier run left set.
+
+    Recovery runs at every start (cheap without a state file); None when no inbound asks for
+    ``set_system_proxy`` or the desktop has no supported proxy settings.
+    """
+    wanted = any(
+        isinstance(i, LocalProxyInboundConfig) and i.set_system_proxy for i in config.inbounds
+    )
+    try:
+        proxy = SystemProxy.for_this_system()
+        if await anyio.to_thread.run_sync(proxy.recover_stale):
+            logger.warning("restored the system proxy settings a previous run left behind")
+    except SystemProxyError as exc:
+        if wanted:
+            logger.warning(
+                'cannot set the system proxy: %s; use `eval "$(ostp-client proxy-env)"`', exc
+            )
+        return None
+    return proxy if wanted else None
+
+
+async def _enter_system_proxy(stack: AsyncExitStack, proxy: SystemProxy, daemon: Daemon) -> None:
+    for inbound in daemon.inbounds.values():
+        if not (isinstance(inbound, LocalProxyInbound) and inbound.config.set_system_proxy):
+            continue
+        address = inbound.addresses[0]
+        host = "127.0.0.1" if address.host in ("0.0.0.0", "::") else address.host
+        try:
+            await stack.enter_async_context(SystemProxyGuard(proxy, host, address.port))
+        except SystemProxyError as exc:
+            logger.warning(
+                'cannot set the system proxy: %s; for shells: eval "$(ostp-client proxy-env)"',
+                exc,
+            )
+            return
+        logger.info("system proxy set to %s:%d (restored at exit)", host, address.port)
+        return
