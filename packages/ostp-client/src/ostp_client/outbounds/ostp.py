@@ -6,18 +6,30 @@ until its timer or the socket is readable. Streams write straight into the core 
 once, so no task or queue hop sits on the data path. A session that stops for any reason is
 re-established after a fixed back-off, forever, until the daemon stops (spec §10.2); the streams
 it carried are reset cleanly.
+
+NAT traversal (the outbound's ``nat`` block) puts STUN Binding and TURN relaying on the same
+socket: a session that talks to a STUN or TURN server keeps its socket unconnected and sorts what
+it reads with a :class:`~ostp_client.nat.NatMux` (:class:`_NatSocket`); every other session keeps
+the connected socket with GSO/GRO batching. Mode ``auto`` starts direct and relays the next
+attempt when a handshake gets no answer; it tries direct again when the relay fails, when a
+relayed handshake gets no answer, or at the first new session ``retry_direct_after`` seconds after
+it fell back (a working relayed session is never interrupted to probe).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
 import random
 import socket
+import struct
+import sys
 import time
 from collections import deque
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -25,6 +37,18 @@ import anyio.abc
 from anyio.abc import TaskStatus
 
 from ostp_client.config import OstpOutboundConfig
+from ostp_client.nat import (
+    AllocationSucceeded,
+    BindingFailed,
+    BindingSucceeded,
+    NatConfig,
+    NatMux,
+    RelayReady,
+    TurnClosed,
+    TurnConfig,
+    TurnFailed,
+    TurnRefreshed,
+)
 from ostp_client.outbounds import OutboundContext, register_outbound
 from ostp_client.outbounds.base import (
     Address,
@@ -38,7 +62,7 @@ from ostp_client.outbounds.base import (
     OutboundError,
     UdpOutboundSession,
 )
-from ostp_client.udp import BatchSocket
+from ostp_client.udp import MAX_GSO_BYTES, MAX_SEGMENTS, UDP_GRO, UDP_SEGMENT, BatchSocket
 from ostp_proto import (
     ClientConnection,
     Close,
@@ -52,11 +76,12 @@ from ostp_proto import (
     HandshakeCompleted,
     PaddingPolicy,
     RelayMessageReceived,
+    State,
     UdpAssociate,
     UdpData,
 )
 
-__all__ = ["OstpOutbound", "SessionState"]
+__all__ = ["NatOptions", "OstpOutbound", "SessionState"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +92,43 @@ STREAM_RECEIVE_LIMIT = 4 * 1024 * 1024
 """Bytes buffered for streams of one session before the session stops reading its socket."""
 
 
+HANDSHAKE_TIMED_OUT = "handshake timed out"  # ostp_proto's ConnectionTerminated reason prefix
+_ANC_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
+_U16 = struct.Struct("=H")
+_NATIVE_INT = struct.Struct("=i")
+
+
 class SessionState:
     IDLE = "idle"
     CONNECTING = "connecting"
     CONNECTED = "connected"
+
+
+class NatMode:
+    DIRECT = "direct"
+    TURN = "turn"
+    AUTO = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class NatOptions:
+    """The NAT traversal of one outbound, host names still unresolved."""
+
+    mode: str = NatMode.DIRECT
+    """``direct``, ``turn`` or ``auto``."""
+    stun: tuple[tuple[str, int], ...] = ()
+    """STUN servers asked for the mapped address at the start of every session."""
+    turn: TurnConfig | None = None
+    """The TURN server (``server`` may be a host name; it is resolved for every session)."""
+    retry_direct_after: float = 600.0
+    """``auto``: seconds after a fallback to TURN before a new session tries direct again."""
+
+
+def _fmt(address: tuple[Any, ...] | None) -> str | None:
+    if address is None:
+        return None
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def _error_from_text(text: str) -> OutboundError:
@@ -85,6 +143,18 @@ def _error_from_text(text: str) -> OutboundError:
     if "unreachable" in lowered or "resolve" in lowered or "name" in lowered:
         return HostUnreachable(text)
     return GeneralFailure(text)
+
+
+async def _resolve(host: str, port: int, family: int) -> tuple[str, int]:
+    """The first address of ``host`` in ``family`` (literal IPs pass through)."""
+    try:
+        infos = await anyio.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise OSError(errno.EHOSTUNREACH, f"cannot resolve {host}: {exc.strerror}") from None
+    if not infos:
+        raise OSError(errno.EHOSTUNREACH, f"cannot resolve {host}")
+    sockaddr = infos[0][4]
+    return str(sockaddr[0]), int(sockaddr[1])
 
 
 class _Channel:
@@ -255,6 +325,141 @@ class OstpUdpSession(_Channel, UdpOutboundSession):
         self.reset("closed")
 
 
+class _NatSocket:
+    """The session socket when it also talks STUN/TURN: the BatchSocket interface, unconnected.
+
+    Every datagram read goes through the NatMux, which keeps STUN answers and unwraps TURN
+    ChannelData; what it hands back is passed on only if it comes from the OSTP server (directly
+    or through the relay). OSTP datagrams leave addressed to the server, or as ChannelData to the
+    TURN server while relaying; with ``relay_only`` nothing leaves directly (before the relay is
+    ready or after it failed). GSO and GRO work on unconnected sockets as on connected ones.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        mux: NatMux,
+        server: tuple[str, int],
+        *,
+        relay_only: bool,
+        gso: bool = True,
+        gro: bool = True,
+    ) -> None:
+        self.sock = sock
+        self.mux = mux
+        self.server = server
+        self.relay_only = relay_only
+        self.gso = gso and sys.platform == "linux"
+        self.gro = False
+        if gro and sys.platform == "linux":
+            try:
+                sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+                self.gro = True
+            except OSError:
+                self.gro = False
+        self.gso_failures = 0
+        self.source_drop = 0
+        """Datagrams for the OSTP layer that came from neither the server nor the relay."""
+        self.unrelayed_drop = 0
+        """OSTP datagrams not sent because the relay they need is not (or no longer) ready."""
+
+    # -- receive -------------------------------------------------------------------------------
+
+    def recv_batch(self, limit: int = 256) -> list[bytes]:
+        """The OSTP datagrams among everything waiting (up to ``limit`` system calls)."""
+        out: list[bytes] = []
+        sock = self.sock
+        receive = self.mux.receive_datagram
+        host, port = self.server[0], self.server[1]
+        now = time.monotonic()
+        gro = self.gro
+        for _ in range(limit):
+            try:
+                if gro:
+                    data, ancdata, _flags, addr = sock.recvmsg(RECV_SIZE, _ANC_SPACE)
+                else:
+                    data, addr = sock.recvfrom(RECV_SIZE)
+                    ancdata = []
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:
+                continue
+            segment = 0
+            for level, kind, value in ancdata:
+                if level == socket.SOL_UDP and kind == UDP_GRO:
+                    segment = _NATIVE_INT.unpack(value[:4])[0]
+            if segment and len(data) > segment:
+                view = memoryview(data)
+                parts = [bytes(view[i : i + segment]) for i in range(0, len(data), segment)]
+            else:
+                parts = [data]
+            for part in parts:
+                got = receive(part, addr, now)
+                if got is None:
+                    continue
+                payload, peer = got
+                if peer[0] == host and peer[1] == port:
+                    out.append(payload)
+                else:
+                    self.source_drop += 1
+        return out
+
+    # -- send ----------------------------------------------------------------------------------
+
+    def send_batch(self, datagrams: Sequence[bytes]) -> int:
+        """Send OSTP datagrams in order to the server (or through the relay); the bytes sent."""
+        mux = self.mux
+        turn = mux.turn
+        if turn is not None and turn.ready:
+            wrap = turn.wrap
+            wire: Sequence[bytes] = [wrap(d) for d in datagrams]
+            to: tuple[str, int] = turn.server
+        elif self.relay_only:
+            self.unrelayed_drop += len(datagrams)
+            return 0
+        else:
+            wire, to = datagrams, self.server
+        sent = 0
+        n = len(wire)
+        i = 0
+        sock = self.sock
+        while i < n:
+            first = wire[i]
+            size = len(first)
+            j = i + 1
+            if self.gso:
+                limit = min(n, i + MAX_SEGMENTS, i + MAX_GSO_BYTES // max(size, 1))
+                while j < limit and len(wire[j]) == size:
+                    j += 1
+                if j < limit and len(wire[j]) < size:
+                    j += 1  # the last segment may be shorter
+            try:
+                if j - i > 1:
+                    payload = b"".join(wire[i:j])
+                    cmsg = [(socket.SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
+                    sock.sendmsg([payload], cmsg, 0, to)
+                    sent += len(payload)
+                else:
+                    sock.sendto(first, to)
+                    sent += size
+            except (BlockingIOError, InterruptedError, ConnectionRefusedError):
+                pass
+            except OSError:
+                if j - i > 1:
+                    self.gso_failures += 1
+                    self.gso = False  # GSO refused: one datagram per call from now on
+                    continue
+            i = j
+        return sent
+
+    def send_nat(self, now: float) -> None:
+        """Send the STUN/TURN requests the mux has queued (losses are its retransmissions' job)."""
+        sock = self.sock
+        for data, to in self.mux.datagrams_to_send(now):
+            with contextlib.suppress(OSError):
+                sock.sendto(data, to)
+
+
 class _Session:
     """One OSTP session: one UDP socket, one ClientConnection, one driving task."""
 
@@ -264,7 +469,18 @@ class _Session:
         self.state = SessionState.IDLE
         self.conn: ClientConnection | None = None
         self.sock: socket.socket | None = None
-        self.batch: BatchSocket | None = None
+        self.batch: BatchSocket | _NatSocket | None = None
+        self.mux: NatMux | None = None
+        self.path: str | None = None
+        """How the current attempt reaches the server: ``direct`` or ``turn``."""
+        self.mapped_address: tuple[str, int] | None = None
+        self.relayed_address: tuple[str, int] | None = None
+        self.turn_refreshes = 0
+        self._relay = False
+        """``auto``: the next attempt goes through TURN."""
+        self._relay_since = 0.0
+        self._retry_now = False
+        self._warned: set[str] = set()
         self.channels: dict[int, _Channel] = {}
         self.buffered = 0
         self.connected_at: float | None = None
@@ -283,6 +499,14 @@ class _Session:
 
     async def supervise(self, task_status: TaskStatus[None]) -> None:
         task_status.started()
+        try:
+            await self._supervise()
+        finally:
+            # Shutdown: tell the server and release the TURN allocation (no await needed).
+            if self.sock is not None:
+                self._teardown("shutting down")
+
+    async def _supervise(self) -> None:
         while True:
             try:
                 await self._run_once()
@@ -290,6 +514,10 @@ class _Session:
                 self.last_error = f"socket error: {exc.strerror or exc}"
                 logger.warning("%s session %d: %s", self.outbound.tag, self.index, self.last_error)
             self._teardown(self.last_error or "session ended")
+            if self._retry_now:
+                self._retry_now = False
+                self.reconnects += 1
+                continue
             logger.info(
                 "%s session %d: reconnecting in %.0f s",
                 self.outbound.tag,
@@ -306,6 +534,27 @@ class _Session:
         if not infos:
             raise OSError(errno.EHOSTUNREACH, f"cannot resolve {host}")
         family, _, _, _, sockaddr = infos[0]
+        nat = self.outbound.nat
+        relay = self._choose_path(nat)
+        stun: list[tuple[str, int]] = []
+        turn: TurnConfig | None = None
+        if nat is not None:
+            # The server's address family decides the socket's; the NAT servers must match.
+            for stun_host, stun_port in nat.stun:
+                try:
+                    stun.append(await _resolve(stun_host, stun_port, family))
+                except OSError as exc:
+                    self._warn_once(f"STUN server {stun_host}:{stun_port}: {exc.strerror or exc}")
+            if relay:
+                assert nat.turn is not None
+                turn_host, turn_port = nat.turn.server
+                try:
+                    turn = replace(nat.turn, server=await _resolve(turn_host, turn_port, family))
+                except OSError as exc:
+                    self._fail_attempt(
+                        f"TURN server {turn_host}:{turn_port}: {exc.strerror or exc}"
+                    )
+                    return
         sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock = sock
         sock.setblocking(False)
@@ -314,13 +563,41 @@ class _Session:
                 sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
             except OSError:
                 sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        sock.connect(sockaddr)
-        self.batch = BatchSocket(sock, gso=self.outbound.batching, gro=self.outbound.batching)
+        self.path = "turn" if relay else "direct"
+        self.mapped_address = self.relayed_address = None
+        mux: NatMux | None = None
+        batching = self.outbound.batching
+        if stun or turn is not None:
+            # Not connected: the socket also talks to the STUN/TURN servers.
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            mux = NatMux(NatConfig(turn=turn))
+            self.mux = mux
+            server = (str(sockaddr[0]), int(sockaddr[1]))
+            self.batch = _NatSocket(
+                sock, mux, server, relay_only=turn is not None, gso=batching, gro=batching
+            )
+        else:
+            sock.connect(sockaddr)
+            self.batch = BatchSocket(sock, gso=batching, gro=batching)
         conn = ClientConnection(
             access_key=self.outbound.access_key, config=self.outbound.connection_config
         )
         self.conn = conn
-        conn.connect(time.monotonic(), time.time())
+        now = time.monotonic()
+        if mux is not None:
+            for address in stun:
+                mux.start_binding(address, now)
+            if turn is not None:
+                # The handshake starts once the relay is ready (RelayReady).
+                mux.start_turn(server, now)
+                logger.info(
+                    "%s session %d: allocating a relay on TURN server %s",
+                    self.outbound.tag,
+                    self.index,
+                    _fmt(turn.server),
+                )
+        if turn is None:
+            conn.connect(now, time.time())
         self.flush()
         while True:
             now = time.monotonic()
@@ -329,10 +606,98 @@ class _Session:
             timer = conn.get_timer()
             if timer is not None and timer <= now:
                 conn.handle_timer(now)
+            if mux is not None and not self._drive_nat(mux, conn, now):
+                return
             if not self._handle_events(conn):
                 return
             self.flush()
             await self._wait(sock, conn)
+
+    def _choose_path(self, nat: NatOptions | None) -> bool:
+        """True if this attempt goes through TURN (see the module docstring for ``auto``)."""
+        if nat is None or nat.turn is None or nat.mode == NatMode.DIRECT:
+            return False
+        if nat.mode == NatMode.TURN:
+            return True
+        if self._relay and time.monotonic() - self._relay_since >= nat.retry_direct_after:
+            self._relay = False
+            logger.info(
+                "%s session %d: %.0f s on TURN; trying direct UDP again",
+                self.outbound.tag,
+                self.index,
+                nat.retry_direct_after,
+            )
+        return self._relay
+
+    def _drive_nat(self, mux: NatMux, conn: ClientConnection, now: float) -> bool:
+        """Timers, events and requests of the NAT machinery; False ends the attempt."""
+        timer = mux.get_timer()
+        if timer is not None and timer <= now:
+            mux.handle_timer(now)
+        ok = True
+        tag, index = self.outbound.tag, self.index
+        while (event := mux.next_event()) is not None:
+            if isinstance(event, BindingSucceeded):
+                if self.mapped_address is None:  # the first answer wins
+                    self.mapped_address = event.mapped_address
+                logger.info(
+                    "%s session %d: STUN server %s maps this socket to %s",
+                    tag,
+                    index,
+                    _fmt(event.server),
+                    _fmt(event.mapped_address),
+                )
+            elif isinstance(event, BindingFailed):
+                self._warn_once(event.message)
+            elif isinstance(event, AllocationSucceeded):
+                self.relayed_address = event.relayed_address
+                if self.mapped_address is None and event.mapped_address is not None:
+                    self.mapped_address = event.mapped_address
+                logger.info(
+                    "%s session %d: TURN relayed address %s (lifetime %d s)",
+                    tag,
+                    index,
+                    _fmt(event.relayed_address),
+                    event.lifetime,
+                )
+            elif isinstance(event, RelayReady):
+                logger.info(
+                    "%s session %d: relaying to %s through TURN channel 0x%04x",
+                    tag,
+                    index,
+                    _fmt(event.peer),
+                    event.channel,
+                )
+                if conn.state is State.IDLE:
+                    conn.connect(now, time.time())
+            elif isinstance(event, TurnRefreshed):
+                self.turn_refreshes += 1
+                logger.debug("%s session %d: TURN %s refreshed", tag, index, event.what)
+            elif isinstance(event, TurnFailed):
+                self._fail_attempt(event.message)
+                ok = False
+            elif isinstance(event, TurnClosed):
+                pass
+        batch = self.batch
+        if isinstance(batch, _NatSocket):
+            batch.send_nat(now)
+        return ok
+
+    def _fail_attempt(self, message: str) -> None:
+        """The relay failed: say so once, and (``auto``) try direct next time."""
+        self.last_error = message
+        self._warn_once(message)
+        nat = self.outbound.nat
+        if nat is not None and nat.mode == NatMode.AUTO and self._relay:
+            self._relay = False
+
+    def _warn_once(self, message: str) -> None:
+        # A failing server fails every attempt the same way: warn once, then log quietly.
+        if message in self._warned:
+            logger.debug("%s session %d: %s", self.outbound.tag, self.index, message)
+            return
+        self._warned.add(message)
+        logger.warning("%s session %d: %s", self.outbound.tag, self.index, message)
 
     def _read_all(self, sock: socket.socket, conn: ClientConnection, now: float) -> None:
         # Bounded per round so timers and events still get their turn. ICMP errors (the
@@ -346,6 +711,11 @@ class _Session:
 
     async def _wait(self, sock: socket.socket, conn: ClientConnection) -> None:
         timer = conn.get_timer()
+        mux = self.mux
+        if mux is not None:
+            nat_timer = mux.get_timer()
+            if nat_timer is not None and (timer is None or nat_timer < timer):
+                timer = nat_timer
         now = time.monotonic()
         delay = 1.0 if timer is None else max(timer - now, 0.0)
         if delay <= 0:
@@ -383,6 +753,7 @@ class _Session:
                 self.session_id = event.session_id
                 self.connected_at = time.time()
                 self.last_error = None
+                self._warned.clear()
                 self._set_state(SessionState.CONNECTED)
                 self.connected_event.set()
                 self.outbound.session_connected()
@@ -398,10 +769,29 @@ class _Session:
             elif isinstance(event, ConnectionTerminated):
                 self.last_error = event.reason
                 logger.info("%s session %d: %s", self.outbound.tag, self.index, event.reason)
+                if event.reason.startswith(HANDSHAKE_TIMED_OUT):
+                    self._handshake_timed_out()
                 return False
         if conn.writable and not self._writable.is_set():
             self._writable.set()
         return True
+
+    def _handshake_timed_out(self) -> None:
+        nat = self.outbound.nat
+        if nat is None or nat.mode != NatMode.AUTO or nat.turn is None:
+            return
+        if self.path == "direct":
+            logger.warning(
+                "%s session %d: no answer over direct UDP; falling back to TURN server %s",
+                self.outbound.tag,
+                self.index,
+                _fmt(nat.turn.server),
+            )
+            self._relay = True
+            self._relay_since = time.monotonic()
+            self._retry_now = True  # no back-off: the direct attempt already took its time
+        else:
+            self._relay = False  # no answer through the relay either: direct next time
 
     def flush(self) -> None:
         conn, batch = self.conn, self.batch
@@ -420,11 +810,18 @@ class _Session:
         if self.conn is not None and self.conn.established:
             self.conn.close(time.monotonic())
             self.flush()
+        if self.mux is not None and isinstance(self.batch, _NatSocket):
+            # Refresh with LIFETIME 0 (RFC 8656 §7), sent once: the socket closes now, and a
+            # lost one only leaves the allocation to expire on its own.
+            now = time.monotonic()
+            self.mux.close(now)
+            self.batch.send_nat(now)
         if self.sock is not None:
             self.sock.close()
         self.sock = None
         self.batch = None
         self.conn = None
+        self.mux = None
         self.buffered = 0
         self._writable.set()
 
@@ -490,7 +887,23 @@ class _Session:
             "reconnects": self.reconnects,
             "streams": len(self.channels),
             "last_error": self.last_error,
+            "path": self.path,
+            "mapped_address": _fmt(self.mapped_address),
+            "relayed_address": _fmt(self.relayed_address) if self.path == "turn" else None,
+            "turn_refreshes": self.turn_refreshes,
+            "nat_drops": self._nat_drops(),
         }
+
+    def _nat_drops(self) -> dict[str, int] | None:
+        mux, batch = self.mux, self.batch
+        if mux is None or not isinstance(batch, _NatSocket):
+            return None
+        drops = {k: v for k, v in mux.counters.as_dict().items() if v}
+        if batch.source_drop:
+            drops["ostp_source_drop"] = batch.source_drop
+        if batch.unrelayed_drop:
+            drops["ostp_unrelayed_drop"] = batch.unrelayed_drop
+        return drops
 
 
 class OstpOutbound(Outbound):
@@ -511,9 +924,11 @@ class OstpOutbound(Outbound):
         idle_timeout: float = 25.0,
         reconnect_delay: float = RECONNECT_DELAY,
         batching: bool = True,
+        nat: NatOptions | None = None,
     ) -> None:
         super().__init__(tag)
         self.batching = batching
+        self.nat = nat
         self.server = server
         self.access_key = access_key
         self.connect_timeout = connect_timeout
@@ -631,6 +1046,10 @@ class OstpOutbound(Outbound):
             "bytes_down": sum(s["bytes_down"] for s in sessions),
             "reconnects": sum(s["reconnects"] for s in sessions),
             "streams": len(self._active_ids),
+            "nat_mode": self.nat.mode if self.nat is not None else None,
+            "mapped_address": next(
+                (s["mapped_address"] for s in sessions if s["mapped_address"]), None
+            ),
             "sessions": sessions,
         }
 
@@ -647,6 +1066,31 @@ def _factory(cfg: OstpOutboundConfig, ctx: OutboundContext) -> Outbound:
         connect_timeout=cfg.connect_timeout,
         idle_timeout=cfg.idle_timeout,
         reconnect_delay=cfg.reconnect_delay,
+        nat=_nat_options(cfg),
+    )
+
+
+def _nat_options(cfg: OstpOutboundConfig) -> NatOptions | None:
+    """The pydantic `nat` block as the session's options (host names resolved per session)."""
+    nat = cfg.nat
+    if nat is None:
+        return None
+    turn = None
+    if nat.turn is not None:
+        turn = TurnConfig(
+            server=nat.turn.server_address,
+            username=nat.turn.username,
+            password=nat.turn.password.get_secret_value(),
+            lifetime=nat.turn.lifetime,
+            refresh_fraction=nat.turn.refresh_fraction,
+            permission_refresh=nat.turn.permission_refresh,
+            channel_refresh=nat.turn.channel_refresh,
+        )
+    return NatOptions(
+        mode=nat.mode,
+        stun=tuple(nat.stun_addresses),
+        turn=turn,
+        retry_direct_after=nat.retry_direct_after,
     )
 
 
