@@ -1,9 +1,12 @@
 """The `direct` outbound: connects from this machine.
 
 TCP goes through `anyio.connect_tcp`, which does RFC 8305 happy eyeballs when given a name with
-addresses of both families. UDP uses one unconnected socket per association (dual-stack IPv6
-when the system has IPv6, IPv4 otherwise). OS errors are mapped to `OutboundError`s here, in one
-place.
+addresses of both families; when the sockets must carry a routing mark (the outbound's
+`routing_mark`, else the one a TUN inbound with `auto_route` set: see
+`ostp_client.tun.bypass`), through `ostp_client.outbounds.happy_eyeballs`, which sets it before
+`connect()` and does the same racing. UDP uses one unconnected socket per association
+(dual-stack IPv6 when the system has IPv6, IPv4 otherwise), marked the same way. OS errors are
+mapped to `OutboundError`s here, in one place.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 
 from ostp_client.config import DirectOutboundConfig
+from ostp_client.outbounds import happy_eyeballs
 from ostp_client.outbounds.base import (
     Address,
     ConnContext,
@@ -31,6 +35,7 @@ from ostp_client.outbounds.base import (
     OutboundError,
     UdpOutboundSession,
 )
+from ostp_client.tun.bypass import apply_bypass, routing_mark
 
 __all__ = ["DirectOutbound", "DirectUdpSession", "map_os_error"]
 
@@ -90,12 +95,15 @@ class DirectOutbound(Outbound):
         bind_address: str | None = None,
         override_address: str | None = None,
         override_port: int | None = None,
+        routing_mark: int | None = None,
     ) -> None:
         super().__init__(tag)
         self.connect_timeout = connect_timeout
         self.bind_address = bind_address
         self.override_address = override_address
         self.override_port = override_port
+        self.routing_mark = routing_mark
+        """SO_MARK for this outbound's sockets; None: the process-wide mark (if any)."""
 
     @classmethod
     def from_config(cls, config: DirectOutboundConfig) -> DirectOutbound:
@@ -105,7 +113,11 @@ class DirectOutbound(Outbound):
             bind_address=config.bind_address,
             override_address=config.override_address,
             override_port=config.override_port,
+            routing_mark=config.routing_mark,
         )
+
+    def _mark(self) -> int | None:
+        return self.routing_mark if self.routing_mark is not None else routing_mark()
 
     def _effective(self, target: Address) -> Address:
         if self.override_address is None and self.override_port is None:
@@ -114,9 +126,17 @@ class DirectOutbound(Outbound):
 
     async def connect_tcp(self, target: Address, ctx: ConnContext) -> anyio.abc.ByteStream:
         dest = self._effective(target)
+        mark = self._mark()
         try:
             with anyio.fail_after(self.connect_timeout):
-                stream = await anyio.connect_tcp(dest.host, dest.port, local_host=self.bind_address)
+                if mark is None:
+                    stream = await anyio.connect_tcp(
+                        dest.host, dest.port, local_host=self.bind_address
+                    )
+                else:
+                    stream = await happy_eyeballs.connect_tcp(
+                        dest.host, dest.port, local_host=self.bind_address, mark=mark
+                    )
         except TimeoutError:
             raise ConnectTimeout(f"{dest}: no answer in {self.connect_timeout:g} s") from None
         except OSError as exc:
@@ -129,7 +149,10 @@ class DirectOutbound(Outbound):
         return stream
 
     async def open_udp(self, ctx: ConnContext) -> UdpOutboundSession:
-        return await DirectUdpSession.open(self.bind_address, self._effective)
+        try:
+            return await DirectUdpSession.open(self.bind_address, self._effective, self._mark())
+        except OSError as exc:
+            raise map_os_error(exc, "UDP socket") from None
 
 
 _Rewrite = Callable[[Address], Address]
@@ -160,8 +183,9 @@ class DirectUdpSession(UdpOutboundSession):
 
     @classmethod
     async def open(
-        cls, bind_address: str | None, rewrite: _Rewrite | None = None
+        cls, bind_address: str | None, rewrite: _Rewrite | None = None, mark: int | None = None
     ) -> DirectUdpSession:
+        """A new session; ``mark`` (else the process-wide routing mark) goes on its socket."""
         if bind_address is not None:
             family = socket.AF_INET6 if ":" in bind_address else socket.AF_INET
             host = bind_address
@@ -173,6 +197,7 @@ class DirectUdpSession(UdpOutboundSession):
         try:
             if family == socket.AF_INET6 and bind_address is None:
                 raw.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            apply_bypass(raw, mark)
             raw.bind((host, 0))
             raw.setblocking(False)
             sock = await anyio.abc.UDPSocket.from_socket(raw)
