@@ -168,6 +168,16 @@ class LocalProxyInboundConfig(_Model):
 _TUN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1 on Linux
 
 
+def _mark_from_text(value: Any) -> Any:
+    """A routing mark may be written as a number or as text such as ``"0x2022"``."""
+    if isinstance(value, str):
+        try:
+            return int(value, 0)
+        except ValueError:
+            raise ValueError(f'{value!r} is not a number (e.g. 8226 or "0x2022")') from None
+    return value
+
+
 def _check_cidr_list(value: list[str], what: str) -> list[str]:
     for item in value:
         try:
@@ -189,12 +199,21 @@ class TunInboundConfig(_Model):
     address: list[str] = Field(default_factory=lambda: ["198.18.0.1/30", "fdfe:dcba:9876::1/126"])
     """Addresses of the device with their prefix length (IPv4 and/or IPv6)."""
     auto_route: bool = True
-    """Route all traffic through the device while the daemon runs (removed on exit): the split
-    default routes 0.0.0.0/1 + 128.0.0.0/1 and ::/1 + 8000::/1, which win over the system's
-    default routes without replacing them. The OSTP servers and `exclude_routes` keep their
-    current routes."""
+    """Route all traffic through the device while the daemon runs (removed on exit), by policy
+    routing on Linux: default routes 0.0.0.0/0 and ::/0 into the device in table `route_table`,
+    and rules that send every packet without `routing_mark` there, while the main table's
+    more specific routes (LAN) still apply. The daemon's own sockets carry the mark and keep
+    the main table's default routes. Rules left by a crashed run are removed at start. The
+    OSTP servers and `exclude_routes` are `throw` routes in that table (they keep the main
+    table's route)."""
+    route_table: Annotated[int, Field(ge=1, le=0xFFFFFFFF)] = 2022
+    """Linux routing table for `auto_route`; it must be dedicated to this daemon (it is
+    flushed at start and exit). 253-255 (default, main, local) are refused."""
+    routing_mark: Annotated[int, Field(ge=1, le=0xFFFFFFFF)] = 0x2022
+    """Linux `SO_MARK` put on the daemon's outgoing sockets while `auto_route` is active, so
+    that they bypass the TUN (needs CAP_NET_ADMIN, as the TUN itself does)."""
     exclude_routes: list[str] = Field(default_factory=list)
-    """CIDRs that keep their current route (LAN, a second VPN)."""
+    """CIDRs that keep their main-table route (LAN, a second VPN)."""
     dns_hijack: bool = True
     """Answer every query to port 53 that enters the device through the tunnel."""
     dns_upstream: str | None = None
@@ -227,6 +246,15 @@ class TunInboundConfig(_Model):
                 ipaddress.ip_interface(item)
             except ValueError:
                 raise ValueError(f"{item!r} is not an address with a prefix length") from None
+        return value
+
+    _routing_mark_text = field_validator("routing_mark", mode="before")(_mark_from_text)
+
+    @field_validator("route_table")
+    @classmethod
+    def _check_table(cls, value: int) -> int:
+        if value in (253, 254, 255):
+            raise ValueError("253, 254 and 255 are the system's default, main and local tables")
         return value
 
     @field_validator("exclude_routes")
@@ -408,6 +436,11 @@ class DirectOutboundConfig(_Model):
     override_address: str | None = None
     """Connect to this host instead of the requested one (the port is kept)."""
     override_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    routing_mark: Annotated[int, Field(ge=1, le=0xFFFFFFFF)] | None = None
+    """Linux `SO_MARK` for this outbound's sockets (needs CAP_NET_ADMIN), for policy routing
+    without a TUN. Unset: the mark of a running TUN inbound with `auto_route`, if any."""
+
+    _routing_mark_text = field_validator("routing_mark", mode="before")(_mark_from_text)
 
     @field_validator("bind_address")
     @classmethod

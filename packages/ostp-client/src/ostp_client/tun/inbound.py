@@ -41,6 +41,12 @@ from ostp_client.connections import (
 from ostp_client.inbounds import register_inbound
 from ostp_client.inbounds.base import Inbound
 from ostp_client.outbounds.base import Address, ConnContext, OutboundError, UdpOutboundSession
+from ostp_client.tun.bypass import (
+    BypassError,
+    apply_bypass,
+    clear_routing_mark,
+    set_routing_mark,
+)
 from ostp_client.tun.device import TunDevice
 from ostp_client.tun.dns import (
     CLASS_IN,
@@ -129,6 +135,16 @@ def _open_platform_device(config: TunInboundConfig) -> TunDevice:
     return LinuxTun(config.name, offload=config.offload)
 
 
+def _check_so_mark(mark: int) -> None:
+    """Fail the start (rather than loop every outbound connection into the TUN) when this
+    process may not mark its sockets."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            apply_bypass(probe, mark)
+        except BypassError as exc:
+            raise OSError(f"TUN auto_route needs SO_MARK for the daemon's sockets: {exc}") from None
+
+
 class TunInbound(Inbound):
     """See the module docstring. ``open_device`` and ``system`` are seams for tests."""
 
@@ -179,7 +195,13 @@ class TunInbound(Inbound):
     # -- lifetime ---------------------------------------------------------------------------
 
     async def _route_excludes(self) -> list[str]:
-        """The OSTP servers' addresses (resolved now) and the configured `exclude_routes`."""
+        """The OSTP servers' addresses (resolved now) and the configured `exclude_routes`.
+
+        The servers' entries are only a fallback: the sessions' sockets carry the routing mark
+        (`ostp_client.tun.bypass`) and reach the server whatever its address resolves to later.
+        The exclusions keep an outbound that does not mark its sockets out of the tunnel, at
+        the addresses known at start; a name that does not resolve now is logged, not fatal.
+        """
         out: list[str] = []
         for outbound in self.dispatcher.outbounds.values():
             server = getattr(outbound, "server", None)
@@ -189,7 +211,8 @@ class TunInbound(Inbound):
             try:
                 infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
             except OSError as exc:
-                raise OSError(f"TUN auto_route: cannot resolve OSTP server {host}: {exc}") from exc
+                logger.warning("TUN auto_route: OSTP server %s not resolved now: %s", host, exc)
+                continue
             for info in infos:
                 address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
                 out.append(f"{address}/{address.max_prefixlen}")
@@ -201,6 +224,7 @@ class TunInbound(Inbound):
         device = self._open_device(config)
         self.device = device
         routes: Any = None
+        marked = False
         try:
             if self._configure_system and sys.platform == "linux":
                 from ostp_client.tun.linux import RouteManager  # noqa: PLC0415
@@ -208,8 +232,14 @@ class TunInbound(Inbound):
                 routes = RouteManager(device.name)
                 routes.configure(config.mtu, config.address)
                 if config.auto_route:
+                    routes.clean_stale(config.route_table)
                     self.excluded_routes = await self._route_excludes()
-                    routes.install(self.excluded_routes)
+                    _check_so_mark(config.routing_mark)
+                    set_routing_mark(config.routing_mark)  # before any packet can be tunnelled
+                    marked = True
+                    routes.install_policy(
+                        config.route_table, config.routing_mark, self.excluded_routes
+                    )
                 if self.fake_ips is not None:
                     routes.add_device_routes(str(n) for n in self.fake_ips.networks)
             self.stack = NetStack(
@@ -237,6 +267,8 @@ class TunInbound(Inbound):
                 tcp.gone = True
             if routes is not None:
                 routes.restore()  # synchronous: runs even when cancelled
+            if marked:
+                clear_routing_mark(config.routing_mark)
             device.close()
 
     def status(self) -> dict[str, object]:
@@ -244,6 +276,9 @@ class TunInbound(Inbound):
             **super().status(),
             "name": self.device.name if self.device else self.config.name,
             "mtu": self.config.mtu,
+            "auto_route": self.config.auto_route,
+            "route_table": self.config.route_table,
+            "routing_mark": self.config.routing_mark,
             "tcp_connections": len(self._tcp),
             "udp_flows": len(self._udp),
             **self.counters,

@@ -7,8 +7,10 @@ TCP segments larger than the MTU (``TUN_F_TSO4/6``). On output it asks the kerne
 the transport checksum (``NEEDS_CSUM``), which the netstack then leaves as the pseudo-header
 sum (``NetStackConfig.checksum_offload``). See PERFORMANCE.md, "TUN and checksums".
 
-Addresses, MTU and routes are set with the ``ip`` command (iproute2); every change made is
-recorded and undone in reverse order on close.
+Addresses, MTU, routes and routing rules are set with the ``ip`` command (iproute2); every change
+made is recorded and undone in reverse order on close. ``auto_route`` uses policy routing (see
+:func:`plan_policy_routing`): rules left by a run that crashed are found by their table and
+priority and removed before new ones are installed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import ipaddress
-import itertools
 import logging
 import os
 import shutil
@@ -28,12 +29,12 @@ from dataclasses import dataclass, field
 from ostp_client.tun.device import TunDevice
 
 __all__ = [
+    "RULE_PRIORITY",
     "IpCommandError",
     "LinuxTun",
     "RouteManager",
-    "RouteVia",
-    "parse_route_get",
-    "plan_routes",
+    "plan_policy_routing",
+    "stale_rule_deletions",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,6 @@ _UDP_CSUM_OFFSET = 6  # RFC 768
 _PROTO_CSUM_OFFSET = {6: _TCP_CSUM_OFFSET, 17: _UDP_CSUM_OFFSET}
 
 READ_BUFFER = 65535 + VNET_HDR_LEN
-SPLIT_ROUTES_V4 = ("0.0.0.0/1", "128.0.0.0/1")
-SPLIT_ROUTES_V6 = ("::/1", "8000::/1")
 
 
 def vnet_header_for(packet: bytes) -> bytes:
@@ -168,71 +167,76 @@ class IpCommandError(OSError):
     """An ``ip`` command failed; the message has its stderr."""
 
 
-@dataclass(frozen=True, slots=True)
-class RouteVia:
-    """Where the system routes an address now (from ``ip route get``)."""
-
-    kind: str
-    """``unicast``, ``local`` or ``unreachable``."""
-    gateway: str | None = None
-    dev: str | None = None
+RULE_PRIORITY = 9020
+"""Priority of the ``main suppress_prefixlength 0`` rule; the tunnel rule takes the next one.
+Below the main table's 32766, like wg-quick's rules, and clear of sing-box's 9000 range."""
+DEFAULT_ROUTES = {"-4": "0.0.0.0/0", "-6": "::/0"}
 
 
-def parse_route_get(text: str) -> RouteVia:
-    """Parse the first line of ``ip route get ADDR`` output."""
-    words = text.split()
-    if not words:
-        return RouteVia("unreachable")
-    kind = "unicast"
-    if words[0] in ("local", "broadcast", "multicast"):
-        kind = "local"
-    elif words[0] in ("unreachable", "blackhole", "prohibit", "throw"):
-        return RouteVia("unreachable")
-    gateway = dev = None
-    for key, value in itertools.pairwise(words):
-        if key == "via" and gateway is None:
-            gateway = value
-        elif key == "dev" and dev is None:
-            dev = value
-    if dev == "lo":
-        kind = "local"
-    return RouteVia(kind, gateway, dev)
-
-
-def plan_routes(
+def plan_policy_routing(
     name: str,
-    excludes: Sequence[tuple[str, RouteVia]],
+    table: int,
+    mark: int,
+    excludes: Sequence[str],
     *,
     ipv6: bool = True,
+    priority: int = RULE_PRIORITY,
 ) -> list[list[str]]:
-    """The ``ip`` argument lists that ``auto_route`` runs, in order.
+    """The ``ip`` argument lists that ``auto_route`` runs, in order (wg-quick's scheme).
 
-    ``excludes`` pairs a network to keep off the TUN with its current route: the network gets
-    that route back as a more specific one; a network with no route at all gets an
-    ``unreachable`` route, so that it can never fall into the tunnel. Then the split default
-    routes go to the device (both families: no IPv6 may leak around the tunnel).
+    Table ``table`` gets the default routes into the device plus a ``throw`` route for every
+    network in ``excludes`` (a throw sends the lookup on to the main table: those networks keep
+    whatever route the system has for them, now or later, and are unreachable rather than
+    tunnelled when it has none). Then two rules per family:
+
+    - ``priority``: ``lookup main suppress_prefixlength 0``: the main table's specific routes
+      (LAN, the device's own networks, fake-IP ranges) still apply; its default routes do not;
+    - ``priority + 1``: ``not fwmark MARK lookup TABLE``: everything else unmarked goes into the
+      tunnel. The daemon's own sockets carry ``MARK`` (`ostp_client.tun.bypass`), skip this rule
+      and reach the main table's default routes at 32766.
     """
+    families = ["-4", "-6"] if ipv6 else ["-4"]
     commands: list[list[str]] = []
-    for network, via in excludes:
+    for family in families:
+        commands.append(
+            ["ip", family, "route", "add", DEFAULT_ROUTES[family], "dev", name, "table", str(table)]
+        )
+    for network in dict.fromkeys(excludes):
         net = ipaddress.ip_network(network, strict=False)
         family = "-6" if net.version == 6 else "-4"
-        if via.kind == "local":
-            continue
-        if via.kind == "unreachable" or via.dev == name:
-            commands.append(["ip", family, "route", "add", "unreachable", str(net)])
-            continue
-        command = ["ip", family, "route", "add", str(net)]
-        if via.gateway:
-            command += ["via", via.gateway]
-        if via.dev:
-            command += ["dev", via.dev]
-        commands.append(command)
-    for route in SPLIT_ROUTES_V4:
-        commands.append(["ip", "-4", "route", "add", route, "dev", name])
-    if ipv6:
-        for route in SPLIT_ROUTES_V6:
-            commands.append(["ip", "-6", "route", "add", route, "dev", name])
+        if family in families:
+            commands.append(["ip", family, "route", "add", "throw", str(net), "table", str(table)])
+    for family in families:
+        rule = ["ip", family, "rule", "add", "pref"]
+        commands.append([*rule, str(priority), "lookup", "main", "suppress_prefixlength", "0"])
+        commands.append(
+            [*rule, str(priority + 1), "not", "fwmark", f"{mark:#x}", "lookup", str(table)]
+        )
     return commands
+
+
+def stale_rule_deletions(
+    family: str, rules_text: str, table: int, priority: int = RULE_PRIORITY
+) -> list[list[str]]:
+    """``ip rule del`` commands for rules a previous run left behind (it crashed).
+
+    From ``ip FAMILY rule show``: every rule that looks up ``table`` (a dedicated table), and a
+    ``lookup main suppress_prefixlength 0`` rule at ``priority``. Nothing else is touched.
+    """
+    out: list[list[str]] = []
+    for line in rules_text.splitlines():
+        pref_text, sep, selector = line.partition(":")
+        if not sep or not pref_text.strip().isdigit():
+            continue
+        pref = int(pref_text)
+        words = selector.split()
+        lookup = words[words.index("lookup") + 1] if "lookup" in words[:-1] else None
+        ours = lookup == str(table) or (
+            pref == priority and lookup == "main" and "suppress_prefixlength" in words
+        )
+        if ours:
+            out.append(["ip", family, "rule", "del", "pref", str(pref), *words])
+    return out
 
 
 def undo_command(command: Sequence[str]) -> list[str]:
@@ -274,25 +278,30 @@ class RouteManager:
                 _ip(["ip", "-4", "addr", "add", str(iface), "dev", self.name])
         _ip(["ip", "link", "set", "dev", self.name, "up"])
 
-    @staticmethod
-    def lookup(network: str) -> RouteVia:
-        net = ipaddress.ip_network(network, strict=False)
-        family = "-6" if net.version == 6 else "-4"
-        result = _ip(["ip", family, "route", "get", str(net.network_address)], check=False)
-        if result.returncode != 0:
-            return RouteVia("unreachable")
-        return parse_route_get(result.stdout)
+    def clean_stale(self, table: int, priority: int = RULE_PRIORITY) -> int:
+        """Remove the rules and table entries a crashed earlier run left; how many rules."""
+        removed = 0
+        for family in ("-4", "-6") if ipv6_available() else ("-4",):
+            shown = _ip(["ip", family, "rule", "show"], check=False)
+            for command in stale_rule_deletions(family, shown.stdout, table, priority):
+                if _ip(command, check=False).returncode == 0:
+                    removed += 1
+                    logger.warning("removed a stale routing rule: %s", " ".join(command[4:]))
+            _ip(["ip", family, "route", "flush", "table", str(table)], check=False)
+        return removed
 
-    def install(self, excludes: Iterable[str]) -> None:
-        """Look up the current routes of ``excludes``, then install the plan."""
-        pairs = [(network, self.lookup(network)) for network in dict.fromkeys(excludes)]
-        for command in plan_routes(self.name, pairs, ipv6=ipv6_available()):
+    def install_policy(
+        self, table: int, mark: int, excludes: Iterable[str], priority: int = RULE_PRIORITY
+    ) -> None:
+        """Install :func:`plan_policy_routing`; on any failure undo what was done and raise."""
+        plan = plan_policy_routing(
+            self.name, table, mark, list(excludes), ipv6=ipv6_available(), priority=priority
+        )
+        for command in plan:
             result = _ip(command, check=False)
             if result.returncode == 0:
                 self.applied.append(command)
-                logger.debug("route: %s", " ".join(command[1:]))
-            elif "File exists" in result.stderr and command[-2:] != ["dev", self.name]:
-                logger.debug("route already present: %s", " ".join(command[1:]))
+                logger.debug("auto_route: %s", " ".join(command[1:]))
             else:
                 self.restore()
                 raise IpCommandError(f"`{' '.join(command)}` failed: {result.stderr.strip()}")
