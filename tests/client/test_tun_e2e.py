@@ -121,10 +121,10 @@ def _origin_log(env: Env) -> list[dict[str, Any]]:
 
 def test_direct_50mb_byte_exact_and_routes(env: Env) -> None:
     with env.daemon(direct_config(), "direct50"):
-        routes = env.ns.ip(env.ns.client, "route")
-        assert f"0.0.0.0/1 dev {TUN}" in routes and f"128.0.0.0/1 dev {TUN}" in routes
-        routes6 = env.ns.ip(env.ns.client, "-6", "route")
-        assert f"::/1 dev {TUN}" in routes6 and f"8000::/1 dev {TUN}" in routes6
+        routes = env.ns.table(2022)
+        assert f"default dev {TUN}" in routes
+        routes6 = env.ns.table(2022, "-6")
+        assert f"default dev {TUN}" in routes6
         url = f"http://{ORIGIN_V4}:{env.port}/bytes/{50 * MB}"
         assert _sha_of_download(env, url) == body_sha256(50 * MB)
         # the origin saw the daemon's outbound connection, not the application's address
@@ -288,14 +288,14 @@ def test_ostp_through_ostp_server(env: Env) -> None:
         ],
     }
     with env.daemon(config, "ostp"):
-        # the server's address keeps its route outside the tunnel
-        assert f"{SERVER_V4} dev " in env.ns.ip(env.ns.client, "route")
+        # the server's address keeps its main-table route (a throw route in the TUN's table)
+        assert f"throw {SERVER_V4}" in env.ns.table(2022)
         url = f"http://{ORIGIN_V4}:{env.port}/bytes/{50 * MB}"
         assert _sha_of_download(env, url) == body_sha256(50 * MB)
         url6 = f"http://[{ORIGIN_V6}]:{env.port}/bytes/{MB}"
         assert _sha_of_download(env, url6) == body_sha256(MB)
         assert _query(env, "origin.test") == [DNS_V4, "0x4242", "0", "1", ORIGIN_V4]
-    assert f"{SERVER_V4} dev " not in env.ns.ip(env.ns.client, "route")
+    assert env.ns.table(2022).strip() == ""
 
 
 def test_dns_query_struct_is_valid() -> None:

@@ -13,7 +13,12 @@ from fuzz.dns_message import test_one_input as fuzz_dns
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ostp_client.config import ConfigError, parse_config_text
+from ostp_client.config import (
+    ConfigError,
+    DirectOutboundConfig,
+    TunInboundConfig,
+    parse_config_text,
+)
 from ostp_client.tun.dns import (
     TYPE_A,
     TYPE_AAAA,
@@ -24,10 +29,10 @@ from ostp_client.tun.dns import (
     parse_query,
 )
 from ostp_client.tun.linux import (
+    RULE_PRIORITY,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    RouteVia,
-    parse_route_get,
-    plan_routes,
+    plan_policy_routing,
+    stale_rule_deletions,
     undo_command,
     vnet_header_for,
 )
@@ -139,41 +144,61 @@ def test_fake_ip_pool_is_a_bijection(names: list[str]) -> None:
 # -- routes and the device header ----------------------------------------------------------------
 
 
-def test_parse_route_get() -> None:
-    assert parse_route_get("192.0.2.2 via 10.9.8.1 dev eth0 src 10.9.8.2 uid 0\n    cache\n") == (
-        RouteVia("unicast", "10.9.8.1", "eth0")
-    )
-    assert parse_route_get("192.0.2.2 dev veth0 src 192.0.2.1 uid 0") == RouteVia(
-        "unicast", None, "veth0"
-    )
-    assert parse_route_get("local 127.0.0.1 dev lo table local src 127.0.0.1").kind == "local"
-    assert parse_route_get("").kind == "unreachable"
-    assert parse_route_get("unreachable 2001:db8::1 dev lo").kind == "unreachable"
-
-
-def test_plan_routes_excludes_servers_before_the_split_routes() -> None:
-    plan = plan_routes(
-        "ostp0",
-        [
-            ("192.0.2.2/32", RouteVia("unicast", "10.9.8.1", "eth0")),
-            ("2001:db8::2/128", RouteVia("unicast", None, "eth0")),
-            ("127.0.0.1/32", RouteVia("local", None, "lo")),
-            ("198.51.100.7/32", RouteVia("unreachable")),
-            ("203.0.113.0/24", RouteVia("unicast", None, "ostp0")),  # would loop: never
-        ],
+def test_policy_plan_fills_the_table_then_adds_the_rules() -> None:
+    plan = plan_policy_routing(
+        "ostp0", 2022, 0x2022, ["192.0.2.2/32", "2001:db8::2", "192.0.2.2/32", "10.0.0.0/8"]
     )
     assert plan == [
-        ["ip", "-4", "route", "add", "192.0.2.2/32", "via", "10.9.8.1", "dev", "eth0"],
-        ["ip", "-6", "route", "add", "2001:db8::2/128", "dev", "eth0"],
-        ["ip", "-4", "route", "add", "unreachable", "198.51.100.7/32"],
-        ["ip", "-4", "route", "add", "unreachable", "203.0.113.0/24"],
-        ["ip", "-4", "route", "add", "0.0.0.0/1", "dev", "ostp0"],
-        ["ip", "-4", "route", "add", "128.0.0.0/1", "dev", "ostp0"],
-        ["ip", "-6", "route", "add", "::/1", "dev", "ostp0"],
-        ["ip", "-6", "route", "add", "8000::/1", "dev", "ostp0"],
+        ["ip", "-4", "route", "add", "0.0.0.0/0", "dev", "ostp0", "table", "2022"],
+        ["ip", "-6", "route", "add", "::/0", "dev", "ostp0", "table", "2022"],
+        ["ip", "-4", "route", "add", "throw", "192.0.2.2/32", "table", "2022"],
+        ["ip", "-6", "route", "add", "throw", "2001:db8::2/128", "table", "2022"],
+        ["ip", "-4", "route", "add", "throw", "10.0.0.0/8", "table", "2022"],
+        ["ip", "-4", "rule", "add", "pref", "9020", "lookup", "main", "suppress_prefixlength", "0"],
+        ["ip", "-4", "rule", "add", "pref", "9021", "not", "fwmark", "0x2022", "lookup", "2022"],
+        ["ip", "-6", "rule", "add", "pref", "9020", "lookup", "main", "suppress_prefixlength", "0"],
+        ["ip", "-6", "rule", "add", "pref", "9021", "not", "fwmark", "0x2022", "lookup", "2022"],
     ]
-    assert undo_command(plan[0])[3] == "del"
-    assert all("-6" not in c for c in plan_routes("t", [], ipv6=False))
+    assert RULE_PRIORITY == 9020
+    assert undo_command(plan[-1])[3] == "del"
+    v4_only = plan_policy_routing("t", 7, 1, ["2001:db8::/32", "192.0.2.0/24"], ipv6=False)
+    assert all(c[1] == "-4" for c in v4_only) and len(v4_only) == 4
+
+
+RULES_AFTER_A_CRASH = """0:\tfrom all lookup local
+9000:\tfrom all lookup main suppress_prefixlength 0
+9020:\tfrom all lookup main suppress_prefixlength 0
+9021:\tnot from all fwmark 0x2022 lookup 2022
+9030:\tfrom all lookup main
+9500:\tfrom all lookup 2022
+9600:\tfrom all lookup 20221
+32766:\tfrom all lookup main
+32767:\tfrom all lookup default
+"""
+
+
+def test_stale_rules_are_found_by_table_and_priority_only() -> None:
+    def texts(commands: list[list[str]]) -> list[str]:
+        return [" ".join(c) for c in commands]
+
+    assert texts(stale_rule_deletions("-4", RULES_AFTER_A_CRASH, 2022)) == [
+        "ip -4 rule del pref 9020 from all lookup main suppress_prefixlength 0",
+        "ip -4 rule del pref 9021 not from all fwmark 0x2022 lookup 2022",
+        "ip -4 rule del pref 9500 from all lookup 2022",
+    ]
+    assert texts(stale_rule_deletions("-6", RULES_AFTER_A_CRASH, 100, priority=9000)) == [
+        "ip -6 rule del pref 9000 from all lookup main suppress_prefixlength 0",
+    ]
+    assert stale_rule_deletions("-4", "", 2022) == []
+
+
+@given(st.text(max_size=300), st.integers(1, 0xFFFFFFFF))
+@settings(max_examples=300, deadline=None)
+def test_stale_rule_parsing_never_raises_and_only_picks_our_table(text: str, table: int) -> None:
+    for command in stale_rule_deletions("-4", text, table):
+        assert command[:5] == ["ip", "-4", "rule", "del", "pref"]
+        words = command[6:]
+        assert str(table) in words or ("main" in words and command[5] == str(RULE_PRIORITY))
 
 
 def test_vnet_header_asks_the_kernel_for_transport_checksums() -> None:
@@ -298,6 +323,14 @@ def test_tun_config_parses_with_defaults_and_rejects_bad_values() -> None:
     config, _ = parse_config_text(text)
     tun = config.inbounds[0]
     assert tun.type == "tun" and tun.mtu == 9000 and tun.fake_ip is False
+    assert (tun.route_table, tun.routing_mark) == (2022, 0x2022)
+    marked, _ = parse_config_text(
+        '{"inbounds": [{"type": "tun", "route_table": 100, "routing_mark": "0x51"}],'
+        ' "outbounds": [{"type": "direct", "routing_mark": 81}]}'
+    )
+    tun2, direct = marked.inbounds[0], marked.outbounds[0]
+    assert isinstance(tun2, TunInboundConfig) and isinstance(direct, DirectOutboundConfig)
+    assert (tun2.route_table, tun2.routing_mark, direct.routing_mark) == (100, 0x51, 81)
     for bad, where in (
         ('"name": "a-name-longer-than-15"', "inbounds[0].name"),
         ('"mtu": 500', "inbounds[0].mtu"),
@@ -306,6 +339,10 @@ def test_tun_config_parses_with_defaults_and_rejects_bad_values() -> None:
         ('"fake_ip_range": "10.0.0.0/30"', "inbounds[0].fake_ip_range"),
         ('"dns_upstream": "[bad"', "inbounds[0].dns_upstream"),
         ('"auto_rout": true', "inbounds[0].auto_rout"),
+        ('"route_table": 254', "inbounds[0].route_table"),
+        ('"route_table": 0', "inbounds[0].route_table"),
+        ('"routing_mark": "mark"', "inbounds[0].routing_mark"),
+        ('"routing_mark": 4294967296', "inbounds[0].routing_mark"),
     ):
         with pytest.raises(ConfigError) as info:
             parse_config_text(
@@ -316,7 +353,6 @@ def test_tun_config_parses_with_defaults_and_rejects_bad_values() -> None:
 
 
 def test_inbound_registers_and_maps_fake_ips() -> None:
-    from ostp_client.config import TunInboundConfig
     from ostp_client.connections import ConnectionRegistry, Dispatcher
     from ostp_client.inbounds import INBOUND_FACTORIES, build_inbound
     from ostp_client.outbounds.base import Address

@@ -7,10 +7,13 @@
   daemon ── veth 192.0.2.1/24, 2001:db8:1::1/64 ─────┘  (origin HTTP, DNS responder, ostp-server)
 ```
 
-The client namespace has no route to 203.0.113.0/24 or 2001:db8:2::/48 but the TUN's, so curl's
-traffic enters the TUN; the daemon reaches the server namespace over the veth pair (the `direct`
-outbound with `override_address` 192.0.2.2, or `ostp` to an ostp-server at 192.0.2.2). Every
-address is a documentation range inside namespaces this module creates and deletes.
+By default the client namespace has no route to 203.0.113.0/24 or 2001:db8:2::/48 but the TUN's,
+so curl's traffic enters the TUN; the daemon reaches the server namespace over the veth pair (the
+`direct` outbound with `override_address` 192.0.2.2, or `ostp` to an ostp-server at 192.0.2.2).
+With `default_route=True` the client namespace is a real machine's: default routes via the
+server namespace in its main table, which the TUN's policy routing takes over (and which the
+daemon's marked sockets keep using). Every address is a documentation range inside namespaces
+this module creates and deletes.
 """
 
 from __future__ import annotations
@@ -104,13 +107,14 @@ def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 class Namespaces:
     """Create with `setup()`, remove with `teardown()` (also kills processes started here)."""
 
-    def __init__(self, mtu: int = 1500) -> None:
+    def __init__(self, mtu: int = 1500, *, default_route: bool = False) -> None:
         tag = secrets.token_hex(3)
         self.client = f"ostpt-c-{tag}"
         self.server = f"ostpt-s-{tag}"
         self._veth_c = f"otc{tag}"
         self._veth_s = f"ots{tag}"
         self.mtu = mtu
+        self.default_route = default_route
         self.processes: list[subprocess.Popen[str]] = []
 
     def setup(self) -> None:
@@ -130,9 +134,21 @@ class Namespaces:
             self.ip(ns, "-6", "addr", "add", f"{v6}/64", "dev", dev, "nodad")
         for address in (f"{ORIGIN_V4}/32", f"{DNS_V4}/32", f"{ORIGIN_V6}/128"):
             self.ip(s, "addr", "add", address, "dev", "lo")
+        if self.default_route:
+            self.ip(c, "route", "add", "default", "via", SERVER_V4)
+            self.ip(c, "-6", "route", "add", "default", "via", SERVER_V6)
 
     def ip(self, ns: str, *args: str) -> str:
         return _run("ip", "-n", ns, *args).stdout
+
+    def table(self, table: int, family: str = "-4") -> str:
+        """``ip route show table N`` in the client namespace ("" when the table never existed)."""
+        return _run(
+            "ip", "-n", self.client, family, "route", "show", "table", str(table), check=False
+        ).stdout
+
+    def rules(self, family: str = "-4") -> str:
+        return self.ip(self.client, family, "rule", "show")
 
     def exec(self, ns: str, *args: str, timeout: float = 60, check: bool = True) -> str:
         result = subprocess.run(
@@ -171,8 +187,11 @@ class Namespaces:
         assert proc.stdout.readline().strip() == "ready"
 
     def start_daemon(
-        self, config_path: Path, tun_name: str, log_path: Path
+        self, config_path: Path, tun_name: str, log_path: Path, *, table: int = 2022
     ) -> subprocess.Popen[str]:
+        """Start `ostp-client run` in the client namespace; return once auto_route is in place
+        (the device's IPv6 route in ``table``, then the IPv6 tunnel rule, the last thing it
+        installs)."""
         log = log_path.open("w")
         proc = self.popen(
             self.client,
@@ -184,9 +203,11 @@ class Namespaces:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise AssertionError(f"daemon exited: {log_path.read_text()[-3000:]}")
-            routes = _run("ip", "-n", self.client, "route", check=False).stdout
-            if f"128.0.0.0/1 dev {tun_name}" in routes:
-                return proc
+            # the device's route in the table first: rules may be a crashed run's leftovers
+            if f"default dev {tun_name}" in self.table(table, "-6"):
+                rules = _run("ip", "-n", self.client, "-6", "rule", check=False).stdout
+                if f"lookup {table}" in rules:
+                    return proc
             time.sleep(0.1)
         raise AssertionError(f"daemon did not set up {tun_name}: {log_path.read_text()[-3000:]}")
 
