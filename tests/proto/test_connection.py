@@ -200,3 +200,18 @@ def test_gap_the_peer_gave_up_on_is_reported_not_hidden() -> None:
             break
     assert pair.cpeer.lost >= 1
     assert b"A" not in bytes(pair.cpeer.received[1])
+
+
+def test_path_change_resends_in_flight_without_backoff() -> None:
+    pair = Pair()
+    pair.handshake()
+    assert pair.server is not None
+    pair.s2c.blackhole = True
+    pair.server.send_data(1, bytes(50_000))
+    pair.run_until(lambda: pair.server is not None and pair.server.sender.pto_count >= 3, 30.0)
+    lost_at = pair.now
+    pair.s2c.blackhole = False
+    pair.server.path_changed(pair.now)
+    pair.run_until(lambda: len(pair.cpeer.received[1]) >= 50_000, pair.now + 5.0)
+    assert len(pair.cpeer.received[1]) == 50_000
+    assert pair.now - lost_at < 0.2  # not the backed-off timeout of 0.5 s and more

@@ -33,6 +33,7 @@ MAX_REORDER_BUFFER = 8192
 ACK_DELAY = 0.005
 NACK_INTERVAL = 0.030
 MAX_ACK_RANGES = 8  # spec §7.3: cumulative range + last 7 runs
+STALL_NACK_MAX = 1.0  # ceiling of the repeated NACK while nothing arrives past a gap
 
 PACKET_THRESHOLD = 3  # RFC 9002 §6.1.1
 TIME_THRESHOLD = 9 / 8  # RFC 9002 §6.1.2
@@ -280,6 +281,8 @@ class Sender:
         self.largest_acked_tx = -1
         self._last_probe = 0.0
         self.cumulative_acked = -1
+        self._control_resends: list[bytes] = []
+        self._last_control_resend = -1.0
         self._prev_ranges: dict[int, int] = {}
         self.stats = SenderStats()
 
@@ -336,7 +339,7 @@ class Sender:
 
     @property
     def has_lost(self) -> bool:
-        return bool(self._lost)
+        return bool(self._lost or self._control_resends)
 
     def pacing_deadline(self) -> float | None:
         """When pacing next lets a datagram go, if the window has room; else None."""
@@ -350,6 +353,9 @@ class Sender:
         They go before new data but within the congestion window and pacing.
         """
         out: list[bytes] = []
+        if self._control_resends:
+            out.extend(self._control_resends)  # tiny, and the peer is blocked on them
+            self._control_resends.clear()
         lost = self._lost
         cc = self.cc
         while lost and self.bytes_in_flight < cc.cwnd and cc.can_send_at(now) <= now:
@@ -370,6 +376,7 @@ class Sender:
         self._prev_ranges = {s: e for s, e in ranges}
         if ranges and ranges[0][0] == 0 and ranges[0][1] > self.cumulative_acked:
             self.cumulative_acked = ranges[0][1]
+        self._resend_blocking_control(ranges, now)
         for first, end in ranges:
             start = first
             if end < start:
@@ -425,6 +432,35 @@ class Sender:
         self.largest_acked_tx = max(self.largest_acked_tx, newest.tx_seq)
         self._detect_losses(now)
 
+    def _resend_blocking_control(self, ranges: list[tuple[int, int]], now: float) -> None:
+        """The peer waits for one of our ACK/NACK datagrams that got lost: send it again.
+
+        Control datagrams consume nonces, so a lost one holds up everything behind it at the
+        peer; its ACK shows the hole (the cumulative range stops just before it while later
+        nonces arrived), which is sooner than waiting for the peer's NACK.
+        """
+        control = self._control
+        blocking = self.cumulative_acked + 1
+        if blocking not in control or not ranges or ranges[-1][1] <= blocking:
+            return
+        if now - self._last_control_resend < max(self.rtt.srtt, GRANULARITY):
+            return
+        self._last_control_resend = now
+        # every control datagram in the holes the ranges show, not only the first one
+        budget = 64
+        previous_end = self.cumulative_acked
+        for start, end in ranges:
+            if start > previous_end + 1:
+                for nonce in range(previous_end + 1, min(start, previous_end + 1 + budget)):
+                    datagram = control.get(nonce)
+                    if datagram is not None:
+                        self._control_resends.append(datagram)
+                        self.stats.datagrams_sent += 1
+                        budget -= 1
+                if budget <= 0:
+                    break
+            previous_end = max(previous_end, end)
+
     def _acked(self, entry: SentDatagram) -> int:
         if entry.in_flight:
             self.bytes_in_flight -= entry.size
@@ -449,6 +485,13 @@ class Sender:
         entry.in_flight = False
         self.bytes_in_flight -= entry.size
         self._lost.append(entry.nonce)
+
+    def on_path_changed(self) -> None:
+        """The peer moved: what was in flight went to the old path; re-send it without back-off."""
+        self.pto_count = 0
+        for entry in self.outstanding.values():
+            if entry.in_flight:
+                self._declare_lost(entry)
 
     def on_nack(self, nonce: int, now: float) -> bytes | None:
         """The peer asks for ``nonce`` again: its bytes if we still have them (spec §7.2)."""
@@ -536,6 +579,7 @@ class Receiver:
         self.last_ack_sent = -1.0
         self.nack_due = False
         self.last_nack_sent = -1.0
+        self._stall_nack_interval = NACK_INTERVAL
         self._stall_alive = 0.0
         self._last_arrival = 0.0
         self.stats = ReceiverStats()
@@ -583,6 +627,7 @@ class Receiver:
             out.append(frame)
         self.expected = nonce + 1
         self._stall_alive = 0.0  # the clock measures how long *this* expected nonce is stuck
+        self._stall_nack_interval = NACK_INTERVAL
         if self.buffer:
             self._drain(out)
         return out
@@ -596,6 +641,7 @@ class Receiver:
                 out.append(frame)
             expected += 1
         self.expected = expected
+        self._stall_nack_interval = NACK_INTERVAL
         if not buffer:
             self._stall_alive = 0.0
             self.nack_due = False
@@ -642,14 +688,25 @@ class Receiver:
         return encode_ack(ranges)
 
     def nack_deadline(self) -> float | None:
-        if self.nack_due and self.buffer:
+        """When the next NACK is due while a gap blocks delivery.
+
+        Arrivals past the gap ask for one every 30 ms, as upstream does. When nothing arrives
+        (the lost datagram was the last one sent, or a control frame), the NACK is repeated
+        with back-off (30 ms doubling to 1 s) so a gap never waits for unrelated traffic.
+        """
+        if not self.buffer:
+            return None
+        if self.nack_due:
             return self.last_nack_sent + NACK_INTERVAL
-        return None
+        return self.last_nack_sent + self._stall_nack_interval
 
     def build_nack(self, now: float) -> bytes | None:
+        deadline = self.nack_deadline()
         # compare exactly as nack_deadline() does, or a rounding gap spins the caller's loop
-        if not (self.nack_due and self.buffer) or now < self.last_nack_sent + NACK_INTERVAL:
+        if deadline is None or now < deadline:
             return None
+        if not self.nack_due:
+            self._stall_nack_interval = min(self._stall_nack_interval * 2, STALL_NACK_MAX)
         self.last_nack_sent = now
         self.nack_due = False
         return encode_nack(self.expected)

@@ -211,6 +211,14 @@ class Connection:
         if not view:
             self._enqueue(stream_id, encode_data_header(0))
 
+    def path_changed(self, now: float) -> None:
+        """Tell the connection the peer's address changed (roaming, NAT rebinding).
+
+        In-flight datagrams are re-sent at once instead of after a backed-off timeout.
+        """
+        if self.state is State.ESTABLISHED:
+            self.sender.on_path_changed()
+
     def close(self, now: float) -> None:
         """Send a Close frame once (best effort) and stop. Upstream peers simply drop state."""
         if self.state is State.CLOSED:
@@ -259,7 +267,7 @@ class Connection:
         """Datagrams to put on the wire now, in order."""
         if self.state is State.ESTABLISHED:
             receiver = self.receiver
-            nack = receiver.build_nack(now) if receiver.nack_due else None
+            nack = receiver.build_nack(now) if receiver.buffer else None
             if nack is not None:
                 self._build(FrameKind.NACK, 0, nack, now, retransmittable=False)
             if receiver.ack_due(now):

@@ -326,6 +326,7 @@ class OstpServer:
                 session.listener = listener
                 self._by_addr[addr] = session
                 session.key_stats.bytes_up += len(data)
+                session.conn.path_changed(now)
                 self.stats.roam_rebinds += 1
                 log.info("session %s moved from %s to %s", session.name, _addr(old), _addr(addr))
                 touched[session] = None
