@@ -226,3 +226,25 @@ async def test_direct_udp_sockets_carry_the_mark(process_mark: int) -> None:
     async with await DirectOutbound("d").open_udp(ctx) as session:
         assert isinstance(session, DirectUdpSession)
         assert _mark_of(session._sock.extra(SocketAttribute.raw_socket)) == 0
+
+
+def test_tun_inbound_claims_its_mark_only_with_auto_route_on_linux() -> None:
+    from ostp_client.config import TunInboundConfig, parse_config_text
+    from ostp_client.connections import ConnectionRegistry, Dispatcher
+    from ostp_client.router import Router
+    from ostp_client.tun.inbound import TunInbound
+
+    parsed, _ = parse_config_text('{"outbounds": [{"type": "direct"}]}')
+    outbounds = {"direct": DirectOutbound()}
+    dispatcher = Dispatcher(Router(parsed.routing, outbounds), outbounds, ConnectionRegistry())
+    try:
+        off = TunInbound(TunInboundConfig(auto_route=False, routing_mark=9), dispatcher)
+        assert off.claim_routing_mark() is False and routing_mark() is None
+        seam = TunInbound(TunInboundConfig(routing_mark=9), dispatcher, configure_system=False)
+        assert seam.claim_routing_mark() is False and routing_mark() is None
+        on = TunInbound(TunInboundConfig(routing_mark=9), dispatcher)
+        assert on.claim_routing_mark() is (sys.platform == "linux")
+        assert routing_mark() == (9 if sys.platform == "linux" else None)
+        assert on.status()["routing_mark"] == 9
+    finally:
+        clear_routing_mark()

@@ -219,12 +219,23 @@ class TunInbound(Inbound):
         out.extend(self.config.exclude_routes)
         return list(dict.fromkeys(out))
 
+    def claim_routing_mark(self) -> bool:
+        """Make the daemon's outbounds mark their new sockets with `routing_mark` (Linux with
+        `auto_route`; idempotent). `run()` does it before installing the rules; a daemon may
+        call it before starting its outbounds, so that sockets they open early (the ostp
+        sessions') are marked too rather than relying on the servers' throw routes. Returns
+        whether the mark is now set; it is cleared when `run()` ends."""
+        config = self.config
+        if not (self._configure_system and config.auto_route and sys.platform == "linux"):
+            return False
+        set_routing_mark(config.routing_mark)
+        return True
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         device = self._open_device(config)
         self.device = device
         routes: Any = None
-        marked = False
         try:
             if self._configure_system and sys.platform == "linux":
                 from ostp_client.tun.linux import RouteManager  # noqa: PLC0415
@@ -235,8 +246,7 @@ class TunInbound(Inbound):
                     routes.clean_stale(config.route_table)
                     self.excluded_routes = await self._route_excludes()
                     _check_so_mark(config.routing_mark)
-                    set_routing_mark(config.routing_mark)  # before any packet can be tunnelled
-                    marked = True
+                    self.claim_routing_mark()  # before any packet can be tunnelled
                     routes.install_policy(
                         config.route_table, config.routing_mark, self.excluded_routes
                     )
@@ -258,7 +268,9 @@ class TunInbound(Inbound):
                     device.name,
                     config.mtu,
                     ", ".join(config.address),
-                    ", auto_route" if config.auto_route and routes is not None else "",
+                    f", auto_route (table {config.route_table}, mark {config.routing_mark:#x})"
+                    if config.auto_route and routes is not None
+                    else "",
                 )
                 task_status.started()
                 await self._read_loop(device)
@@ -267,8 +279,8 @@ class TunInbound(Inbound):
                 tcp.gone = True
             if routes is not None:
                 routes.restore()  # synchronous: runs even when cancelled
-            if marked:
-                clear_routing_mark(config.routing_mark)
+            if config.auto_route:
+                clear_routing_mark(config.routing_mark)  # after the rules are gone
             device.close()
 
     def status(self) -> dict[str, object]:
