@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from ostp_client.config import (
     ClientConfig,
     ConfigError,
+    LocalProxyInboundConfig,
     OstpOutboundConfig,
     config_from_data,
     config_from_share_link,
@@ -182,6 +183,7 @@ def test_flat_config_is_converted() -> None:
     assert ostp.mtu == 1280
     assert config.mux_for(ostp).sessions == 4
     inbound = config.inbounds[0]
+    assert isinstance(inbound, LocalProxyInboundConfig)
     assert (inbound.listen, inbound.port) == ("127.0.0.1", 1999)
     assert config.log.level == "debug"
     rules = config.routing.rules
@@ -214,7 +216,9 @@ def test_share_link() -> None:
     )
     config, warnings = config_from_share_link("ostp://k@h:1?type=udp&tun=true")
     assert isinstance(config, ClientConfig)
-    assert config.inbounds[0].port == 1088
+    first = config.inbounds[0]
+    assert isinstance(first, LocalProxyInboundConfig)
+    assert first.port == 1088
     assert [o.type for o in config.outbounds] == ["ostp", "direct", "block"]
     assert warnings
 
