@@ -230,8 +230,8 @@ class Dashboard(App[None]):
         offline = self.query_one("#offline", Static)
         offline.update(
             Text.assemble(
-                ("ostp-client is not running", "bold"),
-                f" (no daemon answered at {self.socket_path}: {error}).\n",
+                ("ostp-client is not running ", "bold"),
+                f"(no daemon answered at {self.socket_path}: {error}).\n",
                 "Start it with `ostp-client run -c CONFIG`; the dashboard attaches by itself.",
             )
         )
@@ -271,27 +271,29 @@ class Dashboard(App[None]):
         header = Text()
         header.append("ostp-tui ", style="bold")
         status = self.status
+        # Gaps go at the end of a styled run, never at the start of the next one: SVG exports
+        # put each run in its own <text>, and librsvg (rsvg-convert) drops leading spaces there.
         if self.link_state == "offline":
-            header.append("○ not running", style="bold red")
-            header.append(f"  tried {self.socket_path}")
+            header.append("○ not running  ", style="bold red")
+            header.append(f"tried {self.socket_path}")
         elif status is None:
-            header.append("… attaching", style="bold yellow")
-            header.append(f"  {self.socket_path}")
+            header.append("… attaching  ", style="bold yellow")
+            header.append(str(self.socket_path))
         else:
             header.append(
-                f"● {status.state}",
+                f"● {status.state}  ",
                 style=state_style("ready" if status.state == "running" else "connecting"),
             )
             tunnel = _tunnel_state(status)
             if tunnel is not None:
-                header.append("  tunnel ")
-                header.append(tunnel.capitalize(), style=state_style(tunnel))
+                header.append("tunnel ")
+                header.append(f"{tunnel.capitalize()}  ", style=state_style(tunnel))
             down = sum(o.rate_down for o in status.outbounds)
             up = sum(o.rate_up for o in status.outbounds)
-            header.append(f"  ↓ {format_rate(down)}", style="green")
-            header.append(f"  ↑ {format_rate(up)}", style="yellow")
+            header.append(f"↓ {format_rate(down)}  ", style="green")
+            header.append(f"↑ {format_rate(up)}  ", style="yellow")
             header.append(
-                f"  {status.connections_live} conns  up {format_duration(status.uptime)}"
+                f"{status.connections_live} conns  up {format_duration(status.uptime)}"
                 f"  v{status.version} pid {status.pid}"
             )
         self.header_text = header.plain

@@ -53,10 +53,11 @@ def format_duration(seconds: float | None) -> str:
 
 
 def _session_line(session: SessionStatus) -> Text:
+    # gaps end a styled run rather than start one (see Dashboard._render_header)
     text = Text("  #" + session.id + " ")
-    text.append(session.state.capitalize(), style=state_style(session.state))
+    text.append(session.state.capitalize() + "  ", style=state_style(session.state))
     rtt = f"{session.rtt_ms:.1f} ms" if session.rtt_ms is not None else "-"
-    text.append(f"  rtt {rtt}  up {format_duration(session.uptime)}")
+    text.append(f"rtt {rtt}  up {format_duration(session.uptime)}")
     if session.reconnects:
         text.append(f"  ↻{session.reconnects}")
     if session.mapped_address:
@@ -114,20 +115,19 @@ class OutboundPanel(Vertical, can_focus=True):
             return
         self.border_title = f"{status.id} ({status.type})"
         style = state_style(status.state)
-        line1 = Text("● ", style=style)
-        line1.append(status.state.capitalize(), style=style)
+        # one run per style, gaps at the end of a run (see Dashboard._render_header)
+        parts = [f"● {status.state.capitalize()}"]
         if status.uptime is not None:
-            line1.append(f" · up {format_duration(status.uptime)}")
+            parts.append(f"up {format_duration(status.uptime)}")
         if status.can_reconnect or status.reconnects:
-            line1.append(f" · ↻ {status.reconnects}")
+            parts.append(f"↻ {status.reconnects}")
+        line1 = Text(" · ".join(parts), style=style)
         line2 = Text(status.server or "this machine", style="bold")
         if status.rtt_ms is not None:
             line2.append(f" · rtt {status.rtt_ms:.1f} ms", style="")
-        line3 = Text("↓ ", style="green")
-        line3.append(format_rate(status.rate_down), style="green")
-        line3.append("  ↑ ", style="yellow")
-        line3.append(format_rate(status.rate_up), style="yellow")
-        line3.append(f" · {status.connections} conns")
+        line3 = Text(f"↓ {format_rate(status.rate_down)}  ", style="green")
+        line3.append(f"↑ {format_rate(status.rate_up)} ", style="yellow")
+        line3.append(f"· {status.connections} conns")
         lines = [line1, line2, line3]
         if status.mapped_address:
             lines.append(Text(f"nat {status.mapped_address}"))
