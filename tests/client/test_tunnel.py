@@ -123,7 +123,9 @@ async def test_200_transfers_at_once(origin: Origin, server: ServerProcess) -> N
         args += ["-o", "/dev/null", origin.url(f"/bytes/{20000 + index}")]
     config = tunnel_config(server.outbound(mux={"enabled": True, "sessions": 2}))
     async with running_daemon(config) as daemon:
-        await _connected(daemon)
+        await wait_for(
+            lambda: all(s.state == "connected" for s in _ostp(daemon).sessions), time_limit=15
+        )
         result = await curl([*proxy_args("socks5h", proxy_port(daemon)), *args], time_limit=120)
         assert result.returncode == 0, result.stderr
         lines = sorted(result.stdout.split("\n")[:-1])

@@ -1045,6 +1045,9 @@ class OstpOutbound(Outbound):
             "bytes_up": sum(s["bytes_up"] for s in sessions),
             "bytes_down": sum(s["bytes_down"] for s in sessions),
             "reconnects": sum(s["reconnects"] for s in sessions),
+            "connected_since": min(
+                (s["connected_since"] for s in sessions if s["connected_since"]), default=None
+            ),
             "streams": len(self._active_ids),
             "nat_mode": self.nat.mode if self.nat is not None else None,
             "mapped_address": next(
