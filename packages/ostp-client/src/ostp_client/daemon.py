@@ -78,6 +78,11 @@ class Daemon:
             self._cancel = scope
             if self._stop_requested:
                 scope.cancel()
+            for inbound in self.inbounds.values():
+                # The routing mark must be in place before outbounds open their first sockets.
+                claim = getattr(inbound, "claim_routing_mark", None)
+                if claim is not None:
+                    claim()
             async with anyio.create_task_group() as tg:
                 for outbound in self.outbounds.values():
                     await tg.start(outbound.run, name=f"outbound {outbound.tag}")

@@ -62,6 +62,7 @@ from ostp_client.outbounds.base import (
     OutboundError,
     UdpOutboundSession,
 )
+from ostp_client.tun.bypass import apply_bypass
 from ostp_client.udp import MAX_GSO_BYTES, MAX_SEGMENTS, UDP_GRO, UDP_SEGMENT, BatchSocket
 from ostp_proto import (
     ClientConnection,
@@ -558,6 +559,7 @@ class _Session:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock = sock
         sock.setblocking(False)
+        apply_bypass(sock)  # with a TUN's policy routing, never route the tunnel into itself
         for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # *BUFFORCE
             try:
                 sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
