@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 InboundFactory = Callable[[Any, Dispatcher], Inbound]
 INBOUND_FACTORIES: dict[str, InboundFactory] = {}
 OPTIONAL_INBOUND_MODULES = ("ostp_client.tun.inbound",)
+# Which optional module provides a type: imported only when a config uses it, so a proxy-only
+# daemon does not load the netstack (idle memory).
+OPTIONAL_INBOUND_TYPES = {"tun": "ostp_client.tun.inbound"}
 
 
 def register_inbound(type_name: str, factory: InboundFactory) -> None:
@@ -45,8 +48,13 @@ def _local_proxy(config: LocalProxyInboundConfig, dispatcher: Dispatcher) -> Inb
 register_inbound("local_proxy", _local_proxy)
 
 
-def load_optional_inbounds() -> None:
-    for name in OPTIONAL_INBOUND_MODULES:
+def load_optional_inbounds(type_name: str | None = None) -> None:
+    """Import the optional inbound modules (only the one for ``type_name`` when given)."""
+    names = OPTIONAL_INBOUND_MODULES
+    if type_name is not None:
+        module = OPTIONAL_INBOUND_TYPES.get(type_name)
+        names = (module,) if module is not None else ()
+    for name in names:
         try:
             importlib.import_module(name)
         except ImportError as exc:
@@ -56,7 +64,8 @@ def load_optional_inbounds() -> None:
 
 
 def build_inbound(config: Any, dispatcher: Dispatcher) -> Inbound:
-    load_optional_inbounds()
+    if config.type not in INBOUND_FACTORIES:
+        load_optional_inbounds(config.type)
     factory = INBOUND_FACTORIES.get(config.type)
     if factory is None:
         raise LookupError(f"inbound type {config.type!r} is not available in this build")
