@@ -50,7 +50,7 @@ register_inbound("local_proxy", _local_proxy)
 
 def load_optional_inbounds(type_name: str | None = None) -> None:
     """Import the optional inbound modules (only the one for ``type_name`` when given)."""
-    names = OPTIONAL_INBOUND_MODULES
+    names: tuple[str, ...] = OPTIONAL_INBOUND_MODULES
     if type_name is not None:
         module = OPTIONAL_INBOUND_TYPES.get(type_name)
         names = (module,) if module is not None else ()
