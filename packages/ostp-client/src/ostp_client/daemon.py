@@ -2,8 +2,29 @@
 
 Structure (one task group, owned by `Daemon.run`): every outbound's `run()` is started first
 (`tg.start`, so an outbound is ready before traffic arrives), then every inbound's `run()`.
-`stop()` (or SIGINT/SIGTERM with `run_daemon`) cancels the group; teardown is shielded and
-bounded in time.
+Each of those runs in its own cancel scope, so that `reload()` can start and stop single parts
+while the others keep running. `stop()` (or SIGINT/SIGTERM with `run_daemon`) cancels the
+group; teardown is shielded and bounded in time.
+
+Reload (`Daemon.reload`, used by the control socket's `reload` and by SIGHUP) compares the new
+config with the running one, part by part:
+
+- outbounds: an unchanged one keeps running untouched (an ostp outbound keeps its sessions and
+  streams). An added one is built and started; a removed one is stopped and its connections
+  are closed. A changed one (its config block, or for ostp the `mux` that applies to it) is
+  replaced: the new one starts, new connections go to it, and the old one keeps serving its
+  connections until they end or `reload_grace` seconds have passed, then it stops.
+- inbounds: a `local_proxy` whose `listen`/`port` did not change is updated in place (users,
+  udp, timeouts apply to new connections; its listener and connections stay). One with a new
+  address gets a new listener; the old listener closes, with its connections. A `tun` inbound
+  restarts only when its own config changed, which drops the TUN's connections.
+- routing (a new router; hit counters restart) and `log.level` apply at once; `control` and
+  the system proxy setting take effect after a restart only.
+
+Everything that can fail happens before anything is switched: the config is validated, the
+router and the new parts are built, the new parts are started (listeners bound). A failure
+stops what was started, restarts what had to be stopped first (a listener on the same port,
+a TUN), and raises `ReloadError`: the running config stays.
 """
 
 from __future__ import annotations
@@ -12,25 +33,106 @@ import logging
 import signal
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.abc
 from anyio.abc import TaskStatus
 
-from ostp_client.config import ClientConfig, LocalProxyInboundConfig
+from ostp_client.config import (
+    ClientConfig,
+    LocalProxyInboundConfig,
+    OstpOutboundConfig,
+    TunInboundConfig,
+)
 from ostp_client.connections import ConnectionRegistry, Dispatcher
 from ostp_client.inbounds import Inbound, build_inbound
 from ostp_client.inbounds.local_proxy import LocalProxyInbound
-from ostp_client.outbounds import Outbound, OutboundContext, build_outbound
-from ostp_client.router import Router
+from ostp_client.outbounds import Outbound, OutboundContext, OutboundError, build_outbound
+from ostp_client.router import Router, RoutingError
 from ostp_client.sysproxy import SystemProxy, SystemProxyError, SystemProxyGuard
 
-__all__ = ["Daemon", "run_daemon"]
+__all__ = ["RELOAD_GRACE", "Daemon", "ReloadError", "ReloadOutcome", "run_daemon"]
 
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 5.0
 """Seconds teardown may take after a stop request."""
+RELOAD_GRACE = 10.0
+"""Seconds a replaced outbound keeps serving the connections it already carries."""
+_RETIRE_POLL = 0.1
+
+Part = Outbound | Inbound
+
+
+class ReloadError(Exception):
+    """A new config could not be applied; nothing changed (the message says why)."""
+
+
+@dataclass(slots=True)
+class ReloadOutcome:
+    """What `Daemon.reload` did."""
+
+    applied: list[str] = field(default_factory=list)
+    """Config sections that changed and took effect: routing, log.level, outbounds, ..."""
+    needs_restart: list[str] = field(default_factory=list)
+    """Changed sections that take effect after a restart only."""
+    changes: list[str] = field(default_factory=list)
+    """One line per change, for the log and the control reply."""
+
+
+@dataclass(eq=False, slots=True)
+class _Task:
+    """One part's `run()` inside the daemon's task group."""
+
+    part: Part
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What a reload will do, built before anything changes."""
+
+    router: Router
+    outbounds: dict[str, Outbound] = field(default_factory=dict)
+    """The new table in config order: running objects where unchanged, new ones elsewhere."""
+    inbounds: dict[str, Inbound] = field(default_factory=dict)
+    fresh_outbounds: list[Outbound] = field(default_factory=list)
+    fresh_inbounds: list[Inbound] = field(default_factory=list)
+    updates: list[tuple[LocalProxyInbound, LocalProxyInbound]] = field(default_factory=list)
+    """(running inbound, one built from its new config): settings move over, listener stays."""
+    leaving: list[Inbound] = field(default_factory=list)
+    """Running inbounds that stop (removed, or replaced by one in `fresh_inbounds`)."""
+    stop_first: list[Inbound] = field(default_factory=list)
+    """Of `leaving`: those holding a port or the TUN that a fresh inbound needs."""
+
+
+def _outbound_identity(config: ClientConfig, tag: str) -> object:
+    """What an outbound is built from: its block, and for ostp the `mux` that applies."""
+    for item in config.outbounds:
+        if item.tag == tag:
+            if isinstance(item, OstpOutboundConfig):
+                return (item, config.mux_for(item))
+            return (item, None)
+    return None
+
+
+def _claim(config: Any) -> object:
+    """What an inbound holds exclusively: a TCP port, or the TUN (device, table, mark)."""
+    if isinstance(config, LocalProxyInboundConfig):
+        return ("tcp", config.port) if config.port else None
+    if isinstance(config, TunInboundConfig):
+        return ("tun",)
+    return None
+
+
+def _system_proxy_target(config: ClientConfig) -> tuple[str, int] | None:
+    for item in config.inbounds:
+        if isinstance(item, LocalProxyInboundConfig) and item.set_system_proxy:
+            return (item.listen, item.port)
+    return None
 
 
 class Daemon:
@@ -57,8 +159,13 @@ class Daemon:
         self.inbounds: dict[str, Inbound] = {
             i.tag: build_inbound(i, self.dispatcher) for i in config.inbounds
         }
+        self.reload_grace = RELOAD_GRACE
+        """Seconds a replaced outbound keeps serving its connections after a reload."""
         self._cancel: anyio.CancelScope | None = None
         self._stop_requested = False
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._tasks: dict[int, _Task] = {}
+        self._reload_lock = anyio.Lock()
         self.started = anyio.Event()
         self._on_started: list[Callable[[Daemon], None]] = []
 
@@ -83,21 +190,25 @@ class Daemon:
                 claim = getattr(inbound, "claim_routing_mark", None)
                 if claim is not None:
                     claim()
-            async with anyio.create_task_group() as tg:
-                for outbound in self.outbounds.values():
-                    await tg.start(outbound.run, name=f"outbound {outbound.tag}")
-                for inbound in self.inbounds.values():
-                    await tg.start(inbound.run, name=f"inbound {inbound.tag}")
-                self.started.set()
-                for callback in self._on_started:
-                    callback(self)
-                logger.info(
-                    "ostp-client running: %d inbound(s), %d outbound(s), %d rule(s)",
-                    len(self.inbounds),
-                    len(self.outbounds),
-                    len(self.config.routing.rules),
-                )
-                task_status.started(self)
+            try:
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    for outbound in self.outbounds.values():
+                        await self._start(outbound, "outbound")
+                    for inbound in self.inbounds.values():
+                        await self._start(inbound, "inbound")
+                    self.started.set()
+                    for callback in self._on_started:
+                        callback(self)
+                    logger.info(
+                        "ostp-client running: %d inbound(s), %d outbound(s), %d rule(s)",
+                        len(self.inbounds),
+                        len(self.outbounds),
+                        len(self.config.routing.rules),
+                    )
+                    task_status.started(self)
+            finally:
+                self._tg = None
         logger.info("ostp-client stopped (%d connections served)", self.registry.closed_total)
 
     def status(self) -> dict[str, Any]:
@@ -107,6 +218,224 @@ class Daemon:
             "routing": self.router.stats(),
             "connections": self.registry.snapshot(),
         }
+
+    # -- parts -------------------------------------------------------------------------------
+
+    async def _start(self, part: Part, kind: str) -> None:
+        """Start `part.run()` in the daemon's group; returns once it is ready (or raises)."""
+        if self._tg is None:
+            raise RuntimeError("the daemon is not running")
+        task = _Task(part)
+        self._tasks[id(part)] = task
+        try:
+            await self._tg.start(self._run_part, task, name=f"{kind} {part.tag}")
+        except BaseException:
+            self._tasks.pop(id(part), None)
+            raise
+
+    async def _run_part(self, task: _Task, *, task_status: TaskStatus[None]) -> None:
+        try:
+            with task.scope:
+                await task.part.run(task_status=task_status)
+        finally:
+            task.done.set()
+
+    async def _stop(self, part: Part) -> None:
+        """Cancel `part.run()` and wait (bounded) until its teardown is done."""
+        task = self._tasks.pop(id(part), None)
+        if task is None:
+            return
+        task.scope.cancel()
+        with anyio.move_on_after(SHUTDOWN_GRACE, shield=True):
+            await task.done.wait()
+
+    async def _retire(self, outbound: Outbound, conn_ids: list[int]) -> None:
+        """Stop a replaced outbound once its connections ended or after `reload_grace`."""
+        with anyio.move_on_after(self.reload_grace):
+            while any(i in self.registry.live for i in conn_ids):  # noqa: ASYNC110 (no event)
+                await anyio.sleep(_RETIRE_POLL)
+        closed = sum(self.registry.cancel(i) for i in conn_ids)
+        if closed:
+            logger.info(
+                "replaced outbound %s: closed %d connection(s) after %.0f s",
+                outbound.tag,
+                closed,
+                self.reload_grace,
+            )
+        await self._stop(outbound)
+        logger.info("replaced outbound %s stopped", outbound.tag)
+
+    # -- reload ------------------------------------------------------------------------------
+
+    async def reload(self, new: ClientConfig) -> ReloadOutcome:
+        """Apply a validated config to the running daemon (see the module docstring).
+
+        Raises `ReloadError` when it cannot be applied; then nothing changed.
+        """
+        async with self._reload_lock:
+            if self._tg is None or not self.started.is_set():
+                raise ReloadError("the daemon is not running")
+            old = self.config
+            plan = self._plan(old, new)
+            await self._start_new_parts(plan, old)
+            old_outbounds = dict(self.outbounds)
+            outcome = self._switch(old, new, plan)
+            await self._stop_old_parts(old_outbounds, plan, outcome)
+            return outcome
+
+    def _plan(self, old: ClientConfig, new: ClientConfig) -> _Plan:
+        """Validate `new` against the running parts and build what is new; nothing runs yet."""
+        try:
+            router = Router(new.routing, [o.tag for o in new.outbounds])
+        except RoutingError as exc:
+            raise ReloadError(str(exc)) from None
+        if new.routing == old.routing and router.default_outbound == self.router.default_outbound:
+            router = self.router  # nothing to change: keep the hit counters
+        plan = _Plan(router)
+        context = OutboundContext(new)
+        for item in new.outbounds:
+            current = self.outbounds.get(item.tag)
+            if current is not None and _outbound_identity(old, item.tag) == _outbound_identity(
+                new, item.tag
+            ):
+                plan.outbounds[item.tag] = current
+                continue
+            try:
+                outbound = build_outbound(item, context)
+            except (LookupError, ValueError, OSError, OutboundError) as exc:
+                raise ReloadError(f"outbound {item.tag!r}: {exc}") from None
+            plan.outbounds[item.tag] = outbound
+            plan.fresh_outbounds.append(outbound)
+
+        before = {entry.tag: entry for entry in old.inbounds}
+        for entry in new.inbounds:
+            running = self.inbounds.get(entry.tag)
+            previous = before.get(entry.tag)
+            if running is not None and previous == entry:
+                plan.inbounds[entry.tag] = running
+                continue
+            if (
+                isinstance(running, LocalProxyInbound)
+                and isinstance(previous, LocalProxyInboundConfig)
+                and isinstance(entry, LocalProxyInboundConfig)
+                and (previous.listen, previous.port) == (entry.listen, entry.port)
+            ):
+                # Same address: keep the listener and its connections, take the new settings.
+                plan.updates.append((running, LocalProxyInbound(entry, self.dispatcher)))
+                plan.inbounds[entry.tag] = running
+                continue
+            try:
+                inbound = build_inbound(entry, self.dispatcher)
+            except (LookupError, ValueError, OSError) as exc:
+                raise ReloadError(f"inbound {entry.tag!r}: {exc}") from None
+            plan.inbounds[entry.tag] = inbound
+            plan.fresh_inbounds.append(inbound)
+
+        plan.leaving = [i for tag, i in self.inbounds.items() if plan.inbounds.get(tag) is not i]
+        fresh_tags = {i.tag for i in plan.fresh_inbounds}
+        claims = {_claim(entry) for entry in new.inbounds if entry.tag in fresh_tags} - {None}
+        plan.stop_first = [i for i in plan.leaving if _claim(before.get(i.tag)) in claims]
+        return plan
+
+    async def _start_new_parts(self, plan: _Plan, old: ClientConfig) -> None:
+        """Start the new parts (bind listeners, open the TUN); on failure undo and raise."""
+        started: list[Part] = []
+        stopped: list[Inbound] = []
+        try:
+            for outbound in plan.fresh_outbounds:
+                await self._start(outbound, "outbound")
+                started.append(outbound)
+            for inbound in plan.stop_first:  # its port or the TUN is needed by a new inbound
+                await self._stop(inbound)
+                stopped.append(inbound)
+            for inbound in plan.fresh_inbounds:
+                await self._start(inbound, "inbound")
+                started.append(inbound)
+        except Exception as exc:
+            for part in reversed(started):
+                await self._stop(part)
+            configs = {entry.tag: entry for entry in old.inbounds}
+            for inbound in stopped:
+                await self._restart_inbound(configs[inbound.tag])
+            raise ReloadError(f"cannot start the new configuration: {exc}") from exc
+
+    def _switch(self, old: ClientConfig, new: ClientConfig, plan: _Plan) -> ReloadOutcome:
+        """Make the new parts current. No awaits: the router never names a missing tag."""
+        changed = {
+            "routing": plan.router is not self.router,
+            "log.level": new.log != old.log,
+            "outbounds": list(plan.outbounds.items()) != list(self.outbounds.items()),
+            "inbounds": list(plan.inbounds.items()) != list(self.inbounds.items())
+            or bool(plan.updates),
+            "mux": new.mux != old.mux,
+        }
+        outcome = ReloadOutcome(applied=[name for name, yes in changed.items() if yes])
+        self.outbounds.clear()  # the dispatcher holds this very dict
+        self.outbounds.update(plan.outbounds)
+        self.inbounds.clear()
+        self.inbounds.update(plan.inbounds)
+        if changed["routing"]:
+            self.router = plan.router
+            self.dispatcher.router = plan.router
+            outcome.changes.append("routing")
+        if changed["log.level"]:
+            logging.getLogger().setLevel(getattr(logging, new.log.level.upper()))
+            outcome.changes.append(f"log.level {new.log.level}")
+        for running, fresh in plan.updates:
+            running.config = fresh.config
+            running.settings = fresh.settings
+            outcome.changes.append(f"inbound {running.tag} updated")
+        if new.control != old.control:
+            outcome.needs_restart.append("control")
+        if _system_proxy_target(new) != _system_proxy_target(old):
+            outcome.needs_restart.append("set_system_proxy")
+        self.config = new.model_copy(update={"control": old.control})
+        return outcome
+
+    async def _stop_old_parts(
+        self, old_outbounds: dict[str, Outbound], plan: _Plan, outcome: ReloadOutcome
+    ) -> None:
+        """Stop what went away; a replaced outbound first serves out its connections."""
+        live_by_outbound: dict[str | None, list[int]] = {}
+        for ctx in self.registry.live.values():
+            live_by_outbound.setdefault(ctx.outbound_tag, []).append(ctx.id)
+        changes = outcome.changes
+        for tag, outbound in old_outbounds.items():
+            conn_ids = live_by_outbound.get(tag, [])
+            if tag not in plan.outbounds:
+                for conn_id in conn_ids:
+                    self.registry.cancel(conn_id)
+                await self._stop(outbound)
+                changes.append(f"outbound {tag} removed ({len(conn_ids)} connection(s) closed)")
+            elif plan.outbounds[tag] is not outbound:
+                assert self._tg is not None
+                self._tg.start_soon(self._retire, outbound, conn_ids, name=f"retire {tag}")
+                changes.append(
+                    f"outbound {tag} replaced ({len(conn_ids)} connection(s) stay on the old"
+                    f" one for up to {self.reload_grace:.0f} s)"
+                )
+        changes.extend(
+            f"outbound {tag} added" for tag in plan.outbounds if tag not in old_outbounds
+        )
+        for inbound in plan.leaving:
+            await self._stop(inbound)  # no-op for those stopped first
+            what = "restarted" if inbound.tag in plan.inbounds else "removed"
+            changes.append(f"inbound {inbound.tag} {what}")
+        leaving = {i.tag for i in plan.leaving}
+        changes.extend(
+            f"inbound {i.tag} added" for i in plan.fresh_inbounds if i.tag not in leaving
+        )
+
+    async def _restart_inbound(self, config: Any) -> None:
+        """Undo for an inbound that was stopped to make room: run it again from its config."""
+        try:
+            inbound = build_inbound(config, self.dispatcher)
+            await self._start(inbound, "inbound")
+        except Exception:
+            logger.exception("reload: inbound %s could not be restarted", config.tag)
+            self.inbounds.pop(config.tag, None)
+            return
+        self.inbounds[config.tag] = inbound
 
 
 async def run_daemon(

@@ -28,7 +28,7 @@ from anyio.abc import TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 from pydantic import BaseModel, ValidationError
 
-from ostp_client.config import ClientConfig, ConfigError, load_config
+from ostp_client.config import ConfigError, load_config
 from ostp_client.control.protocol import (
     LEVELS,
     MAX_LINE,
@@ -56,7 +56,7 @@ from ostp_client.control.protocol import (
     encode,
     level_at_least,
 )
-from ostp_client.router import Router, RoutingError
+from ostp_client.daemon import ReloadError
 
 if TYPE_CHECKING:
     from ostp_client.daemon import Daemon
@@ -213,11 +213,12 @@ def _daemon_version() -> str:
 
 
 async def reload_config(daemon: Daemon, path: str | None) -> ReloadResult:
-    """Validate the config at `path` and apply what can change while running.
+    """Validate the config at `path` and apply it to the running daemon (`Daemon.reload`).
 
-    Applied live: `routing` (a new router; hit counters restart) and `log.level`. Other changes
-    are validated and reported in `needs_restart`. An invalid config raises `RequestFailed`
-    with the validation errors and leaves the running config untouched.
+    Outbounds, inbounds, routing, `mux` and `log.level` are applied live; `control` (and the
+    system proxy setting) are reported in `needs_restart`. An invalid config, or one whose new
+    parts cannot start (e.g. a port in use), raises `RequestFailed` with the error and leaves
+    the running config untouched.
     """
     if path is None:
         raise RequestFailed(ErrorCode.INVALID_PARAMS, "no config file to reload from")
@@ -225,30 +226,19 @@ async def reload_config(daemon: Daemon, path: str | None) -> ReloadResult:
         new, _warnings = await anyio.to_thread.run_sync(load_config, path)
     except ConfigError as exc:
         raise RequestFailed(ErrorCode.INVALID_CONFIG, str(exc)) from None
-    old: ClientConfig = daemon.config
     try:
-        router = Router(new.routing, daemon.outbounds) if new.routing != old.routing else None
-    except RoutingError as exc:
-        raise RequestFailed(ErrorCode.INVALID_CONFIG, f"invalid configuration: {exc}") from None
-    applied: list[str] = []
-    if router is not None:
-        daemon.router = router
-        daemon.dispatcher.router = router
-        applied.append("routing")
-    if new.log != old.log:
-        logging.getLogger().setLevel(getattr(logging, new.log.level.upper()))
-        applied.append("log.level")
-    needs_restart = [
-        name
-        for name in ("inbounds", "outbounds", "mux", "control")
-        if getattr(new, name) != getattr(old, name)
-    ]
-    daemon.config = old.model_copy(update={"routing": new.routing, "log": new.log})
-    message = f"reloaded {path}: " + (", ".join(applied) if applied else "nothing changed")
-    if needs_restart:
-        message += f"; restart to apply {', '.join(needs_restart)}"
+        outcome = await daemon.reload(new)
+    except ReloadError as exc:
+        raise RequestFailed(
+            ErrorCode.INVALID_CONFIG, f"{path}: not applied, the running configuration stays: {exc}"
+        ) from None
+    message = f"reloaded {path}: " + ("; ".join(outcome.changes) or "nothing changed")
+    if outcome.needs_restart:
+        message += f"; restart to apply {', '.join(outcome.needs_restart)}"
     logger.info("%s", message)
-    return ReloadResult(message=message, applied=applied, needs_restart=needs_restart)
+    return ReloadResult(
+        message=message, applied=outcome.applied, needs_restart=outcome.needs_restart
+    )
 
 
 # --------------------------------------------------------------------------------------------
