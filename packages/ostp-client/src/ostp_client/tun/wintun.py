@@ -7,7 +7,10 @@ Wintun's API (wintun.h): `WintunCreateAdapter(name, tunnel_type, guid)` →
 `WintunEndSession`, `WintunCloseAdapter`. Every call goes through the `dll` object, so the tests
 drive this code with a fake DLL backed by real ctypes memory.
 
-Addresses are set with `netsh`; routes (auto_route) are the inbound's Linux job for now.
+`WintunGetAdapterLUID` names the adapter for the IP Helper API: its MTU, metric, addresses and
+the routes of ``auto_route`` are set by `ostp_client.tun.windows_net.WindowsRouteManager`
+(:meth:`WintunDevice.route_manager`). When the adapter is closed (or the process dies), Windows
+removes it together with its addresses and routes.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
 
 from ostp_client.tun.device import TunDevice
+
+if TYPE_CHECKING:
+    from ostp_client.tun.windows_net import WindowsRouteManager
 
 __all__ = ["WintunDevice", "WintunError", "load_wintun"]
 
@@ -58,6 +64,8 @@ def load_wintun(path: str = "wintun.dll") -> Any:
     dll.WintunAllocateSendPacket.restype = ctypes.c_void_p
     dll.WintunAllocateSendPacket.argtypes = [handle, ctypes.c_uint32]
     dll.WintunSendPacket.argtypes = [handle, ctypes.c_void_p]
+    dll.WintunGetAdapterLUID.restype = None
+    dll.WintunGetAdapterLUID.argtypes = [handle, ctypes.POINTER(ctypes.c_uint64)]
     return dll
 
 
@@ -100,20 +108,29 @@ class WintunDevice(TunDevice):
         self.write_drops = 0
 
     @classmethod
-    def create(cls, name: str, *, mtu: int) -> WintunDevice:  # pragma: no cover - Windows only
-        device = cls(load_wintun(), name)
-        device.configure_mtu(mtu)
-        return device
+    def create(cls, name: str, *, mtu: int = 0) -> WintunDevice:  # pragma: no cover - Windows
+        """Open the adapter (``mtu`` is set by the route manager's `configure`)."""
+        return cls(load_wintun(), name)
 
-    def configure_mtu(self, mtu: int) -> None:  # pragma: no cover - Windows only
-        import subprocess  # noqa: PLC0415
+    def luid(self) -> int:
+        """The adapter's NET_LUID (what the IP Helper API identifies interfaces by)."""
+        if not self._adapter:
+            raise WintunError("the adapter is closed")
+        value = ctypes.c_uint64()
+        self._dll.WintunGetAdapterLUID(self._adapter, ctypes.byref(value))
+        return int(value.value)
 
-        for family in ("ipv4", "ipv6"):
-            subprocess.run(  # noqa: S603
-                ["netsh", "interface", family, "set", "subinterface", self.name, f"mtu={mtu}"],  # noqa: S607
-                capture_output=True,
-                check=False,
-            )
+    def route_manager(self, api: Any = None, **kwargs: Any) -> WindowsRouteManager:
+        """A `WindowsRouteManager` for this adapter, over ``api`` (default: iphlpapi.dll)."""
+        from ostp_client.tun.windows_net import (  # noqa: PLC0415
+            IpHelper,
+            WindowsRouteManager,
+            load_iphlpapi,
+        )
+
+        if api is None:  # pragma: no cover - Windows only
+            api = IpHelper(load_iphlpapi())
+        return WindowsRouteManager(api, api.luid_to_index(self.luid()), **kwargs)
 
     def read_batch(self, limit: int = 256) -> list[tuple[bytes, bool]]:
         out: list[tuple[bytes, bool]] = []
