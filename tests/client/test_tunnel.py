@@ -232,3 +232,55 @@ async def test_socks5_udp_associate_through_the_tunnel(server: ServerProcess) ->
         ]
         await control.aclose()
         tg.cancel_scope.cancel()
+
+
+async def test_two_ostp_outbounds_to_different_servers_at_once(
+    origin: Origin, tmp_path: Path
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with ostp_server(tmp_path / "a") as first, ostp_server(tmp_path / "b") as second:
+        config = tunnel_config(first.outbound(), rules=[{"domain": ["localhost"], "outbound": "b"}])
+        config["outbounds"].append({**second.outbound(), "tag": "b"})
+        async with running_daemon(config) as daemon:
+            a, b = daemon.outbounds["proxy"], daemon.outbounds["b"]
+            assert isinstance(a, OstpOutbound) and isinstance(b, OstpOutbound)
+            await wait_for(lambda: a.state == b.state == "connected", 15)
+            port = proxy_port(daemon)
+            # socks5 sends the IP (default route: "proxy"), socks5h the name "localhost" ("b")
+            await _download(port, origin, "socks5", 3 * MB, tmp_path / "via-a")
+            await _download(port, origin, "socks5h", 5 * MB, tmp_path / "via-b")
+            assert 3 * MB < a.status()["bytes_down"] < 5 * MB
+            assert b.status()["bytes_down"] > 5 * MB
+            assert {a.server, b.server} == {("127.0.0.1", first.port), ("127.0.0.1", second.port)}
+
+
+async def test_a_slow_reader_keeps_the_client_buffer_bounded(
+    origin: Origin, server: ServerProcess, tmp_path: Path
+) -> None:
+    from ostp_client.outbounds.ostp import STREAM_RECEIVE_LIMIT
+
+    async with running_daemon(tunnel_config(server.outbound())) as daemon:
+        await _connected(daemon)
+        outbound = _ostp(daemon)
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, *(s.buffered for s in outbound.sessions))
+                await anyio.sleep(0.01)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            url = origin.url(f"/bytes/{30 * MB}")
+            args = [*proxy_args("socks5h", proxy_port(daemon)), "--limit-rate", "10M"]
+            result = await curl([*args, "-o", str(tmp_path / "slow"), url], time_limit=60)
+            tg.cancel_scope.cancel()
+        assert result.returncode == 0, result.stderr
+        assert await anyio.to_thread.run_sync(_file_sha256, tmp_path / "slow") == body_sha256(
+            30 * MB
+        )
+        # The session stops reading its socket at the limit; one batch of datagrams may land
+        # on top of it, never the whole 30 MB body.
+        assert STREAM_RECEIVE_LIMIT <= peak < STREAM_RECEIVE_LIMIT + 2 * MB

@@ -704,12 +704,20 @@ class _Session:
     def _read_all(self, sock: socket.socket, conn: ClientConnection, now: float) -> None:
         # Bounded per round so timers and events still get their turn. ICMP errors (the
         # server's port closed) are ignored: the server may come back; the timers decide.
+        # Also bounded by the room left for slow local readers: what is not read stays in the
+        # kernel (and beyond it is dropped and re-sent), never in our memory.
         receive = conn.receive_datagram
         batch = self.batch
         assert batch is not None
-        for data in batch.recv_batch(256):
-            self.bytes_down += len(data)
-            receive(data, now)
+        room = STREAM_RECEIVE_LIMIT - self.buffered
+        for _ in range(16):
+            datagrams = batch.recv_batch(16)
+            for data in datagrams:
+                self.bytes_down += len(data)
+                room -= len(data)
+                receive(data, now)
+            if len(datagrams) < 16 or room <= 0:
+                return
 
     async def _wait(self, sock: socket.socket, conn: ClientConnection) -> None:
         timer = conn.get_timer()
