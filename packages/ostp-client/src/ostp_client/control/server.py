@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import anyio.to_thread
 from anyio.abc import TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 from pydantic import BaseModel, ValidationError
 
 from ostp_client.config import ConfigError, load_config
+from ostp_client.control import pipes
 from ostp_client.control.protocol import (
     LEVELS,
     MAX_LINE,
@@ -273,11 +275,8 @@ async def _socket_is_live(path: Path) -> bool:
 
 async def open_control_listener(path: str) -> anyio.abc.Listener[anyio.abc.ByteStream]:
     """Listen at `path`: a Unix socket (mode 0600 in a 0700 directory) or, on Windows, a pipe."""
-    if sys.platform == "win32":  # pragma: no cover - not tested on this platform
-        # The transport seam for Windows: a named-pipe Listener goes here (the client side,
-        # `control.client._open`, already speaks pipes). Until then the daemon runs without
-        # a control socket and says why.
-        raise OSError(f"{path}: named-pipe control sockets are not implemented yet")
+    if sys.platform == "win32" or pipes.is_pipe_path(path):
+        return open_pipe_listener(path)
     sock_path = Path(path)
     if _prepare_unix_path(sock_path):
         if await _socket_is_live(sock_path):
@@ -285,6 +284,144 @@ async def open_control_listener(path: str) -> anyio.abc.Listener[anyio.abc.ByteS
         os.unlink(sock_path)  # stale socket of a daemon that did not clean up
     listener = await anyio.create_unix_listener(sock_path, mode=0o600)
     return listener
+
+
+# --------------------------------------------------------------------------------------------
+# named pipes (Windows): the same protocol handling over `control.pipes`' blocking pipe ends
+
+MAX_PIPE_CLIENTS = 16
+"""Clients served at once over a pipe; more wait in the client's connect (ERROR_PIPE_BUSY)."""
+PIPE_READ_SIZE = 65536
+
+
+def open_pipe_listener(path: str) -> PipeListener:
+    r"""Serve the pipe ``path`` (``\\.\pipe\NAME``), owner-only (see `control.pipes`)."""
+    if not pipes.is_pipe_path(path):
+        raise OSError(
+            f"{path}: on Windows, control.socket must be a named pipe like {_PIPE_EXAMPLE}"
+        )
+    return PipeListener(pipes.create_pipe_server(path))
+
+
+_PIPE_EXAMPLE = pipes.PIPE_PREFIX + "ostp-client-NAME"
+
+
+class PipeByteStream(anyio.abc.ByteStream):
+    """A connected pipe end as an anyio byte stream; its blocking calls run in worker threads.
+
+    A call that is cancelled cancels the pipe's I/O (the abandoned thread returns at once) and
+    leaves the stream broken: a control client is dropped, not resumed.
+    """
+
+    def __init__(self, connection: pipes.PipeConnection, limiter: anyio.CapacityLimiter) -> None:
+        self._connection = connection
+        self._limiter = limiter
+        self._closed = False
+        self._broken = False
+
+    async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._broken:
+            raise anyio.BrokenResourceError
+        try:
+            return await anyio.to_thread.run_sync(
+                function, *args, abandon_on_cancel=True, limiter=self._limiter
+            )
+        except anyio.get_cancelled_exc_class():
+            self._broken = True
+            self._connection.cancel()
+            raise
+        except OSError as exc:
+            self._broken = True
+            raise anyio.BrokenResourceError from exc
+
+    async def receive(self, max_bytes: int = PIPE_READ_SIZE) -> bytes:
+        data: bytes = await self._call(self._connection.read, max_bytes)
+        if not data:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            raise anyio.EndOfStream
+        return data
+
+    async def send(self, item: bytes) -> None:
+        await self._call(self._connection.write, bytes(item))
+
+    async def send_eof(self) -> None:
+        raise NotImplementedError("a named pipe has no half-close")
+
+    async def aclose(self) -> None:
+        # synchronous on purpose: anyio.aclose_forcefully calls this in a cancelled scope
+        if not self._closed:
+            self._closed = True
+            self._connection.close()
+
+
+class PipeListener(anyio.abc.Listener[anyio.abc.ByteStream]):
+    """Accepts pipe clients one instance at a time, at most `max_clients` served at once."""
+
+    def __init__(self, server: pipes.PipeServer, *, max_clients: int = MAX_PIPE_CLIENTS) -> None:
+        self._server = server
+        self._slots = anyio.Semaphore(max_clients)
+        # own threads, so that idle clients' blocked reads never starve anyio's default pool
+        self._limiter = anyio.CapacityLimiter(2 * max_clients + 1)
+        self._closed = False
+
+    async def _accept(self) -> pipes.PipeConnection:
+        try:
+            connection: pipes.PipeConnection = await anyio.to_thread.run_sync(
+                self._server.accept, abandon_on_cancel=True, limiter=self._limiter
+            )
+        except anyio.get_cancelled_exc_class():
+            self._server.cancel()
+            raise
+        return connection
+
+    async def serve(
+        self,
+        handler: Callable[[anyio.abc.ByteStream], Any],
+        task_group: anyio.abc.TaskGroup | None = None,
+    ) -> None:
+        if task_group is None:
+            async with anyio.create_task_group() as tg:
+                await self._serve(handler, tg)
+        else:
+            await self._serve(handler, task_group)
+
+    async def _serve(
+        self, handler: Callable[[anyio.abc.ByteStream], Any], tg: anyio.abc.TaskGroup
+    ) -> None:
+        while not self.closed:
+            await self._slots.acquire()
+            try:
+                connection = await self._accept()
+            except OSError as exc:
+                self._slots.release()
+                if not self.closed:  # (closed: the loop ends)
+                    logger.warning("control pipe: accept failed: %s", exc)
+                    await anyio.sleep(0.5)
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            tg.start_soon(self._run, handler, PipeByteStream(connection, self._limiter))
+
+    async def _run(
+        self, handler: Callable[[anyio.abc.ByteStream], Any], stream: PipeByteStream
+    ) -> None:
+        try:
+            await handler(stream)
+        finally:
+            self._slots.release()
+            await anyio.aclose_forcefully(stream)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._server.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -741,6 +878,8 @@ def _level_param(params: dict[str, Any]) -> str:
 
 
 def _inode(path: str) -> tuple[int, int] | None:
+    if pipes.is_pipe_path(path):
+        return None  # a pipe goes with its handles; stat() would connect to it
     try:
         info = os.stat(path)
     except OSError:
