@@ -120,12 +120,21 @@ def _outbound_identity(config: ClientConfig, tag: str) -> object:
 
 
 def _claim(config: Any) -> object:
-    """What an inbound holds exclusively: a TCP port, or the TUN (device, table, mark)."""
+    """What a new inbound will hold exclusively: a TCP port, or the TUN (device, table, mark)."""
     if isinstance(config, LocalProxyInboundConfig):
         return ("tcp", config.port) if config.port else None
     if isinstance(config, TunInboundConfig):
         return ("tun",)
     return None
+
+
+def _held(inbound: Inbound) -> set[object]:
+    """What a running inbound holds (the ports it is bound to, also when configured as 0)."""
+    if isinstance(inbound, LocalProxyInbound):
+        return {("tcp", address.port) for address in inbound.addresses}
+    if inbound.type == "tun":
+        return {("tun",)}
+    return set()
 
 
 def _system_proxy_target(config: ClientConfig) -> tuple[str, int] | None:
@@ -334,7 +343,7 @@ class Daemon:
         plan.leaving = [i for tag, i in self.inbounds.items() if plan.inbounds.get(tag) is not i]
         fresh_tags = {i.tag for i in plan.fresh_inbounds}
         claims = {_claim(entry) for entry in new.inbounds if entry.tag in fresh_tags} - {None}
-        plan.stop_first = [i for i in plan.leaving if _claim(before.get(i.tag)) in claims]
+        plan.stop_first = [i for i in plan.leaving if _held(i) & claims]
         return plan
 
     async def _start_new_parts(self, plan: _Plan, old: ClientConfig) -> None:
@@ -356,7 +365,7 @@ class Daemon:
                 await self._stop(part)
             configs = {entry.tag: entry for entry in old.inbounds}
             for inbound in stopped:
-                await self._restart_inbound(configs[inbound.tag])
+                await self._restart_inbound(inbound, configs[inbound.tag])
             raise ReloadError(f"cannot start the new configuration: {exc}") from exc
 
     def _switch(self, old: ClientConfig, new: ClientConfig, plan: _Plan) -> ReloadOutcome:
@@ -426,8 +435,10 @@ class Daemon:
             f"inbound {i.tag} added" for i in plan.fresh_inbounds if i.tag not in leaving
         )
 
-    async def _restart_inbound(self, config: Any) -> None:
-        """Undo for an inbound that was stopped to make room: run it again from its config."""
+    async def _restart_inbound(self, stopped: Inbound, config: Any) -> None:
+        """Undo for an inbound that was stopped to make room: run it again, on the same port."""
+        if isinstance(stopped, LocalProxyInbound) and stopped.addresses and config.port == 0:
+            config = config.model_copy(update={"port": stopped.addresses[0].port})
         try:
             inbound = build_inbound(config, self.dispatcher)
             await self._start(inbound, "inbound")
@@ -436,6 +447,7 @@ class Daemon:
             self.inbounds.pop(config.tag, None)
             return
         self.inbounds[config.tag] = inbound
+        logger.info("reload: inbound %s restarted with its running config", config.tag)
 
 
 async def run_daemon(
