@@ -14,13 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import queue
 import sys
+import threading
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from pydantic import BaseModel
 
+from ostp_client.control import pipes
 from ostp_client.control.protocol import (
     MAX_LINE,
     PROTOCOL_VERSION,
@@ -41,7 +44,13 @@ from ostp_client.control.protocol import (
     parse_server_message,
 )
 
-__all__ = ["ControlClient", "ControlConnectionError", "ControlError"]
+__all__ = [
+    "ControlClient",
+    "ControlConnectionError",
+    "ControlError",
+    "PipeTransport",
+    "open_pipe_streams",
+]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -64,16 +73,149 @@ class ControlConnectionError(ConnectionError):
 
 async def _open(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """The one place that knows the transport: a Unix socket, or a named pipe on Windows."""
-    if sys.platform == "win32":  # pragma: no cover - not tested on this platform
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=MAX_LINE, loop=loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-        transport, _ = await loop.create_pipe_connection(  # type: ignore[attr-defined]
-            lambda: protocol, path
-        )
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        return reader, writer
+    if sys.platform == "win32" or pipes.is_pipe_path(path):
+        return await open_pipe_streams(path)
     return await asyncio.open_unix_connection(path, limit=MAX_LINE)
+
+
+PIPE_READ_SIZE = 65536
+PIPE_WRITE_HIGH = 1 << 16
+"""Bytes queued for the pipe before `drain()` waits (asyncio's usual high-water mark)."""
+
+
+async def open_pipe_streams(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """asyncio streams over a named pipe (`control.pipes.connect_pipe`), any event loop."""
+    loop = asyncio.get_running_loop()
+    connection = await loop.run_in_executor(None, pipes.connect_pipe, path, CONNECT_TIMEOUT)
+    reader = asyncio.StreamReader(limit=MAX_LINE, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport = PipeTransport(connection, protocol, loop)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+class PipeTransport(asyncio.Transport):
+    """An asyncio transport over a blocking `PipeConnection`: one thread reads, one writes.
+
+    Not asyncio's own pipe transport (Proactor only, and its client cannot check who owns the
+    pipe); this one runs with any loop and over the tests' in-memory pipes as well.
+    """
+
+    def __init__(
+        self,
+        connection: pipes.PipeConnection,
+        protocol: asyncio.Protocol,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__()
+        self._connection = connection
+        self._protocol = protocol
+        self._loop = loop
+        self._closing = False
+        self._lost = False
+        self._queued = 0
+        self._writing_paused = False
+        self._reading = threading.Event()
+        self._reading.set()
+        self._outgoing: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        protocol.connection_made(self)
+        for target, name in ((self._read_loop, "reader"), (self._write_loop, "writer")):
+            threading.Thread(target=target, name=f"control pipe {name}", daemon=True).start()
+
+    def _soon(self, callback: Any, *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    # threads
+
+    def _read_loop(self) -> None:
+        error: Exception | None = None
+        while True:
+            self._reading.wait()
+            try:
+                data = self._connection.read(PIPE_READ_SIZE)
+            except OSError as exc:
+                data, error = b"", exc
+            if not data:
+                self._soon(self._ended, error)
+                return
+            self._soon(self._received, data)
+
+    def _write_loop(self) -> None:
+        while (data := self._outgoing.get()) is not None:
+            try:
+                self._connection.write(data)
+            except OSError as exc:
+                self._connection.cancel()
+                self._soon(self._lose, exc)
+                break
+            self._soon(self._written, len(data))
+        self._connection.close()
+        self._soon(self._lose, None)
+
+    # on the loop
+
+    def _received(self, data: bytes) -> None:
+        if not self._closing:
+            self._protocol.data_received(data)
+
+    def _ended(self, error: Exception | None) -> None:
+        if not self._closing and error is None:
+            self._protocol.eof_received()
+        self._lose(error)
+
+    def _written(self, size: int) -> None:
+        self._queued -= size
+        if self._writing_paused and self._queued <= PIPE_WRITE_HIGH // 4:
+            self._writing_paused = False
+            self._protocol.resume_writing()
+
+    def _lose(self, error: Exception | None) -> None:
+        if not self._lost:
+            self._lost = True
+            self._closing = True
+            self._outgoing.put(None)
+            self._protocol.connection_lost(error)
+
+    # asyncio.Transport
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or not data:
+            return
+        self._queued += len(data)
+        self._outgoing.put(bytes(data))
+        if not self._writing_paused and self._queued > PIPE_WRITE_HIGH:
+            self._writing_paused = True
+            self._protocol.pause_writing()
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def pause_reading(self) -> None:
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
+    def is_reading(self) -> bool:
+        return self._reading.is_set()
+
+    def get_write_buffer_size(self) -> int:
+        return self._queued
+
+    def close(self) -> None:
+        """Stop at once: pending I/O is cancelled, the writer thread releases the pipe."""
+        if self._closing:
+            return
+        self._closing = True
+        self._connection.cancel()
+        self._reading.set()
+        self._outgoing.put(None)
+
+    def abort(self) -> None:
+        self.close()
 
 
 class ControlClient:
