@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -40,6 +41,7 @@ from tests.client.proxy_helpers import (
     run_origin,
     wait_for,
 )
+from tests.client.tun_netns import ORIGIN_V4, SERVER_V4, Namespaces, need_root_and_tools
 from tests.client.tunnel_helpers import ServerProcess, ostp_server
 from tests.tui.live import control_daemon, program, short_socket_dir, start_daemon_process
 from tests.tui.live import stop_process as stop_daemon_process
@@ -538,3 +540,77 @@ async def test_sighup_reloads_like_ctl_reload(origin: Origin, workdir: Path) -> 
     finally:
         stop_daemon_process(process)
     assert process.returncode == 0
+
+
+# --------------------------------------------------------------------------------------------
+# TUN (root: a network namespace with a real TUN device, see tun_netns.py)
+
+
+def _wait_text(path: Path, text: str, count: int = 1, limit: float = 30) -> None:
+    deadline = time.monotonic() + limit
+    while path.read_text().count(text) < count:
+        assert time.monotonic() < deadline, path.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(120)
+def test_tun_restarts_only_when_its_config_changed(workdir: Path, tmp_path: Path) -> None:
+    need_root_and_tools("curl")
+    tun = "ostp0"
+    ns = Namespaces(mtu=9000)
+    daemon: subprocess.Popen[str] | None = None
+    log = tmp_path / "daemon.log"
+    try:
+        ns.setup()
+        origin_port = ns.start_origin()
+        config: dict[str, Any] = {
+            "inbounds": [{"type": "tun", "tag": "tun-in", "name": tun, "mtu": 9000}],
+            "outbounds": [{"type": "direct", "tag": "direct", "override_address": SERVER_V4}],
+            "log": {"level": "info"},
+            "control": {"socket": str(workdir / "tun.sock")},
+        }
+        path = workdir / "tun.json"
+        path.write_text(json.dumps(config))
+        daemon = ns.start_daemon(path, tun, log)
+        size = 48 * MB
+        out = tmp_path / "a.bin"
+        url = f"http://{ORIGIN_V4}:{origin_port}/bytes/{size}"
+        download = ns.popen(
+            ns.client,
+            ["curl", "-sS", "--max-time", "50", "--limit-rate", "12M", "-o", str(out), url],
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 20
+        while not out.exists() or out.stat().st_size < MB:
+            assert time.monotonic() < deadline and download.poll() is None
+            time.sleep(0.05)
+
+        # Something else changes: the TUN and its connection stay.
+        new = copy.deepcopy(config)
+        new["outbounds"].append({"type": "block", "tag": "block"})
+        new["routing"] = {"rules": [{"domain": ["blocked.test"], "outbound": "block"}]}
+        path.write_text(json.dumps(new))
+        daemon.send_signal(signal.SIGHUP)
+        _wait_text(log, "reloaded ")
+        assert download.poll() is None  # still running after the reload
+        assert download.wait(60) == 0, download.stderr.read() if download.stderr else ""
+        assert _sha256(out) == body_sha256(size)
+        assert log.read_text().count("inbound tun-in: TUN") == 1  # opened once, at start
+
+        # The TUN's own config changes: it restarts (its connections are dropped).
+        new["inbounds"][0]["mtu"] = 1500
+        path.write_text(json.dumps(new))
+        daemon.send_signal(signal.SIGHUP)
+        _wait_text(log, "reloaded ", 2)
+        assert "inbound tun-in restarted" in log.read_text()
+        assert log.read_text().count("inbound tun-in: TUN") == 2
+        assert "mtu 1500" in ns.ip(ns.client, "link", "show", tun)
+        small = tmp_path / "b.bin"
+        again = f"http://{ORIGIN_V4}:{origin_port}/bytes/1000"
+        ns.exec(ns.client, "curl", "-sS", "--max-time", "20", "-o", str(small), again)
+        assert _sha256(small) == body_sha256(1000)
+    finally:
+        code = ns.stop(daemon) if daemon is not None else 0
+        ns.teardown()
+    assert code == 0, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
