@@ -196,6 +196,14 @@ async def test_new_rule_and_outbound_take_new_connections(origin: Origin, workdi
         assert [o.id for o in status.outbounds] == ["direct", "block", "via3"]
         assert (await r.client.routes()).rules[0].hits == 1
 
+        moved = copy.deepcopy(new)
+        moved["control"] = {"socket": str(workdir / "elsewhere.sock")}
+        result = await r.apply(moved)
+        assert (result.applied, result.needs_restart) == ([], ["control"])
+        assert "control socket moves at the next restart" in result.message
+        assert (await r.client.status()).state == "running"  # still on the old socket
+        assert not (workdir / "elsewhere.sock").exists()
+
         result = await r.apply(config)  # and back: via3 removed, the rule gone
         assert result.applied == ["routing", "outbounds"]
         assert "via3" not in daemon.outbounds
@@ -510,7 +518,7 @@ async def test_sighup_reloads_like_ctl_reload(origin: Origin, workdir: Path) -> 
     try:
         status = None
         with anyio.fail_after(20):
-            while status is None:
+            while status is None or status["state"] != "running":  # listening from then on
                 assert process.poll() is None, process.stderr.read() if process.stderr else ""
                 await anyio.sleep(0.1)
                 status = await anyio.to_thread.run_sync(_status, sock)

@@ -396,8 +396,10 @@ class Daemon:
             outcome.changes.append(f"inbound {running.tag} updated")
         if new.control != old.control:
             outcome.needs_restart.append("control")
+            outcome.changes.append("control: the control socket moves at the next restart")
         if _system_proxy_target(new) != _system_proxy_target(old):
             outcome.needs_restart.append("set_system_proxy")
+            outcome.changes.append("set_system_proxy: applies at the next restart")
         self.config = new.model_copy(update={"control": old.control})
         return outcome
 
