@@ -430,11 +430,11 @@ async def test_reload(sock_dir: Path) -> None:
         config["outbounds"].append({"type": "direct", "tag": "extra"})
         config_file.write_text(json.dumps(config))
         result = await client.reload()
-        assert result.needs_restart == ["outbounds"]
+        assert (result.applied, result.needs_restart) == (["outbounds"], [])
         other = sock_dir / "other.json"
         other.write_text(json.dumps(_config(sock_dir)))
         result = await client.reload(str(other))
-        assert result.applied == ["routing", "log.level"]
+        assert result.applied == ["routing", "log.level", "outbounds"]
 
 
 def test_request_model_round_trip() -> None:
