@@ -339,8 +339,8 @@ class PipeByteStream(anyio.abc.ByteStream):
     async def receive(self, max_bytes: int = PIPE_READ_SIZE) -> bytes:
         data: bytes = await self._call(self._connection.read, max_bytes)
         if not data:
-            if self._closed:
-                raise anyio.ClosedResourceError
+            # also when another task closed the stream meanwhile (a subscription whose send
+            # failed): the reading loop ends as at EOF rather than with an error
             raise anyio.EndOfStream
         return data
 
