@@ -465,6 +465,22 @@ def test_unreachable_exclusions_are_skipped_with_a_warning(
         "8000::/1",
     }  # IPv6 still goes into the TUN rather than nowhere in particular
     manager.restore()
+    # with no IPv6 anywhere, an adapter that refuses IPv6 routes does not stop auto_route...
+    dll.fail_route = "::/1"
+    manager.install_policy(excludes=SERVERS)
+    tun = {r[0] for r in dll.table if r[1] == TUN_INDEX}
+    assert tun == {"0.0.0.0/1", "128.0.0.0/1", "8000::/1"}
+    assert "no IPv6 route into the TUN" in caplog.text
+    manager.restore()
+
+
+def test_ipv6_routes_are_required_when_the_system_has_ipv6(tmp_path: Path) -> None:
+    manager, dll = _manager(tmp_path)
+    original = list(dll.table)
+    dll.fail_route = "8000::/1"  # ...but with IPv6 outside, IPv6 would leak: refuse to run
+    with pytest.raises(IpHelperError):
+        manager.install_policy(excludes=SERVERS)
+    assert dll.table == original
 
 
 def test_ipv4_site_prefix_length_is_cleared_before_setting_the_interface(tmp_path: Path) -> None:

@@ -588,7 +588,13 @@ class WindowsRouteManager:
                 self._add(route)
             for version in self._versions():
                 for prefix in TUN_ROUTES[version]:
-                    self._add(Route(prefix, self.if_index, on_link(version), 0))
+                    try:
+                        self._add(Route(prefix, self.if_index, on_link(version), 0))
+                    except OSError as exc:
+                        if version == 4 or version in self.physical:
+                            raise
+                        # no IPv6 outside either, so nothing can leak: not worth failing for
+                        logger.warning("auto_route: no IPv6 route into the TUN: %s", exc)
         except OSError:
             self.restore()
             raise
