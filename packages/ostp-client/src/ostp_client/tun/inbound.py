@@ -237,16 +237,24 @@ class TunInbound(Inbound):
         self.device = device
         routes: Any = None
         try:
-            if self._configure_system and sys.platform == "linux":
-                from ostp_client.tun.linux import RouteManager  # noqa: PLC0415
+            if self._configure_system and sys.platform in ("linux", "win32"):
+                if sys.platform == "win32":  # pragma: no cover - Windows only
+                    from ostp_client.tun.wintun import WintunDevice  # noqa: PLC0415
 
-                routes = RouteManager(device.name)
+                    assert isinstance(device, WintunDevice)
+                    routes = device.route_manager()  # IP Helper; see tun.windows_net
+                else:
+                    from ostp_client.tun.linux import RouteManager  # noqa: PLC0415
+
+                    routes = RouteManager(device.name)
                 routes.configure(config.mtu, config.address)
                 if config.auto_route:
                     routes.clean_stale(config.route_table)
                     self.excluded_routes = await self._route_excludes()
-                    _check_so_mark(config.routing_mark)
-                    self.claim_routing_mark()  # before any packet can be tunnelled
+                    if sys.platform == "linux":
+                        _check_so_mark(config.routing_mark)
+                        self.claim_routing_mark()  # before any packet can be tunnelled
+                    # on Windows, install_policy pins the daemon's sockets (IP_UNICAST_IF)
                     routes.install_policy(
                         config.route_table, config.routing_mark, self.excluded_routes
                     )
