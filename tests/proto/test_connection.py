@@ -215,3 +215,24 @@ def test_path_change_resends_in_flight_without_backoff() -> None:
     pair.run_until(lambda: len(pair.cpeer.received[1]) >= 50_000, pair.now + 5.0)
     assert len(pair.cpeer.received[1]) == 50_000
     assert pair.now - lost_at < 0.2  # not the backed-off timeout of 0.5 s and more
+
+
+def test_receive_pause_drops_data_but_keeps_acks_flowing() -> None:
+    pair = Pair()
+    pair.handshake()
+    assert pair.server is not None
+    server = pair.server
+    server.receive_paused = True
+    pair.client.send_data(1, b"u" * 20_000)  # client -> server: paused, not taken
+    server.send_data(1, b"d" * 20_000)  # server -> client: needs the client's ACKs
+    pair.run_until(lambda: len(pair.cpeer.received[1]) >= 20_000, pair.now + 2.0)
+    assert len(pair.cpeer.received[1]) == 20_000  # our own sending did not wait on the pause
+    pair.run_until(lambda: not server.sender.outstanding, pair.now + 1.0)
+    assert not server.sender.outstanding  # the client's ACKs got through
+    assert len(pair.speer.received[1]) == 0 and server.stats.paused_drop > 0
+    pair.run_until(lambda: pair.now > 3.0, 3.1)
+    resumed = pair.now
+    server.receive_paused = False  # NACKs at once for what was dropped
+    pair.run_until(lambda: len(pair.speer.received[1]) >= 20_000, pair.now + 5.0)
+    assert bytes(pair.speer.received[1]) == b"u" * 20_000
+    assert pair.now - resumed < 0.1  # not the client's backed-off retransmission timeout

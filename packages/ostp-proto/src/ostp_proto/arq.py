@@ -580,6 +580,7 @@ class Receiver:
         self.nack_due = False
         self.last_nack_sent = -1.0
         self._stall_nack_interval = NACK_INTERVAL
+        self.resend_asked = False
         self._stall_alive = 0.0
         self._last_arrival = 0.0
         self.stats = ReceiverStats()
@@ -687,6 +688,10 @@ class Receiver:
         self.last_ack_sent = now
         return encode_ack(ranges)
 
+    def request_resend(self) -> None:
+        """NACK the next expected nonce at once (after dropping Data while paused)."""
+        self.resend_asked = True
+
     def nack_deadline(self) -> float | None:
         """When the next NACK is due while a gap blocks delivery.
 
@@ -694,6 +699,8 @@ class Receiver:
         (the lost datagram was the last one sent, or a control frame), the NACK is repeated
         with back-off (30 ms doubling to 1 s) so a gap never waits for unrelated traffic.
         """
+        if self.resend_asked:
+            return self.last_nack_sent  # at once (already due)
         if not self.buffer:
             return None
         if self.nack_due:
@@ -705,7 +712,9 @@ class Receiver:
         # compare exactly as nack_deadline() does, or a rounding gap spins the caller's loop
         if deadline is None or now < deadline:
             return None
-        if not self.nack_due:
+        if self.resend_asked:
+            self.resend_asked = False
+        elif not self.nack_due:
             self._stall_nack_interval = min(self._stall_nack_interval * 2, STALL_NACK_MAX)
         self.last_nack_sent = now
         self.nack_due = False

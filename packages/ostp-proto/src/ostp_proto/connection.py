@@ -121,6 +121,7 @@ class ConnectionStats:
     relay_decode_drop: int = 0
     handshake_drop: int = 0
     state_drop: int = 0
+    paused_drop: int = 0
 
 
 class Connection:
@@ -157,6 +158,8 @@ class Connection:
             gap_skip_after=config.gap_skip_after,
         )
         self.stats = ConnectionStats()
+        self._receive_paused = False
+        self._dropped_while_paused = False
         self.last_receive = 0.0
         self._established_at: float | None = None
         self._reserved_pool = b""
@@ -177,6 +180,23 @@ class Connection:
     def writable(self) -> bool:
         """False while more than ``send_buffer_limit`` bytes wait to be sent."""
         return self.send_buffer_bytes < self.config.send_buffer_limit
+
+    @property
+    def receive_paused(self) -> bool:
+        """While True, Data frames are dropped unacknowledged (receive-side backpressure).
+
+        ACK, NACK and the other control frames are still processed, so the connection's own
+        sending never waits on the pause. On resume a NACK asks the peer to re-send at once
+        instead of after its retransmission timeout.
+        """
+        return self._receive_paused
+
+    @receive_paused.setter
+    def receive_paused(self, value: bool) -> None:
+        if self._receive_paused and not value and self._dropped_while_paused:
+            self._dropped_while_paused = False
+            self.receiver.request_resend()
+        self._receive_paused = value
 
     @property
     def smoothed_rtt(self) -> float:
@@ -267,7 +287,7 @@ class Connection:
         """Datagrams to put on the wire now, in order."""
         if self.state is State.ESTABLISHED:
             receiver = self.receiver
-            nack = receiver.build_nack(now) if receiver.buffer else None
+            nack = receiver.build_nack(now) if receiver.buffer or receiver.resend_asked else None
             if nack is not None:
                 self._build(FrameKind.NACK, 0, nack, now, retransmittable=False)
             if receiver.ack_due(now):
@@ -320,6 +340,12 @@ class Connection:
             self._deliver(receiver.accept(nonce, None, False, now), now)
             return
         if kind in (FrameKind.DATA, FrameKind.RESUME):
+            if self.receive_paused:
+                # Not taken, not acknowledged: the peer sends it again once we resume. ACKs
+                # and NACKs still get through, so our own sending never waits on this pause.
+                self.stats.paused_drop += 1
+                self._dropped_while_paused = True
+                return
             self._deliver(receiver.accept(nonce, (kind, stream_id, payload), True, now), now)
             if receiver.buffer:
                 self._check_gap(now)

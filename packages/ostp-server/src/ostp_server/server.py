@@ -262,12 +262,14 @@ class OstpServer:
         if session is not None:
             conn = session.conn
             stats = conn.stats
-            if session.remote_pending > self.config.remote_buffer:
+            paused = session.remote_pending > self.config.remote_buffer
+            conn.receive_paused = paused
+            before = stats.datagram_session_drop
+            dropped = stats.paused_drop
+            conn.receive_datagram(data, now)
+            if stats.paused_drop != dropped:
                 session.stats.backpressure_drop += 1
                 self.stats.backpressure_drop += 1
-                return
-            before = stats.datagram_session_drop
-            conn.receive_datagram(data, now)
             if stats.datagram_session_drop == before:  # the header was this session's
                 session.listener = listener
                 session.key_stats.bytes_up += len(data)
@@ -309,9 +311,7 @@ class OstpServer:
         for session in self.sessions.values():
             if session.addr == addr or not session.conn.matches(data):
                 continue
-            if session.remote_pending > self.config.remote_buffer:
-                self.stats.backpressure_drop += 1
-                return True
+            session.conn.receive_paused = session.remote_pending > self.config.remote_buffer
             stats = session.conn.stats
             before = stats.datagrams_received
             session.conn.receive_datagram(data, now)

@@ -11,9 +11,10 @@ Backpressure, both ways:
   :attr:`~ostp_proto.Connection.writable`; the core paces what it sends by its congestion
   window, so a slow client slows the remote's reads, never grows memory.
 * client → remote: bytes for a remote wait in a per-stream queue. While the session's queued
-  total is above ``remote_buffer`` the server drops the session's incoming datagrams before
-  the core sees them (the client's ARQ sends them again later): OSTP has no receive window, so
-  loss is the only brake there is. A stream whose remote accepts nothing for
+  total is above ``remote_buffer`` the session's core drops incoming Data frames unacknowledged
+  (``receive_paused``; the client's ARQ sends them again later) while ACKs keep flowing, so
+  the session's own sending never waits on it: OSTP has no receive window, so loss is the
+  only brake there is. A stream whose remote accepts nothing for
   ``stall_timeout`` while data waits is reset (Close to the client), so one stuck remote
   cannot stall the whole session for long.
 """

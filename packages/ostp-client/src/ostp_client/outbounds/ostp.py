@@ -90,7 +90,9 @@ SOCKET_BUFFER = 32 * 1024 * 1024  # upstream asks for 32 MiB (spec §9.1, §16)
 RECV_SIZE = 65535
 RECONNECT_DELAY = 5.0  # spec §10.2: fixed back-off, no cap on attempts
 STREAM_RECEIVE_LIMIT = 4 * 1024 * 1024
-"""Bytes buffered for streams of one session before the session stops reading its socket."""
+"""Bytes buffered for the streams of one session (slow local readers) above which the session
+pauses taking Data: it keeps reading its socket for ACKs, drops Data unacknowledged and asks
+for it again when the readers have caught up (``ClientConnection.receive_paused``)."""
 
 
 HANDSHAKE_TIMED_OUT = "handshake timed out"  # ostp_proto's ConnectionTerminated reason prefix
@@ -493,7 +495,6 @@ class _Session:
         self._sleep: anyio.CancelScope | None = None
         self._sleep_until = math.inf
         self._writable = anyio.Event()
-        self._readable_again = anyio.Event()
         self.connected_event = anyio.Event()
 
     # -- the driving loop ----------------------------------------------------------------------
@@ -603,8 +604,8 @@ class _Session:
         self.flush()
         while True:
             now = time.monotonic()
-            if self.buffered < STREAM_RECEIVE_LIMIT:
-                self._read_all(sock, conn, now)
+            if not self._read_all(sock, conn, now):
+                return
             timer = conn.get_timer()
             if timer is not None and timer <= now:
                 conn.handle_timer(now)
@@ -701,23 +702,27 @@ class _Session:
         self._warned.add(message)
         logger.warning("%s session %d: %s", self.outbound.tag, self.index, message)
 
-    def _read_all(self, sock: socket.socket, conn: ClientConnection, now: float) -> None:
-        # Bounded per round so timers and events still get their turn. ICMP errors (the
-        # server's port closed) are ignored: the server may come back; the timers decide.
-        # Also bounded by the room left for slow local readers: what is not read stays in the
-        # kernel (and beyond it is dropped and re-sent), never in our memory.
+    def _read_all(self, sock: socket.socket, conn: ClientConnection, now: float) -> bool:
+        """Read what the socket has, in bounded rounds; False when the connection ended.
+
+        ICMP errors (the server's port closed) are ignored: the server may come back; the
+        timers decide. Events are handed to the streams after every small batch so that the
+        pause for slow local readers is decided on what they really hold.
+        """
         receive = conn.receive_datagram
         batch = self.batch
         assert batch is not None
-        room = STREAM_RECEIVE_LIMIT - self.buffered
         for _ in range(16):
+            conn.receive_paused = self.buffered >= STREAM_RECEIVE_LIMIT
             datagrams = batch.recv_batch(16)
             for data in datagrams:
                 self.bytes_down += len(data)
-                room -= len(data)
                 receive(data, now)
-            if len(datagrams) < 16 or room <= 0:
-                return
+            if not self._handle_events(conn):
+                return False
+            if len(datagrams) < 16:
+                break
+        return True
 
     async def _wait(self, sock: socket.socket, conn: ClientConnection) -> None:
         timer = conn.get_timer()
@@ -734,11 +739,7 @@ class _Session:
         self._sleep_until = now + delay
         with anyio.CancelScope(deadline=anyio.current_time() + delay) as scope:
             self._sleep = scope
-            if self.buffered < STREAM_RECEIVE_LIMIT:
-                await anyio.wait_readable(sock)
-            else:
-                self._readable_again = anyio.Event()
-                await self._readable_again.wait()
+            await anyio.wait_readable(sock)
         self._sleep = None
         self._sleep_until = math.inf
 
@@ -856,10 +857,11 @@ class _Session:
         self.outbound.release_stream_id(stream_id)
 
     def consumed(self, n: int) -> None:
-        before = self.buffered
         self.buffered -= n
-        if before >= STREAM_RECEIVE_LIMIT > self.buffered:
-            self._readable_again.set()
+        conn = self.conn
+        if conn is not None and conn.receive_paused and self.buffered < STREAM_RECEIVE_LIMIT:
+            conn.receive_paused = False  # asks the server for what was dropped, at once
+            self.flush()
 
     def send_message(self, stream_id: int, message: Any) -> None:
         conn = self.conn
