@@ -91,8 +91,11 @@ RECV_SIZE = 65535
 RECONNECT_DELAY = 5.0  # spec §10.2: fixed back-off, no cap on attempts
 STREAM_RECEIVE_LIMIT = 4 * 1024 * 1024
 """Bytes buffered for the streams of one session (slow local readers) above which the session
-pauses taking Data: it keeps reading its socket for ACKs, drops Data unacknowledged and asks
-for it again when the readers have caught up (``ClientConnection.receive_paused``)."""
+stops reading its socket, so the kernel holds the rest. If the readers do not catch up within
+``FULL_GRACE`` it reads again but takes no Data (dropped unacknowledged, asked for again when
+the readers have caught up: ``ClientConnection.receive_paused``), so that ACKs for what this
+session sends are never stuck behind a slow reader."""
+FULL_GRACE = 0.5
 
 
 HANDSHAKE_TIMED_OUT = "handshake timed out"  # ostp_proto's ConnectionTerminated reason prefix
@@ -494,6 +497,8 @@ class _Session:
         self.session_id: int | None = None
         self._sleep: anyio.CancelScope | None = None
         self._sleep_until = math.inf
+        self._full_since: float | None = None
+        self._readable_again = anyio.Event()
         self._writable = anyio.Event()
         self.connected_event = anyio.Event()
 
@@ -604,7 +609,7 @@ class _Session:
         self.flush()
         while True:
             now = time.monotonic()
-            if not self._read_all(sock, conn, now):
+            if not self._holding(now) and not self._read_all(sock, conn, now):
                 return
             timer = conn.get_timer()
             if timer is not None and timer <= now:
@@ -703,26 +708,28 @@ class _Session:
         logger.warning("%s session %d: %s", self.outbound.tag, self.index, message)
 
     def _read_all(self, sock: socket.socket, conn: ClientConnection, now: float) -> bool:
-        """Read what the socket has, in bounded rounds; False when the connection ended.
+        """Read what the socket has (bounded per round); False when the connection ended.
 
         ICMP errors (the server's port closed) are ignored: the server may come back; the
-        timers decide. Events are handed to the streams after every small batch so that the
-        pause for slow local readers is decided on what they really hold.
+        timers decide.
         """
         receive = conn.receive_datagram
         batch = self.batch
         assert batch is not None
-        for _ in range(16):
-            conn.receive_paused = self.buffered >= STREAM_RECEIVE_LIMIT
-            datagrams = batch.recv_batch(16)
-            for data in datagrams:
-                self.bytes_down += len(data)
-                receive(data, now)
-            if not self._handle_events(conn):
-                return False
-            if len(datagrams) < 16:
-                break
+        conn.receive_paused = self.buffered >= STREAM_RECEIVE_LIMIT
+        for data in batch.recv_batch(256):
+            self.bytes_down += len(data)
+            receive(data, now)
         return True
+
+    def _holding(self, now: float) -> bool:
+        """True while the socket is left unread for slow local readers (within the grace)."""
+        if self.buffered < STREAM_RECEIVE_LIMIT:
+            self._full_since = None
+            return False
+        if self._full_since is None:
+            self._full_since = now
+        return now - self._full_since < FULL_GRACE
 
     async def _wait(self, sock: socket.socket, conn: ClientConnection) -> None:
         timer = conn.get_timer()
@@ -739,7 +746,12 @@ class _Session:
         self._sleep_until = now + delay
         with anyio.CancelScope(deadline=anyio.current_time() + delay) as scope:
             self._sleep = scope
-            await anyio.wait_readable(sock)
+            if self._full_since is not None and self.buffered >= STREAM_RECEIVE_LIMIT:
+                scope.deadline = min(scope.deadline, anyio.current_time() + FULL_GRACE)
+                self._readable_again = anyio.Event()
+                await self._readable_again.wait()
+            else:
+                await anyio.wait_readable(sock)
         self._sleep = None
         self._sleep_until = math.inf
 
@@ -858,10 +870,12 @@ class _Session:
 
     def consumed(self, n: int) -> None:
         self.buffered -= n
-        conn = self.conn
-        if conn is not None and conn.receive_paused and self.buffered < STREAM_RECEIVE_LIMIT:
-            conn.receive_paused = False  # asks the server for what was dropped, at once
-            self.flush()
+        if self.buffered < STREAM_RECEIVE_LIMIT:
+            self._readable_again.set()
+            conn = self.conn
+            if conn is not None and conn.receive_paused:
+                conn.receive_paused = False  # asks the server for what was dropped, at once
+                self.flush()
 
     def send_message(self, stream_id: int, message: Any) -> None:
         conn = self.conn
