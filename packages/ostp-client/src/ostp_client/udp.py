@@ -12,6 +12,7 @@ import socket
 import struct
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 UDP_SEGMENT = 103  # linux/udp.h
 UDP_GRO = 104  # linux/udp.h
@@ -21,6 +22,18 @@ RECV_BUFFER = 65535
 _ANC_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
 _U16 = struct.Struct("=H")
 _NATIVE_INT = struct.Struct("=i")
+
+
+def split_coalesced(data: bytes, ancdata: list[tuple[int, int, bytes]]) -> list[bytes]:
+    """The datagrams of one GRO read: cut every ``gso_size`` bytes when the kernel says so."""
+    segment = 0
+    for level, kind, value in ancdata:
+        if level == socket.SOL_UDP and kind == UDP_GRO:
+            segment = _NATIVE_INT.unpack(value[:4])[0]
+    if segment and len(data) > segment:
+        view = memoryview(data)
+        return [bytes(view[i : i + segment]) for i in range(0, len(data), segment)]
+    return [data]
 
 
 class BatchSocket:
@@ -62,21 +75,32 @@ class BatchSocket:
                 break
             except ConnectionRefusedError:
                 continue
-            segment = 0
-            for level, kind, value in ancdata:
-                if level == socket.SOL_UDP and kind == UDP_GRO:
-                    segment = _NATIVE_INT.unpack(value[:4])[0]
-            if segment and len(data) > segment:
-                view = memoryview(data)
-                out.extend(bytes(view[i : i + segment]) for i in range(0, len(data), segment))
-            else:
-                out.append(data)
+            out.extend(split_coalesced(data, ancdata))
+        return out
+
+    def recv_from_batch(self, limit: int = 256) -> list[tuple[bytes, Any]]:
+        """Like :meth:`recv_batch` on an unconnected socket: ``(datagram, source)`` pairs."""
+        out: list[tuple[bytes, Any]] = []
+        sock = self.sock
+        gro = self.gro
+        for _ in range(limit):
+            try:
+                if gro:
+                    data, ancdata, _flags, addr = sock.recvmsg(RECV_BUFFER, _ANC_SPACE)
+                else:
+                    data, addr = sock.recvfrom(RECV_BUFFER)
+                    ancdata = []
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:
+                continue
+            out.extend((part, addr) for part in split_coalesced(data, ancdata))
         return out
 
     # -- send ----------------------------------------------------------------------------------
 
-    def send_batch(self, datagrams: Sequence[bytes]) -> int:
-        """Send ``datagrams`` in order on a connected socket; returns the bytes sent.
+    def send_batch(self, datagrams: Sequence[bytes], to: Any = None) -> int:
+        """Send ``datagrams`` in order (to ``to``, or on a connected socket); the bytes sent.
 
         Kernel-side drops (a full buffer, ICMP errors) are treated as loss, as on the wire.
         """
@@ -97,10 +121,17 @@ class BatchSocket:
             try:
                 if j - i > 1:
                     payload = b"".join(datagrams[i:j])
-                    sock.sendmsg([payload], [(socket.SOL_UDP, UDP_SEGMENT, _U16.pack(size))])
+                    cmsg = [(socket.SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
+                    if to is None:
+                        sock.sendmsg([payload], cmsg)
+                    else:
+                        sock.sendmsg([payload], cmsg, 0, to)
                     sent += len(payload)
                 else:
-                    sock.send(first)
+                    if to is None:
+                        sock.send(first)
+                    else:
+                        sock.sendto(first, to)
                     sent += size
             except (BlockingIOError, InterruptedError, ConnectionRefusedError):
                 pass

@@ -24,8 +24,6 @@ import logging
 import math
 import random
 import socket
-import struct
-import sys
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -63,7 +61,7 @@ from ostp_client.outbounds.base import (
     UdpOutboundSession,
 )
 from ostp_client.tun.bypass import apply_bypass
-from ostp_client.udp import MAX_GSO_BYTES, MAX_SEGMENTS, UDP_GRO, UDP_SEGMENT, BatchSocket
+from ostp_client.udp import BatchSocket
 from ostp_proto import (
     ClientConnection,
     Close,
@@ -87,7 +85,6 @@ __all__ = ["NatOptions", "OstpOutbound", "SessionState"]
 logger = logging.getLogger(__name__)
 
 SOCKET_BUFFER = 32 * 1024 * 1024  # upstream asks for 32 MiB (spec §9.1, §16)
-RECV_SIZE = 65535
 RECONNECT_DELAY = 5.0  # spec §10.2: fixed back-off, no cap on attempts
 STREAM_RECEIVE_LIMIT = 4 * 1024 * 1024
 """Bytes buffered for the streams of one session (slow local readers) above which the session
@@ -99,9 +96,6 @@ FULL_GRACE = 0.5
 
 
 HANDSHAKE_TIMED_OUT = "handshake timed out"  # ostp_proto's ConnectionTerminated reason prefix
-_ANC_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
-_U16 = struct.Struct("=H")
-_NATIVE_INT = struct.Struct("=i")
 
 
 class SessionState:
@@ -331,8 +325,8 @@ class OstpUdpSession(_Channel, UdpOutboundSession):
         self.reset("closed")
 
 
-class _NatSocket:
-    """The session socket when it also talks STUN/TURN: the BatchSocket interface, unconnected.
+class _NatSocket(BatchSocket):
+    """The session socket when it also talks STUN/TURN: a BatchSocket, unconnected.
 
     Every datagram read goes through the NatMux, which keeps STUN answers and unwraps TURN
     ChannelData; what it hands back is passed on only if it comes from the OSTP server (directly
@@ -351,112 +345,42 @@ class _NatSocket:
         gso: bool = True,
         gro: bool = True,
     ) -> None:
-        self.sock = sock
+        super().__init__(sock, gso=gso, gro=gro)
         self.mux = mux
         self.server = server
         self.relay_only = relay_only
-        self.gso = gso and sys.platform == "linux"
-        self.gro = False
-        if gro and sys.platform == "linux":
-            try:
-                sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
-                self.gro = True
-            except OSError:
-                self.gro = False
-        self.gso_failures = 0
         self.source_drop = 0
         """Datagrams for the OSTP layer that came from neither the server nor the relay."""
         self.unrelayed_drop = 0
         """OSTP datagrams not sent because the relay they need is not (or no longer) ready."""
 
-    # -- receive -------------------------------------------------------------------------------
-
     def recv_batch(self, limit: int = 256) -> list[bytes]:
         """The OSTP datagrams among everything waiting (up to ``limit`` system calls)."""
         out: list[bytes] = []
-        sock = self.sock
         receive = self.mux.receive_datagram
         host, port = self.server[0], self.server[1]
         now = time.monotonic()
-        gro = self.gro
-        for _ in range(limit):
-            try:
-                if gro:
-                    data, ancdata, _flags, addr = sock.recvmsg(RECV_SIZE, _ANC_SPACE)
-                else:
-                    data, addr = sock.recvfrom(RECV_SIZE)
-                    ancdata = []
-            except (BlockingIOError, InterruptedError):
-                break
-            except ConnectionRefusedError:
+        for part, addr in self.recv_from_batch(limit):
+            got = receive(part, addr, now)
+            if got is None:
                 continue
-            segment = 0
-            for level, kind, value in ancdata:
-                if level == socket.SOL_UDP and kind == UDP_GRO:
-                    segment = _NATIVE_INT.unpack(value[:4])[0]
-            if segment and len(data) > segment:
-                view = memoryview(data)
-                parts = [bytes(view[i : i + segment]) for i in range(0, len(data), segment)]
+            payload, peer = got
+            if peer[0] == host and peer[1] == port:
+                out.append(payload)
             else:
-                parts = [data]
-            for part in parts:
-                got = receive(part, addr, now)
-                if got is None:
-                    continue
-                payload, peer = got
-                if peer[0] == host and peer[1] == port:
-                    out.append(payload)
-                else:
-                    self.source_drop += 1
+                self.source_drop += 1
         return out
 
-    # -- send ----------------------------------------------------------------------------------
-
-    def send_batch(self, datagrams: Sequence[bytes]) -> int:
+    def send_batch(self, datagrams: Sequence[bytes], to: Any = None) -> int:
         """Send OSTP datagrams in order to the server (or through the relay); the bytes sent."""
-        mux = self.mux
-        turn = mux.turn
+        turn = self.mux.turn
         if turn is not None and turn.ready:
             wrap = turn.wrap
-            wire: Sequence[bytes] = [wrap(d) for d in datagrams]
-            to: tuple[str, int] = turn.server
-        elif self.relay_only:
+            return super().send_batch([wrap(d) for d in datagrams], turn.server)
+        if self.relay_only:
             self.unrelayed_drop += len(datagrams)
             return 0
-        else:
-            wire, to = datagrams, self.server
-        sent = 0
-        n = len(wire)
-        i = 0
-        sock = self.sock
-        while i < n:
-            first = wire[i]
-            size = len(first)
-            j = i + 1
-            if self.gso:
-                limit = min(n, i + MAX_SEGMENTS, i + MAX_GSO_BYTES // max(size, 1))
-                while j < limit and len(wire[j]) == size:
-                    j += 1
-                if j < limit and len(wire[j]) < size:
-                    j += 1  # the last segment may be shorter
-            try:
-                if j - i > 1:
-                    payload = b"".join(wire[i:j])
-                    cmsg = [(socket.SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
-                    sock.sendmsg([payload], cmsg, 0, to)
-                    sent += len(payload)
-                else:
-                    sock.sendto(first, to)
-                    sent += size
-            except (BlockingIOError, InterruptedError, ConnectionRefusedError):
-                pass
-            except OSError:
-                if j - i > 1:
-                    self.gso_failures += 1
-                    self.gso = False  # GSO refused: one datagram per call from now on
-                    continue
-            i = j
-        return sent
+        return super().send_batch(datagrams, self.server)
 
     def send_nat(self, now: float) -> None:
         """Send the STUN/TURN requests the mux has queued (losses are its retransmissions' job)."""
