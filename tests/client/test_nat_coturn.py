@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,10 +30,11 @@ from ostp_client.nat import (
     TurnFailure,
     TurnRefreshed,
 )
-from ostp_client.nat.stun import MessageClass, Method, decode_message, encode_message
+from ostp_client.nat.stun import MessageClass, Method, encode_message
+
+from .coturn_helpers import TURNSERVER, Coturn, free_udp_port, running_coturn
 
 Address = tuple[str, int]
-TURNSERVER = shutil.which("turnserver")
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -45,99 +45,15 @@ pytestmark = [
 ]
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def coturn_command(port: int, workdir: Path, *extra: str) -> list[str]:
-    """The coturn command line the tests use (also quoted in the report for CI)."""
-    relay_min = 20000 + (port % 400) * 100
-    return [
-        TURNSERVER or "turnserver",
-        "-n",  # no configuration file
-        "--no-cli",
-        "--no-tls",
-        "--no-dtls",
-        "--no-tcp",
-        "--no-rfc5780",
-        "--lt-cred-mech",
-        "--user",
-        "u:p",
-        "--realm",
-        "test",
-        "--listening-ip",
-        "127.0.0.1",
-        "--relay-ip",
-        "127.0.0.1",
-        "--listening-port",
-        str(port),
-        "--min-port",
-        str(relay_min),
-        "--max-port",
-        str(relay_min + 99),
-        "--allow-loopback-peers",
-        "--fingerprint",
-        "--pidfile",
-        str(workdir / "turnserver.pid"),
-        "--log-file",
-        str(workdir / "turn.log"),
-        "--simple-log",
-        "--no-stdout-log",
-        *extra,
-    ]
-
-
-def _answers_binding(server: Address) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(0.2)
-        tid = os.urandom(12)
-        s.sendto(encode_message(Method.BINDING, MessageClass.REQUEST, tid), server)
-        try:
-            data, _ = s.recvfrom(2048)
-        except OSError:
-            return False
-        return decode_message(data).transaction_id == tid
-
-
-@dataclass
-class Coturn:
-    server: Address
-    log: Path
-
-
 @pytest.fixture
 def coturn_factory(tmp_path: Path) -> Iterator[Callable[..., Coturn]]:
     """Start coturn on a free loopback port (extra flags as arguments); stopped at teardown."""
-    if TURNSERVER is None:
-        pytest.fail("turnserver missing under CI=true (apt-get install coturn)")
-    processes: list[subprocess.Popen[bytes]] = []
+    with ExitStack() as stack:
 
-    def start(*extra: str) -> Coturn:
-        for _attempt in range(3):
-            port = _free_udp_port()
-            cmd = coturn_command(port, tmp_path, *extra)
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            processes.append(proc)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and proc.poll() is None:
-                if _answers_binding(("127.0.0.1", port)):
-                    return Coturn(("127.0.0.1", port), tmp_path / "turn.log")
-            proc.terminate()
-            proc.wait(5)
-        pytest.fail(f"coturn did not come up; log: {(tmp_path / 'turn.log').read_text()[-2000:]}")
+        def start(*extra: str) -> Coturn:
+            return stack.enter_context(running_coturn(tmp_path, *extra))
 
-    yield start
-    for proc in processes:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        yield start
 
 
 @dataclass
@@ -303,7 +219,7 @@ def test_unreachable_turn_server_times_out(
     driver_factory: Callable[[NatConfig], Driver],
 ) -> None:
     # Nothing listens on this port; shortened retransmissions keep the test quick.
-    port = _free_udp_port()
+    port = free_udp_port()
     config = NatConfig(
         rto=0.05,
         rc=3,
