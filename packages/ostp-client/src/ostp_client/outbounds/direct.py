@@ -4,9 +4,11 @@ TCP goes through `anyio.connect_tcp`, which does RFC 8305 happy eyeballs when gi
 addresses of both families; when the sockets must carry a routing mark (the outbound's
 `routing_mark`, else the one a TUN inbound with `auto_route` set: see
 `ostp_client.tun.bypass`), through `ostp_client.outbounds.happy_eyeballs`, which sets it before
-`connect()` and does the same racing. UDP uses one unconnected socket per association
-(dual-stack IPv6 when the system has IPv6, IPv4 otherwise), marked the same way. OS errors are
-mapped to `OutboundError`s here, in one place.
+`connect()` and does the same racing. With a mark, names are resolved by
+`ostp_client.resolver.StubResolver`, whose DNS queries carry the mark too (the system
+resolver's would enter the TUN, and with ``fake_ip`` come back fake). UDP uses one unconnected
+socket per association (dual-stack IPv6 when the system has IPv6, IPv4 otherwise), marked the
+same way. OS errors are mapped to `OutboundError`s here, in one place.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ostp_client.outbounds.base import (
     OutboundError,
     UdpOutboundSession,
 )
+from ostp_client.resolver import ResolveError, StubResolver
 from ostp_client.tun.bypass import apply_bypass, routing_mark
 
 __all__ = ["DirectOutbound", "DirectUdpSession", "map_os_error"]
@@ -104,6 +107,8 @@ class DirectOutbound(Outbound):
         self.override_port = override_port
         self.routing_mark = routing_mark
         """SO_MARK for this outbound's sockets; None: the process-wide mark (if any)."""
+        self.resolver = StubResolver()
+        """Resolves names while a mark is in effect (its queries are marked too)."""
 
     @classmethod
     def from_config(cls, config: DirectOutboundConfig) -> DirectOutbound:
@@ -134,9 +139,9 @@ class DirectOutbound(Outbound):
                         dest.host, dest.port, local_host=self.bind_address
                     )
                 else:
-                    stream = await happy_eyeballs.connect_tcp(
-                        dest.host, dest.port, local_host=self.bind_address, mark=mark
-                    )
+                    stream = await self._connect_marked(dest, mark)
+        except ResolveError as exc:
+            raise HostUnreachable(str(exc)) from None
         except TimeoutError:
             raise ConnectTimeout(f"{dest}: no answer in {self.connect_timeout:g} s") from None
         except OSError as exc:
@@ -148,14 +153,48 @@ class DirectOutbound(Outbound):
             pass
         return stream
 
+    async def _connect_marked(self, dest: Address, mark: int) -> anyio.abc.SocketStream:
+        """A name is resolved by the stub resolver first; its addresses are tried in turn."""
+        if dest.ip is not None:
+            return await happy_eyeballs.connect_tcp(
+                dest.host, dest.port, local_host=self.bind_address, mark=mark
+            )
+        family = 0
+        if self.bind_address is not None:
+            family = socket.AF_INET6 if ":" in self.bind_address else socket.AF_INET
+        addresses = await self.resolver.resolve(dest.host, family, mark)
+        errors: list[OSError] = []
+        for address in _interleave(addresses):
+            try:
+                return await happy_eyeballs.connect_tcp(
+                    address, dest.port, local_host=self.bind_address, mark=mark
+                )
+            except OSError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise OSError("All connection attempts failed") from ExceptionGroup("connect", errors)
+
     async def open_udp(self, ctx: ConnContext) -> UdpOutboundSession:
         try:
-            return await DirectUdpSession.open(self.bind_address, self._effective, self._mark())
+            mark = self._mark()
+            return await DirectUdpSession.open(
+                self.bind_address,
+                self._effective,
+                mark,
+                resolver=self.resolver if mark is not None else None,
+            )
         except OSError as exc:
             raise map_os_error(exc, "UDP socket") from None
 
 
 _Rewrite = Callable[[Address], Address]
+
+
+def _interleave(addresses: list[str]) -> list[str]:
+    """Alternate IPv6 and IPv4 (RFC 8305 §4), starting with the first one's family."""
+    targets = [(socket.AF_INET6 if ":" in a else socket.AF_INET, (a,)) for a in addresses]
+    return [str(addr[0]) for _, addr in happy_eyeballs.interleave(targets)]
 
 
 def _has_ipv6() -> bool:
@@ -173,19 +212,34 @@ class DirectUdpSession(UdpOutboundSession):
     _CACHE_SIZE = 64
 
     def __init__(
-        self, sock: anyio.abc.UDPSocket, family: int, rewrite: _Rewrite | None = None
+        self,
+        sock: anyio.abc.UDPSocket,
+        family: int,
+        rewrite: _Rewrite | None = None,
+        resolver: StubResolver | None = None,
+        mark: int | None = None,
     ) -> None:
         self._sock = sock
         self._family = family
         self._rewrite = rewrite
+        self._resolver = resolver
+        self._mark = mark
         self._resolved: OrderedDict[str, str] = OrderedDict()
         self.send_errors = 0
 
     @classmethod
     async def open(
-        cls, bind_address: str | None, rewrite: _Rewrite | None = None, mark: int | None = None
+        cls,
+        bind_address: str | None,
+        rewrite: _Rewrite | None = None,
+        mark: int | None = None,
+        *,
+        resolver: StubResolver | None = None,
     ) -> DirectUdpSession:
-        """A new session; ``mark`` (else the process-wide routing mark) goes on its socket."""
+        """A new session; ``mark`` (else the process-wide routing mark) goes on its socket.
+
+        With ``resolver``, names are resolved by it (its queries marked the same way) instead of
+        the system resolver."""
         if bind_address is not None:
             family = socket.AF_INET6 if ":" in bind_address else socket.AF_INET
             host = bind_address
@@ -204,7 +258,7 @@ class DirectUdpSession(UdpOutboundSession):
         except BaseException:
             raw.close()
             raise
-        return cls(sock, family, rewrite)
+        return cls(sock, family, rewrite, resolver, mark)
 
     async def _resolve(self, host: str) -> str:
         cached = self._resolved.get(host)
@@ -212,13 +266,21 @@ class DirectUdpSession(UdpOutboundSession):
             self._resolved.move_to_end(host)
             return cached
         family = 0 if self._family == socket.AF_INET6 else socket.AF_INET
+        if self._resolver is not None:
+            try:
+                address = (await self._resolver.resolve(host, family, self._mark))[0]
+            except ResolveError as exc:
+                raise HostUnreachable(str(exc)) from None
+            return self._remember(host, address)
         try:
             infos = await anyio.getaddrinfo(host, None, family=family, type=socket.SOCK_DGRAM)
         except OSError as exc:
             raise HostUnreachable(f"{host}: {exc}") from None
         if not infos:
             raise HostUnreachable(f"{host}: no address")
-        address = str(infos[0][4][0])
+        return self._remember(host, str(infos[0][4][0]))
+
+    def _remember(self, host: str, address: str) -> str:
         self._resolved[host] = address
         if len(self._resolved) > self._CACHE_SIZE:
             self._resolved.popitem(last=False)
