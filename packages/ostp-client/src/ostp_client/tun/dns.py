@@ -153,6 +153,8 @@ class DnsResponse:
 
     id: int
     flags: int
+    name: str
+    """The question's name, lower-case, without the trailing dot."""
     question: bytes
     answers: tuple[DnsRecord, ...]
 
@@ -195,7 +197,7 @@ def parse_response(data: bytes) -> DnsResponse:
         raise DnsFormatError("a query, not a response")
     if qdcount != 1:
         raise DnsFormatError("not exactly one question")
-    _, offset = _read_name(data, _HEADER.size)
+    qname, offset = _read_name(data, _HEADER.size)
     if offset + 4 > len(data):
         raise DnsFormatError("truncated question")
     question = data[_HEADER.size : offset + 4]
@@ -226,7 +228,7 @@ def parse_response(data: bytes) -> DnsResponse:
                     raise DnsFormatError("CNAME data of the wrong length")
                 answers.append(DnsRecord(name, rtype, ttl, target=target))
         offset = end
-    return DnsResponse(ident, flags, question, tuple(answers))
+    return DnsResponse(ident, flags, qname, question, tuple(answers))
 
 
 def build_answer(query: DnsQuery, addresses: Iterable[IPAddress], ttl: int = 1) -> bytes:
