@@ -248,3 +248,21 @@ def test_tun_inbound_claims_its_mark_only_with_auto_route_on_linux() -> None:
         assert on.status()["routing_mark"] == 9
     finally:
         clear_routing_mark()
+
+
+@pytest.mark.anyio
+async def test_direct_refuses_the_tuns_own_fake_addresses() -> None:
+    from ostp_client.outbounds.base import Address, ConnContext, HostUnreachable
+    from ostp_client.outbounds.direct import DirectOutbound
+    from ostp_client.tun.bypass import clear_tunnel_networks, inside_tunnel, set_tunnel_networks
+
+    direct = DirectOutbound("direct", connect_timeout=2)
+    set_tunnel_networks(["198.18.0.0/15", "fc00:18::/64"])
+    try:
+        assert inside_tunnel("198.19.255.1") and inside_tunnel("fc00:18::5")
+        assert not inside_tunnel("203.0.113.9") and not inside_tunnel("example.com")
+        with pytest.raises(HostUnreachable, match="fake addresses"):
+            await direct.connect_tcp(Address("198.18.3.4", 80), ConnContext(1, "tun-in"))
+    finally:
+        clear_tunnel_networks()
+    assert not inside_tunnel("198.19.255.1")

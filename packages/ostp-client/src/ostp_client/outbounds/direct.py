@@ -38,7 +38,7 @@ from ostp_client.outbounds.base import (
     UdpOutboundSession,
 )
 from ostp_client.resolver import ResolveError, StubResolver
-from ostp_client.tun.bypass import apply_bypass, routing_mark
+from ostp_client.tun.bypass import apply_bypass, inside_tunnel, routing_mark
 
 __all__ = ["DirectOutbound", "DirectUdpSession", "map_os_error"]
 
@@ -131,6 +131,7 @@ class DirectOutbound(Outbound):
 
     async def connect_tcp(self, target: Address, ctx: ConnContext) -> anyio.abc.ByteStream:
         dest = self._effective(target)
+        _refuse_tunnel_address(dest.host, dest)
         mark = self._mark()
         try:
             with anyio.fail_after(self.connect_timeout):
@@ -163,6 +164,8 @@ class DirectOutbound(Outbound):
         if self.bind_address is not None:
             family = socket.AF_INET6 if ":" in self.bind_address else socket.AF_INET
         addresses = await self.resolver.resolve(dest.host, family, mark)
+        for address in addresses:
+            _refuse_tunnel_address(address, dest)
         errors: list[OSError] = []
         for address in _interleave(addresses):
             try:
@@ -313,3 +316,9 @@ class DirectUdpSession(UdpOutboundSession):
 
     async def aclose(self) -> None:
         await self._sock.aclose()
+
+
+def _refuse_tunnel_address(host: str, dest: Address) -> None:
+    """A fake-IP address exists only inside the TUN: connecting to it from here would loop."""
+    if inside_tunnel(host):
+        raise HostUnreachable(f"{dest}: {host} is one of the TUN's fake addresses (would loop)")

@@ -19,10 +19,12 @@ sockets it creates, without the mark being threaded through every constructor.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import struct
 import sys
+from collections.abc import Iterable
 from typing import Protocol
 
 __all__ = [
@@ -30,9 +32,12 @@ __all__ = [
     "apply_bypass",
     "apply_unicast_interface",
     "clear_routing_mark",
+    "clear_tunnel_networks",
     "clear_unicast_interface",
+    "inside_tunnel",
     "routing_mark",
     "set_routing_mark",
+    "set_tunnel_networks",
     "set_unicast_interface",
     "so_mark_supported",
     "unicast_interface",
@@ -49,11 +54,35 @@ IPPROTO_IP = 0
 IPPROTO_IPV6 = 41
 
 _mark: int | None = None
+_tunnel_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 _unicast_if: tuple[int | None, int | None] | None = None
 
 
 class BypassError(OSError):
     """A socket could not be given the routing mark (it would loop into the TUN)."""
+
+
+def set_tunnel_networks(networks: Iterable[str]) -> None:
+    """Address ranges that only exist inside the TUN (the fake-IP ranges): outbounds that
+    connect from this machine refuse them, since such a connection would loop back in."""
+    global _tunnel_networks
+    _tunnel_networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+
+
+def clear_tunnel_networks() -> None:
+    global _tunnel_networks
+    _tunnel_networks = ()
+
+
+def inside_tunnel(host: str) -> bool:
+    """True if ``host`` is an IP address in one of the TUN's own ranges."""
+    if not _tunnel_networks:
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in _tunnel_networks)
 
 
 def set_routing_mark(mark: int) -> None:

@@ -45,7 +45,9 @@ from ostp_client.tun.bypass import (
     BypassError,
     apply_bypass,
     clear_routing_mark,
+    clear_tunnel_networks,
     set_routing_mark,
+    set_tunnel_networks,
 )
 from ostp_client.tun.device import TunDevice
 from ostp_client.tun.dns import (
@@ -260,6 +262,8 @@ class TunInbound(Inbound):
                     )
                 if self.fake_ips is not None:
                     routes.add_device_routes(str(n) for n in self.fake_ips.networks)
+            if self.fake_ips is not None:
+                set_tunnel_networks(str(n) for n in self.fake_ips.networks)
             self.stack = NetStack(
                 NetStackConfig(
                     mtu=config.mtu,
@@ -289,6 +293,8 @@ class TunInbound(Inbound):
                 routes.restore()  # synchronous: runs even when cancelled
             if config.auto_route:
                 clear_routing_mark(config.routing_mark)  # after the rules are gone
+            if self.fake_ips is not None:
+                clear_tunnel_networks()
             device.close()
 
     def status(self) -> dict[str, object]:
