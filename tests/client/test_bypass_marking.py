@@ -266,3 +266,18 @@ async def test_direct_refuses_the_tuns_own_fake_addresses() -> None:
     finally:
         clear_tunnel_networks()
     assert not inside_tunnel("198.19.255.1")
+
+
+@pytest.mark.anyio
+async def test_connect_tcp_races_addresses_the_caller_resolved() -> None:
+    from ostp_client.outbounds import happy_eyeballs
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(SocketAttribute.local_port)
+    async with listener:
+        # the name is not resolved at all: "does-not-resolve.invalid" would fail if it were
+        stream = await happy_eyeballs.connect_tcp(
+            "does-not-resolve.invalid", port, addresses=["::1", "127.0.0.1"], attempt_delay=5
+        )
+        async with stream:
+            assert stream.extra(SocketAttribute.remote_address)[:2] == ("127.0.0.1", port)

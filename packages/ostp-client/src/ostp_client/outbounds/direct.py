@@ -155,7 +155,7 @@ class DirectOutbound(Outbound):
         return stream
 
     async def _connect_marked(self, dest: Address, mark: int) -> anyio.abc.SocketStream:
-        """A name is resolved by the stub resolver first; its addresses are tried in turn."""
+        """A name is resolved by the stub resolver first; its addresses are then raced."""
         if dest.ip is not None:
             return await happy_eyeballs.connect_tcp(
                 dest.host, dest.port, local_host=self.bind_address, mark=mark
@@ -166,17 +166,10 @@ class DirectOutbound(Outbound):
         addresses = await self.resolver.resolve(dest.host, family, mark)
         for address in addresses:
             _refuse_tunnel_address(address, dest)
-        errors: list[OSError] = []
-        for address in _interleave(addresses):
-            try:
-                return await happy_eyeballs.connect_tcp(
-                    address, dest.port, local_host=self.bind_address, mark=mark
-                )
-            except OSError as exc:
-                errors.append(exc)
-        if len(errors) == 1:
-            raise errors[0]
-        raise OSError("All connection attempts failed") from ExceptionGroup("connect", errors)
+        # raced RFC 8305 style, as for names the system resolves
+        return await happy_eyeballs.connect_tcp(
+            dest.host, dest.port, local_host=self.bind_address, mark=mark, addresses=addresses
+        )
 
     async def open_udp(self, ctx: ConnContext) -> UdpOutboundSession:
         try:
@@ -192,12 +185,6 @@ class DirectOutbound(Outbound):
 
 
 _Rewrite = Callable[[Address], Address]
-
-
-def _interleave(addresses: list[str]) -> list[str]:
-    """Alternate IPv6 and IPv4 (RFC 8305 §4), starting with the first one's family."""
-    targets = [(socket.AF_INET6 if ":" in a else socket.AF_INET, (a,)) for a in addresses]
-    return [str(addr[0]) for _, addr in happy_eyeballs.interleave(targets)]
 
 
 def _has_ipv6() -> bool:

@@ -40,15 +40,19 @@ def interleave(targets: Sequence[_Target]) -> list[_Target]:
     return out
 
 
+def _literal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> _Target:
+    if ip.version == 6:
+        return (socket.AF_INET6, (str(ip), port, 0, 0))
+    return (socket.AF_INET, (str(ip), port))
+
+
 async def _resolve(host: str, port: int, family: int) -> list[_Target]:
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         infos = await anyio.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
         return interleave([(int(info[0]), tuple(info[4])) for info in infos])
-    if ip.version == 6:
-        return [(socket.AF_INET6, (str(ip), port, 0, 0))]
-    return [(socket.AF_INET, (str(ip), port))]
+    return [_literal(ip, port)]
 
 
 async def _connect_one(
@@ -84,20 +88,26 @@ async def connect_tcp(
     local_host: str | None = None,
     mark: int | None = None,
     attempt_delay: float = CONNECTION_ATTEMPT_DELAY,
+    addresses: Sequence[str] | None = None,
 ) -> anyio.abc.SocketStream:
     """Connect to ``host:port``; ``mark`` (else the process-wide one) is set on every socket.
 
     A name with addresses of both families is tried RFC 8305 style: addresses alternate by
     family, a new attempt starts every ``attempt_delay`` seconds or as soon as the previous one
     failed, the first connection wins and the others are cancelled. The caller bounds the
-    whole with a deadline. Raises the attempt's OSError when there was one, else
+    whole with a deadline. ``addresses`` (IP texts) skips resolving ``host``: the caller
+    resolved it (the stub resolver, whose queries carry the mark). Raises the attempt's
+    OSError when there was one, else
     ``OSError("All connection attempts failed")`` caused by the group of errors (as
     `anyio.connect_tcp` does).
     """
     family = 0
     if local_host is not None:
         family = socket.AF_INET6 if ":" in local_host else socket.AF_INET
-    targets = await _resolve(host, port, family)
+    if addresses is not None:
+        targets = interleave([_literal(ipaddress.ip_address(a), port) for a in addresses])
+    else:
+        targets = await _resolve(host, port, family)
     if local_host is not None:
         targets = [t for t in targets if t[0] == family]
     if not targets:
