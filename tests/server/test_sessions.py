@@ -193,3 +193,23 @@ async def test_shutdown_sends_close_to_clients() -> None:
             server_scope.cancel()
             await poll_until(lambda: t.terminated is not None)
             assert t.terminated == "closed by peer"
+
+
+async def test_traffic_limit_ends_the_session_and_refuses_new_ones() -> None:
+    fast_fail = ConnectionConfig(handshake_timeout=0.3, handshake_attempts=2)
+    users = [{"name": "capped", "key": KEY, "limit_bytes": 300_000}]
+    async with server(access_keys=users) as srv, tcp_echo() as port:
+        addr = srv.addresses[0]
+        async with tunnel(addr, KEY) as t:
+            sid = await t.open(f"127.0.0.1:{port}")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(t.write, sid, os.urandom(1_000_000))
+                await poll_until(lambda: not srv.sessions)
+                tg.cancel_scope.cancel()
+        stats = srv.key_stats[0]
+        assert stats.over_limit and stats.label == "capped"
+        assert stats.bytes_up + stats.bytes_down < 1_000_000  # cut off, not served to the end
+        async with tunnel(addr, KEY, config=fast_fail) as again:
+            with pytest.raises(AssertionError, match="handshake timed out"):
+                await again.handshake()
+        assert srv.stats.limit_drop >= 1 and not srv.sessions

@@ -77,7 +77,8 @@ class User(BaseModel):
     key: SecretStr = Field(validation_alias=AliasChoices("key", "access_key"))
     name: str | None = None
     limit_bytes: int | None = None
-    """Accepted for upstream compatibility; not enforced by this server."""
+    """Traffic limit (bytes up + down, counted since the server started): a user over it has
+    its sessions ended and new handshakes refused (spec §9.4)."""
 
     @field_validator("key")
     @classmethod

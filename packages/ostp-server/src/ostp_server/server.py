@@ -56,6 +56,12 @@ class KeyStats:
     sessions: int = 0
     """Handshakes accepted."""
     active: int = 0
+    limit: int | None = None
+    """``limit_bytes`` of the user: up + down beyond it ends its sessions (spec §9.4)."""
+
+    @property
+    def over_limit(self) -> bool:
+        return self.limit is not None and self.bytes_up + self.bytes_down > self.limit
 
 
 @dataclass(slots=True)
@@ -67,6 +73,7 @@ class ServerStats:
     unauthenticated_drop: int = 0
     """Datagrams that matched no session and were no valid handshake: never answered."""
     session_cap_drop: int = 0
+    limit_drop: int = 0
     backpressure_drop: int = 0
     roam_scan_skipped: int = 0
     """Roaming scans skipped because the token bucket was empty."""
@@ -140,7 +147,10 @@ class OstpServer:
             max_datagram_size=config.max_datagram_size,
         )
         self.acceptor = ServerAcceptor(config.key_strings(), config=self.conn_config)
-        self.key_stats = [KeyStats(label) for label in config.key_labels()]
+        self.key_stats = [
+            KeyStats(label, limit=user.limit_bytes)
+            for label, user in zip(config.key_labels(), config.access_keys, strict=True)
+        ]
         self.stats = ServerStats()
         self.listeners: list[Listener] = []
         self.sessions: dict[int, Session] = {}
@@ -352,6 +362,12 @@ class OstpServer:
             log.debug("handshake from %s dropped: %d sessions", _addr(addr), len(self.sessions))
             return
         ks = self.key_stats[conn.key_index]
+        if ks.over_limit:
+            self.stats.limit_drop += 1
+            log.info(
+                "handshake from %s refused: %s is over its traffic limit", _addr(addr), ks.label
+            )
+            return
         session = Session(self, conn, addr, listener, ks.label, ks, now)
         self.sessions[conn.session_id] = session
         self._by_addr[addr] = session
@@ -404,6 +420,9 @@ class OstpServer:
             else:
                 sent = self._send_plain(listener.sock, out, session.addr)
             session.key_stats.bytes_down += sent
+            if session.key_stats.over_limit:
+                self._end_session(session, "traffic limit reached")
+                return
         session.after_flush()
         if not session.closed:
             self._schedule(session)
