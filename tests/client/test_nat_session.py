@@ -7,10 +7,7 @@ import hashlib
 import json
 import logging
 import os
-import select
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +30,7 @@ from tests.client.proxy_helpers import (
     running_daemon,
     wait_for,
 )
-from tests.client.tunnel_helpers import ServerProcess, ostp_server
+from tests.client.tunnel_helpers import LossyRelay, ServerProcess, ostp_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60), requires_coturn]
 
@@ -119,57 +116,6 @@ async def _upload(daemon: Any, origin: Origin, data: bytes, tmp: Path, *args: st
     }
 
 
-class SourceFilterRelay:
-    """A UDP relay in front of the ostp-server that forwards only datagrams coming from
-    ``allowed_host`` (coturn's relay address) and drops the client's direct ones."""
-
-    def __init__(self, server_port: int, allowed_host: str) -> None:
-        self.allowed_host = allowed_host
-        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.front.bind(("127.0.0.1", 0))
-        self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.back.connect(("127.0.0.1", server_port))
-        for s in (self.front, self.back):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        self.port = int(self.front.getsockname()[1])
-        self.peer: tuple[str, int] | None = None
-        self.forwarded = 0
-        self.dropped = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> SourceFilterRelay:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.front.close()
-        self.back.close()
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + 120  # bounded even if a test forgets to stop it
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            ready, _, _ = select.select([self.front, self.back], [], [], 0.1)
-            for _ in range(256):
-                try:
-                    if self.front in ready:
-                        data, addr = self.front.recvfrom(65535, socket.MSG_DONTWAIT)
-                        if addr[0] != self.allowed_host:
-                            self.dropped += 1
-                            continue
-                        self.peer = addr
-                        self.back.send(data)
-                        self.forwarded += 1
-                    if self.back in ready:
-                        data = self.back.recv(65535, socket.MSG_DONTWAIT)
-                        if self.peer is not None:
-                            self.front.sendto(data, self.peer)
-                except (BlockingIOError, ConnectionRefusedError):
-                    break
-
-
 async def test_binding_shows_the_sockets_own_address(
     origin: Origin, server: ServerProcess, coturn: Coturn, tmp_path: Path
 ) -> None:
@@ -237,7 +183,7 @@ async def test_auto_falls_back_to_turn_when_direct_udp_is_dropped(
     # coturn relays from 127.0.0.2; the relay in front of the server lets only that through.
     with (
         running_coturn(tmp_path, relay_ip="127.0.0.2") as coturn,
-        SourceFilterRelay(server.port, allowed_host="127.0.0.2") as relay,
+        LossyRelay(server.port, 0.0, allowed_host="127.0.0.2") as relay,
     ):
         nat = {"mode": "auto", "turn": _turn(coturn)}
         async with running_daemon(_config(server, nat, port=relay.port)) as daemon:

@@ -93,8 +93,12 @@ class LossyRelay:
         *,
         duplicate: float = 0.0,
         reorder: float = 0.0,
+        allowed_host: str | None = None,
     ) -> None:
         self.loss = loss
+        self.allowed_host = allowed_host
+        """When set, datagrams towards the server from any other host are dropped (a
+        firewall that lets only a TURN relay through)."""
         self.duplicate = duplicate
         self.reorder = reorder
         self._held: dict[bool, bytes | None] = {True: None, False: None}
@@ -133,6 +137,9 @@ class LossyRelay:
                     try:
                         if sock is self.front:
                             data, addr = self.front.recvfrom(65535, socket.MSG_DONTWAIT)
+                            if self.allowed_host is not None and addr[0] != self.allowed_host:
+                                self.dropped += 1
+                                continue
                             self.client = addr
                             target: tuple[str, int] | None = None
                         else:
