@@ -172,12 +172,12 @@ class CongestionController:
         "_full_bw",
         "_full_bw_rounds",
         "_max_window",
-        "_next_send",
         "_round_end",
         "btl_bw",
         "cwnd",
         "min_cwnd",
         "mss",
+        "next_send",
         "startup",
     )
 
@@ -191,7 +191,7 @@ class CongestionController:
         self._full_bw_rounds = 0
         self._round_end = 0.0
         self._bw_samples: deque[tuple[float, float]] = deque()  # (time, rate), max-monotonic
-        self._next_send = 0.0
+        self.next_send = 0.0
         self._max_window = max_window * mss
 
     def on_ack(self, acked_bytes: int, rate: float | None, rtt: RttEstimator, now: float) -> None:
@@ -240,13 +240,9 @@ class CongestionController:
         gain = 2.0 if self.startup else 1.25
         return size / (rate * gain)
 
-    def can_send_at(self, now: float) -> float:
-        """Earliest time pacing allows the next datagram."""
-        return self._next_send
-
     def on_sent(self, size: int, now: float, srtt: float) -> None:
         burst = 0.002  # allow 2 ms worth of datagrams to leave back to back
-        self._next_send = max(self._next_send, now - burst) + self.pacing_delay(size, srtt)
+        self.next_send = max(self.next_send, now - burst) + self.pacing_delay(size, srtt)
 
 
 class Sender:
@@ -294,7 +290,7 @@ class Sender:
             return False
         if self._order and self.next_nonce - self._oldest() >= self.max_in_flight:
             return False
-        return self.cc.can_send_at(now) <= now
+        return self.cc.next_send <= now
 
     def _oldest(self) -> int:
         order = self._order
@@ -345,7 +341,7 @@ class Sender:
         """When pacing next lets a datagram go, if the window has room; else None."""
         if self.bytes_in_flight >= self.cc.cwnd:
             return None
-        return self.cc.can_send_at(0.0)
+        return self.cc.next_send
 
     def retransmissions(self, now: float) -> list[bytes]:
         """Datagrams declared lost, re-sent with their original nonce and bytes.
@@ -358,7 +354,7 @@ class Sender:
             self._control_resends.clear()
         lost = self._lost
         cc = self.cc
-        while lost and self.bytes_in_flight < cc.cwnd and cc.can_send_at(now) <= now:
+        while lost and self.bytes_in_flight < cc.cwnd and cc.next_send <= now:
             entry = self.outstanding.get(lost.popleft())
             if entry is not None and not entry.in_flight:
                 out.append(self._retransmit(entry, now))

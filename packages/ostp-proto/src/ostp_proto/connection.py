@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .arq import Receiver, Sender, decode_ack, decode_nack
+from .arq import ACK_DELAY, Receiver, Sender, decode_ack, decode_nack
 from .errors import LocalProtocolError, RemoteProtocolError
 from .events import (
     ConnectionTerminated,
@@ -56,7 +56,6 @@ MIN_CLIENT_PAYLOAD = 12  # spec §3: ts:8 | sid:4 | key
 TIMESTAMP_WINDOW = 300.0  # spec §9.2: |now - ts| <= 300 s
 REPLAY_CACHE_SIZE = 50_000  # spec §9.2
 DATA_RELAY_HEADER = 3  # tag + u16 length (spec §8)
-MAX_RELAY_FIELD = 0xFFFF
 _ELICITING = frozenset((FrameKind.DATA, FrameKind.CLOSE, FrameKind.KEEPALIVE, FrameKind.RESUME))
 
 
@@ -75,7 +74,7 @@ class ConnectionConfig:
     """Largest data datagram built for stream data (UDP payload bytes)."""
     padding: PaddingPolicy = field(default_factory=PaddingPolicy.upstream_client)
     """Padding of frames (spec §6.1); any padding is legal for the peer."""
-    ack_delay: float = 0.005
+    ack_delay: float = ACK_DELAY
     """Delay before an ACK is sent for a lone ack-eliciting datagram (spec §7.1)."""
     ack_frequency: int = 32
     """Send an ACK at once after this many ack-eliciting datagrams."""
@@ -161,7 +160,6 @@ class Connection:
         self._receive_paused = False
         self._dropped_while_paused = False
         self.last_receive = 0.0
-        self._established_at: float | None = None
         self._reserved_pool = b""
         self._pad_randint: Callable[[int], int] = self._randint
         # Capacity of stream data per datagram: overhead, relay header, then no padding
@@ -462,7 +460,6 @@ class Connection:
         self._sealer = DataSealer(secrets.obfuscation_key, send_key, self.session_id)
         self._opener = DataOpener(secrets.obfuscation_key, recv_key, self.session_id)
         self.state = State.ESTABLISHED
-        self._established_at = now
         self.last_receive = now
 
     def _terminate(self, reason: str) -> None:
@@ -703,9 +700,6 @@ class ServerAcceptor:
         self._replay: dict[tuple[int, int, int], int] = {}
         self._random = random_bytes
         self.stats = AcceptorStats()
-
-    def secrets_for(self, key_index: int) -> Secrets:
-        return self._keys[key_index].secrets
 
     def accept(self, data: bytes, now: float, unix_time: float) -> ServerConnection | None:
         """Try ``data`` as message 1 under every key; a new connection or None."""

@@ -14,7 +14,6 @@ FRAME_VERSION = 1  # spec §6: always 1 when sent, not checked on receipt
 FRAME_HEADER_LEN = 12
 DATAGRAM_OVERHEAD = 12 + FRAME_HEADER_LEN + 16  # masked header + frame header + AEAD tag
 PADDING_CLAMP_OVERHEAD = 38  # spec §6.1: pad = min(raw, max(mtu_hint - L - 38, 0))
-MAX_PAYLOAD = 0xFFFFFFFF
 
 _HEADER = struct.Struct(">BBHHIH")
 

@@ -21,7 +21,6 @@ PROTOCOL_NAME = b"Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s"
 DHLEN = 32
 HASHLEN = 32
 TAGLEN = 16
-MAX_MESSAGE = 65535  # Noise §3
 
 
 def _hash(data: bytes) -> bytes:
@@ -50,10 +49,6 @@ class CipherState:
     def __init__(self, key: bytes | None = None) -> None:
         self._aead = ChaCha20Poly1305(key) if key is not None else None
         self.n = 0
-
-    @property
-    def has_key(self) -> bool:
-        return self._aead is not None
 
     def encrypt_with_ad(self, ad: bytes, plaintext: bytes) -> bytes:
         if self._aead is None:
