@@ -93,6 +93,8 @@ stops reading its socket, so the kernel holds the rest. If the readers do not ca
 the readers have caught up: ``ClientConnection.receive_paused``), so that ACKs for what this
 session sends are never stuck behind a slow reader."""
 FULL_GRACE = 0.5
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # root may exceed net.core.rmem_max
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
 
 HANDSHAKE_TIMED_OUT = "handshake timed out"  # ostp_proto's ConnectionTerminated reason prefix
@@ -490,7 +492,7 @@ class _Session:
         self.sock = sock
         sock.setblocking(False)
         apply_bypass(sock)  # with a TUN's policy routing, never route the tunnel into itself
-        for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # *BUFFORCE
+        for opt, force in ((socket.SO_RCVBUF, SO_RCVBUFFORCE), (socket.SO_SNDBUF, SO_SNDBUFFORCE)):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
             except OSError:
@@ -533,8 +535,8 @@ class _Session:
         self.flush()
         while True:
             now = time.monotonic()
-            if not self._holding(now) and not self._read_all(sock, conn, now):
-                return
+            if not self._holding(now):
+                self._read_all(conn, now)
             timer = conn.get_timer()
             if timer is not None and timer <= now:
                 conn.handle_timer(now)
@@ -631,8 +633,8 @@ class _Session:
         self._warned.add(message)
         logger.warning("%s session %d: %s", self.outbound.tag, self.index, message)
 
-    def _read_all(self, sock: socket.socket, conn: ClientConnection, now: float) -> bool:
-        """Read what the socket has (bounded per round); False when the connection ended.
+    def _read_all(self, conn: ClientConnection, now: float) -> None:
+        """Read what the socket has (bounded per round).
 
         ICMP errors (the server's port closed) are ignored: the server may come back; the
         timers decide.
@@ -644,7 +646,6 @@ class _Session:
         for data in batch.recv_batch(256):
             self.bytes_down += len(data)
             receive(data, now)
-        return True
 
     def _holding(self, now: float) -> bool:
         """True while the socket is left unread for slow local readers (within the grace)."""
@@ -670,8 +671,11 @@ class _Session:
         self._sleep_until = now + delay
         with anyio.CancelScope(deadline=anyio.current_time() + delay) as scope:
             self._sleep = scope
-            if self._full_since is not None and self.buffered >= STREAM_RECEIVE_LIMIT:
-                scope.deadline = min(scope.deadline, anyio.current_time() + FULL_GRACE)
+            if self._holding(now):
+                # only until the grace ends: then the socket is read again (Data paused)
+                assert self._full_since is not None
+                left = self._full_since + FULL_GRACE - now
+                scope.deadline = min(scope.deadline, anyio.current_time() + left)
                 self._readable_again = anyio.Event()
                 await self._readable_again.wait()
             else:
