@@ -261,7 +261,7 @@ class Connection:
                 receiver.ack_deadline(),
                 receiver.nack_deadline(),
                 sender.probe_deadline(),
-                sender.pacing_deadline() if (self._rr or sender.has_lost) else None,
+                sender.pacing_deadline(bool(self._rr)),
             ):
                 if t is not None:
                     deadlines.append(t)
