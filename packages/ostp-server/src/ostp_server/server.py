@@ -24,6 +24,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from ostp_proto import SERVER_DEFAULTS, ServerAcceptor, ServerConnection
 
@@ -37,6 +38,8 @@ ROAM_BUCKET_RATE = 50.0  # refilled 50 per second
 RECV_BATCH = 512  # datagrams read per wake-up before others get a turn
 RECV_SIZE = 65535
 HOUSEKEEPING_INTERVAL = 1.0
+TIMER_BATCH = 64  # sessions whose timers run before the loop yields and re-reads the clock
+TIMER_FLOOR = 0.001  # a timer that stays in the past after running is retried this much later
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 UDP_GRO = 104  # Linux <netinet/udp.h>; see PERFORMANCE.md
@@ -78,6 +81,8 @@ class ServerStats:
     roam_scan_skipped: int = 0
     """Roaming scans skipped because the token bucket was empty."""
     roam_rebinds: int = 0
+    timer_stuck: int = 0
+    """Times a session's timer stayed in the past after it ran (a core bug; see the log)."""
     sessions_started: int = 0
     sessions_ended: int = 0
 
@@ -159,6 +164,7 @@ class OstpServer:
         self._seq = 0
         self._sleep_until = float("inf")
         self._timer_wake: anyio.Event | None = None
+        self._timer_stuck_logged = False
         self._tokens = ROAM_BUCKET_CAPACITY
         self._tokens_at = clock()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -182,9 +188,8 @@ class OstpServer:
                 )
             except OSError as e:
                 self.close_sockets()
-                raise OSError(
-                    e.errno, f"cannot listen on {format_host_port(host, port)}: {e.strerror}"
-                ) from None
+                where = format_host_port(host, port)
+                raise OSError(e.errno, f"cannot listen on udp {where}: {e.strerror}") from None
             self.listeners.append(listener)
 
     def close_sockets(self) -> None:
@@ -485,19 +490,49 @@ class OstpServer:
         heap = self._heap
         while True:
             now = self.clock()
-            while heap and heap[0][0] <= now:
+            handled = 0
+            while heap and heap[0][0] <= now and handled < TIMER_BATCH:
                 t, _, session = heapq.heappop(heap)
                 if session.closed or session.timer != t:
                     continue
+                handled += 1
                 session.timer = None
                 session.conn.handle_timer(now)
                 self._process(session)
+                self._check_timer_moved(session, now)
+            if heap and heap[0][0] <= now:
+                # more is due: let the read loops and the signal handler have a turn first,
+                # then look at the clock again
+                await anyio.lowlevel.checkpoint()
+                continue
             target = heap[0][0] if heap else now + 60.0
             self._sleep_until = target
             self._timer_wake = wake = anyio.Event()
             with anyio.move_on_after(max(0.0, target - now)):
                 await wake.wait()
             self._sleep_until = float("inf")
+
+    def _check_timer_moved(self, session: Session, now: float) -> None:
+        """Catch a core that ran its timers at ``now`` and still wants to run them at ``now``.
+
+        It would keep the timer loop busy on one deadline for ever; its timer is put
+        ``TIMER_FLOOR`` ahead instead, so the server keeps serving everyone else.
+        """
+        if session.closed or session.timer is None or session.timer > now:
+            return
+        self.stats.timer_stuck += 1
+        if not self._timer_stuck_logged:
+            self._timer_stuck_logged = True
+            log.warning(
+                "session %s: its timer stays in the past after running it (a bug; "
+                "counted as timer_stuck, logged once); retrying it every %.0f ms",
+                session.name,
+                TIMER_FLOOR * 1000,
+            )
+        t = now + TIMER_FLOOR
+        session.timer = t
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, session))
 
     async def _housekeeping_loop(self) -> None:
         while True:
