@@ -105,6 +105,11 @@ class ServerConfig(BaseModel):
     """Handshakes beyond this many live sessions are dropped silently (spec §9.2)."""
     idle_timeout: float = Field(default=600.0, gt=0)
     """Seconds without an authenticated datagram after which a session is dropped (spec §9.3)."""
+    half_open_timeout: float = Field(default=10.0, gt=0)
+    """While the table is full, a session that has not sent one authenticated datagram since
+    its handshake is ended after this many seconds to make room for a new handshake, oldest
+    first (a real client sends a Ping at once, spec §10.1; upstream keeps it for
+    ``idle_timeout``)."""
     connect_timeout: float = Field(default=10.0, gt=0)
     """Seconds for resolving and connecting a Connect target (spec §9.5)."""
     max_streams: int = Field(default=1024, ge=1)

@@ -17,6 +17,7 @@ import socket
 import struct
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -76,6 +77,9 @@ class ServerStats:
     unauthenticated_drop: int = 0
     """Datagrams that matched no session and were no valid handshake: never answered."""
     session_cap_drop: int = 0
+    """Handshakes dropped because the table was full (no half-open session to evict)."""
+    half_open_evictions: int = 0
+    """Sessions ended to make room because they sent nothing since their handshake."""
     limit_drop: int = 0
     backpressure_drop: int = 0
     roam_scan_skipped: int = 0
@@ -160,6 +164,8 @@ class OstpServer:
         self.listeners: list[Listener] = []
         self.sessions: dict[int, Session] = {}
         self._by_addr: dict[tuple[object, ...], Session] = {}
+        self._half_open: OrderedDict[Session, None] = OrderedDict()
+        """Sessions in the order they started, until they send their first datagram."""
         self._heap: list[tuple[float, int, Session]] = []
         self._seq = 0
         self._sleep_until = float("inf")
@@ -317,14 +323,21 @@ class OstpServer:
         now: float,
         touched: dict[Session, None],
     ) -> bool:
-        """Spec §9.2 step 3, but re-binding only once the datagram authenticated."""
+        """Spec §9.2 step 3, but re-binding only once the datagram authenticated, and only
+        sessions that have sent a datagram since their handshake."""
         if len(data) < 12:
             return False
         if not self._take_token(now):
             self.stats.roam_scan_skipped += 1
             return False
         for session in self.sessions.values():
-            if session.addr == addr or not session.conn.matches(data):
+            # a session that never spoke has nothing to roam from, and the unmasking is the
+            # scan's whole cost: half-open sessions cost nothing here
+            if (
+                session.addr == addr
+                or not session.conn.stats.datagrams_received
+                or not session.conn.matches(data)
+            ):
                 continue
             session.conn.receive_paused = session.remote_pending > self.config.remote_buffer
             stats = session.conn.stats
@@ -362,7 +375,7 @@ class OstpServer:
         old = self._by_addr.get(addr)
         if old is not None:
             self._end_session(old, "replaced by a new handshake from the same address")
-        if len(self.sessions) >= self.config.max_sessions:
+        if len(self.sessions) >= self.config.max_sessions and not self._evict_half_open(now):
             self.stats.session_cap_drop += 1
             log.debug("handshake from %s dropped: %d sessions", _addr(addr), len(self.sessions))
             return
@@ -376,11 +389,33 @@ class OstpServer:
         session = Session(self, conn, addr, listener, ks.label, ks, now)
         self.sessions[conn.session_id] = session
         self._by_addr[addr] = session
+        self._half_open[session] = None
         ks.sessions += 1
         ks.active += 1
         self.stats.sessions_started += 1
         log.info("session %s started from %s (%s)", session.name, _addr(addr), ks.label)
         touched[session] = None
+
+    def _evict_half_open(self, now: float) -> bool:
+        """End the oldest session that never sent a datagram and is old enough; True if one.
+
+        Someone holding a key can fill the table with valid first messages and never go on;
+        upstream would keep those for ``idle_timeout`` (600 s) and refuse everyone else. A
+        session that sent anything since its handshake is never evicted by this rule.
+        """
+        half_open = self._half_open
+        oldest_allowed = now - self.config.half_open_timeout
+        while half_open:
+            session = next(iter(half_open))
+            if session.conn.stats.datagrams_received:
+                del half_open[session]  # it spoke: never a candidate again
+                continue
+            if session.started > oldest_allowed:
+                return False  # the oldest candidate is too young, so are the rest
+            self.stats.half_open_evictions += 1
+            self._end_session(session, "half-open: no datagram since its handshake")
+            return True
+        return False
 
     def _end_session(self, session: Session, reason: str) -> None:
         if session.closed:
@@ -390,6 +425,7 @@ class OstpServer:
             del self.sessions[session.conn.session_id]
         if self._by_addr.get(session.addr) is session:
             del self._by_addr[session.addr]
+        self._half_open.pop(session, None)
         session.key_stats.active -= 1
         self.stats.sessions_ended += 1
         s = session.conn.stats
