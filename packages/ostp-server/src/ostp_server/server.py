@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -30,6 +31,7 @@ import anyio.lowlevel
 from ostp_proto import SERVER_DEFAULTS, ServerAcceptor, ServerConnection
 
 from .config import ServerConfig, format_host_port
+from .replay_cache import REWRITE_INTERVAL, ReplayCacheFile
 from .session import Session
 
 log = logging.getLogger("ostp_server")
@@ -39,6 +41,10 @@ ROAM_BUCKET_RATE = 50.0  # refilled 50 per second
 RECV_BATCH = 512  # datagrams read per wake-up before others get a turn
 RECV_SIZE = 65535
 HOUSEKEEPING_INTERVAL = 1.0
+RESTART_SKEW_ALLOWANCE = 30.0
+"""Without a replay cache from the previous run, first messages whose timestamp is older than
+the start time minus this are refused (they may be replays from before the restart); clients
+whose clocks are behind by more than this are refused until ~300 s after the start."""
 TIMER_BATCH = 64  # sessions whose timers run before the loop yields and re-reads the clock
 TIMER_FLOOR = 0.001  # a timer that stays in the past after running is retried this much later
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -174,6 +180,8 @@ class OstpServer:
         self._tokens = ROAM_BUCKET_CAPACITY
         self._tokens_at = clock()
         self._tg: anyio.abc.TaskGroup | None = None
+        path = config.replay_cache
+        self._replay_file = ReplayCacheFile(Path(path)) if path else None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -208,6 +216,7 @@ class OstpServer:
         """Bind, report readiness with ``self``, and serve until cancelled."""
         if not self.listeners:
             self.bind()
+        self._load_replay_cache()
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -225,6 +234,29 @@ class OstpServer:
                 self._end_session(session, "server shutting down")
             self.close_sockets()
             self._tg = None
+            if self._replay_file is not None:
+                self._replay_file.rewrite(self.acceptor.replay_entries(self.unix_clock()))
+                self._replay_file.close()
+
+    def _load_replay_cache(self) -> None:
+        """Refuse replays of first messages the previous run accepted (spec §9.2)."""
+        unix = self.unix_clock()
+        file = self._replay_file
+        entries = file.load() if file is not None else None
+        if entries is None:
+            # no memory of the previous run: refuse what predates this one
+            self.acceptor.not_before = unix - RESTART_SKEW_ALLOWANCE
+            log.log(
+                logging.INFO if file is not None else logging.DEBUG,
+                "no replay cache from a previous run: for %.0f s, handshakes with timestamps "
+                "more than %.0f s before the start are refused",
+                self.acceptor.timestamp_window,
+                RESTART_SKEW_ALLOWANCE,
+            )
+        else:
+            self.acceptor.restore_replay(entries, unix)
+        if file is not None:
+            file.rewrite(self.acceptor.replay_entries(unix))
 
     # -- receive path ----------------------------------------------------------------------
 
@@ -302,6 +334,9 @@ class OstpServer:
         if fresh is None:
             self.stats.unauthenticated_drop += 1
             return
+        entry = self.acceptor.last_accepted
+        if self._replay_file is not None and entry is not None:
+            self._replay_file.append(*entry)
         self._start_session(fresh, addr, listener, now, touched)
 
     def _take_token(self, now: float) -> bool:
@@ -571,9 +606,14 @@ class OstpServer:
         heapq.heappush(self._heap, (t, self._seq, session))
 
     async def _housekeeping_loop(self) -> None:
+        rewrite_at = self.clock() + REWRITE_INTERVAL
         while True:
             await anyio.sleep(HOUSEKEEPING_INTERVAL)
-            self.acceptor.purge(self.unix_clock())
+            unix = self.unix_clock()
+            self.acceptor.purge(unix)
+            if self._replay_file is not None and self.clock() >= rewrite_at:
+                rewrite_at = self.clock() + REWRITE_INTERVAL
+                self._replay_file.rewrite(self.acceptor.replay_entries(unix))
             now = self.clock()
             for session in list(self.sessions.values()):
                 session.housekeeping(now)
