@@ -337,11 +337,25 @@ class Sender:
     def has_lost(self) -> bool:
         return bool(self._lost or self._control_resends)
 
-    def pacing_deadline(self) -> float | None:
-        """When pacing next lets a datagram go, if the window has room; else None."""
+    def pacing_deadline(self, new_data: bool) -> float | None:
+        """When pacing next lets a datagram go, or None if nothing could go then.
+
+        It must agree with :meth:`retransmissions` and :meth:`window_open`: a deadline at
+        which nothing is sendable makes a shell spin on it for ever. Lost datagrams keep their
+        nonces, so only new data (``new_data``: some is queued) waits on the in-flight span;
+        an ACK or the probe timer frees the window or the span.
+        """
+        if self._control_resends:
+            return 0.0  # sent unconditionally by the next datagrams_to_send()
         if self.bytes_in_flight >= self.cc.cwnd:
             return None
-        return self.cc.next_send
+        if self._lost:
+            return self.cc.next_send
+        if new_data and not (
+            self._order and self.next_nonce - self._oldest() >= self.max_in_flight
+        ):
+            return self.cc.next_send
+        return None
 
     def retransmissions(self, now: float) -> list[bytes]:
         """Datagrams declared lost, re-sent with their original nonce and bytes.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import os
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .arq import ACK_DELAY, Receiver, Sender, decode_ack, decode_nack
@@ -261,7 +261,7 @@ class Connection:
                 receiver.ack_deadline(),
                 receiver.nack_deadline(),
                 sender.probe_deadline(),
-                sender.pacing_deadline() if (self._rr or sender.has_lost) else None,
+                sender.pacing_deadline(bool(self._rr)),
             ):
                 if t is not None:
                     deadlines.append(t)
@@ -654,6 +654,9 @@ class AcceptorStats:
     no_key_drop: int = 0
     timestamp_drop: int = 0
     replay_drop: int = 0
+    restart_drop: int = 0
+    """Timestamps older than :attr:`ServerAcceptor.not_before` (possible replays after a
+    restart that lost the replay cache)."""
     replay_cache_full_drop: int = 0
     bad_key_drop: int = 0
 
@@ -698,8 +701,16 @@ class ServerAcceptor:
         self.timestamp_window = timestamp_window
         self.replay_cache_size = replay_cache_size
         self._replay: dict[tuple[int, int, int], int] = {}
+        self._restored: dict[tuple[int, int], int] = {}
         self._random = random_bytes
         self.stats = AcceptorStats()
+        self.not_before = 0.0
+        """Unix time: first messages with an older timestamp are refused (``restart_drop``).
+        An owner that restarted without its replay cache sets its start time here, minus a
+        clock-skew allowance, so messages captured before the restart are not answered."""
+        self.last_accepted: tuple[int, int] | None = None
+        """``(timestamp, session id)`` of the last accepted first message, for an owner
+        that keeps the replay cache across restarts (:meth:`restore_replay`)."""
 
     def accept(self, data: bytes, now: float, unix_time: float) -> ServerConnection | None:
         """Try ``data`` as message 1 under every key; a new connection or None."""
@@ -727,15 +738,19 @@ class ServerAcceptor:
                 self.stats.timestamp_drop += 1
                 return None
             replay_id = (ts, sid, index)
-            if replay_id in self._replay:
+            if replay_id in self._replay or (self._restored and (ts, sid) in self._restored):
                 self.stats.replay_drop += 1
                 return None
-            if len(self._replay) >= self.replay_cache_size:
+            if ts < self.not_before:
+                self.stats.restart_drop += 1
+                return None
+            if len(self._replay) + len(self._restored) >= self.replay_cache_size:
                 self._purge(unix_time)
-                if len(self._replay) >= self.replay_cache_size:
+                if len(self._replay) + len(self._restored) >= self.replay_cache_size:
                     self.stats.replay_cache_full_drop += 1
                     return None
             self._replay[replay_id] = ts
+            self.last_accepted = (ts, sid)
             try:
                 connection = ServerConnection(
                     k.secrets,
@@ -757,6 +772,25 @@ class ServerAcceptor:
     def _purge(self, unix_time: float) -> None:
         window = self.timestamp_window
         self._replay = {k: ts for k, ts in self._replay.items() if abs(unix_time - ts) <= window}
+        if self._restored:
+            self._restored = {
+                k: ts for k, ts in self._restored.items() if abs(unix_time - ts) <= window
+            }
+
+    def replay_entries(self, unix_time: float) -> list[tuple[int, int]]:
+        """``(timestamp, session id)`` of every first message still inside the window."""
+        self._purge(unix_time)
+        entries = {(ts, sid) for ts, sid, _index in self._replay}
+        entries.update(self._restored)
+        return sorted(entries)
+
+    def restore_replay(self, entries: Iterable[tuple[int, int]], unix_time: float) -> None:
+        """Refuse these ``(timestamp, session id)`` pairs under every key, e.g. the replay
+        cache of a previous run; entries outside the window are skipped."""
+        window = self.timestamp_window
+        for ts, sid in entries:
+            if abs(unix_time - ts) <= window:
+                self._restored[(ts, sid)] = ts
 
     def purge(self, unix_time: float) -> None:
         """Forget replay entries older than the timestamp window (call now and then)."""

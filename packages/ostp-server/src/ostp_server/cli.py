@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 
 from .config import ConfigError, ServerConfig, format_host_port, load_config
-from .server import serve
+from .server import OstpServer
 
 log = logging.getLogger("ostp_server")
 
@@ -29,18 +32,68 @@ def share_links(config: ServerConfig, host: str) -> list[str]:
     return [f"ostp://{key}@{where}" for key in config.key_strings()]
 
 
-async def _run(config: ServerConfig) -> None:
+SHUTDOWN_GRACE = 1.5
+"""Seconds from SIGINT/SIGTERM until the process exits even if the graceful stop hangs."""
+
+
+class _Shutdown:
+    """SIGINT/SIGTERM end the server: gracefully at once, by force after SHUTDOWN_GRACE.
+
+    Plain ``signal.signal`` handlers, not the event loop's: Python runs them between two
+    bytecodes of the main thread even while the loop is stuck in a busy callback, so a
+    watchdog thread can still end a server whose loop never turns again. A second signal
+    exits at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog: threading.Timer | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self, scope: anyio.CancelScope) -> None:
+        """Route the signals to ``scope`` (call from the event loop's thread)."""
+        self._scope = scope
+        self._loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            self._force_exit()
+        self.signum = signum
+        self._watchdog = threading.Timer(SHUTDOWN_GRACE, self._force_exit)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._cancel)
+
+    def _cancel(self) -> None:
+        assert self.signum is not None and self._scope is not None
+        log.info("%s: shutting down", signal.Signals(self.signum).name)
+        self._scope.cancel()
+
+    def _force_exit(self) -> None:
+        name = signal.Signals(self.signum).name if self.signum is not None else "signal"
+        # os.write, not logging: the stuck main thread may hold the logging lock
+        os.write(
+            2, f"ostp-server: {name}: not stopped after {SHUTDOWN_GRACE} s; exiting\n".encode()
+        )
+        os._exit(1)
+
+
+async def _run(server: OstpServer, shutdown: _Shutdown) -> None:
     async with anyio.create_task_group() as tg:
-
-        async def on_signal() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.info("%s: shutting down", signal.Signals(signum).name)
-                    tg.cancel_scope.cancel()
-                    return
-
-        tg.start_soon(on_signal)
-        await tg.start(serve, config)
+        shutdown.install(tg.cancel_scope)
+        await tg.start(server.run)
 
 
 def _load(path: str) -> ServerConfig:
@@ -76,13 +129,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for key in config.ignored_keys():
         log.warning("config key %r is not used by this server; ignored", key)
+    server = OstpServer(config)
     try:
-        anyio.run(_run, config)
+        server.bind()  # here, so a busy port is one line, not an exception group
     except OSError as e:
         print(f"ostp-server: {e.strerror or e}", file=sys.stderr)
         return 1
+    shutdown = _Shutdown()
+    try:
+        anyio.run(_run, server, shutdown)
     except KeyboardInterrupt:
         pass
+    finally:
+        shutdown.uninstall()
+        server.close_sockets()
     return 0
 
 

@@ -105,6 +105,11 @@ class ServerConfig(BaseModel):
     """Handshakes beyond this many live sessions are dropped silently (spec §9.2)."""
     idle_timeout: float = Field(default=600.0, gt=0)
     """Seconds without an authenticated datagram after which a session is dropped (spec §9.3)."""
+    half_open_timeout: float = Field(default=10.0, gt=0)
+    """While the table is full, a session that has not sent one authenticated datagram since
+    its handshake is ended after this many seconds to make room for a new handshake, oldest
+    first (a real client sends a Ping at once, spec §10.1; upstream keeps it for
+    ``idle_timeout``)."""
     connect_timeout: float = Field(default=10.0, gt=0)
     """Seconds for resolving and connecting a Connect target (spec §9.5)."""
     max_streams: int = Field(default=1024, ge=1)
@@ -122,6 +127,12 @@ class ServerConfig(BaseModel):
     """A stream whose remote accepts nothing for this long while data waits is reset."""
     socket_buffer: int = Field(default=32 << 20, ge=65536)
     """SO_RCVBUF/SO_SNDBUF asked for on the listen sockets (upstream: 32 MiB)."""
+    replay_cache: str | None = None
+    """File that keeps the replay cache across restarts (spec §9.2), so a first message
+    captured before a restart is not answered after it. ``ostp-server run`` defaults to
+    ``<config name>.replay-cache`` beside the config file; a relative path is relative to the
+    config file. Without a cache from the previous run (first start, file lost or unwritable),
+    first messages older than the start time minus 30 s are refused instead."""
     log_level: str = "info"
     debug: bool = False
     """Upstream's switch; same as ``"log_level": "debug"``."""
@@ -202,8 +213,13 @@ def parse_config_text(text: str) -> ServerConfig:
 
 
 def load_config(path: str | Path) -> ServerConfig:
+    """Read a config file; ``replay_cache`` is made absolute (default: beside the file)."""
+    path = Path(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
-    return parse_config_text(text)
+    config = parse_config_text(text)
+    base = path.absolute().parent
+    cache = Path(config.replay_cache) if config.replay_cache else Path(f"{path.stem}.replay-cache")
+    return config.model_copy(update={"replay_cache": str(base / cache)})

@@ -17,17 +17,21 @@ import socket
 import struct
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from ostp_proto import SERVER_DEFAULTS, ServerAcceptor, ServerConnection
 
 from .config import ServerConfig, format_host_port
+from .replay_cache import REWRITE_INTERVAL, ReplayCacheFile
 from .session import Session
 
 log = logging.getLogger("ostp_server")
@@ -37,6 +41,12 @@ ROAM_BUCKET_RATE = 50.0  # refilled 50 per second
 RECV_BATCH = 512  # datagrams read per wake-up before others get a turn
 RECV_SIZE = 65535
 HOUSEKEEPING_INTERVAL = 1.0
+RESTART_SKEW_ALLOWANCE = 30.0
+"""Without a replay cache from the previous run, first messages whose timestamp is older than
+the start time minus this are refused (they may be replays from before the restart); clients
+whose clocks are behind by more than this are refused until ~300 s after the start."""
+TIMER_BATCH = 64  # sessions whose timers run before the loop yields and re-reads the clock
+TIMER_FLOOR = 0.001  # a timer that stays in the past after running is retried this much later
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 UDP_GRO = 104  # Linux <netinet/udp.h>; see PERFORMANCE.md
@@ -73,11 +83,16 @@ class ServerStats:
     unauthenticated_drop: int = 0
     """Datagrams that matched no session and were no valid handshake: never answered."""
     session_cap_drop: int = 0
+    """Handshakes dropped because the table was full (no half-open session to evict)."""
+    half_open_evictions: int = 0
+    """Sessions ended to make room because they sent nothing since their handshake."""
     limit_drop: int = 0
     backpressure_drop: int = 0
     roam_scan_skipped: int = 0
     """Roaming scans skipped because the token bucket was empty."""
     roam_rebinds: int = 0
+    timer_stuck: int = 0
+    """Times a session's timer stayed in the past after it ran (a core bug; see the log)."""
     sessions_started: int = 0
     sessions_ended: int = 0
 
@@ -155,13 +170,18 @@ class OstpServer:
         self.listeners: list[Listener] = []
         self.sessions: dict[int, Session] = {}
         self._by_addr: dict[tuple[object, ...], Session] = {}
+        self._half_open: OrderedDict[Session, None] = OrderedDict()
+        """Sessions in the order they started, until they send their first datagram."""
         self._heap: list[tuple[float, int, Session]] = []
         self._seq = 0
         self._sleep_until = float("inf")
         self._timer_wake: anyio.Event | None = None
+        self._timer_stuck_logged = False
         self._tokens = ROAM_BUCKET_CAPACITY
         self._tokens_at = clock()
         self._tg: anyio.abc.TaskGroup | None = None
+        path = config.replay_cache
+        self._replay_file = ReplayCacheFile(Path(path)) if path else None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -182,9 +202,8 @@ class OstpServer:
                 )
             except OSError as e:
                 self.close_sockets()
-                raise OSError(
-                    e.errno, f"cannot listen on {format_host_port(host, port)}: {e.strerror}"
-                ) from None
+                where = format_host_port(host, port)
+                raise OSError(e.errno, f"cannot listen on udp {where}: {e.strerror}") from None
             self.listeners.append(listener)
 
     def close_sockets(self) -> None:
@@ -197,6 +216,7 @@ class OstpServer:
         """Bind, report readiness with ``self``, and serve until cancelled."""
         if not self.listeners:
             self.bind()
+        self._load_replay_cache()
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -214,6 +234,29 @@ class OstpServer:
                 self._end_session(session, "server shutting down")
             self.close_sockets()
             self._tg = None
+            if self._replay_file is not None:
+                self._replay_file.rewrite(self.acceptor.replay_entries(self.unix_clock()))
+                self._replay_file.close()
+
+    def _load_replay_cache(self) -> None:
+        """Refuse replays of first messages the previous run accepted (spec §9.2)."""
+        unix = self.unix_clock()
+        file = self._replay_file
+        entries = file.load() if file is not None else None
+        if entries is None:
+            # no memory of the previous run: refuse what predates this one
+            self.acceptor.not_before = unix - RESTART_SKEW_ALLOWANCE
+            log.log(
+                logging.INFO if file is not None else logging.DEBUG,
+                "no replay cache from a previous run: for %.0f s, handshakes with timestamps "
+                "more than %.0f s before the start are refused",
+                self.acceptor.timestamp_window,
+                RESTART_SKEW_ALLOWANCE,
+            )
+        else:
+            self.acceptor.restore_replay(entries, unix)
+        if file is not None:
+            file.rewrite(self.acceptor.replay_entries(unix))
 
     # -- receive path ----------------------------------------------------------------------
 
@@ -291,6 +334,9 @@ class OstpServer:
         if fresh is None:
             self.stats.unauthenticated_drop += 1
             return
+        entry = self.acceptor.last_accepted
+        if self._replay_file is not None and entry is not None:
+            self._replay_file.append(*entry)
         self._start_session(fresh, addr, listener, now, touched)
 
     def _take_token(self, now: float) -> bool:
@@ -312,14 +358,21 @@ class OstpServer:
         now: float,
         touched: dict[Session, None],
     ) -> bool:
-        """Spec §9.2 step 3, but re-binding only once the datagram authenticated."""
+        """Spec §9.2 step 3, but re-binding only once the datagram authenticated, and only
+        sessions that have sent a datagram since their handshake."""
         if len(data) < 12:
             return False
         if not self._take_token(now):
             self.stats.roam_scan_skipped += 1
             return False
         for session in self.sessions.values():
-            if session.addr == addr or not session.conn.matches(data):
+            # a session that never spoke has nothing to roam from, and the unmasking is the
+            # scan's whole cost: half-open sessions cost nothing here
+            if (
+                session.addr == addr
+                or not session.conn.stats.datagrams_received
+                or not session.conn.matches(data)
+            ):
                 continue
             session.conn.receive_paused = session.remote_pending > self.config.remote_buffer
             stats = session.conn.stats
@@ -357,7 +410,7 @@ class OstpServer:
         old = self._by_addr.get(addr)
         if old is not None:
             self._end_session(old, "replaced by a new handshake from the same address")
-        if len(self.sessions) >= self.config.max_sessions:
+        if len(self.sessions) >= self.config.max_sessions and not self._evict_half_open(now):
             self.stats.session_cap_drop += 1
             log.debug("handshake from %s dropped: %d sessions", _addr(addr), len(self.sessions))
             return
@@ -371,11 +424,33 @@ class OstpServer:
         session = Session(self, conn, addr, listener, ks.label, ks, now)
         self.sessions[conn.session_id] = session
         self._by_addr[addr] = session
+        self._half_open[session] = None
         ks.sessions += 1
         ks.active += 1
         self.stats.sessions_started += 1
         log.info("session %s started from %s (%s)", session.name, _addr(addr), ks.label)
         touched[session] = None
+
+    def _evict_half_open(self, now: float) -> bool:
+        """End the oldest session that never sent a datagram and is old enough; True if one.
+
+        Someone holding a key can fill the table with valid first messages and never go on;
+        upstream would keep those for ``idle_timeout`` (600 s) and refuse everyone else. A
+        session that sent anything since its handshake is never evicted by this rule.
+        """
+        half_open = self._half_open
+        oldest_allowed = now - self.config.half_open_timeout
+        while half_open:
+            session = next(iter(half_open))
+            if session.conn.stats.datagrams_received:
+                del half_open[session]  # it spoke: never a candidate again
+                continue
+            if session.started > oldest_allowed:
+                return False  # the oldest candidate is too young, so are the rest
+            self.stats.half_open_evictions += 1
+            self._end_session(session, "half-open: no datagram since its handshake")
+            return True
+        return False
 
     def _end_session(self, session: Session, reason: str) -> None:
         if session.closed:
@@ -385,6 +460,7 @@ class OstpServer:
             del self.sessions[session.conn.session_id]
         if self._by_addr.get(session.addr) is session:
             del self._by_addr[session.addr]
+        self._half_open.pop(session, None)
         session.key_stats.active -= 1
         self.stats.sessions_ended += 1
         s = session.conn.stats
@@ -485,13 +561,21 @@ class OstpServer:
         heap = self._heap
         while True:
             now = self.clock()
-            while heap and heap[0][0] <= now:
+            handled = 0
+            while heap and heap[0][0] <= now and handled < TIMER_BATCH:
                 t, _, session = heapq.heappop(heap)
                 if session.closed or session.timer != t:
                     continue
+                handled += 1
                 session.timer = None
                 session.conn.handle_timer(now)
                 self._process(session)
+                self._check_timer_moved(session, now)
+            if heap and heap[0][0] <= now:
+                # more is due: let the read loops and the signal handler have a turn first,
+                # then look at the clock again
+                await anyio.lowlevel.checkpoint()
+                continue
             target = heap[0][0] if heap else now + 60.0
             self._sleep_until = target
             self._timer_wake = wake = anyio.Event()
@@ -499,10 +583,37 @@ class OstpServer:
                 await wake.wait()
             self._sleep_until = float("inf")
 
+    def _check_timer_moved(self, session: Session, now: float) -> None:
+        """Catch a core that ran its timers at ``now`` and still wants to run them at ``now``.
+
+        It would keep the timer loop busy on one deadline for ever; its timer is put
+        ``TIMER_FLOOR`` ahead instead, so the server keeps serving everyone else.
+        """
+        if session.closed or session.timer is None or session.timer > now:
+            return
+        self.stats.timer_stuck += 1
+        if not self._timer_stuck_logged:
+            self._timer_stuck_logged = True
+            log.warning(
+                "session %s: its timer stays in the past after running it (a bug; "
+                "counted as timer_stuck, logged once); retrying it every %.0f ms",
+                session.name,
+                TIMER_FLOOR * 1000,
+            )
+        t = now + TIMER_FLOOR
+        session.timer = t
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, session))
+
     async def _housekeeping_loop(self) -> None:
+        rewrite_at = self.clock() + REWRITE_INTERVAL
         while True:
             await anyio.sleep(HOUSEKEEPING_INTERVAL)
-            self.acceptor.purge(self.unix_clock())
+            unix = self.unix_clock()
+            self.acceptor.purge(unix)
+            if self._replay_file is not None and self.clock() >= rewrite_at:
+                rewrite_at = self.clock() + REWRITE_INTERVAL
+                self._replay_file.rewrite(self.acceptor.replay_entries(unix))
             now = self.clock()
             for session in list(self.sessions.values()):
                 session.housekeeping(now)
