@@ -234,6 +234,33 @@ async def test_unknown_request_is_an_error(sock_dir: Path) -> None:
         assert (await client.status()).state == "running"  # still answering
 
 
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("logs", {"limit": -5}),
+        ("logs", {"after": -1}),
+        ("logs", {"limit": "5"}),
+        ("logs", {"limit": True}),
+        ("logs", {"level": "loud"}),
+        ("subscribe", {"topic": "logs", "backlog": -1}),
+        ("subscribe", {"topic": "status", "interval_ms": -100}),
+        ("subscribe", {"topic": "nothing"}),
+    ],
+)
+async def test_bad_params_are_refused(sock_dir: Path, method: str, params: dict[str, Any]) -> None:
+    async with (
+        control_daemon(_config(sock_dir), _outbounds()) as running,
+        await ControlClient.connect(running.path) as client,
+    ):
+        with pytest.raises(ControlError) as refused:
+            await client.call(method, **params)
+        assert refused.value.code == "invalid_params"
+        name = next(iter(params)) if method == "logs" else list(params)[-1]
+        assert f"params.{name}" in refused.value.message
+        assert (await client.status()).state == "running"  # the connection stays
+        assert (await client.logs(limit=0)).lines == []  # 0 is a valid count
+
+
 async def test_malformed_lines_do_not_kill_the_connection(sock_dir: Path) -> None:
     async with control_daemon(_config(sock_dir), _outbounds()) as running:
         raw = await RawConnection.open(running.path)

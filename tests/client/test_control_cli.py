@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -115,3 +116,59 @@ def test_ctl_without_a_daemon(sock_dir: Path) -> None:
     done = _ctl(sock_dir / "nothing.sock", "status")
     assert done.returncode == 3
     assert "nothing.sock" in done.stderr
+
+
+def _with_closed_stdout(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the program with a stdout pipe whose reader is gone before it starts (`| head`)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [*program(), *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+
+def test_ctl_options_after_the_action_bad_counts_and_a_closed_stdout(sock_dir: Path) -> None:
+    socket = sock_dir / "control.sock"
+    config_file = sock_dir / "cfg.json"
+    config_file.write_text(json.dumps(base_config(str(socket))))
+    process = start_daemon_process(config_file)
+    try:
+        _wait_ctl(socket, process)
+        after = subprocess.run(
+            [*program(), "ctl", "status", "--socket", str(socket), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert after.returncode == 0, after.stderr
+        assert json.loads(after.stdout)["state"] == "running"
+        both = _ctl(socket, "logs", "--socket", str(socket), "-n", "5")
+        assert both.returncode == 0, both.stderr
+
+        negative = _ctl(socket, "logs", "-n", "-5")
+        assert negative.returncode == 2
+        assert "negative" in negative.stderr and "Traceback" not in negative.stderr
+
+        for args in (
+            ["version"],
+            ["schema"],
+            ["ctl", "--socket", str(socket), "connections"],
+            ["ctl", "status", "--socket", str(socket)],
+            ["ctl", "--socket", str(socket), "--json", "logs"],
+        ):
+            closed = _with_closed_stdout(*args)
+            assert closed.returncode == 141, (args, closed.stderr)
+            assert closed.stderr == "", (args, closed.stderr)
+        assert process.poll() is None
+    finally:
+        stop_process(process)
+    assert process.returncode == 0

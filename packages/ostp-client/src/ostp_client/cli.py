@@ -18,6 +18,7 @@ package module adds a subcommand just by defining, at import time:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -58,6 +59,9 @@ DEFAULT_CONFIG = "config.json"
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+EXIT_BROKEN_PIPE = 128 + 13
+"""stdout was closed early (`ctl connections | head -1`): 128 + SIGPIPE, the status a shell
+reports for a C program that SIGPIPE ended, quietly."""
 
 CommandRun = Callable[[argparse.Namespace], int]
 
@@ -131,6 +135,16 @@ def load_config_or_exit(path: str) -> ClientConfig:
     return config
 
 
+def _stdout_gone() -> int:
+    """The reader of stdout went away: no traceback, and no second error when Python flushes
+    stdout at exit (it now writes to /dev/null)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
 def _import_optional(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(name)
@@ -175,8 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         status: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
     except KeyboardInterrupt:
         status = 130
+    except BrokenPipeError:
+        status = _stdout_gone()
     if argv is None:
         sys.exit(status)
     return status

@@ -864,9 +864,14 @@ def _salvage_id(line: bytes) -> int | str | None:
 
 
 def _int_param(params: dict[str, Any], name: str, default: int) -> int:
+    """A count, a sequence number or an interval: an integer, 0 or more."""
     value = params.get(name, default)
     if not isinstance(value, int) or isinstance(value, bool):
         raise RequestFailed(ErrorCode.INVALID_PARAMS, f"params.{name} must be an integer")
+    if value < 0:
+        raise RequestFailed(
+            ErrorCode.INVALID_PARAMS, f"params.{name} must be 0 or more (got {value})"
+        )
     return value
 
 
