@@ -56,6 +56,33 @@ def test_check_reports_field_paths(tmp_path: Path) -> None:
     assert "ostp-client import" in missing.stderr
 
 
+def test_check_lists_every_problem_and_refuses_two_inbounds_on_one_port(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        json.dumps(
+            {
+                "inbounds": [
+                    {"type": "local_proxy", "tag": "a", "listen": "0.0.0.0", "port": 2080},
+                    {"type": "local_proxy", "tag": "b", "listen": "127.0.0.1", "port": 2080},
+                ],
+                "outbounds": [{"type": "direct"}],
+                "routing": {"rules": [{"ip_cidr": ["x", "10.0.0.0/8", "y"], "outbound": "z"}]},
+            }
+        )
+    )
+    result = _cli("check", "-c", str(bad))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert any(
+        line.strip().startswith("inbounds[1].port: 127.0.0.1:2080 collides with inbounds[0]")
+        and "0.0.0.0:2080" in line
+        for line in lines
+    ), result.stderr
+    assert any("routing.rules[0].ip_cidr[0]: 'x'" in line for line in lines)
+    assert any("routing.rules[0].ip_cidr[2]: 'y'" in line for line in lines)
+    assert any("routing.rules[0].outbound: no outbound is tagged 'z'" in line for line in lines)
+
+
 def test_import_format_check_and_proxy_env(tmp_path: Path) -> None:
     out = tmp_path / "config.json"
     result = _cli("import", "ostp://abc123@198.51.100.7:50000?type=udp", "-o", str(out))
