@@ -197,6 +197,31 @@ def test_run_serves_curl_and_stops_on_sigterm(origin: Origin, tmp_path: Path) ->
     assert "Traceback" not in stderr
 
 
+@pytest.mark.parametrize("listen", ["127.0.0.1", "0.0.0.0"])
+def test_run_on_a_busy_port_says_so_in_one_line(tmp_path: Path, listen: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = tmp_path / "cfg.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "inbounds": [
+                        {"type": "local_proxy", "tag": "proxy", "listen": listen, "port": port}
+                    ],
+                    "outbounds": [{"type": "direct"}],
+                    "control": {"socket": ""},
+                }
+            )
+        )
+        result = _cli("run", "-c", str(config))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f'ostp-client: inbound "proxy" cannot listen on {listen}:{port}: address already in use'
+    ]
+
+
 def test_run_with_an_invalid_config_starts_nothing(tmp_path: Path) -> None:
     config = tmp_path / "cfg.json"
     config.write_text('{"outbounds": [{"type": "direct", "bogus": 1}]}')

@@ -172,3 +172,52 @@ def test_ctl_options_after_the_action_bad_counts_and_a_closed_stdout(sock_dir: P
     finally:
         stop_process(process)
     assert process.returncode == 0
+
+
+def _status_pid(socket: Path) -> int:
+    done = _ctl(socket, "--json", "status")
+    assert done.returncode == 0, done.stderr
+    pid: int = json.loads(done.stdout)["pid"]
+    return pid
+
+
+def test_a_second_daemon_leaves_a_live_control_socket_alone(sock_dir: Path) -> None:
+    socket = sock_dir / "control.sock"
+    config_file = sock_dir / "cfg.json"
+    config_file.write_text(json.dumps(base_config(str(socket))))
+    first = start_daemon_process(config_file)
+    try:
+        _wait_ctl(socket, first)
+        second = subprocess.run(
+            [*program(), "run", "-c", str(config_file)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert second.returncode == 1
+        assert second.stderr.splitlines() == [
+            f"ostp-client: control socket {socket} is in use by a running daemon"
+            f" (pid {first.pid}); stop it or set control.socket"
+        ]
+        assert _status_pid(socket) == first.pid  # the first one is still reachable
+        assert first.poll() is None
+    finally:
+        stop_process(first)
+    assert first.returncode == 0
+    assert not socket.exists()
+
+    # a daemon that was killed leaves its socket file: the next one takes it over
+    dead = start_daemon_process(config_file)
+    try:
+        _wait_ctl(socket, dead)
+    finally:
+        stop_process(dead, signal.SIGKILL)
+    assert socket.exists()
+    third = start_daemon_process(config_file)
+    try:
+        _wait_ctl(socket, third)
+        assert _status_pid(socket) == third.pid
+    finally:
+        stop_process(third)
+    assert third.returncode == 0

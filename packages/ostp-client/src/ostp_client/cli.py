@@ -228,10 +228,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
             backend="asyncio",
             backend_options=_run_backend_options(),
         )
-    except OSError as exc:
-        logging.getLogger("ostp_client").error("cannot start: %s", exc)
+    except (OSError, BaseExceptionGroup) as exc:
+        error = _os_error_in(exc)
+        if error is None:
+            raise  # not an OS error: a bug, whose traceback is wanted
+        _err(f"ostp-client: {error}")  # e.g. a busy port: one line, no traceback
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OS error under anyio's exception groups that ended the daemon (a `StartError`
+    first: it names the part), or None when anything else is in there too."""
+    from ostp_client.inbounds.base import StartError  # noqa: PLC0415 (keeps the CLI light)
+
+    if isinstance(exc, BaseExceptionGroup):
+        found = [_os_error_in(sub) for sub in exc.exceptions]
+        if not found or any(error is None for error in found):
+            return None
+        return next((e for e in found if isinstance(e, StartError)), found[0])
+    return exc if isinstance(exc, OSError) else None
 
 
 @command("check", "validate a config file", add_config_argument)
