@@ -222,6 +222,62 @@ def test_run_on_a_busy_port_says_so_in_one_line(tmp_path: Path, listen: str) -> 
     ]
 
 
+# `ostp-client run` whose name lookups of "slow.test" hang for a minute (a DNS server that
+# does not answer); nothing reaches a real resolver
+SLOW_LOOKUPS = """
+import socket, sys, time
+real = socket.getaddrinfo
+def slow(host, *args, **kwargs):
+    if host in ("slow.test", b"slow.test"):
+        print("looking up slow.test", file=sys.stderr, flush=True)
+        time.sleep(60)
+    return real(host, *args, **kwargs)
+socket.getaddrinfo = slow
+from ostp_client.cli import main
+main()
+"""
+
+
+def test_run_exits_promptly_while_a_name_lookup_hangs(tmp_path: Path) -> None:
+    port = _free_port()
+    config = tmp_path / "cfg.json"
+    config.write_text(
+        json.dumps(
+            {
+                "inbounds": [{"type": "local_proxy", "port": port}],
+                "outbounds": [{"type": "direct"}],
+                "control": {"socket": ""},
+            }
+        )
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_LOOKUPS, "run", "-c", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_port(port, process)
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        name = b"slow.test"
+        client.sendall(b"\x05\x01\x00\x05\x01\x00\x03" + bytes((len(name),)) + name + b"\x00\x50")
+        assert process.stderr is not None
+        lines = []
+        while not lines or "looking up slow.test" not in lines[-1]:
+            line = process.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=20)  # the lookup has 50+ s to go
+        client.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    assert process.returncode == 0
+    logged = [line for line in rest.splitlines() if line.strip()]
+    assert "ostp-client stopped" in logged[-1], rest  # the last thing the daemon says
+
+
 def test_run_with_an_invalid_config_starts_nothing(tmp_path: Path) -> None:
     config = tmp_path / "cfg.json"
     config.write_text('{"outbounds": [{"type": "direct", "bogus": 1}]}')

@@ -18,6 +18,7 @@ package module adds a subcommand just by defining, at import time:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import importlib
 import importlib.metadata
@@ -28,7 +29,6 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from types import ModuleType
 
@@ -219,15 +219,18 @@ def _run_backend_options() -> dict[str, object]:
 @command("run", "run the daemon (SIGINT/SIGTERM stop it gracefully)", _configure_run)
 def _cmd_run(args: argparse.Namespace) -> int:
     from ostp_client.daemon import run_daemon  # noqa: PLC0415 (keeps `schema` etc. light)
+    from ostp_client.executor import DaemonThreadPool  # noqa: PLC0415
 
     config = load_config_or_exit(args.config)
     setup_logging(args.log_level or config.log.level)
+
+    async def daemon() -> None:
+        # a name lookup still running at the stop must not hold the process (executor.py)
+        asyncio.get_running_loop().set_default_executor(DaemonThreadPool())
+        await run_daemon(config, config_path=args.config)
+
     try:
-        anyio.run(
-            partial(run_daemon, config, config_path=args.config),
-            backend="asyncio",
-            backend_options=_run_backend_options(),
-        )
+        anyio.run(daemon, backend="asyncio", backend_options=_run_backend_options())
     except (OSError, BaseExceptionGroup) as exc:
         error = _os_error_in(exc)
         if error is None:
