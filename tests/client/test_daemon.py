@@ -13,7 +13,7 @@ import pytest
 from anyio.abc import TaskStatus
 
 from ostp_client.cli import _os_error_in
-from ostp_client.inbounds.base import StartError
+from ostp_client.inbounds.base import StartError, os_reason
 from ostp_client.inbounds.local_proxy import LocalProxyInbound
 from ostp_client.inbounds.socks5 import encode_address
 from ostp_client.outbounds.base import Address
@@ -127,3 +127,16 @@ async def test_a_part_that_cannot_start_is_named_in_one_line() -> None:
     assert str(error) == 'outbound "direct" cannot start: operation not permitted'
     assert error.errno == errno.EPERM
     assert _os_error_in(ExceptionGroup("x", [failed.value, RuntimeError("bug")])) is None
+
+
+def test_os_reason_reads_as_the_end_of_a_sentence() -> None:
+    assert os_reason(OSError(errno.EADDRINUSE, "Address already in use")) == (
+        "address already in use"
+    )
+    assert os_reason(PermissionError(errno.EACCES, "Permission denied", "/dev/net/tun")) == (
+        "permission denied (/dev/net/tun)"
+    )
+    assert os_reason(OSError("`ip link set ostp0 up` failed: RTNETLINK")) == (
+        "`ip link set ostp0 up` failed: RTNETLINK"
+    )
+    assert os_reason(OSError(errno.EIO, "I/O error")) == "I/O error"  # an acronym stays

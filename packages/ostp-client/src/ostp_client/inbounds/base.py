@@ -27,9 +27,14 @@ class StartError(OSError):
 
 
 def os_reason(exc: OSError) -> str:
-    """An OS error as the end of a sentence: ``address already in use``."""
-    text = exc.strerror if isinstance(exc.strerror, str) and exc.strerror else str(exc)
-    return text[:1].lower() + text[1:] if text[1:2].islower() else text
+    """An OS error as the end of a sentence: ``address already in use``, ``permission denied
+    (/dev/net/tun)``."""
+    if not (isinstance(exc.strerror, str) and exc.strerror):
+        return str(exc)
+    text = (
+        exc.strerror[:1].lower() + exc.strerror[1:] if exc.strerror[1:2].islower() else exc.strerror
+    )
+    return f"{text} ({exc.filename})" if exc.filename else text
 
 
 class Inbound(ABC):
