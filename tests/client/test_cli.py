@@ -261,7 +261,7 @@ def test_run_exits_promptly_while_a_name_lookup_hangs(tmp_path: Path) -> None:
         name = b"slow.test"
         client.sendall(b"\x05\x01\x00\x05\x01\x00\x03" + bytes((len(name),)) + name + b"\x00\x50")
         assert process.stderr is not None
-        lines = []
+        lines: list[str] = []
         while not lines or "looking up slow.test" not in lines[-1]:
             line = process.stderr.readline()
             assert line, "".join(lines)
