@@ -138,6 +138,8 @@ def test_run_serves_curl_and_stops_on_sigterm(origin: Origin, tmp_path: Path) ->
                 "inbounds": [{"type": "local_proxy", "port": port}],
                 "outbounds": [{"type": "direct"}, {"type": "block"}],
                 "routing": {"rules": [{"domain": ["no.test"], "outbound": "block"}]},
+                # not the default path: a daemon of another test run may hold that one
+                "control": {"socket": ""},
             }
         )
     )
