@@ -102,6 +102,8 @@ def client_config(path: Path, port: int, server_port: int, key: str) -> None:
                     }
                 ],
                 "routing": {"default_outbound": "proxy"},
+                # no control socket: the default path may belong to another running daemon
+                "control": {"socket": ""},
             }
         )
     )

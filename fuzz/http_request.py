@@ -3,7 +3,8 @@
 Run with atheris: ``python -c "import atheris, sys; from fuzz.http_request import
 test_one_input; atheris.Setup(sys.argv, test_one_input); atheris.Fuzz()"``. Bytes go through
 h11's server side; every request head it accepts is fed to the target and header glue. Only
-``h11.RemoteProtocolError`` and ``HttpProxyError`` may come out.
+``h11.RemoteProtocolError`` and ``HttpProxyError`` may come out; `transfer_coding_status` of
+any bytes is 400 or 501.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ostp_client.inbounds.http_proxy import (
     parse_absolute_uri,
     parse_authority,
     parse_proxy_authorization,
+    transfer_coding_status,
 )
 
 
@@ -32,11 +34,14 @@ def _glue(target: str, headers: list[tuple[bytes, bytes]]) -> None:
         assert address.host and 0 < address.port < 65536
     kept = forward_headers(headers)
     assert not any(name in HOP_BY_HOP or name.startswith(b"proxy-") for name, _ in kept)
+    if any(name.lower() == b"transfer-encoding" for name, _ in headers):
+        assert all(name != b"content-length" for name, _ in kept)  # RFC 9112 §6.1
     parse_proxy_authorization(headers)
 
 
 def test_one_input(data: bytes) -> None:
     _glue(data.decode("latin-1"), [(b"proxy-authorization", data), (b"connection", data)])
+    assert transfer_coding_status(data) in (400, 501)
     conn = h11.Connection(h11.SERVER)
     try:
         conn.receive_data(data)

@@ -134,6 +134,119 @@ def test_reference_errors() -> None:
     assert "'zz'" in issues["routing.default_outbound"]
 
 
+def test_every_bad_item_of_every_list_is_reported_with_the_reference_errors() -> None:
+    issues = _issues(
+        {
+            "inbounds": [
+                {
+                    "type": "local_proxy",
+                    "tag": "a",
+                    "users": [
+                        {"username": "bob", "password": "1"},
+                        {"username": "ann", "password": "2"},
+                        {"username": "bob", "password": "3"},
+                        {"username": "ann", "password": "4"},
+                    ],
+                },
+                {
+                    "type": "tun",
+                    "address": ["198.18.0.1/30", "bad", "also-bad"],
+                    "exclude_routes": ["x", "10.0.0.0/8", "y"],
+                },
+            ],
+            "outbounds": [
+                {"type": "direct"},
+                {
+                    "type": "ostp",
+                    "server": "h:1",
+                    "access_key": "k",
+                    "nat": {"stun": ["stun.example:3478", "h:x", "[::1"]},
+                },
+            ],
+            "routing": {
+                "rules": [
+                    {
+                        "ip_cidr": ["10.0.0.0/8", "bogus", "1.2.3.4", "300.1.1.1/8"],
+                        "port_range": ["1-2", "9-1", "x"],
+                        "domain_regex": ["(", "ok", "[a"],
+                        "outbound": "nowhere",
+                    },
+                    {"inbound": "nothing", "outbound": "direct"},
+                ],
+            },
+        }
+    )
+    assert "'bogus' is not an IP address or CIDR" in issues["routing.rules[0].ip_cidr[1]"]
+    assert "'300.1.1.1/8'" in issues["routing.rules[0].ip_cidr[3]"]
+    assert "routing.rules[0].ip_cidr[0]" not in issues
+    assert "'9-1'" in issues["routing.rules[0].port_range[1]"]
+    assert "'x'" in issues["routing.rules[0].port_range[2]"]
+    assert "regular expression" in issues["routing.rules[0].domain_regex[0]"]
+    assert "regular expression" in issues["routing.rules[0].domain_regex[2]"]
+    assert "'bad'" in issues["inbounds[1].address[1]"]
+    assert "'also-bad'" in issues["inbounds[1].address[2]"]
+    assert "'x'" in issues["inbounds[1].exclude_routes[0]"]
+    assert "'y'" in issues["inbounds[1].exclude_routes[2]"]
+    assert "outbounds[1].nat.stun[1]" in issues and "outbounds[1].nat.stun[2]" in issues
+    users = issues["inbounds[0].users"]
+    assert "users[2] repeats users[0] ('bob')" in users
+    assert "users[3] repeats users[1] ('ann')" in users
+    # cross references are checked even though fields are invalid elsewhere
+    assert (
+        "no outbound is tagged 'nowhere' (have 'direct', 'proxy')"
+        in issues["routing.rules[0].outbound"]
+    )
+    assert "no inbound is tagged 'nothing'" in issues["routing.rules[1].inbound"]
+    assert len(issues) == 15, sorted(issues)
+
+
+def _two_proxies(listen_a: str, port_a: int, listen_b: str, port_b: int) -> dict[str, Any]:
+    return {
+        "inbounds": [
+            {"type": "local_proxy", "tag": "a", "listen": listen_a, "port": port_a},
+            {"type": "local_proxy", "tag": "b", "listen": listen_b, "port": port_b},
+        ],
+        "outbounds": [{"type": "direct"}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("listen_a", "listen_b", "collide"),
+    [
+        ("127.0.0.1", "127.0.0.1", True),
+        ("0.0.0.0", "127.0.0.1", True),
+        ("127.0.0.2", "0.0.0.0", True),
+        ("::", "::1", True),
+        ("::", "::", True),
+        ("localhost", "::1", True),
+        ("localhost", "127.0.0.1", True),
+        ("::", "0.0.0.0", False),  # the daemon binds :: as IPv6 only
+        ("127.0.0.1", "127.0.0.2", False),
+        ("::1", "127.0.0.1", False),
+    ],
+)
+def test_two_inbounds_on_one_address_and_port(listen_a: str, listen_b: str, collide: bool) -> None:
+    data = _two_proxies(listen_a, 2000, listen_b, 2000)
+    if not collide:
+        config_from_data(data)
+        return
+    message = _issues(data)["inbounds[1].port"]
+    assert "collides with inbounds[0]" in message
+    assert str(2000) in message
+    config_from_data(_two_proxies(listen_a, 2000, listen_b, 2001))  # other ports: fine
+    config_from_data(_two_proxies(listen_a, 0, listen_b, 0))  # 0 picks a free port each
+
+
+def test_two_default_inbounds_collide() -> None:
+    issues = _issues(
+        {
+            "inbounds": [{"type": "local_proxy", "tag": "a"}, {"type": "local_proxy"}],
+            "outbounds": [{"type": "direct"}],
+        }
+    )
+    assert issues["inbounds[1].port"].startswith("127.0.0.1:1088 collides with inbounds[0]")
+
+
 def test_secret_values_are_not_echoed_in_errors() -> None:
     issues = _issues({"outbounds": [{"type": "ostp", "server": "h:1", "access_key": 12345678}]})
     assert "12345678" not in json.dumps(issues)
@@ -201,6 +314,27 @@ def test_flat_config_errors_use_flat_names() -> None:
     assert "mode" in issues
     issues = _issues({"mode": "client", "access_key": "k"})
     assert "missing" in issues["server"]
+
+
+def test_flat_config_reports_every_problem_by_its_flat_name() -> None:
+    issues = _issues(
+        {
+            "mode": "client",
+            "socks5_bind": "nonsense",
+            "mtu": 10,
+            "mux": {"enabled": True, "sessions": 0},
+            "exclude": {"ips": ["10.0.0.0/8", "", "bad", "1.1.1.1", "worse"], "domains": 5},
+        }
+    )
+    assert "missing" in issues["server"] and "missing" in issues["access_key"]
+    assert "socks5_bind" in issues and "mtu" in issues
+    assert "greater than or equal to 1" in issues["mux.sessions"]
+    assert "'bad'" in issues["exclude.ips[2]"]  # the index in the flat list
+    assert "'worse'" in issues["exclude.ips[4]"]
+    assert "expected a list" in issues["exclude.domains"]
+    assert len(issues) == 8, sorted(issues)
+    issues = _issues({"mode": "server", "access_key": "k", "mux": 3, "exclude": []})
+    assert {"mode", "server", "mux"} <= set(issues)
 
 
 def test_share_link() -> None:

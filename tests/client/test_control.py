@@ -35,6 +35,7 @@ from ostp_client.control.protocol import (
     parse_server_message,
 )
 from ostp_client.control.server import ControlServer, LogRing
+from ostp_client.inbounds.base import StartError
 from ostp_client.inbounds.socks5 import encode_address
 from ostp_client.outbounds.base import Address
 from ostp_client.outbounds.block import BlockOutbound
@@ -234,6 +235,33 @@ async def test_unknown_request_is_an_error(sock_dir: Path) -> None:
         assert (await client.status()).state == "running"  # still answering
 
 
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("logs", {"limit": -5}),
+        ("logs", {"after": -1}),
+        ("logs", {"limit": "5"}),
+        ("logs", {"limit": True}),
+        ("logs", {"level": "loud"}),
+        ("subscribe", {"topic": "logs", "backlog": -1}),
+        ("subscribe", {"topic": "status", "interval_ms": -100}),
+        ("subscribe", {"topic": "nothing"}),
+    ],
+)
+async def test_bad_params_are_refused(sock_dir: Path, method: str, params: dict[str, Any]) -> None:
+    async with (
+        control_daemon(_config(sock_dir), _outbounds()) as running,
+        await ControlClient.connect(running.path) as client,
+    ):
+        with pytest.raises(ControlError) as refused:
+            await client.call(method, **params)
+        assert refused.value.code == "invalid_params"
+        name = next(iter(params)) if method == "logs" else list(params)[-1]
+        assert f"params.{name}" in refused.value.message
+        assert (await client.status()).state == "running"  # the connection stays
+        assert (await client.logs(limit=0)).lines == []  # 0 is a valid count
+
+
 async def test_malformed_lines_do_not_kill_the_connection(sock_dir: Path) -> None:
     async with control_daemon(_config(sock_dir), _outbounds()) as running:
         raw = await RawConnection.open(running.path)
@@ -353,10 +381,14 @@ async def test_socket_permissions(sock_dir: Path) -> None:
         assert stat.S_ISSOCK(path.lstat().st_mode)
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-        # a second daemon on the same path refuses to take the socket over, and keeps running
+        # a second daemon on the same path refuses to take the socket over (it cannot start)
         second = ControlServer(running.daemon, str(path))
-        with anyio.fail_after(10):
+        with anyio.fail_after(10), pytest.raises(StartError) as refused:
             await second.run()
+        assert str(refused.value) == (
+            f"control socket {path} is in use by a running daemon (pid {os.getpid()}); "
+            "stop it or set control.socket"
+        )
         async with await ControlClient.connect(str(path)) as client:
             assert (await client.status()).state == "running"
     assert not path.exists()  # removed at exit
@@ -383,10 +415,15 @@ async def test_directory_of_another_user_is_refused(sock_dir: Path) -> None:
     path = sock_dir / "run" / "control.sock"
     path.parent.mkdir(mode=0o777)
     os.chown(path.parent, 65534, 65534)
-    async with control_daemon(_config(sock_dir), _outbounds()) as running:
-        assert not path.exists()
-        logs = running.server.logs.since(0).lines
-        assert any("belongs to another user" in line.message for line in logs)
+    with pytest.raises(ExceptionGroup) as refused:
+        async with control_daemon(_config(sock_dir), _outbounds()):
+            pytest.fail("the daemon started with a socket directory of another user")
+    error = refused.value.exceptions[0]
+    assert isinstance(error, StartError)
+    assert (
+        str(error) == f"control socket {path}: {path.parent} belongs to another user; not using it"
+    )
+    assert not path.exists()
 
 
 async def test_reload(sock_dir: Path) -> None:

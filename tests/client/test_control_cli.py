@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -115,3 +116,108 @@ def test_ctl_without_a_daemon(sock_dir: Path) -> None:
     done = _ctl(sock_dir / "nothing.sock", "status")
     assert done.returncode == 3
     assert "nothing.sock" in done.stderr
+
+
+def _with_closed_stdout(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the program with a stdout pipe whose reader is gone before it starts (`| head`)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [*program(), *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+
+def test_ctl_options_after_the_action_bad_counts_and_a_closed_stdout(sock_dir: Path) -> None:
+    socket = sock_dir / "control.sock"
+    config_file = sock_dir / "cfg.json"
+    config_file.write_text(json.dumps(base_config(str(socket))))
+    process = start_daemon_process(config_file)
+    try:
+        _wait_ctl(socket, process)
+        after = subprocess.run(
+            [*program(), "ctl", "status", "--socket", str(socket), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert after.returncode == 0, after.stderr
+        assert json.loads(after.stdout)["state"] == "running"
+        both = _ctl(socket, "logs", "--socket", str(socket), "-n", "5")
+        assert both.returncode == 0, both.stderr
+
+        negative = _ctl(socket, "logs", "-n", "-5")
+        assert negative.returncode == 2
+        assert "negative" in negative.stderr and "Traceback" not in negative.stderr
+
+        for args in (
+            ["version"],
+            ["schema"],
+            ["ctl", "--socket", str(socket), "connections"],
+            ["ctl", "status", "--socket", str(socket)],
+            ["ctl", "--socket", str(socket), "--json", "logs"],
+        ):
+            closed = _with_closed_stdout(*args)
+            assert closed.returncode == 141, (args, closed.stderr)
+            assert closed.stderr == "", (args, closed.stderr)
+        assert process.poll() is None
+    finally:
+        stop_process(process)
+    assert process.returncode == 0
+
+
+def _status_pid(socket: Path) -> int:
+    done = _ctl(socket, "--json", "status")
+    assert done.returncode == 0, done.stderr
+    pid: int = json.loads(done.stdout)["pid"]
+    return pid
+
+
+def test_a_second_daemon_leaves_a_live_control_socket_alone(sock_dir: Path) -> None:
+    socket = sock_dir / "control.sock"
+    config_file = sock_dir / "cfg.json"
+    config_file.write_text(json.dumps(base_config(str(socket))))
+    first = start_daemon_process(config_file)
+    try:
+        _wait_ctl(socket, first)
+        second = subprocess.run(
+            [*program(), "run", "-c", str(config_file)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert second.returncode == 1
+        assert second.stderr.splitlines() == [
+            f"ostp-client: control socket {socket} is in use by a running daemon"
+            f" (pid {first.pid}); stop it or set control.socket"
+        ]
+        assert _status_pid(socket) == first.pid  # the first one is still reachable
+        assert first.poll() is None
+    finally:
+        stop_process(first)
+    assert first.returncode == 0
+    assert not socket.exists()
+
+    # a daemon that was killed leaves its socket file: the next one takes it over
+    dead = start_daemon_process(config_file)
+    try:
+        _wait_ctl(socket, dead)
+    finally:
+        stop_process(dead, signal.SIGKILL)
+    assert socket.exists()
+    third = start_daemon_process(config_file)
+    try:
+        _wait_ctl(socket, third)
+        assert _status_pid(socket) == third.pid
+    finally:
+        stop_process(third)
+    assert third.returncode == 0

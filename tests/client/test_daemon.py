@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import struct
@@ -9,10 +10,15 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
+from anyio.abc import TaskStatus
 
+from ostp_client.cli import _os_error_in
+from ostp_client.inbounds.base import StartError, os_reason
 from ostp_client.inbounds.local_proxy import LocalProxyInbound
 from ostp_client.inbounds.socks5 import encode_address
 from ostp_client.outbounds.base import Address
+from ostp_client.outbounds.block import BlockOutbound
+from ostp_client.outbounds.direct import DirectOutbound
 from tests.client.origin_server import BLOCK
 from tests.client.proxy_helpers import (
     Origin,
@@ -101,3 +107,36 @@ async def test_client_reset_mid_download_is_only_debug_noise(
         assert inbound.failed_handlers == 0
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert loud == []
+
+
+class _NoDevice(DirectOutbound):
+    """An outbound whose start fails like a TUN without CAP_NET_ADMIN."""
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+
+async def test_a_part_that_cannot_start_is_named_in_one_line() -> None:
+    config = base_config()
+    outbounds = {"direct": _NoDevice("direct"), "block": BlockOutbound("block")}
+    with pytest.raises(ExceptionGroup) as failed:
+        async with running_daemon(config, outbounds=outbounds):
+            pytest.fail("the daemon started without its outbound")
+    error = _os_error_in(failed.value)  # what `ostp-client run` prints, from nested groups
+    assert isinstance(error, StartError)
+    assert str(error) == 'outbound "direct" cannot start: operation not permitted'
+    assert error.errno == errno.EPERM
+    assert _os_error_in(ExceptionGroup("x", [failed.value, RuntimeError("bug")])) is None
+
+
+def test_os_reason_reads_as_the_end_of_a_sentence() -> None:
+    assert os_reason(OSError(errno.EADDRINUSE, "Address already in use")) == (
+        "address already in use"
+    )
+    assert os_reason(PermissionError(errno.EACCES, "Permission denied", "/dev/net/tun")) == (
+        "permission denied (/dev/net/tun)"
+    )
+    assert os_reason(OSError("`ip link set ostp0 up` failed: RTNETLINK")) == (
+        "`ip link set ostp0 up` failed: RTNETLINK"
+    )
+    assert os_reason(OSError(errno.EIO, "I/O error")) == "I/O error"  # an acronym stays

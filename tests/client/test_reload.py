@@ -344,7 +344,11 @@ async def test_invalid_configs_are_refused_and_nothing_changes(
             bad["inbounds"][0]["port"] = taken
             error = await r.refused(json.dumps(bad))
             assert "the running configuration stays" in error.message
-            assert "in use" in error.message
+            tag = bad["inbounds"][0]["tag"]
+            assert (
+                f'inbound "{tag}" cannot listen on 127.0.0.1:{taken}: address already in use'
+                in (error.message)
+            )
 
             # A renamed inbound keeps its port (the old listener makes room first); a second
             # one cannot bind: the old listener comes back on its port.

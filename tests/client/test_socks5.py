@@ -93,6 +93,9 @@ def test_error_codes() -> None:
         parse_request(b"\x05\x01\x00\x03\x03a b\x00\x50")  # space in a name
     with pytest.raises(Socks5Error):
         parse_request(b"\x05\x01\x00\x03\x00\x00\x50")  # empty name
+    with pytest.raises(Socks5Error) as bad_auth:
+        parse_userpass(b"\x05\x01u\x01p")
+    assert bad_auth.value.reply is None  # closed without a reply
 
 
 @given(st.binary(max_size=600))
@@ -213,6 +216,39 @@ async def test_no_acceptable_method_when_users_are_configured() -> None:
         assert await stream.receive() == b"\x05\x02"
         await stream.send(b"\x01\x01u\x01x")
         assert await stream.receive() == b"\x01\x01"
+        await stream.aclose()
+
+
+async def _read_to_eof(stream: anyio.abc.SocketStream) -> bytes:
+    received = b""
+    with anyio.fail_after(10):
+        while True:
+            try:
+                received += await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return received
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("users", [True, False])
+@pytest.mark.parametrize("version", [0x00, 0x02, 0x05, 0xFF])
+async def test_a_sub_negotiation_that_is_not_rfc_1929_is_closed_without_a_reply(
+    users: bool, version: int
+) -> None:
+    config = base_config(users=[{"username": "u", "password": "p"}] if users else [])
+    async with running_daemon(config) as daemon:
+        stream = await anyio.connect_tcp("127.0.0.1", proxy_port(daemon))
+        await stream.send(b"\x05\x01\x02")
+        assert await stream.receive() == b"\x05\x02"
+        await stream.send(bytes((version,)) + b"\x01u\x01p")
+        assert await _read_to_eof(stream) == b""  # RFC 1929 §2: no SOCKS5-style reply
+        await stream.aclose()
+        # a good sub-negotiation still gets VER=1 STATUS=0
+        stream = await anyio.connect_tcp("127.0.0.1", proxy_port(daemon))
+        await stream.send(b"\x05\x01\x02")
+        assert await stream.receive() == b"\x05\x02"
+        await stream.send(b"\x01\x01u\x01p")
+        assert await stream.receive() == b"\x01\x00"
         await stream.aclose()
 
 

@@ -334,8 +334,8 @@ def test_tun_config_parses_with_defaults_and_rejects_bad_values() -> None:
     for bad, where in (
         ('"name": "a-name-longer-than-15"', "inbounds[0].name"),
         ('"mtu": 500', "inbounds[0].mtu"),
-        ('"address": ["198.18.0.1/33"]', "inbounds[0].address"),
-        ('"exclude_routes": ["nope"]', "inbounds[0].exclude_routes"),
+        ('"address": ["198.18.0.1/33"]', "inbounds[0].address[0]"),
+        ('"exclude_routes": ["nope"]', "inbounds[0].exclude_routes[0]"),
         ('"fake_ip_range": "10.0.0.0/30"', "inbounds[0].fake_ip_range"),
         ('"dns_upstream": "[bad"', "inbounds[0].dns_upstream"),
         ('"auto_rout": true', "inbounds[0].auto_rout"),

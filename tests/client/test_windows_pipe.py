@@ -10,6 +10,7 @@ writes). Everything above runs for real: the daemon's `ControlServer` with `Pipe
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -32,7 +33,13 @@ from ostp_client.control.protocol import (
     Response,
     parse_server_message,
 )
-from ostp_client.control.server import PipeByteStream, PipeListener, open_pipe_listener
+from ostp_client.control.server import (
+    ControlServer,
+    PipeByteStream,
+    PipeListener,
+    open_pipe_listener,
+)
+from ostp_client.inbounds.base import StartError
 from tests.client.test_control import _outbounds
 from tests.tui.live import base_config, control_daemon
 
@@ -250,14 +257,32 @@ async def test_malformed_lines_over_the_pipe(fake_pipes: FakePipes) -> None:
         await writer.wait_closed()
 
 
-async def test_a_pipe_served_by_someone_else_is_refused(
-    fake_pipes: FakePipes, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_a_pipe_served_by_someone_else_is_refused(fake_pipes: FakePipes) -> None:
     fake_pipes.foreign.add(PIPE)
-    async with control_daemon(_config(), _outbounds()):
-        assert "another process already serves this pipe" in caplog.text
-        with pytest.raises(ControlConnectionError, match="another user"):
-            await ControlClient.connect(PIPE)
+    with pytest.raises(ExceptionGroup) as refused:
+        async with control_daemon(_config(), _outbounds()):
+            pytest.fail("the daemon started on a pipe someone else serves")
+    error = refused.value.exceptions[0]
+    assert isinstance(error, StartError)
+    assert str(error) == (
+        f"control socket {PIPE} is in use by another process; stop it or set control.socket"
+    )
+    with pytest.raises(ControlConnectionError, match="another user"):
+        await ControlClient.connect(PIPE)
+
+
+async def test_a_second_daemon_on_a_live_pipe_fails_and_names_the_first(
+    fake_pipes: FakePipes,
+) -> None:
+    async with control_daemon(_config(), _outbounds()) as running:
+        with pytest.raises(StartError) as refused:
+            await ControlServer(running.daemon, PIPE).run()
+        assert str(refused.value) == (
+            f"control socket {PIPE} is in use by a running daemon (pid {os.getpid()}); "
+            "stop it or set control.socket"
+        )
+        async with await ControlClient.connect(PIPE) as client:  # the first one still serves
+            assert (await client.status()).state == "running"
 
 
 async def test_a_daemon_that_goes_away_drops_its_clients(fake_pipes: FakePipes) -> None:
@@ -341,13 +366,13 @@ async def test_a_cancelled_receive_cancels_the_pipe_io() -> None:
         theirs.write(b"x")  # the peer sees the pipe end
 
 
-def test_windows_paths_and_descriptor() -> None:
+async def test_windows_paths_and_descriptor() -> None:
     assert pipes.is_pipe_path(PIPE) and pipes.is_pipe_path(PIPE.upper())
     assert not pipes.is_pipe_path("/run/user/1000/ostp-client/control.sock")
     sid = "S-1-5-21-1-2-3-1001"
     assert pipes.owner_only_sddl(sid) == f"O:{sid}D:P(A;;GA;;;{sid})"
-    with pytest.raises(OSError, match="named pipe"):
-        open_pipe_listener(r"C:\ostp\control.sock")
+    with pytest.raises(StartError, match="named pipe"):
+        await open_pipe_listener(r"C:\ostp\control.sock")
 
 
 def test_real_pipes_are_windows_only() -> None:

@@ -18,6 +18,8 @@ package module adds a subcommand just by defining, at import time:
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -27,7 +29,6 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from types import ModuleType
 
@@ -58,6 +59,9 @@ DEFAULT_CONFIG = "config.json"
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+EXIT_BROKEN_PIPE = 128 + 13
+"""stdout was closed early (`ctl connections | head -1`): 128 + SIGPIPE, the status a shell
+reports for a C program that SIGPIPE ended, quietly."""
 
 CommandRun = Callable[[argparse.Namespace], int]
 
@@ -131,6 +135,16 @@ def load_config_or_exit(path: str) -> ClientConfig:
     return config
 
 
+def _stdout_gone() -> int:
+    """The reader of stdout went away: no traceback, and no second error when Python flushes
+    stdout at exit (it now writes to /dev/null)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
 def _import_optional(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(name)
@@ -175,8 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         status: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
     except KeyboardInterrupt:
         status = 130
+    except BrokenPipeError:
+        status = _stdout_gone()
     if argv is None:
         sys.exit(status)
     return status
@@ -202,19 +219,38 @@ def _run_backend_options() -> dict[str, object]:
 @command("run", "run the daemon (SIGINT/SIGTERM stop it gracefully)", _configure_run)
 def _cmd_run(args: argparse.Namespace) -> int:
     from ostp_client.daemon import run_daemon  # noqa: PLC0415 (keeps `schema` etc. light)
+    from ostp_client.executor import DaemonThreadPool  # noqa: PLC0415
 
     config = load_config_or_exit(args.config)
     setup_logging(args.log_level or config.log.level)
+
+    async def daemon() -> None:
+        # a name lookup still running at the stop must not hold the process (executor.py)
+        asyncio.get_running_loop().set_default_executor(DaemonThreadPool())
+        await run_daemon(config, config_path=args.config)
+
     try:
-        anyio.run(
-            partial(run_daemon, config, config_path=args.config),
-            backend="asyncio",
-            backend_options=_run_backend_options(),
-        )
-    except OSError as exc:
-        logging.getLogger("ostp_client").error("cannot start: %s", exc)
+        anyio.run(daemon, backend="asyncio", backend_options=_run_backend_options())
+    except (OSError, BaseExceptionGroup) as exc:
+        error = _os_error_in(exc)
+        if error is None:
+            raise  # not an OS error: a bug, whose traceback is wanted
+        _err(f"ostp-client: {error}")  # e.g. a busy port: one line, no traceback
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OS error under anyio's exception groups that ended the daemon (a `StartError`
+    first: it names the part), or None when anything else is in there too."""
+    from ostp_client.inbounds.base import StartError  # noqa: PLC0415 (keeps the CLI light)
+
+    if isinstance(exc, BaseExceptionGroup):
+        found = [_os_error_in(sub) for sub in exc.exceptions]
+        if not found or any(error is None for error in found):
+            return None
+        return next((e for e in found if isinstance(e, StartError)), found[0])
+    return exc if isinstance(exc, OSError) else None
 
 
 @command("check", "validate a config file", add_config_argument)

@@ -19,11 +19,13 @@ from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, unquote
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
     SerializationInfo,
+    TypeAdapter,
     ValidationError,
     field_serializer,
     field_validator,
@@ -153,6 +155,19 @@ class LocalProxyInboundConfig(_Model):
     handshake_timeout: Annotated[float, Field(gt=0)] = 30.0
     """Seconds a client has to finish the SOCKS5/HTTP request before it is dropped."""
 
+    @field_validator("users")
+    @classmethod
+    def _check_users(cls, value: list[UserConfig]) -> list[UserConfig]:
+        first: dict[str, int] = {}
+        duplicates = []
+        for index, user in enumerate(value):
+            seen = first.setdefault(user.username, index)
+            if seen != index:
+                duplicates.append(f"users[{index}] repeats users[{seen}] ({user.username!r})")
+        if duplicates:
+            raise ValueError(f"duplicate username: {'; '.join(duplicates)}")
+        return value
+
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
@@ -178,13 +193,46 @@ def _mark_from_text(value: Any) -> Any:
     return value
 
 
-def _check_cidr_list(value: list[str], what: str) -> list[str]:
-    for item in value:
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            raise ValueError(f"{item!r} is not {what}") from None
+# List items are checked one by one (Annotated item types), so that every bad item of a list
+# is reported with its own index (`routing.rules[0].ip_cidr[2]`), not just the first one.
+
+
+def _cidr_item(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or CIDR") from None
     return value
+
+
+def _interface_item(value: str) -> str:
+    try:
+        ipaddress.ip_interface(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an address with a prefix length") from None
+    return value
+
+
+def _stun_item(value: str) -> str:
+    parse_host_port(value, STUN_PORT)
+    return value.strip()
+
+
+def _regex_item(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"bad regular expression {value!r}: {exc}") from None
+    return value
+
+
+def _port_range_item(value: str) -> str:
+    parse_port_range(value)
+    return value
+
+
+CidrText = Annotated[str, AfterValidator(_cidr_item)]
+InterfaceText = Annotated[str, AfterValidator(_interface_item)]
 
 
 class TunInboundConfig(_Model):
@@ -196,7 +244,9 @@ class TunInboundConfig(_Model):
     """Interface name (at most 15 characters on Linux)."""
     mtu: Annotated[int, Field(ge=1280, le=65535)] = 9000
     """MTU of the device; larger means fewer packets (and less CPU) per byte."""
-    address: list[str] = Field(default_factory=lambda: ["198.18.0.1/30", "fdfe:dcba:9876::1/126"])
+    address: list[InterfaceText] = Field(
+        default_factory=lambda: ["198.18.0.1/30", "fdfe:dcba:9876::1/126"]
+    )
     """Addresses of the device with their prefix length (IPv4 and/or IPv6)."""
     auto_route: bool = True
     """Route all traffic through the device while the daemon runs (removed on exit), by policy
@@ -212,7 +262,7 @@ class TunInboundConfig(_Model):
     routing_mark: Annotated[int, Field(ge=1, le=0xFFFFFFFF)] = 0x2022
     """Linux `SO_MARK` put on the daemon's outgoing sockets while `auto_route` is active, so
     that they bypass the TUN (needs CAP_NET_ADMIN, as the TUN itself does)."""
-    exclude_routes: list[str] = Field(default_factory=list)
+    exclude_routes: list[CidrText] = Field(default_factory=list)
     """CIDRs that keep their main-table route (LAN, a second VPN)."""
     dns_hijack: bool = True
     """Answer every query to port 53 that enters the device through the tunnel."""
@@ -238,16 +288,6 @@ class TunInboundConfig(_Model):
             raise ValueError("expected 1-15 letters, digits, '_', '.' or '-'")
         return value
 
-    @field_validator("address")
-    @classmethod
-    def _check_address(cls, value: list[str]) -> list[str]:
-        for item in value:
-            try:
-                ipaddress.ip_interface(item)
-            except ValueError:
-                raise ValueError(f"{item!r} is not an address with a prefix length") from None
-        return value
-
     _routing_mark_text = field_validator("routing_mark", mode="before")(_mark_from_text)
 
     @field_validator("route_table")
@@ -256,11 +296,6 @@ class TunInboundConfig(_Model):
         if value in (253, 254, 255):
             raise ValueError("253, 254 and 255 are the system's default, main and local tables")
         return value
-
-    @field_validator("exclude_routes")
-    @classmethod
-    def _check_excludes(cls, value: list[str]) -> list[str]:
-        return _check_cidr_list(value, "an IP address or CIDR")
 
     @field_validator("fake_ip_range", "fake_ip6_range")
     @classmethod
@@ -343,7 +378,7 @@ class NatConfig(_Model):
     """
 
     mode: Literal["direct", "turn", "auto"] = "direct"
-    stun: list[str] = Field(default_factory=list)
+    stun: list[Annotated[str, AfterValidator(_stun_item)]] = Field(default_factory=list)
     """STUN servers (`host:port`, port 3478 when omitted) asked for the mapped address at the
     start of every session."""
     turn: NatTurnConfig | None = None
@@ -361,13 +396,6 @@ class NatConfig(_Model):
     @classmethod
     def _stun_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
-
-    @field_validator("stun")
-    @classmethod
-    def _check_stun(cls, value: list[str]) -> list[str]:
-        for text in value:
-            parse_host_port(text, STUN_PORT)
-        return [text.strip() for text in value]
 
     @model_validator(mode="after")
     def _check_mode(self) -> NatConfig:
@@ -492,10 +520,10 @@ class RoutingRule(_Model):
     domain: list[str] | None = None
     domain_suffix: list[str] | None = None
     domain_keyword: list[str] | None = None
-    domain_regex: list[str] | None = None
-    ip_cidr: list[str] | None = None
+    domain_regex: list[Annotated[str, AfterValidator(_regex_item)]] | None = None
+    ip_cidr: list[CidrText] | None = None
     port: list[Annotated[int, Field(ge=0, le=65535)]] | None = None
-    port_range: list[str] | None = None
+    port_range: list[Annotated[str, AfterValidator(_port_range_item)]] | None = None
     network: list[Literal["tcp", "udp"]] | None = None
     inbound: list[str] | None = None
     outbound: Annotated[str, Field(min_length=1)]
@@ -504,33 +532,6 @@ class RoutingRule(_Model):
     @classmethod
     def _normalize(cls, value: Any) -> Any:
         return _one_or_many(value)
-
-    @field_validator("domain_regex")
-    @classmethod
-    def _check_regex(cls, value: list[str] | None) -> list[str] | None:
-        for item in value or ():
-            try:
-                re.compile(item)
-            except re.error as exc:
-                raise ValueError(f"bad regular expression {item!r}: {exc}") from None
-        return value
-
-    @field_validator("ip_cidr")
-    @classmethod
-    def _check_cidr(cls, value: list[str] | None) -> list[str] | None:
-        for item in value or ():
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ValueError(f"{item!r} is not an IP address or CIDR") from None
-        return value
-
-    @field_validator("port_range")
-    @classmethod
-    def _check_range(cls, value: list[str] | None) -> list[str] | None:
-        for item in value or ():
-            parse_port_range(item)
-        return value
 
     def conditions(self) -> dict[str, list[Any]]:
         """The conditions that are set, by name."""
@@ -704,47 +705,194 @@ def _issues_from_validation(exc: ValidationError, data: Any) -> list[ConfigIssue
     return issues
 
 
-def _check_references(config: ClientConfig) -> list[ConfigIssue]:
+@dataclass(slots=True)
+class _Parts:
+    """What the checks across entries look at: the validated config's entries or, when the
+    config did not validate, those that validate on their own (and the tags of the others as
+    written), so that these problems are reported together with the field errors."""
+
+    outbound_tags: list[tuple[int, str]] = field(default_factory=list)
+    outbounds_known: bool = True
+    """Every outbound's tag is known (else references to unknown tags are not judged)."""
+    inbounds: list[tuple[int, LocalProxyInboundConfig | TunInboundConfig]] = field(
+        default_factory=list
+    )
+    inbound_tags: list[tuple[int, str]] = field(default_factory=list)
+    inbounds_known: bool = True
+    rules: list[tuple[int, str | None, list[str], bool | None]] = field(default_factory=list)
+    """(index, outbound tag, inbound tags, has a condition (None: unknown))."""
+    default_outbound: str | None = None
+
+
+def _parts_of(config: ClientConfig) -> _Parts:
+    return _Parts(
+        outbound_tags=[(i, o.tag) for i, o in enumerate(config.outbounds)],
+        inbounds=list(enumerate(config.inbounds)),
+        inbound_tags=[(i, entry.tag) for i, entry in enumerate(config.inbounds)],
+        rules=[
+            (i, rule.outbound, list(rule.inbound or ()), bool(rule.conditions()))
+            for i, rule in enumerate(config.routing.rules)
+        ],
+        default_outbound=config.routing.default_outbound,
+    )
+
+
+_OUTBOUND_ADAPTER: TypeAdapter[Any] = TypeAdapter(OutboundConfig)
+_INBOUND_ADAPTER: TypeAdapter[Any] = TypeAdapter(InboundConfig)
+
+
+def _default_tags(*models: type[BaseModel]) -> dict[str, str]:
+    return {m.model_fields["type"].default: m.model_fields["tag"].default for m in models}
+
+
+def _entries(
+    raw: Any, adapter: TypeAdapter[Any], default_tags: Mapping[str, str]
+) -> tuple[list[tuple[int, Any]], list[tuple[int, str]], bool]:
+    """(entries that validate, tags by index, whether every tag is known) of a raw list."""
+    if not isinstance(raw, list):
+        return [], [], False
+    valid: list[tuple[int, Any]] = []
+    tags: list[tuple[int, str]] = []
+    known = True
+    for index, item in enumerate(raw):
+        try:
+            entry = adapter.validate_python(item)
+        except ValidationError:
+            tag = None
+            if isinstance(item, Mapping):
+                tag = item.get("tag", default_tags.get(str(item.get("type"))))
+            if isinstance(tag, str):
+                tags.append((index, tag))
+            else:
+                known = False
+            continue
+        valid.append((index, entry))
+        tags.append((index, entry.tag))
+    return valid, tags, known
+
+
+def _parts_of_raw(data: Mapping[str, Any]) -> _Parts:
+    parts = _Parts()
+    _, parts.outbound_tags, parts.outbounds_known = _entries(
+        data.get("outbounds"),
+        _OUTBOUND_ADAPTER,
+        _default_tags(OstpOutboundConfig, DirectOutboundConfig, BlockOutboundConfig),
+    )
+    inbounds_raw = data.get("inbounds", [{"type": "local_proxy"}])  # the default inbound
+    parts.inbounds, parts.inbound_tags, parts.inbounds_known = _entries(
+        inbounds_raw, _INBOUND_ADAPTER, _default_tags(LocalProxyInboundConfig, TunInboundConfig)
+    )
+    routing = data.get("routing")
+    if not isinstance(routing, Mapping):
+        return parts
+    default = routing.get("default_outbound")
+    parts.default_outbound = default if isinstance(default, str) else None
+    rules = routing.get("rules")
+    for index, item in enumerate(rules if isinstance(rules, list) else ()):
+        if not isinstance(item, Mapping):
+            continue
+        outbound = item.get("outbound")
+        inbound = _one_or_many(item.get("inbound")) or []
+        try:
+            has_conditions: bool | None = bool(RoutingRule.model_validate(item).conditions())
+        except ValidationError:
+            has_conditions = None
+        parts.rules.append(
+            (
+                index,
+                outbound if isinstance(outbound, str) else None,
+                [tag for tag in inbound if isinstance(tag, str)]
+                if isinstance(inbound, list)
+                else [],
+                has_conditions,
+            )
+        )
+    return parts
+
+
+def _duplicate_tags(kind: str, tags: list[tuple[int, str]]) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
-    outbound_tags: dict[str, int] = {}
-    for index, outbound in enumerate(config.outbounds):
-        if outbound.tag in outbound_tags:
-            first = outbound_tags[outbound.tag]
+    first: dict[str, int] = {}
+    for index, tag in tags:
+        seen = first.setdefault(tag, index)
+        if seen != index:
             issues.append(
-                ConfigIssue(
-                    f"outbounds[{index}].tag",
-                    f"duplicate tag {outbound.tag!r} (also outbounds[{first}])",
-                )
+                ConfigIssue(f"{kind}[{index}].tag", f"duplicate tag {tag!r} (also {kind}[{seen}])")
             )
-        outbound_tags.setdefault(outbound.tag, index)
-    inbound_tags: dict[str, int] = {}
-    for index, inbound in enumerate(config.inbounds):
-        if inbound.tag in inbound_tags:
-            issues.append(ConfigIssue(f"inbounds[{index}].tag", f"duplicate tag {inbound.tag!r}"))
-        inbound_tags.setdefault(inbound.tag, index)
-    known = ", ".join(repr(tag) for tag in outbound_tags)
-    for index, rule in enumerate(config.routing.rules):
+    return issues
+
+
+def _check_references(parts: _Parts) -> list[ConfigIssue]:
+    issues = _duplicate_tags("outbounds", parts.outbound_tags)
+    issues += _duplicate_tags("inbounds", parts.inbound_tags)
+    outbound_tags = {tag for _, tag in parts.outbound_tags}
+    inbound_tags = {tag for _, tag in parts.inbound_tags}
+    known = ", ".join(repr(tag) for tag in dict.fromkeys(tag for _, tag in parts.outbound_tags))
+    for index, outbound, inbounds, has_conditions in parts.rules:
         path = f"routing.rules[{index}]"
-        if rule.outbound not in outbound_tags:
+        if parts.outbounds_known and outbound is not None and outbound not in outbound_tags:
             issues.append(
                 ConfigIssue(
-                    f"{path}.outbound", f"no outbound is tagged {rule.outbound!r} (have {known})"
+                    f"{path}.outbound", f"no outbound is tagged {outbound!r} (have {known})"
                 )
             )
-        if not rule.conditions():
+        if has_conditions is False:
             issues.append(
                 ConfigIssue(path, "a rule needs at least one condition (use default_outbound)")
             )
-        for tag in rule.inbound or ():
-            if tag not in inbound_tags:
-                issues.append(ConfigIssue(f"{path}.inbound", f"no inbound is tagged {tag!r}"))
-    default = config.routing.default_outbound
-    if default is not None and default not in outbound_tags:
+        if parts.inbounds_known:
+            for tag in inbounds:
+                if tag not in inbound_tags:
+                    issues.append(ConfigIssue(f"{path}.inbound", f"no inbound is tagged {tag!r}"))
+    default = parts.default_outbound
+    if parts.outbounds_known and default is not None and default not in outbound_tags:
         issues.append(
             ConfigIssue(
                 "routing.default_outbound", f"no outbound is tagged {default!r} (have {known})"
             )
         )
+    return issues
+
+
+def _listen_ips(listen: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    if listen == "localhost":  # anyio binds every address the name has
+        return [ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")]
+    return [ipaddress.ip_address(listen)]
+
+
+def _listens_overlap(a: str, b: str) -> bool:
+    """Two listeners on one port collide: the same address, or a wildcard of the same family
+    (`::` is IPv6 only: the daemon binds it with IPV6_V6ONLY, so it leaves 0.0.0.0 alone)."""
+    return any(
+        x.version == y.version and (x == y or x.is_unspecified or y.is_unspecified)
+        for x in _listen_ips(a)
+        for y in _listen_ips(b)
+    )
+
+
+def _endpoint(listen: str, port: int) -> str:
+    return f"[{listen}]:{port}" if ":" in listen else f"{listen}:{port}"
+
+
+def _check_listeners(parts: _Parts) -> list[ConfigIssue]:
+    """Two inbounds on the same address and port (a fixed port; 0 picks a free one)."""
+    issues: list[ConfigIssue] = []
+    bound: list[tuple[int, LocalProxyInboundConfig]] = []
+    for index, entry in parts.inbounds:
+        if not isinstance(entry, LocalProxyInboundConfig) or entry.port == 0:
+            continue
+        for other_index, other in bound:
+            if other.port == entry.port and _listens_overlap(entry.listen, other.listen):
+                issues.append(
+                    ConfigIssue(
+                        f"inbounds[{index}].port",
+                        f"{_endpoint(entry.listen, entry.port)} collides with inbounds"
+                        f"[{other_index}] on {_endpoint(other.listen, other.port)}"
+                        " (one address and port per inbound)",
+                    )
+                )
+                break
+        bound.append((index, entry))
     return issues
 
 
@@ -810,21 +958,32 @@ def parse_config_text(text: str, source: str = "") -> tuple[ClientConfig, list[s
 
 
 def config_from_data(data: Any, source: str = "") -> tuple[ClientConfig, list[str]]:
+    """Validate config data (native or flat); `ConfigError` lists every problem found."""
     warnings: list[str] = []
     if not isinstance(data, dict):
         raise ConfigError([ConfigIssue("", "the configuration must be a JSON object")], source)
     flat = is_flat_config(data)
+    issues: list[ConfigIssue] = []
+    lists: dict[str, tuple[str, list[int]]] = {}
     if flat:
-        data, warnings = convert_flat_config(data, source)
+        conversion = _convert_flat(data)
+        data, warnings, issues, lists = (
+            conversion.data,
+            conversion.warnings,
+            conversion.issues,
+            conversion.lists,
+        )
+    config: ClientConfig | None = None
     try:
         config = ClientConfig.model_validate(data)
     except ValidationError as exc:
-        issues = _issues_from_validation(exc, data)
+        found = _issues_from_validation(exc, data)
         if flat:
-            issues = [ConfigIssue(_flat_path(i.path), i.message) for i in issues]
-        raise ConfigError(issues, source, warnings) from None
-    issues = _check_references(config)
-    if issues:
+            found = [ConfigIssue(_flat_path(i.path, lists), i.message) for i in found]
+        issues += found
+    parts = _parts_of(config) if config is not None else _parts_of_raw(data)
+    issues += _check_references(parts) + _check_listeners(parts)
+    if issues or config is None:
         raise ConfigError(issues, source, warnings)
     return config, warnings
 
@@ -839,8 +998,13 @@ _FLAT_PATHS = (
 )
 
 
-def _flat_path(path: str) -> str:
+def _flat_path(path: str, lists: Mapping[str, tuple[str, list[int]]] | None = None) -> str:
     """Map a native path back to the flat config's key (spec §10.10) for error messages."""
+    for native, (flat, positions) in (lists or {}).items():
+        if path.startswith(native + "["):
+            number, _, rest = path[len(native) + 1 :].partition("]")
+            if number.isdigit() and int(number) < len(positions):
+                return f"{flat}[{positions[int(number)]}]{rest}"
     for native, flat in _FLAT_PATHS:
         if path.startswith(native):
             return flat + path[len(native) :] if native.endswith(".") else flat
@@ -887,51 +1051,80 @@ def config_json_schema() -> dict[str, Any]:
 # upstream's flat config (spec §10.10)
 
 
-def _flat_issue(path: str, message: str, source: str) -> ConfigError:
-    return ConfigError([ConfigIssue(path, message)], source)
+@dataclass(slots=True)
+class _FlatConversion:
+    data: dict[str, Any]
+    """The native layout, unvalidated (a bad flat field is left at its default here)."""
+    warnings: list[str] = field(default_factory=list)
+    issues: list[ConfigIssue] = field(default_factory=list)
+    lists: dict[str, tuple[str, list[int]]] = field(default_factory=dict)
+    """Native list path → (flat path, index of each item in the flat list)."""
 
 
-def convert_flat_config(
-    flat: Mapping[str, Any], source: str = ""
-) -> tuple[dict[str, Any], list[str]]:
-    """Convert upstream's flat client config into the native layout (unvalidated dict)."""
+def _flat_list(
+    exclude: Mapping[str, Any], name: str, issues: list[ConfigIssue]
+) -> tuple[list[str], list[int]]:
+    """`exclude.<name>`: the non-empty items (text) and their indices in the flat list."""
+    raw = exclude.get(name)
+    if raw is None:
+        return [], []
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list):
+        issues.append(ConfigIssue(f"exclude.{name}", "expected a list"))
+        return [], []
+    items: list[str] = []
+    positions: list[int] = []
+    for index, item in enumerate(raw):
+        text = str(item).strip()
+        if text:
+            items.append(text)
+            positions.append(index)
+    return items, positions
+
+
+def _convert_flat(flat: Mapping[str, Any]) -> _FlatConversion:
+    """Upstream's flat client config in the native layout, with every problem found."""
+    issues: list[ConfigIssue] = []
     warnings: list[str] = []
     mode = flat.get("mode", "client")
     if mode != "client":
-        raise _flat_issue(
-            "mode", f'{mode!r} is not a client config (ostp-client needs "client")', source
+        issues.append(
+            ConfigIssue("mode", f'{mode!r} is not a client config (ostp-client needs "client")')
         )
-    for name in ("server", "access_key"):
-        if name not in flat:
-            raise _flat_issue(name, "required field is missing", source)
-    bind = flat.get("socks5_bind", f"127.0.0.1:{DEFAULT_PROXY_PORT}")
-    try:
-        listen, port = parse_host_port(str(bind))
-    except ValueError as exc:
-        raise _flat_issue("socks5_bind", str(exc), source) from None
-    outbound: dict[str, Any] = {
-        "type": "ostp",
-        "tag": "proxy",
-        "server": flat["server"],
-        "access_key": flat["access_key"],
-        "mtu": flat.get("mtu", DEFAULT_MTU),
-    }
+    listen, port = "127.0.0.1", DEFAULT_PROXY_PORT
+    bind = flat.get("socks5_bind")
+    if bind is not None:
+        try:
+            listen, port = parse_host_port(str(bind))
+        except ValueError as exc:
+            issues.append(ConfigIssue("socks5_bind", str(exc)))
+    # server and access_key go through as written: a missing or bad one is reported by the
+    # validation, under its flat name
+    outbound: dict[str, Any] = {"type": "ostp", "tag": "proxy", "mtu": flat.get("mtu", DEFAULT_MTU)}
+    outbound.update({name: flat[name] for name in ("server", "access_key") if name in flat})
     mux = flat.get("mux")
     if isinstance(mux, Mapping):
         outbound["mux"] = {
             "enabled": mux.get("enabled", False),
             "sessions": mux.get("sessions", 1),
         }
+    elif mux is not None:
+        issues.append(ConfigIssue("mux", "expected an object with enabled and sessions"))
     rules: list[dict[str, Any]] = []
+    lists: dict[str, tuple[str, list[int]]] = {}
     exclude = flat.get("exclude") or {}
     if not isinstance(exclude, Mapping):
-        raise _flat_issue("exclude", "expected an object with domains/ips lists", source)
-    # spec §10.8: suffix match, leading '.' ignored
-    domains = [str(d).strip().lstrip(".") for d in exclude.get("domains") or () if str(d).strip()]
+        issues.append(ConfigIssue("exclude", "expected an object with domains/ips lists"))
+        exclude = {}
+    domains, domain_positions = _flat_list(exclude, "domains", issues)
+    ips, ip_positions = _flat_list(exclude, "ips", issues)
     if domains:
-        rules.append({"domain_suffix": domains, "outbound": "direct"})
-    ips = [str(ip).strip() for ip in exclude.get("ips") or () if str(ip).strip()]
+        # spec §10.8: suffix match, leading '.' ignored
+        lists[f"routing.rules[{len(rules)}].domain_suffix"] = ("exclude.domains", domain_positions)
+        rules.append({"domain_suffix": [d.lstrip(".") for d in domains], "outbound": "direct"})
     if ips:
+        lists[f"routing.rules[{len(rules)}].ip_cidr"] = ("exclude.ips", ip_positions)
         rules.append({"ip_cidr": ips, "outbound": "direct"})
         warnings.append(
             "exclude.ips match only IP destinations; names are not resolved for the match"
@@ -951,7 +1144,21 @@ def convert_flat_config(
         "outbounds": [outbound, {"type": "direct", "tag": "direct"}],
         "routing": {"rules": rules, "default_outbound": "proxy"},
     }
-    return converted, warnings
+    return _FlatConversion(converted, warnings, issues, lists)
+
+
+def convert_flat_config(
+    flat: Mapping[str, Any], source: str = ""
+) -> tuple[dict[str, Any], list[str]]:
+    """Convert upstream's flat client config into the native layout (unvalidated dict).
+
+    Raises `ConfigError` with every problem the conversion itself finds (the native config's
+    validation finds the rest: `config_from_data`).
+    """
+    conversion = _convert_flat(flat)
+    if conversion.issues:
+        raise ConfigError(conversion.issues, source, conversion.warnings)
+    return conversion.data, conversion.warnings
 
 
 # --------------------------------------------------------------------------------------------

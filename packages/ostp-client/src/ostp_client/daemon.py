@@ -48,6 +48,7 @@ from ostp_client.config import (
 )
 from ostp_client.connections import ConnectionRegistry, Dispatcher
 from ostp_client.inbounds import Inbound, build_inbound
+from ostp_client.inbounds.base import StartError, os_reason
 from ostp_client.inbounds.local_proxy import LocalProxyInbound
 from ostp_client.outbounds import Outbound, OutboundContext, OutboundError, build_outbound
 from ostp_client.router import Router, RoutingError
@@ -238,8 +239,13 @@ class Daemon:
         self._tasks[id(part)] = task
         try:
             await self._tg.start(self._run_part, task, name=f"{kind} {part.tag}")
-        except BaseException:
+        except BaseException as exc:
             self._tasks.pop(id(part), None)
+            if isinstance(exc, OSError) and not isinstance(exc, StartError):
+                # e.g. the TUN device or its routes: one line that names the part
+                raise StartError(
+                    f'{kind} "{part.tag}" cannot start: {os_reason(exc)}', exc.errno
+                ) from exc
             raise
 
     async def _run_part(self, task: _Task, *, task_status: TaskStatus[None]) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 from collections import deque
 from dataclasses import dataclass
@@ -73,6 +74,26 @@ def udp_source_text(addr: tuple[object, ...]) -> str:
     if host.startswith("::ffff:") and "." in host:
         host = host[7:]
     return format_host_port(host, port)
+
+
+def connect_failure_reason(exc: BaseException) -> str:
+    """The text after ``connect failed: `` (spec §9.5), worded as upstream's server words it.
+
+    anyio's ``connect_tcp`` raises "All connection attempts failed" from the attempts' own
+    errors; the first of those says what happened. An OS error becomes its standard text and
+    number ("Connection refused (os error 111)", Rust's ``io::Error`` display), so that a
+    client maps it to the right SOCKS5 reply; a name that did not resolve says so.
+    """
+    cause: BaseException = exc
+    if isinstance(exc.__cause__, BaseExceptionGroup):
+        cause = next((e for e in exc.__cause__.exceptions if isinstance(e, OSError)), exc)
+    elif isinstance(exc.__cause__, OSError):
+        cause = exc.__cause__
+    if isinstance(cause, socket.gaierror):
+        return f"failed to lookup address information: {cause.strerror or cause}"
+    if isinstance(cause, OSError) and isinstance(cause.errno, int) and cause.errno > 0:
+        return f"{os.strerror(cause.errno)} (os error {cause.errno})"
+    return str(exc) or type(exc).__name__
 
 
 @dataclass(slots=True)
@@ -309,7 +330,7 @@ class TcpRelay:
         except TimeoutError:
             reason = "timed out"
         except (OSError, ValueError) as e:
-            reason = str(e) or type(e).__name__
+            reason = connect_failure_reason(e)
         else:
             self.connected = True
             self.last_progress = session.server.clock()

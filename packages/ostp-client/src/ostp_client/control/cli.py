@@ -230,6 +230,16 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--socket", help=f"control socket (default {default_socket_path()})", default=None
@@ -240,7 +250,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     sub.add_parser("connections", help="live connections")
     sub.add_parser("routes", help="routing rules with hit counts")
     logs = sub.add_parser("logs", help="recent log lines")
-    logs.add_argument("-n", "--lines", type=int, default=100, help="how many (default 100)")
+    logs.add_argument("-n", "--lines", type=_count, default=100, help="how many (default 100)")
     logs.add_argument("--level", choices=LEVELS, default="debug", help="minimum level")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     reconnect = sub.add_parser("reconnect", help="re-establish an outbound's sessions")
@@ -249,7 +259,12 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     close.add_argument("id", type=int, help="connection id (see `ctl connections`)")
     reload = sub.add_parser("reload", help="re-read the config file (like SIGHUP)")
     reload.add_argument("path", nargs="?", default=None, help="another config file")
+    # The global options are accepted after the action too (`ctl status --socket X`); SUPPRESS
+    # keeps a value given before the action when the action's parser does not see one.
     for name in ("status", "connections", "routes", "logs", "reconnect", "close", "reload"):
+        sub.choices[name].add_argument(
+            "--socket", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
         sub.choices[name].add_argument(
             "--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )

@@ -29,6 +29,8 @@ Methods (params → result):
   unsubscribe      {"subscription": id}                 → ActionResult
 Event data per topic: status → DaemonStatus, connections → ConnectionList,
 routes → RouteTable, logs → LogBatch (new lines only, pushed as they are logged).
+Integer params (limit, after, interval_ms, backlog) must be 0 or more; a bad param is answered
+with the error code `invalid_params`.
 """
 
 from __future__ import annotations

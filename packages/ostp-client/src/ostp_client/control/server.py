@@ -8,6 +8,7 @@ not). A line that is not a valid request is answered with an error and the conne
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import logging
 import os
@@ -47,6 +48,7 @@ from ostp_client.control.protocol import (
     LogBatch,
     LogLine,
     OutboundStatus,
+    ProtocolError,
     ReloadResult,
     Request,
     Response,
@@ -57,8 +59,10 @@ from ostp_client.control.protocol import (
     default_socket_path,
     encode,
     level_at_least,
+    parse_server_message,
 )
 from ostp_client.daemon import ReloadError
+from ostp_client.inbounds.base import StartError, os_reason
 
 if TYPE_CHECKING:
     from ostp_client.daemon import Daemon
@@ -264,26 +268,81 @@ def _prepare_unix_path(path: Path) -> bool:
     return path.exists()
 
 
-async def _socket_is_live(path: Path) -> bool:
+HELLO_TIMEOUT = 2.0
+"""Seconds to wait for the Hello of a daemon found at our control socket (for its pid)."""
+
+
+def _hello_pid(line: bytes) -> int | None:
+    try:
+        message = parse_server_message(line)
+    except ProtocolError:
+        return None
+    return message.pid if isinstance(message, Hello) and message.pid > 0 else None
+
+
+def _in_use(path: str, pid: int | None) -> StartError:
+    who = f"a running daemon (pid {pid})" if pid else "another process"
+    return StartError(
+        f"control socket {path} is in use by {who}; stop it or set control.socket",
+        errno.EADDRINUSE,
+    )
+
+
+async def _refuse_if_live(path: Path) -> None:
+    """Raise `StartError` unless the socket file at `path` is stale.
+
+    Stale means nobody listens: connecting is refused (ECONNREFUSED). A daemon that answers
+    is named by its pid; any other outcome (EACCES, a full backlog...) cannot prove the
+    socket stale, so it is left alone too.
+    """
     try:
         stream = await anyio.connect_unix(path)
-    except OSError:
-        return False
-    await stream.aclose()
-    return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return
+    except OSError as exc:
+        raise StartError(
+            f"control socket {path} may be in use (connecting to it: {os_reason(exc)}); "
+            "stop the daemon that uses it or set control.socket",
+            exc.errno,
+        ) from exc
+    pid = None
+    unanswered = (
+        anyio.EndOfStream,
+        anyio.IncompleteRead,
+        anyio.DelimiterNotFound,
+        anyio.BrokenResourceError,
+        OSError,
+    )
+    async with stream:
+        with anyio.move_on_after(HELLO_TIMEOUT), suppress(*unanswered):
+            line = await BufferedByteReceiveStream(stream).receive_until(b"\n", MAX_LINE)
+            pid = _hello_pid(line)
+    raise _in_use(str(path), pid)
 
 
 async def open_control_listener(path: str) -> anyio.abc.Listener[anyio.abc.ByteStream]:
-    """Listen at `path`: a Unix socket (mode 0600 in a 0700 directory) or, on Windows, a pipe."""
+    """Listen at `path`: a Unix socket (mode 0600 in a 0700 directory) or, on Windows, a pipe.
+
+    Raises `StartError` (one line) when it cannot, also when another daemon serves `path`;
+    a stale socket file (its daemon died) is replaced.
+    """
     if sys.platform == "win32" or pipes.is_pipe_path(path):
-        return open_pipe_listener(path)
+        return await open_pipe_listener(path)
     sock_path = Path(path)
-    if _prepare_unix_path(sock_path):
-        if await _socket_is_live(sock_path):
-            raise FileExistsError(f"{path}: another daemon is already listening there")
-        os.unlink(sock_path)  # stale socket of a daemon that did not clean up
-    listener = await anyio.create_unix_listener(sock_path, mode=0o600)
-    return listener
+    try:
+        exists = _prepare_unix_path(sock_path)
+    except OSError as exc:
+        raise StartError(f"control socket {path}: {os_reason(exc)}", exc.errno) from exc
+    if exists:
+        await _refuse_if_live(sock_path)
+        with suppress(FileNotFoundError):
+            os.unlink(sock_path)  # stale socket of a daemon that did not clean up
+    try:
+        return await anyio.create_unix_listener(sock_path, mode=0o600)
+    except OSError as exc:
+        raise StartError(
+            f"control socket {path} cannot listen: {os_reason(exc)}", exc.errno
+        ) from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,13 +353,50 @@ MAX_PIPE_CLIENTS = 16
 PIPE_READ_SIZE = 65536
 
 
-def open_pipe_listener(path: str) -> PipeListener:
-    r"""Serve the pipe ``path`` (``\\.\pipe\NAME``), owner-only (see `control.pipes`)."""
+async def open_pipe_listener(path: str) -> PipeListener:
+    r"""Serve the pipe ``path`` (``\\.\pipe\NAME``), owner-only (see `control.pipes`).
+
+    Raises `StartError` like `open_control_listener`, naming the daemon that serves ``path``.
+    """
     if not pipes.is_pipe_path(path):
-        raise OSError(
-            f"{path}: on Windows, control.socket must be a named pipe like {_PIPE_EXAMPLE}"
+        raise StartError(
+            f"control socket {path}: on Windows, control.socket must be a named pipe like"
+            f" {_PIPE_EXAMPLE}"
         )
-    return PipeListener(pipes.create_pipe_server(path))
+    try:
+        return PipeListener(pipes.create_pipe_server(path))
+    except FileExistsError as exc:
+        raise _in_use(path, await _pipe_daemon_pid(path)) from exc
+    except OSError as exc:
+        raise StartError(
+            f"control socket {path} cannot listen: {os_reason(exc)}", exc.errno
+        ) from exc
+
+
+async def _pipe_daemon_pid(path: str) -> int | None:
+    """The pid in the Hello of the daemon serving pipe ``path``; None if it says none."""
+    opened: list[pipes.PipeConnection] = []
+
+    def ask() -> int | None:
+        connection = pipes.connect_pipe(path, HELLO_TIMEOUT)
+        opened.append(connection)
+        data = b""
+        while b"\n" not in data and len(data) < MAX_LINE:
+            chunk = connection.read(PIPE_READ_SIZE)
+            if not chunk:
+                break
+            data += chunk
+        return _hello_pid(data.partition(b"\n")[0])
+
+    try:
+        with anyio.move_on_after(HELLO_TIMEOUT):
+            return await anyio.to_thread.run_sync(ask, abandon_on_cancel=True)
+    except OSError:  # not ours, gone meanwhile...
+        return None
+    finally:
+        for connection in opened:
+            connection.close()  # also ends a read the timeout abandoned
+    return None
 
 
 _PIPE_EXAMPLE = pipes.PIPE_PREFIX + "ostp-client-NAME"
@@ -493,14 +589,12 @@ class ControlServer:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Listen until cancelled; removes the socket file at exit."""
+        """Listen until cancelled; removes the socket file at exit.
+
+        Raises `StartError` when the socket cannot be served (e.g. another daemon has it).
+        """
         with _installed(self.logs):
-            try:
-                listener = await open_control_listener(self.path)
-            except OSError as exc:
-                logger.error("control socket %s not available: %s", self.path, exc)
-                task_status.started()
-                return
+            listener = await open_control_listener(self.path)  # StartError: the daemon stops
             identity = _inode(self.path)
             logger.info("control socket on %s", self.path)
             try:
@@ -864,9 +958,14 @@ def _salvage_id(line: bytes) -> int | str | None:
 
 
 def _int_param(params: dict[str, Any], name: str, default: int) -> int:
+    """A count, a sequence number or an interval: an integer, 0 or more."""
     value = params.get(name, default)
     if not isinstance(value, int) or isinstance(value, bool):
         raise RequestFailed(ErrorCode.INVALID_PARAMS, f"params.{name} must be an integer")
+    if value < 0:
+        raise RequestFailed(
+            ErrorCode.INVALID_PARAMS, f"params.{name} must be 0 or more (got {value})"
+        )
     return value
 
 

@@ -12,7 +12,29 @@ from anyio.abc import TaskStatus
 
 from ostp_client.connections import Dispatcher
 
-__all__ = ["Inbound", "ProxySettings", "check_user"]
+__all__ = ["Inbound", "ProxySettings", "StartError", "check_user", "os_reason"]
+
+
+class StartError(OSError):
+    """A part of the daemon could not start: an inbound's listener (a busy port), the TUN
+    device, the control socket. The message is one line that names the part and where, e.g.
+    ``inbound "proxy-in" cannot listen on 127.0.0.1:1088: address already in use``; the
+    command line prints it as it is, without a traceback."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+def os_reason(exc: OSError) -> str:
+    """An OS error as the end of a sentence: ``address already in use``, ``permission denied
+    (/dev/net/tun)``."""
+    if not (isinstance(exc.strerror, str) and exc.strerror):
+        return str(exc)
+    text = (
+        exc.strerror[:1].lower() + exc.strerror[1:] if exc.strerror[1:2].islower() else exc.strerror
+    )
+    return f"{text} ({exc.filename})" if exc.filename else text
 
 
 class Inbound(ABC):

@@ -2,7 +2,15 @@
 
 h11 parses and frames the messages on both sides (client ↔ proxy, proxy ↔ origin). What is
 hand-written here is small glue, all pure functions fuzzed by `fuzz/http_request.py`:
-`parse_authority`, `parse_absolute_uri`, `forward_headers`, `parse_proxy_authorization`.
+`parse_authority`, `parse_absolute_uri`, `forward_headers`, `parse_proxy_authorization`,
+`transfer_coding_status`.
+
+Message framing (RFC 9112 §6): h11 refuses what cannot be framed (conflicting or non-numeric
+Content-Length, transfer codings other than chunked, bad chunk lines); such a request gets a
+400 (or 501 for a coding it does not know) and the connection closes. A message with both
+Transfer-Encoding and Content-Length is framed by Transfer-Encoding and forwarded without
+Content-Length (§6.1); the client connection closes after that response (§6.3), so a request
+smuggled behind it is never read.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ __all__ = [
     "parse_authority",
     "parse_proxy_authorization",
     "status_for_error",
+    "transfer_coding_status",
 ]
 
 logger = logging.getLogger(__name__)
@@ -133,12 +142,18 @@ def parse_absolute_uri(target: str) -> tuple[Address, str]:
 
 
 def forward_headers(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
-    """Drop hop-by-hop fields, those named in Connection, and every Proxy-* field."""
+    """Drop hop-by-hop fields, those named in Connection, and every Proxy-* field.
+
+    With Transfer-Encoding, Content-Length goes too (RFC 9112 §6.1: the body was framed by
+    Transfer-Encoding; forwarding both is how requests are smuggled).
+    """
     items = [(name.lower(), value) for name, value in headers]
     drop = set(HOP_BY_HOP)
     for name, value in items:
         if name == b"connection":
             drop.update(token.strip().lower() for token in value.split(b",") if token.strip())
+        elif name == b"transfer-encoding":
+            drop.add(b"content-length")
     return [
         (name, value)
         for name, value in items
@@ -163,6 +178,30 @@ def parse_proxy_authorization(headers: Iterable[tuple[bytes, bytes]]) -> tuple[b
     return None
 
 
+def transfer_coding_status(head: bytes) -> int:
+    """The status for a request head whose Transfer-Encoding h11 refused (RFC 9112 §6.1, §6.3).
+
+    400 when chunked is not the last coding (or appears twice): the body length cannot be
+    known. 501 when chunked is last but an earlier coding is one we do not implement.
+    """
+    codings: list[bytes] = []
+    in_field = False
+    for line in head.lstrip(b"\r\n").split(b"\n")[1:]:
+        if not line.strip():
+            break  # the end of the head
+        if line[:1] in (b" ", b"\t"):  # obs-fold: the previous field goes on (RFC 9112 §5.2)
+            value = line if in_field else b""
+        else:
+            name, sep, value = line.partition(b":")
+            in_field = bool(sep) and name.strip().lower() == b"transfer-encoding"
+            if not in_field:
+                continue
+        codings += [c.strip().lower() for c in value.split(b",") if c.strip()]
+    if not codings or codings[-1] != b"chunked" or b"chunked" in codings[:-1]:
+        return 400
+    return 501
+
+
 def _header(headers: Iterable[tuple[bytes, bytes]], wanted: bytes) -> bytes | None:
     for name, value in headers:
         if name.lower() == wanted:
@@ -174,7 +213,10 @@ def _header(headers: Iterable[tuple[bytes, bytes]], wanted: bytes) -> bytes | No
 # the anyio shell
 
 
-async def _next_event(conn: h11.Connection, stream: anyio.abc.ByteReceiveStream) -> object:
+async def _next_event(
+    conn: h11.Connection, stream: anyio.abc.ByteReceiveStream, record: bytearray | None = None
+) -> object:
+    """The next h11 event; the bytes received meanwhile are added to `record` when given."""
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
@@ -183,6 +225,8 @@ async def _next_event(conn: h11.Connection, stream: anyio.abc.ByteReceiveStream)
             data = await stream.receive(READ_SIZE)
         except (anyio.EndOfStream, anyio.BrokenResourceError):
             data = b""
+        if record is not None:
+            record += data
         conn.receive_data(data)
 
 
@@ -244,14 +288,19 @@ class _HttpSession:
         self.conn.receive_data(initial)
         try:
             while True:
+                # the head as received (at most MAX_HEADER_BYTES + READ_SIZE), to tell why h11
+                # refused a Transfer-Encoding
+                head = bytearray(self.conn.trailing_data[0])
                 try:
                     with anyio.fail_after(self.timeout):
-                        event = await _next_event(self.conn, self.stream)
+                        event = await _next_event(self.conn, self.stream, head)
                 except TimeoutError:
                     logger.debug("#%d HTTP: client idle, closing", self.ctx.id)
                     return
                 except h11.RemoteProtocolError as exc:
                     status = exc.error_status_hint
+                    if status == 501:  # h11 says so only for Transfer-Encoding
+                        status = transfer_coding_status(bytes(head))
                     await _send_error(self.conn, self.stream, status, f"Bad request: {exc}")
                     return
                 if not isinstance(event, h11.Request):
@@ -355,8 +404,12 @@ class _HttpSession:
             headers.insert(
                 0, (b"host", (host if target.port == 80 else f"{host}:{target.port}").encode())
             )
-        if _header(request.headers, b"transfer-encoding") is not None:
+        chunked = _header(request.headers, b"transfer-encoding") is not None
+        if chunked:
             headers.append((b"transfer-encoding", b"chunked"))  # h11 re-frames the body
+        # RFC 9112 §6.3: after a request framed by Transfer-Encoding that also had a
+        # Content-Length, answer it and close (what followed it may be a smuggled request)
+        ambiguous = chunked and _header(request.headers, b"content-length") is not None
         if self.upstream is not None and self.upstream.target != target:
             await self.close_upstream()
         if self.upstream is None:
@@ -373,12 +426,19 @@ class _HttpSession:
             )
         try:
             await self._send_request(request, headers, path, upstream)
+        except h11.RemoteProtocolError as exc:
+            # the client's body cannot be framed (a bad chunk line...): the origin got part
+            # of a request, so its connection goes too
+            logger.debug("#%d HTTP: bad request body: %s", self.ctx.id, exc)
+            await self.close_upstream()
+            await _send_error(conn, self.stream, 400, f"Bad request body: {exc}")
+            return False
         except (h11.LocalProtocolError, *EXPECTED_STREAM_ERRORS) as exc:
             logger.debug("#%d HTTP upstream %s: %r", self.ctx.id, target, exc)
             await self.close_upstream()
             await _send_error(conn, self.stream, 502, f"Bad Gateway: {target} closed")
             return False
-        return await self._relay_response(upstream, request)
+        return await self._relay_response(upstream, close=ambiguous) and not ambiguous
 
     async def _send_request(
         self, request: h11.Request, headers: Headers, path: str, upstream: _Upstream
@@ -402,7 +462,11 @@ class _HttpSession:
             else:
                 raise anyio.EndOfStream  # the client went away mid-body
 
-    async def _relay_response(self, upstream: _Upstream, request: h11.Request) -> bool:
+    async def _relay_response(self, upstream: _Upstream, *, close: bool = False) -> bool:
+        """Relay the origin's response; False when the client connection must end.
+
+        ``close`` adds ``Connection: close``: this response is the connection's last.
+        """
         conn = self.conn
         started = False
         try:
@@ -419,6 +483,8 @@ class _HttpSession:
                 elif isinstance(event, h11.Response):
                     started = True
                     headers = forward_headers(event.headers)
+                    if close:
+                        headers.append((b"connection", b"close"))
                     response = h11.Response(
                         status_code=event.status_code, headers=headers, reason=event.reason
                     )
@@ -441,7 +507,6 @@ class _HttpSession:
             upstream.conn.start_next_cycle()
         else:
             await self.close_upstream()
-        del request
         return True
 
 

@@ -10,7 +10,7 @@ from anyio.abc import SocketAttribute, TaskStatus
 
 from ostp_client.config import LocalProxyInboundConfig
 from ostp_client.connections import READ_SIZE, Dispatcher, is_connection_noise
-from ostp_client.inbounds.base import Inbound, ProxySettings
+from ostp_client.inbounds.base import Inbound, ProxySettings, StartError, os_reason
 from ostp_client.inbounds.http_proxy import handle_http
 from ostp_client.inbounds.socks5 import VERSION as SOCKS5_VERSION
 from ostp_client.inbounds.socks5 import handle_socks5
@@ -38,9 +38,15 @@ class LocalProxyInbound(Inbound):
         self.failed_handlers = 0
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        listener = await anyio.create_tcp_listener(
-            local_host=self.config.listen, local_port=self.config.port
-        )
+        try:
+            listener = await anyio.create_tcp_listener(
+                local_host=self.config.listen, local_port=self.config.port
+            )
+        except OSError as exc:
+            address = Address(self.config.listen, self.config.port)
+            raise StartError(
+                f'inbound "{self.tag}" cannot listen on {address}: {os_reason(exc)}', exc.errno
+            ) from exc
         async with listener, anyio.create_task_group() as tg:
             self.addresses = [
                 Address.from_sockaddr(sub.extra(SocketAttribute.local_address))  # noqa: S610

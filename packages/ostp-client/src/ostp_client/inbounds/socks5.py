@@ -101,9 +101,10 @@ def reply_for_error(exc: OutboundError) -> int:
 
 
 class Socks5Error(Exception):
-    """The client sent something we cannot accept; `reply` is the code to answer with."""
+    """The client sent something we cannot accept; `reply` is the code to answer with, or
+    None to close without a reply (a sub-negotiation that is not RFC 1929's)."""
 
-    def __init__(self, reply: int, message: str) -> None:
+    def __init__(self, reply: int | None, message: str) -> None:
         super().__init__(message)
         self.reply = reply
 
@@ -153,7 +154,9 @@ def parse_userpass(buf: bytes) -> tuple[UserPass, int] | None:
     if len(buf) < 2:
         return None
     if buf[0] != AUTH_VERSION:
-        raise Socks5Error(REP_GENERAL_FAILURE, f"bad auth version {buf[0]}")
+        # Not RFC 1929: neither its VER STATUS reply nor a SOCKS5 reply would mean anything
+        # to this client; the connection is just closed.
+        raise Socks5Error(None, f"bad auth version {buf[0]}")
     ulen = buf[1]
     if len(buf) < 3 + ulen:
         return None
@@ -327,7 +330,8 @@ async def handle_socks5(
             request = await _negotiate(stream, buf, settings, ctx)
     except Socks5Error as exc:
         logger.debug("#%d SOCKS5: %s", ctx.id, exc)
-        await stream.send(encode_reply(exc.reply))
+        if exc.reply is not None:
+            await stream.send(encode_reply(exc.reply))
         return
     except TimeoutError:
         logger.debug("#%d SOCKS5 handshake timed out", ctx.id)

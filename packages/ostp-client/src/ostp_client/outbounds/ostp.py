@@ -51,15 +51,13 @@ from ostp_client.outbounds import OutboundContext, register_outbound
 from ostp_client.outbounds.base import (
     Address,
     ConnContext,
-    ConnectionRefused,
     ConnectTimeout,
     GeneralFailure,
-    HostUnreachable,
-    NetworkUnreachable,
     Outbound,
     OutboundError,
     UdpOutboundSession,
 )
+from ostp_client.outbounds.connect_errors import error_from_reason
 from ostp_client.tun.bypass import apply_bypass
 from ostp_client.udp import BatchSocket
 from ostp_proto import (
@@ -135,16 +133,7 @@ def _fmt(address: tuple[Any, ...] | None) -> str | None:
 
 def _error_from_text(text: str) -> OutboundError:
     """Map the server's ``connect failed: <reason>`` text to an OutboundError (spec §9.5)."""
-    lowered = text.lower()
-    if "refused" in lowered:
-        return ConnectionRefused(text)
-    if "timed out" in lowered or "timeout" in lowered:
-        return ConnectTimeout(text)
-    if "network is unreachable" in lowered:
-        return NetworkUnreachable(text)
-    if "unreachable" in lowered or "resolve" in lowered or "name" in lowered:
-        return HostUnreachable(text)
-    return GeneralFailure(text)
+    return error_from_reason(text)
 
 
 async def _resolve(host: str, port: int, family: int) -> tuple[str, int]:
