@@ -13,6 +13,7 @@ from anyio.abc import TaskStatus
 
 from ostp_proto import ClientConnection, ConnectionConfig
 from ostp_server import OstpServer, serve
+from tests.conftest import require
 
 from .helpers import KEY, OTHER_KEY, make_config, no_reply, poll_until, server, tcp_echo
 from .tunnel import tunnel
@@ -159,15 +160,19 @@ class _Spy:
         return getattr(self._sock, name)
 
 
-async def test_ipv6_listen() -> None:
+def _ipv6_loopback() -> bool:
     if not socket.has_ipv6:
-        pytest.skip("no IPv6 support")
+        return False
     try:
-        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        s.bind(("::1", 0))
-        s.close()
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
     except OSError:
-        pytest.skip("no IPv6 loopback in this environment")
+        return False
+    return True
+
+
+async def test_ipv6_listen() -> None:
+    require(_ipv6_loopback(), "needs IPv6 on loopback (::1)")
     async with (
         server(listen=["127.0.0.1:0", "[::1]:0"]) as srv,
         tcp_echo() as port,
