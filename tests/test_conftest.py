@@ -1,13 +1,21 @@
-"""The shared "skip here, fail in CI" rule of tests/conftest.py."""
+"""tests/conftest.py: the shared "skip here, fail in CI" rule and the Hypothesis profile."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
+import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import hypothesis.internal.conjecture.data as hypothesis_data
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import FailedHealthCheck
 
 from tests.conftest import in_ci, require, skip_or_fail
 
@@ -96,3 +104,48 @@ def test_marks_and_calls_in_a_real_run(tmp_path: Path) -> None:
     # the mark acts in setup (an error), the call in the test (a failure): both end the run red
     assert "1 failed, 1 passed, 1 error" in under_ci.stdout
     assert "needs unicorns" in under_ci.stdout and "needs new arithmetic" in under_ci.stdout
+
+
+# -- the Hypothesis profile ----------------------------------------------------------------------
+
+
+class _BusyClock(types.ModuleType):
+    """``time`` as Hypothesis's data module sees it on a loaded machine: every reading of
+    ``perf_counter`` comes 50 ms later than the last, as if other jobs held the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__("time")
+        self.readings = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def perf_counter(self) -> float:
+        self.readings += 1
+        return time.perf_counter() + 0.05 * self.readings
+
+
+def _property_test(profile: settings) -> Callable[[], None]:
+    nested = st.recursive(
+        st.integers() | st.text(max_size=5),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+        max_leaves=10,
+    )
+
+    @profile
+    @given(st.lists(nested, max_size=4))
+    def prop(value: list[Any]) -> None:
+        assert isinstance(value, list)
+
+    return prop
+
+
+def test_the_profile_does_not_time_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded = settings.default
+    assert loaded is not None and loaded.deadline is None
+    assert HealthCheck.too_slow in loaded.suppress_health_check
+    monkeypatch.setattr(hypothesis_data, "time", _BusyClock())
+    # Hypothesis's stock settings fail such a test on a busy machine; the profile does not.
+    with pytest.raises(FailedHealthCheck, match="generation is slow"):
+        _property_test(settings(settings.get_profile("default"), database=None))()
+    _property_test(settings(loaded, database=None, max_examples=30))()
