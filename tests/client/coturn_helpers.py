@@ -19,14 +19,13 @@ from pathlib import Path
 import pytest
 
 from ostp_client.nat.stun import MessageClass, Method, decode_message, encode_message
+from tests.conftest import require
 
 Address = tuple[str, int]
 TURNSERVER = shutil.which("turnserver")
 
-requires_coturn = pytest.mark.skipif(
-    TURNSERVER is None and not os.environ.get("CI"),
-    reason="needs coturn's turnserver (apt-get install coturn)",
-)
+NEEDS_COTURN = "needs coturn's turnserver (apt-get install coturn)"
+requires_coturn = pytest.mark.requires(TURNSERVER is not None, NEEDS_COTURN)
 
 
 def free_udp_port() -> int:
@@ -117,8 +116,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 @contextmanager
 def running_coturn(workdir: Path, *extra: str, relay_ip: str = "127.0.0.1") -> Iterator[Coturn]:
     """Start coturn on a free loopback port (extra flags as arguments); stop it afterwards."""
-    if TURNSERVER is None:
-        pytest.fail("turnserver missing under CI=true (apt-get install coturn)")
+    require(TURNSERVER is not None, NEEDS_COTURN)
     for _attempt in range(3):
         port = free_udp_port()
         cmd = coturn_command(port, workdir, *extra, relay_ip=relay_ip)

@@ -14,20 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import pytest
 
 from ostp_client.config import config_from_data
 from ostp_client.daemon import Daemon
 from ostp_client.inbounds.local_proxy import LocalProxyInbound
 from ostp_client.outbounds.base import Outbound
+from tests.conftest import require
 
 CURL = shutil.which("curl") or "/usr/bin/curl"
 ORIGIN_SCRIPT = Path(__file__).with_name("origin_server.py")
 
 
 def require_curl() -> None:
-    if not Path(CURL).exists():
-        pytest.skip("curl is not installed")
+    require(Path(CURL).exists(), "needs curl (apt-get install curl)")
 
 
 @dataclass

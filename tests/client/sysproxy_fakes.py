@@ -9,9 +9,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 from ostp_client.sysproxy.windows import RegData
+from tests.conftest import require
 
 
 @dataclass
@@ -48,14 +47,11 @@ class FakeWinInet:
 def require_tools(*tools: str) -> None:
     """Skip (fail under CI=true) when a system tool the test needs is missing."""
     missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        reason = (
-            f"needs {', '.join(missing)} (apt-get install libkf5config-bin "
-            "gsettings-desktop-schemas libglib2.0-bin)"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require(
+        not missing,
+        f"needs {', '.join(missing)} (apt-get install libkf5config-bin "
+        "gsettings-desktop-schemas libglib2.0-bin)",
+    )
 
 
 def isolated_env(tmp: Path) -> dict[str, str]:

@@ -32,17 +32,11 @@ from ostp_client.nat import (
 )
 from ostp_client.nat.stun import MessageClass, Method, encode_message
 
-from .coturn_helpers import TURNSERVER, Coturn, free_udp_port, running_coturn
+from .coturn_helpers import Coturn, free_udp_port, requires_coturn, running_coturn
 
 Address = tuple[str, int]
 
-pytestmark = [
-    pytest.mark.timeout(60),
-    pytest.mark.skipif(
-        TURNSERVER is None and not os.environ.get("CI"),
-        reason="needs coturn's turnserver (apt-get install coturn)",
-    ),
-]
+pytestmark = [pytest.mark.timeout(60), requires_coturn]
 
 
 @pytest.fixture

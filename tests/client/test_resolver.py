@@ -6,7 +6,6 @@ The responder builds its answers by hand (struct), independently of `ostp_client
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -40,6 +39,7 @@ from ostp_client.tun.dns import (
     parse_query,
     parse_response,
 )
+from tests.conftest import is_root, require
 
 A, AAAA, CNAME = 1, 28, 5
 
@@ -347,10 +347,7 @@ def test_fuzz_dns_response_mutated(noise: bytes, at: int) -> None:
 
 
 def _need_root() -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("needs root (SO_MARK)")
-        pytest.skip("needs root (SO_MARK)")
+    require(is_root(), "needs root (SO_MARK)")
 
 
 @pytest.mark.anyio

@@ -184,7 +184,7 @@ def test_apply_over_stale_state_keeps_the_original_previous_values(tmp_path: Pat
     assert fake.values == before
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+@pytest.mark.requires(Path("/proc/self/stat").exists(), "needs Linux /proc")
 def test_state_owned_by_a_live_process_is_left_alone(tmp_path: Path) -> None:
     fake = FakeWinInet({"ProxyEnable": (REG_DWORD, 0)})
     make(fake, tmp_path).apply("127.0.0.1", 1088)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +79,12 @@ def _ostp(daemon: Any) -> OstpOutbound:
 
 async def _connected(daemon: Any, limit: float = 15) -> None:
     await wait_for(lambda: _ostp(daemon).state == "connected", limit)
+
+
+def _attempted_again(daemon: Any) -> Callable[[], bool]:
+    """A condition: the outbound has started another connection attempt since now."""
+    attempts: int = _ostp(daemon).status()["reconnects"]
+    return lambda: _ostp(daemon).status()["reconnects"] > attempts
 
 
 async def _download(port: int, origin: Origin, mode: str, size: int, out: Path) -> None:
@@ -165,12 +170,11 @@ async def test_reconnects_after_the_server_returns(
         port = proxy_port(daemon)
         for _ in range(3):
             server.stop()
-            await wait_for(lambda: _ostp(daemon).state == "connecting", 10)
-            await anyio.sleep(1.0)
-            server.start()
-            back = time.monotonic()
-            await _connected(daemon, limit=10)
-            assert time.monotonic() - back <= 6.0
+            await wait_for(lambda: _ostp(daemon).state == "connecting", 20)
+            # the server stays away until the client has begun a new attempt without it
+            await wait_for(_attempted_again(daemon), 30)
+            await anyio.to_thread.run_sync(server.start)
+            await _connected(daemon, limit=30)
             await _download(port, origin, "socks5h", 2 * MB, tmp_path / "after")
         assert _ostp(daemon).status()["reconnects"] >= 3
 
@@ -304,10 +308,23 @@ async def test_a_reader_that_stops_pauses_the_session_and_gets_everything_later(
         assert reply[1] == 0
         await stream.send(f"GET /bytes/{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         peak = 0
-        for _ in range(250):  # 2.5 s without reading a byte
+
+        def dropped() -> int:
+            return sum(s.conn.stats.paused_drop for s in outbound.sessions if s.conn)
+
+        def sample() -> bool:
+            nonlocal peak
             peak = max(peak, *(s.buffered for s in outbound.sessions))
-            await anyio.sleep(0.01)
-        dropped = sum(s.conn.stats.paused_drop for s in outbound.sessions if s.conn)
+            return peak >= STREAM_RECEIVE_LIMIT and dropped() > 0
+
+        # Without reading a byte: wait until the session holds its limit and refuses Data, then
+        # stay away a little longer while the server keeps sending (the bound must hold on).
+        await wait_for(sample, 60)
+        with anyio.move_on_after(1.0):
+            while True:
+                sample()
+                await anyio.sleep(0.01)
+        refused = dropped()
         body = bytearray()
         start = -1
         with anyio.fail_after(60):
@@ -318,5 +335,5 @@ async def test_a_reader_that_stops_pauses_the_session_and_gets_everything_later(
         rest = bytes(body[start:])
         await stream.aclose()
     assert STREAM_RECEIVE_LIMIT <= peak < 16 * MB
-    assert dropped > 0  # Data was refused unacknowledged while the reader slept ...
+    assert refused > 0  # Data was refused unacknowledged while the reader slept ...
     assert hashlib.sha256(rest[:size]).hexdigest() == body_sha256(size)  # ... and sent again

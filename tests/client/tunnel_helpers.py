@@ -35,17 +35,26 @@ class ServerProcess:
     key: str = field(default_factory=lambda: secrets.token_hex(16))
     process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, time_limit: float = 30) -> None:
+        """Start the server and return once it logged that its UDP socket is bound."""
         config = self.workdir / "server.json"
         config.write_text(
             json.dumps({"listen": f"127.0.0.1:{self.port}", "access_keys": [self.key]})
         )
-        self.process = subprocess.Popen(
-            [str(SERVER_EXE), "run", "-c", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=(self.workdir / "server.log").open("ab"),
-        )
-        time.sleep(0.3)  # the socket is bound well within this; the client retries anyway
+        log = self.workdir / "server.log"
+        ready = f"listening on udp 127.0.0.1:{self.port}"
+        seen = log.read_text().count(ready) if log.exists() else 0  # the log survives restarts
+        with log.open("ab") as stderr:
+            self.process = subprocess.Popen(
+                [str(SERVER_EXE), "run", "-c", str(config)],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        deadline = time.monotonic() + time_limit
+        while log.read_text().count(ready) <= seen:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"ostp-server did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.02)
 
     def stop(self) -> None:
         if self.process is not None:

@@ -1,18 +1,16 @@
-"""Loads the shared test vectors (../shared/spec beside the repository)."""
+"""Loads the test vectors kept in ``tests/proto/vectors/`` (provenance in its README)."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-SPEC = Path(os.environ.get("OSTP_SPEC_DIR", REPO.parent / "shared" / "spec"))
+VECTORS = Path(__file__).with_name("vectors")
 
 
 def load(name: str) -> Any:
-    return json.loads((SPEC / name).read_text())
+    return json.loads((VECTORS / name).read_text(encoding="utf-8"))
 
 
 UPSTREAM: dict[str, Any] = load("upstream-vectors.json")

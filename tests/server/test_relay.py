@@ -228,7 +228,9 @@ async def test_slow_client_bounds_the_send_buffer() -> None:
         t.pause()
         await t.write(sid, b"g")
         await poll_until(lambda: sent > 0)
-        await anyio.sleep(1.0)  # the server has had time to read all it would
+        # The client reads nothing, so the server's send buffer fills until the session is no
+        # longer writable and the relay stops reading the remote: wait for that state.
+        await poll_until(lambda: not session.conn.writable, limit=60)
         held = session.conn.send_buffer_bytes
         assert held <= session.conn.config.send_buffer_limit + 65536
         assert sent < total  # the remote was throttled, not drained into memory

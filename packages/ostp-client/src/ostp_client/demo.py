@@ -3,6 +3,8 @@
 Everything listens on 127.0.0.1 only. The server runs as a child process (`python -m
 ostp_server`), so the client package never imports the server; a small HTTP origin runs in a
 thread so that `curl` through the proxy has something to fetch without any internet access.
+The client serves the default control socket, so `ostp-tui` in another terminal attaches with
+no arguments (a private socket, and the `--socket` to pass, when a daemon already serves it).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import anyio
 
 from ostp_client.cli import EXIT_FAILURE, EXIT_OK, command, setup_logging
 from ostp_client.config import ClientConfig
+from ostp_client.control.protocol import default_socket_path
+from ostp_client.control.server import ControlServer
 from ostp_client.daemon import Daemon
 
 logger = logging.getLogger(__name__)
@@ -76,6 +80,24 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", help="log level (default info)")
 
 
+def _unix_socket_is_live(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def _control_path(workdir: Path) -> str:
+    """The default control socket, unless a running daemon already serves it."""
+    default = default_socket_path()
+    if sys.platform == "win32" or not _unix_socket_is_live(default):
+        return default
+    return str(workdir / "control.sock")
+
+
 def _server_command(config_path: Path) -> list[str]:
     exe = shutil.which("ostp-server")
     if exe is not None:
@@ -97,6 +119,7 @@ def run_demo(args: argparse.Namespace) -> int:
     origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Origin)
     origin_port = origin.server_address[1]
     threading.Thread(target=origin.serve_forever, daemon=True).start()
+    control = _control_path(workdir)
     client_config = ClientConfig.model_validate(
         {
             "log": {"level": args.log_level},
@@ -119,6 +142,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 {"type": "block", "tag": "block"},
             ],
             "routing": {"rules": [], "default_outbound": "proxy"},
+            "control": {"socket": control},
         }
     )
     (workdir / "client.json").write_text(
@@ -150,37 +174,58 @@ async def _run(
 ) -> int:
     daemon = Daemon(config)
     async with anyio.create_task_group() as tg:
-        await tg.start(daemon.run)
-        outbound = daemon.outbounds["proxy"]
-        deadline = time.monotonic() + 15
-        while outbound.status().get("state") != "connected":
-            if server.poll() is not None or time.monotonic() > deadline:
-                print("demo: the local ostp-server did not come up; see its log above.")
-                daemon.stop()
-                return EXIT_FAILURE
-            await anyio.sleep(0.05)
-        print(
-            f"""
+        try:
+            control = ControlServer(daemon, config_path=str(workdir / "client.json"))
+            await tg.start(control.run)  # removes its socket when the demo stops
+            if not control.listening and control.path != str(workdir / "control.sock"):
+                # a daemon took the default socket after we looked: use one of our own
+                control = ControlServer(
+                    daemon, str(workdir / "control.sock"), config_path=str(workdir / "client.json")
+                )
+                await tg.start(control.run)
+            await tg.start(daemon.run)
+            outbound = daemon.outbounds["proxy"]
+            deadline = time.monotonic() + 15
+            while outbound.status().get("state") != "connected":
+                if server.poll() is not None or time.monotonic() > deadline:
+                    print("demo: the local ostp-server did not come up; see its log above.")
+                    return EXIT_FAILURE
+                await anyio.sleep(0.05)
+            print(_banner(args.port, server_port, origin_port, workdir), flush=True)
+            print(_watch_line(control), flush=True)
+            if args.duration is not None:
+                await anyio.sleep(args.duration)
+            else:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        break
+        finally:
+            daemon.stop()
+            tg.cancel_scope.cancel()
+    return EXIT_OK
+
+
+def _banner(port: int, server_port: int, origin_port: int, workdir: Path) -> str:
+    return f"""
 ostp-py demo is running (loopback only; Ctrl-C stops it).
   OSTP server   127.0.0.1:{server_port}/udp  (fresh key; configs in {workdir})
-  local proxy   127.0.0.1:{args.port}  (SOCKS5 and HTTP on one port)
+  local proxy   127.0.0.1:{port}  (SOCKS5 and HTTP on one port)
   test origin   http://127.0.0.1:{origin_port}/
 
 Try it:
-  curl -x socks5h://127.0.0.1:{args.port} http://127.0.0.1:{origin_port}/
-  curl -x http://127.0.0.1:{args.port} http://127.0.0.1:{origin_port}/
-  curl -x socks5h://127.0.0.1:{args.port} -o /dev/null -w '%{{speed_download}} B/s\\n' \\
-       http://127.0.0.1:{origin_port}/bytes/100000000
-""",
-            flush=True,
-        )
-        if args.duration is not None:
-            await anyio.sleep(args.duration)
-            daemon.stop()
-        else:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    daemon.stop()
-                    break
-        tg.cancel_scope.cancel()
-    return EXIT_OK
+  curl -x socks5h://127.0.0.1:{port} http://127.0.0.1:{origin_port}/
+  curl -x http://127.0.0.1:{port} http://127.0.0.1:{origin_port}/
+  curl -x socks5h://127.0.0.1:{port} -o /dev/null -w '%{{speed_download}} B/s\\n' \\
+       http://127.0.0.1:{origin_port}/bytes/100000000"""
+
+
+def _watch_line(control: ControlServer) -> str:
+    """The last line of the "Try it" text: how to open the dashboard on this demo."""
+    path = control.path
+    if not control.listening:
+        return f"  (no dashboard: the control socket {path} is not available; see the log above)\n"
+    command = "ostp-tui" if path == default_socket_path() else f"ostp-tui --socket {path}"
+    where = "in a second terminal"
+    if os.environ.get("HATCH_ENV_ACTIVE"):  # `hatch run` put ostp-tui on this PATH only
+        where += f" (from this checkout: hatch run {command})"
+    return f"  # {where}:\n  watch it: {command}\n"

@@ -1,7 +1,8 @@
 """ostp_proto: the OSTP wire protocol as a sans-IO library.
 
-Byte-compatible with the upstream Rust implementation (see the shared spec). Feed bytes and the
-current time in; take datagrams and events out.
+Byte-compatible with the upstream Rust implementation; the wire format is described in the
+repository's docs/protocol.md (``spec §N`` in comments means its §N). Feed bytes and the current
+time in; take datagrams and events out.
 """
 
 from .connection import (

@@ -574,6 +574,8 @@ class ControlServer:
         self._seen: dict[int, tuple[str | None, int, int]] = {}
         self.malformed_lines = 0
         self.clients = 0
+        self.listening = False
+        """True while the socket is served (False when it could not be opened, e.g. taken)."""
         self._tg: anyio.abc.TaskGroup | None = None
         self._handlers: dict[str, Handler] = {
             "hello": self._hello,
@@ -597,6 +599,7 @@ class ControlServer:
             listener = await open_control_listener(self.path)  # StartError: the daemon stops
             identity = _inode(self.path)
             logger.info("control socket on %s", self.path)
+            self.listening = True
             try:
                 async with listener, anyio.create_task_group() as tg:
                     self._tg = tg
@@ -606,6 +609,7 @@ class ControlServer:
                     task_status.started()
                     await listener.serve(self._serve_client, task_group=tg)
             finally:
+                self.listening = False
                 if identity is not None and _inode(self.path) == identity:
                     with suppress(OSError):
                         os.unlink(self.path)
