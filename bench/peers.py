@@ -74,11 +74,24 @@ PASSWORD = "peers-bench-password"
 
 @dataclass
 class Running:
-    """A started tunnel: its SOCKS5 port and the pids of its client and server processes."""
+    """A started tunnel: its SOCKS5 port and its client and server processes."""
 
     socks_port: int
-    client_pid: int
-    server_pid: int
+    client: subprocess.Popen[bytes]
+    server: subprocess.Popen[bytes]
+
+    @property
+    def client_pid(self) -> int:
+        return self.client.pid
+
+    @property
+    def server_pid(self) -> int:
+        return self.server.pid
+
+    def check_alive(self) -> None:
+        for side, proc in (("client", self.client), ("server", self.server)):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the tunnel's {side} exited with {proc.returncode}")
 
 
 Starter = Callable[[ExitStack, Path], Running]
@@ -135,7 +148,7 @@ def start_ostp(stack: ExitStack, tmp: Path) -> Running:
             tmp / "ostp-client.log",
         )
     )
-    return Running(socks_port, client.pid, server.pid)
+    return Running(socks_port, client, server)
 
 
 def start_ss_libev(stack: ExitStack, tmp: Path) -> Running:
@@ -149,7 +162,7 @@ def start_ss_libev(stack: ExitStack, tmp: Path) -> Running:
             tmp / "ss-local.log",
         )
     )
-    return Running(socks_port, client.pid, server.pid)
+    return Running(socks_port, client, server)
 
 
 def start_v2ray(stack: ExitStack, tmp: Path) -> Running:
@@ -203,7 +216,7 @@ def start_v2ray(stack: ExitStack, tmp: Path) -> Running:
     client = stack.enter_context(
         process([v2ray, "-config", str(tmp / "v2ray-client.json")], tmp / "v2ray-client.log")
     )
-    return Running(socks_port, client.pid, server.pid)
+    return Running(socks_port, client, server)
 
 
 def start_pproxy(stack: ExitStack, tmp: Path) -> Running:
@@ -218,7 +231,7 @@ def start_pproxy(stack: ExitStack, tmp: Path) -> Running:
             tmp / "pproxy-client.log",
         )
     )
-    return Running(socks_port, client.pid, server.pid)
+    return Running(socks_port, client, server)
 
 
 def tunnels() -> list[Tunnel]:
@@ -336,6 +349,8 @@ def wait_usable(origin: Origin, socks_port: int, limit: float = 30.0) -> None:
 def measure(origin: Origin, running: Running | None, direction: str, size: int) -> dict[str, float]:
     """One transfer: MB/s, and CPU seconds per GiB of the tunnel's processes (total and sides)."""
     pids = [] if running is None else [running.client_pid, running.server_pid]
+    if running is not None:
+        running.check_alive()
     before = [cpu_seconds(p) for p in pids]
     socks = None if running is None else running.socks_port
     seconds = download(origin, socks, size) if direction == "download" else upload(origin, socks)
@@ -550,6 +565,7 @@ def main() -> int:
         "tunnels": {},
     }
     direct: dict[str, list[dict[str, float]]] = {"download": [], "upload": []}
+    failed = True
     try:
         with ExitStack() as stack:
             origin_proc = stack.enter_context(_origin(tmp))
@@ -586,8 +602,12 @@ def main() -> int:
                 record["profiles"] = profile_ostp(
                     origin, ostp.running, args.profile_mb * 1_000_000, args.profile_rate
                 )
+        failed = False
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if failed:
+            print(f"peers: failed; the tunnels' logs are in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "peers.json").write_text(json.dumps(record, indent=2) + "\n")
     with (RESULTS / "peers-history.jsonl").open("a") as history:
