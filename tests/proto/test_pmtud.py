@@ -377,6 +377,23 @@ def test_late_and_stale_reports() -> None:
     assert pm.stats.stale_probe_reports == 2
 
 
+def test_a_probe_acked_after_a_fallback_does_not_undo_it() -> None:
+    pm = PathMtuDiscovery(PmtudConfig(max_plpmtu=9000))
+    while (size := pm.probe_size_to_send(0.0)) is not None and size != 1452:
+        if size == 9000:
+            pm.on_probe_lost(size, 0.0)  # the optimistic ceiling fails
+        else:
+            pm.on_probe_acked(size, 0.0)  # the base, then the table up to 1422
+    assert size == 1452
+    assert pm.max_datagram_size == 1422
+    pm.on_packet_too_big(1400, 0.01)  # the path narrowed while the probe was out
+    assert state(pm) is PmtudState.BASE
+    pm.on_probe_acked(1452, 0.02)  # it had passed before the change
+    assert pm.max_datagram_size == BASE_PLPMTU
+    assert state(pm) is PmtudState.BASE
+    assert pm.stats.stale_probe_reports == 1
+
+
 def test_bad_configuration_is_the_callers_error() -> None:
     with pytest.raises(LocalProtocolError):
         PmtudConfig(base_plpmtu=1000, min_plpmtu=1200)

@@ -218,18 +218,20 @@ class PathMtuDiscovery:
 
     def on_probe_acked(self, size: int, now: float) -> None:
         """The probe of ``size`` bytes was acknowledged: the path carries that size."""
+        base = self.config.base_plpmtu
+        confirming = self._state in (PmtudState.BASE, PmtudState.ERROR)
         if size == self._probe_size:
             self._probe_size = None
-        elif size <= self._plpmtu and self._state is not PmtudState.BASE:
+        elif (size != base) if confirming else (size <= self._plpmtu):
+            # a probe from before a fallback proves nothing about the path now
             self.stats.stale_probe_reports += 1
             return
         self.stats.probes_acked += 1
         self._probe_count = 0
         if self._ptb_hint is not None and size >= self._ptb_hint:
             self._ptb_hint = None
-        if self._state in (PmtudState.BASE, PmtudState.ERROR):
-            if size >= self.config.base_plpmtu:
-                self._confirm_base(size, now)
+        if confirming:
+            self._confirm_base(base, now)
             return
         if self._state is PmtudState.DISABLED:
             return
