@@ -504,13 +504,16 @@ def profile_ostp(origin: Origin, running: Running, size: int, rate: int) -> dict
 
 
 def _git_commit() -> str:
+    git = shutil.which("git")
+    if git is None:
+        return "unknown"
     result = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        [git, "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
         capture_output=True,
         text=True,
         check=False,
     )
-    return result.stdout.strip()
+    return result.stdout.strip() or "unknown"
 
 
 def main() -> int:
