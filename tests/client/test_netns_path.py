@@ -82,7 +82,10 @@ class Receiver:
         got: list[int] = []
         deadline = time.monotonic() + 20
         while True:
-            line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise AssertionError(f"no end marker from the receiver; got {got}") from None
             if line == "END":  # the veth keeps order: all that will arrive came before
                 return got, sends
             got.append(int(line))
