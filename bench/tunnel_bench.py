@@ -22,45 +22,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-BIN = Path(sys.executable).parent
-CURL = shutil.which("curl") or "/usr/bin/curl"
 
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_tcp(port: int, limit: float = 15.0) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-@contextmanager
-def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=out)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+from bench._common import (  # noqa: E402
+    BIN,
+    CURL,
+    free_port,
+    ostp_client_config,
+    process,
+    rss_mb,
+    wait_tcp,
+)
 
 
 def curl_speed(url: str, proxy: list[str]) -> float:
@@ -76,37 +52,6 @@ def curl_speed(url: str, proxy: list[str]) -> float:
 
 def best(url: str, proxy: list[str], runs: int) -> float:
     return max(curl_speed(url, proxy) for _ in range(runs))
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def client_config(path: Path, port: int, server_port: int, key: str) -> None:
-    path.write_text(
-        json.dumps(
-            {
-                "log": {"level": "warning"},
-                "inbounds": [
-                    {"type": "local_proxy", "tag": "in", "listen": "127.0.0.1", "port": port}
-                ],
-                "outbounds": [
-                    {
-                        "type": "ostp",
-                        "tag": "proxy",
-                        "server": f"127.0.0.1:{server_port}",
-                        "access_key": key,
-                    }
-                ],
-                "routing": {"default_outbound": "proxy"},
-                # no control socket: the default path may belong to another running daemon
-                "control": {"socket": ""},
-            }
-        )
-    )
 
 
 async def hold_streams(proxy_port: int, target_port: int, count: int) -> list[asyncio.StreamWriter]:
@@ -125,7 +70,7 @@ async def hold_streams(proxy_port: int, target_port: int, count: int) -> list[as
 def memory(tmp: Path, server_port: int, key: str) -> dict[str, float]:
     port = free_port()
     config = tmp / "mem-client.json"
-    client_config(config, port, server_port, key)
+    ostp_client_config(config, port, server_port, key)
     sink_port = free_port()
     result: dict[str, float] = {}
 
@@ -175,7 +120,7 @@ def main() -> None:
     (tmp / "server.json").write_text(
         json.dumps({"listen": f"127.0.0.1:{server_port}", "access_keys": [key]})
     )
-    client_config(tmp / "client.json", proxy_port, server_port, key)
+    ostp_client_config(tmp / "client.json", proxy_port, server_port, key)
     url = f"http://127.0.0.1:{origin_port}/body"
     results: dict[str, float] = {}
     origin_cmd = [sys.executable, "-m", "http.server", str(origin_port), "--bind", "127.0.0.1"]
@@ -215,7 +160,7 @@ def main() -> None:
         }
         for name, (loss, dup, reorder) in faults.items():
             with LossyRelay(server_port, loss, duplicate=dup, reorder=reorder) as relay:
-                client_config(tmp / "lossy.json", lossy_proxy_port, relay.port, key)
+                ostp_client_config(tmp / "lossy.json", lossy_proxy_port, relay.port, key)
                 lossy_cmd = [str(BIN / "ostp-client"), "run", "-c", str(tmp / "lossy.json")]
                 with process(lossy_cmd, tmp / "l.log"):
                     wait_tcp(lossy_proxy_port)

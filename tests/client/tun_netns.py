@@ -1,4 +1,4 @@
-"""Two network namespaces for the TUN tests and the netstack benchmark.
+"""Two network namespaces for the TUN tests, path-MTU tests and the netstack benchmark.
 
 ```
  client ns ("c")                                   server ns ("s")
@@ -12,8 +12,10 @@ so curl's traffic enters the TUN; the daemon reaches the server namespace over t
 `direct` outbound with `override_address` 192.0.2.2, or `ostp` to an ostp-server at 192.0.2.2).
 With `default_route=True` the client namespace is a real machine's: default routes via the
 server namespace in its main table, which the TUN's policy routing takes over (and which the
-daemon's marked sockets keep using). Every address is a documentation range inside namespaces
-this module creates and deletes.
+daemon's marked sockets keep using). With `drop_fragments()` both ends of the veth drop IP
+fragments at ingress, as many middleboxes (and most IPv6 paths) do: a datagram larger than the
+veth's MTU then never arrives, whatever sends it. Every address is a documentation range inside
+namespaces this module creates and deletes.
 """
 
 from __future__ import annotations
@@ -138,6 +140,42 @@ class Namespaces:
 
     def ip(self, ns: str, *args: str) -> str:
         return _run("ip", "-n", ns, *args).stdout
+
+    def drop_fragments(self) -> None:
+        """Drop IPv4 and IPv6 fragments arriving on either veth end (needs `nft`).
+
+        In the netdev family's ingress hook, before the kernel reassembles anything: every
+        IPv4 packet with MF set or a non-zero fragment offset (first, middle and last fragments)
+        and every IPv6 packet with a Fragment header. Unfragmented packets pass, DF or not.
+        """
+        for ns, dev in ((self.client, self._veth_c), (self.server, self._veth_s)):
+            ruleset = (
+                "table netdev ostp_frag {\n"
+                "  chain ingress {\n"
+                f'    type filter hook ingress device "{dev}" priority -500; policy accept;\n'
+                "    ip frag-off & 0x3fff != 0 counter drop\n"
+                "    exthdr frag exists counter drop\n"
+                "  }\n"
+                "}\n"
+            )
+            subprocess.run(
+                ["ip", "netns", "exec", ns, "nft", "-f", "-"],
+                input=ruleset,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=30,
+            )
+
+    def fragments_dropped(self) -> int:
+        """Fragments the `drop_fragments()` rules dropped so far, both namespaces together."""
+        total = 0
+        for ns in (self.client, self.server):
+            listing = self.exec(ns, "nft", "list", "table", "netdev", "ostp_frag")
+            for word, value in zip(listing.split(), listing.split()[1:], strict=False):
+                if word == "packets":
+                    total += int(value)
+        return total
 
     def table(self, table: int, family: str = "-4") -> str:
         """``ip route show table N`` in the client namespace ("" when the table never existed)."""
