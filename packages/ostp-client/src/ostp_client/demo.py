@@ -32,6 +32,7 @@ from ostp_client.config import ClientConfig
 from ostp_client.control.protocol import default_socket_path
 from ostp_client.control.server import ControlServer
 from ostp_client.daemon import Daemon
+from ostp_client.inbounds.base import StartError
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +177,11 @@ async def _run(
     async with anyio.create_task_group() as tg:
         try:
             control = ControlServer(daemon, config_path=str(workdir / "client.json"))
-            await tg.start(control.run)  # removes its socket when the demo stops
-            if not control.listening and control.path != str(workdir / "control.sock"):
+            try:
+                await tg.start(control.run)  # removes its socket when the demo stops
+            except StartError:
+                if control.path == str(workdir / "control.sock"):
+                    raise
                 # a daemon took the default socket after we looked: use one of our own
                 control = ControlServer(
                     daemon, str(workdir / "control.sock"), config_path=str(workdir / "client.json")
