@@ -263,6 +263,7 @@ class OstpStream(_Channel, anyio.abc.ByteStream):
             self._eof = True
             self.session.send_message(self.stream_id, Close())
             self.session.unbind(self.stream_id)
+            self.readable.set()  # nothing comes after Close: a waiting receive() ends now
 
     async def aclose(self) -> None:
         if self.closed:
