@@ -8,6 +8,7 @@ not). A line that is not a valid request is answered with an error and the conne
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 import os
@@ -59,6 +60,7 @@ from ostp_client.control.protocol import (
     level_at_least,
 )
 from ostp_client.daemon import ReloadError
+from ostp_client.serving import serve_listener
 
 if TYPE_CHECKING:
     from ostp_client.daemon import Daemon
@@ -203,6 +205,7 @@ def describe_rule(conditions: dict[str, list[Any]]) -> str:
     )
 
 
+@functools.cache  # read once: later, the process may be out of descriptors
 def _daemon_version() -> str:
     try:
         return importlib.metadata.version("ostp-client")
@@ -510,7 +513,7 @@ class ControlServer:
                     if self.handle_sighup and hasattr(signal, "SIGHUP"):
                         tg.start_soon(self._watch_sighup)
                     task_status.started()
-                    await listener.serve(self._serve_client, task_group=tg)
+                    await serve_listener(listener, self._serve_client, tg, what="control socket")
             finally:
                 if identity is not None and _inode(self.path) == identity:
                     with suppress(OSError):

@@ -15,6 +15,7 @@ from ostp_client.inbounds.http_proxy import handle_http
 from ostp_client.inbounds.socks5 import VERSION as SOCKS5_VERSION
 from ostp_client.inbounds.socks5 import handle_socks5
 from ostp_client.outbounds.base import Address
+from ostp_client.serving import serve_listener
 
 __all__ = ["LocalProxyInbound"]
 
@@ -50,7 +51,7 @@ class LocalProxyInbound(Inbound):
             auth = "with authentication" if self.settings.users else "no authentication"
             logger.info("inbound %s: SOCKS5+HTTP proxy on %s (%s)", self.tag, where, auth)
             task_status.started()
-            await listener.serve(self._handle, task_group=tg)
+            await serve_listener(listener, self._handle, tg, what=f"inbound {self.tag}")
 
     def status(self) -> dict[str, object]:
         return {
