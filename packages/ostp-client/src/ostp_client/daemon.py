@@ -51,6 +51,7 @@ from ostp_client.inbounds import Inbound, build_inbound
 from ostp_client.inbounds.local_proxy import LocalProxyInbound
 from ostp_client.outbounds import Outbound, OutboundContext, OutboundError, build_outbound
 from ostp_client.router import Router, RoutingError
+from ostp_client.serving import run_contained
 from ostp_client.sysproxy import SystemProxy, SystemProxyError, SystemProxyGuard
 
 __all__ = ["RELOAD_GRACE", "Daemon", "ReloadError", "ReloadOutcome", "run_daemon"]
@@ -80,6 +81,18 @@ class ReloadOutcome:
     """Changed sections that take effect after a restart only."""
     changes: list[str] = field(default_factory=list)
     """One line per change, for the log and the control reply."""
+
+
+class _StartedFlag:
+    """A part's task status that remembers whether the part said it had started."""
+
+    def __init__(self, status: TaskStatus[None]) -> None:
+        self._status = status
+        self.started_yet = False
+
+    def started(self, value: None = None) -> None:
+        self.started_yet = True
+        self._status.started(value)
 
 
 @dataclass(eq=False, slots=True)
@@ -237,15 +250,23 @@ class Daemon:
         task = _Task(part)
         self._tasks[id(part)] = task
         try:
-            await self._tg.start(self._run_part, task, name=f"{kind} {part.tag}")
+            await self._tg.start(self._run_part, task, kind, name=f"{kind} {part.tag}")
         except BaseException:
             self._tasks.pop(id(part), None)
             raise
 
-    async def _run_part(self, task: _Task, *, task_status: TaskStatus[None]) -> None:
+    async def _run_part(self, task: _Task, kind: str, *, task_status: TaskStatus[None]) -> None:
+        status = _StartedFlag(task_status)
         try:
             with task.scope:
-                await task.part.run(task_status=task_status)
+                await task.part.run(task_status=status)
+        except Exception:
+            if not status.started_yet:
+                raise  # it could not start: the caller (start, reload) reports that
+            # One part's failure does not end the daemon: the others keep serving.
+            logger.exception(
+                "%s %s stopped after an error; the rest keeps running", kind, task.part.tag
+            )
         finally:
             task.done.set()
 
@@ -420,7 +441,14 @@ class Daemon:
                 changes.append(f"outbound {tag} removed ({len(conn_ids)} connection(s) closed)")
             elif plan.outbounds[tag] is not outbound:
                 assert self._tg is not None
-                self._tg.start_soon(self._retire, outbound, conn_ids, name=f"retire {tag}")
+                self._tg.start_soon(
+                    run_contained,
+                    f"retiring outbound {tag}",
+                    self._retire,
+                    outbound,
+                    conn_ids,
+                    name=f"retire {tag}",
+                )
                 changes.append(
                     f"outbound {tag} replaced ({len(conn_ids)} connection(s) stay on the old"
                     f" one for up to {self.reload_grace:.0f} s)"

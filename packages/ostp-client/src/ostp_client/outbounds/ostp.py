@@ -447,6 +447,9 @@ class _Session:
             except OSError as exc:
                 self.last_error = f"socket error: {exc.strerror or exc}"
                 logger.warning("%s session %d: %s", self.outbound.tag, self.index, self.last_error)
+            except Exception as exc:  # a bug must cost this session, not the daemon
+                self.last_error = f"internal error: {exc!r}"
+                logger.exception("%s session %d failed", self.outbound.tag, self.index)
             self._teardown(self.last_error or "session ended")
             if self._retry_now:
                 self._retry_now = False
