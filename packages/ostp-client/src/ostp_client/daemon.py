@@ -284,7 +284,7 @@ class Daemon:
         with anyio.move_on_after(self.reload_grace):
             while any(i in self.registry.live for i in conn_ids):  # noqa: ASYNC110 (no event)
                 await anyio.sleep(_RETIRE_POLL)
-        closed = sum(self.registry.cancel(i) for i in conn_ids)
+        closed = sum(self.registry.cancel(i) for i in conn_ids)  # reset (RST), not a clean end
         if closed:
             logger.info(
                 "replaced outbound %s: closed %d connection(s) after %.0f s",

@@ -17,7 +17,13 @@ import anyio
 import anyio.abc
 import h11
 
-from ostp_client.connections import EXPECTED_STREAM_ERRORS, READ_SIZE, Dispatcher, relay_streams
+from ostp_client.connections import (
+    EXPECTED_STREAM_ERRORS,
+    READ_SIZE,
+    Dispatcher,
+    relay_streams,
+    reset_on_close,
+)
 from ostp_client.inbounds.base import ProxySettings, check_user
 from ostp_client.outbounds.base import (
     Address,
@@ -174,14 +180,23 @@ def _header(headers: Iterable[tuple[bytes, bytes]], wanted: bytes) -> bytes | No
 # the anyio shell
 
 
-async def _next_event(conn: h11.Connection, stream: anyio.abc.ByteReceiveStream) -> object:
+async def _next_event(
+    conn: h11.Connection, stream: anyio.abc.ByteReceiveStream, *, broken_is_eof: bool = True
+) -> object:
+    """The next h11 event, reading as needed. A stream that broke counts as closed unless
+    ``broken_is_eof`` is False (the origin's side: a tunnel that broke mid-body must not pass
+    for the end of a close-delimited body), then BrokenResourceError propagates."""
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
         try:
             data = await stream.receive(READ_SIZE)
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
+        except anyio.EndOfStream:
+            data = b""
+        except anyio.BrokenResourceError:
+            if not broken_is_eof:
+                raise
             data = b""
         conn.receive_data(data)
 
@@ -211,6 +226,10 @@ async def _send_error(
     await stream.send(data)
 
 
+_AT_REST = {h11.IDLE, h11.DONE, h11.MUST_CLOSE, h11.CLOSED}
+"""h11 states of an origin connection with no exchange in progress."""
+
+
 @dataclass(slots=True)
 class _Upstream:
     target: Address
@@ -234,39 +253,47 @@ class _HttpSession:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self.upstream: _Upstream | None = None
 
-    async def close_upstream(self) -> None:
+    async def close_upstream(self, reset: bool = False) -> None:
+        """Close the origin connection; ``reset`` when an exchange on it did not complete."""
         if self.upstream is not None:
             upstream, self.upstream = self.upstream, None
+            if reset or not {upstream.conn.our_state, upstream.conn.their_state} <= _AT_REST:
+                reset_on_close(upstream.stream)
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await upstream.stream.aclose()
 
     async def serve(self, initial: bytes) -> None:
         self.conn.receive_data(initial)
+        ended = False
         try:
-            while True:
-                try:
-                    with anyio.fail_after(self.timeout):
-                        event = await _next_event(self.conn, self.stream)
-                except TimeoutError:
-                    logger.debug("#%d HTTP: client idle, closing", self.ctx.id)
-                    return
-                except h11.RemoteProtocolError as exc:
-                    status = exc.error_status_hint
-                    await _send_error(self.conn, self.stream, status, f"Bad request: {exc}")
-                    return
-                if not isinstance(event, h11.Request):
-                    return  # ConnectionClosed
-                try:
-                    if not await self.handle_request(event):
-                        return
-                except h11.RemoteProtocolError as exc:
-                    logger.debug("#%d HTTP: bad request body: %s", self.ctx.id, exc)
-                    return
-                if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
-                    return
-                self.conn.start_next_cycle()
+            await self._serve()
+            ended = True
         finally:
-            await self.close_upstream()
+            await self.close_upstream(reset=not ended)
+
+    async def _serve(self) -> None:
+        while True:
+            try:
+                with anyio.fail_after(self.timeout):
+                    event = await _next_event(self.conn, self.stream)
+            except TimeoutError:
+                logger.debug("#%d HTTP: client idle, closing", self.ctx.id)
+                return
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                await _send_error(self.conn, self.stream, status, f"Bad request: {exc}")
+                return
+            if not isinstance(event, h11.Request):
+                return  # ConnectionClosed
+            try:
+                if not await self.handle_request(event):
+                    return
+            except h11.RemoteProtocolError as exc:
+                logger.debug("#%d HTTP: bad request body: %s", self.ctx.id, exc)
+                return
+            if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
+                return
+            self.conn.start_next_cycle()
 
     async def _authorized(self, request: h11.Request) -> bool:
         if not self.users:
@@ -375,7 +402,7 @@ class _HttpSession:
             await self._send_request(request, headers, path, upstream)
         except (h11.LocalProtocolError, *EXPECTED_STREAM_ERRORS) as exc:
             logger.debug("#%d HTTP upstream %s: %r", self.ctx.id, target, exc)
-            await self.close_upstream()
+            await self.close_upstream(reset=True)
             await _send_error(conn, self.stream, 502, f"Bad Gateway: {target} closed")
             return False
         return await self._relay_response(upstream, request)
@@ -407,7 +434,7 @@ class _HttpSession:
         started = False
         try:
             while True:
-                event = await _next_event(upstream.conn, upstream.stream)
+                event = await _next_event(upstream.conn, upstream.stream, broken_is_eof=False)
                 if isinstance(event, h11.InformationalResponse):
                     if event.status_code != 101:
                         info = h11.InformationalResponse(
@@ -433,8 +460,12 @@ class _HttpSession:
                     raise anyio.EndOfStream
         except (h11.RemoteProtocolError, anyio.EndOfStream, *EXPECTED_STREAM_ERRORS) as exc:
             logger.debug("#%d HTTP response from %s: %r", self.ctx.id, upstream.target, exc)
-            await self.close_upstream()
-            if not started:
+            await self.close_upstream(reset=True)
+            if started:
+                # Part of the response went out: the client must see a reset, not an end
+                # that may pass for the whole body (close-delimited, or chunked then FIN).
+                reset_on_close(self.stream)
+            else:
                 await _send_error(conn, self.stream, 502, f"Bad Gateway: {upstream.target}")
             return False
         if upstream.conn.our_state is h11.DONE and upstream.conn.their_state is h11.DONE:

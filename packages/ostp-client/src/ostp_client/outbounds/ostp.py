@@ -203,6 +203,9 @@ class OstpStream(_Channel, anyio.abc.ByteStream):
             if not self.connected.is_set():
                 self.error = _error_from_text(message.message)
                 self.connected.set()
+            elif self._reset is None:
+                # not an orderly end (that is Close): the local side must see a reset
+                self._reset = f"the server reported an error: {message.message}"
             self._finish()
         elif isinstance(message, Close):
             self._finish()

@@ -37,6 +37,7 @@ from ostp_client.connections import (
     READ_SIZE,
     Dispatcher,
     is_connection_noise,
+    reset_on_close,
 )
 from ostp_client.inbounds import register_inbound
 from ostp_client.inbounds.base import Inbound
@@ -486,7 +487,11 @@ class TunInbound(Inbound):
                     stack.tcp_accept(tcp.conn_id)
                     self.counters["tcp_accepted"] += 1
                     self._service()
-                    clean = await self._relay(tcp, remote, ctx)
+                    try:
+                        clean = await self._relay(tcp, remote, ctx)
+                    finally:
+                        if not clean:  # broke, or cancelled: as tcp_abort for the app
+                            reset_on_close(remote)
         except Exception as exc:
             if is_connection_noise(exc):
                 logger.debug("TUN TCP %s: connection noise: %r", dst, exc)
