@@ -136,6 +136,7 @@ async def test_daemon_stopped_mid_download_resets_the_application(
                 daemon.stop()
                 code, err = await finished(process)
             assert code == CURL_RECV_ERROR, (code, err)
+        assert not daemon.registry.live
 
 
 async def test_ctl_reconnect_and_close_mid_download_reset_the_application(
@@ -215,6 +216,7 @@ async def test_close_delimited_bodies_that_end_cleanly_end_cleanly(
             assert result.returncode == 0, result.stderr
             assert out.stat().st_size == size
             assert body_sha256(size) == _sha256(out)
+            await wait_for(lambda: not daemon.registry.live)
 
 
 def _sha256(path: Path) -> str:

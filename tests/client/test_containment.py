@@ -123,6 +123,7 @@ def test_control_clients_that_hang_up_early_do_not_end_the_daemon(tmp_path: Path
             assert process.poll() is None, log.read_text()[-3000:]
         status = _status(path)
         assert status["result"]["state"] == "running"
+        assert status["result"]["connections_live"] == 0
         assert process.poll() is None
         text = log.read_text()
         assert "Traceback" not in text and "ERROR" not in text, text[-3000:]

@@ -61,6 +61,18 @@ def _wait(
         time.sleep(0.02)
 
 
+def _live_connections(control: Path) -> int:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(control))
+        sock.sendall(b'{"id": 1, "method": "status"}\n')
+        data = b""
+        while data.count(b"\n") < 2:
+            data += sock.recv(65536)
+    live: int = json.loads(data.split(b"\n")[1])["result"]["connections_live"]
+    return live
+
+
 def _limit_descriptors() -> None:  # runs in the child before exec
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, hard))
@@ -154,6 +166,7 @@ def test_running_out_of_descriptors_delays_new_connections_and_recovers(
                 assert result.returncode == 0, result.stderr
                 assert result.stdout == BLOCK[:5000]
         live.close()
+        _wait(lambda: _live_connections(control) == 0, "no live connections", process, log)
         text = log.read_text()
         assert process.poll() is None, text[-3000:]
         assert text.count(WARNING) == 1, text
