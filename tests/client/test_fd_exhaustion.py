@@ -15,7 +15,10 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import anyio
+import anyio.abc
 import pytest
 
 from ostp_client.inbounds.socks5 import encode_address
@@ -213,3 +216,53 @@ def test_accept_backoff_warns_once_per_interval_and_says_when_it_recovers(
     assert "after 6.0 s, 5 failed attempts" in caplog.records[2].getMessage()
     assert "out of memory or socket buffers" in caplog.records[5].getMessage()
     assert backoff.episodes == 3
+
+
+class _ScriptedListener(anyio.abc.Listener[Any]):
+    """accept() raises or returns what the script says, in order."""
+
+    def __init__(self, script: list[object]) -> None:
+        self.script = script
+
+    async def accept(self) -> Any:
+        item = self.script.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def serve(self, handler: Any, task_group: Any = None) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.anyio
+async def test_accept_loop_skips_goes_on_and_stops_only_when_closed() -> None:
+    import errno
+
+    from ostp_client.serving import serve_listener
+
+    wrapped = anyio.BrokenResourceError()
+    wrapped.__cause__ = OSError(errno.EMFILE, "Too many open files")  # as anyio's Unix listener
+    script: list[object] = [
+        OSError(errno.ECONNABORTED, "aborted before accept"),
+        "first",
+        OSError(errno.EMFILE, "Too many open files"),
+        wrapped,
+        anyio.BrokenResourceError(),  # no cause: unknown, still not fatal
+        OSError(errno.EBADF, "unknown"),
+        "second",
+        anyio.ClosedResourceError(),
+    ]
+    handled: list[str] = []
+
+    async def handler(stream: Any) -> None:
+        handled.append(stream)
+        if stream == "first":
+            raise RuntimeError("a handler's bug stays in its task")
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await serve_listener(_ScriptedListener(script), handler, tg, what="scripted")
+    assert handled == ["first", "second"] and script == []

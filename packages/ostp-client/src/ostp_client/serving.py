@@ -211,7 +211,8 @@ async def _accept_loop(
                 logger.debug("%s: a pending connection failed before accept: %r", what, exc)
                 continue
             error = exc if isinstance(exc, OSError) else exc.__cause__
-            assert isinstance(error, OSError)  # _accept_errno found one
+            if not isinstance(error, OSError):
+                error = OSError(f"{exc!r}")
             # A shortage, or an error not worth ending the daemon for: wait and try again.
             backoff.failed(error)
             await anyio.sleep(ACCEPT_RETRY_DELAY)
