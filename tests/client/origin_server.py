@@ -4,6 +4,11 @@
 - `GET /bytes/<n>`: n bytes of `body_bytes(n)` (deterministic), with Content-Length.
 - `POST|PUT /upload`: reads the body (Content-Length or chunked) and answers
   `{"length": n, "sha256": hex}`.
+- `GET /close-delimited/<n>`: n bytes as an HTTP/1.0 body without Content-Length, ended by
+  closing the connection (FIN).
+- `GET /forever`: the same kind of body that never ends (until the client goes away).
+- `GET /reset-after/<n>`: n bytes the same way, then, once the client's side acknowledged them,
+  a reset (RST) instead of the FIN.
 - `GET /whoami`: `{"client": ip, "host": Host, "headers": {...}}`.
 - `GET /_log`: every request seen so far (client ip, method, path, host, headers) as JSON;
   `POST /_clear` empties it. Those two are not logged.
@@ -11,15 +16,25 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import socket
+import struct
+import termios
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 _BLOCK_COUNT = 32768
 BLOCK = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(_BLOCK_COUNT))
 """1 MiB of pseudo-random bytes; bodies repeat it."""
+
+
+def _unacked(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue not yet acknowledged by the peer (Linux SIOCOUTQ)."""
+    return int(struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0])
 
 
 def body_bytes(n: int) -> bytes:
@@ -91,6 +106,20 @@ class _Handler(BaseHTTPRequestHandler):
                 chunk = view[: min(left, len(BLOCK))]
                 self.wfile.write(chunk)
                 left -= len(chunk)
+        elif path.startswith("/close-delimited/"):
+            self._close_delimited(int(path.removeprefix("/close-delimited/")))
+        elif path == "/forever":
+            self._close_delimited(None)
+        elif path.startswith("/reset-after/"):
+            self._close_delimited(int(path.removeprefix("/reset-after/")))
+            self.wfile.flush()
+            sock = self.connection
+            deadline = time.monotonic() + 10
+            # wait until the peer acknowledged everything: the reset then ends a whole body
+            while _unacked(sock) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # RST; the server's shutdown(SHUT_WR) afterwards fails quietly
         elif path == "/whoami":
             self._json(
                 {
@@ -106,6 +135,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(404, b"not found\n", "text/plain")
 
     do_HEAD = do_GET
+
+    def _close_delimited(self, n: int | None) -> None:
+        """An HTTP/1.0 response whose body ends when the connection does (RFC 9112 §6.3)."""
+        self.close_connection = True
+        self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n")
+        view = memoryview(BLOCK)
+        left = n
+        try:
+            while left is None or left > 0:
+                size = len(BLOCK) if left is None else min(left, len(BLOCK))
+                self.wfile.write(view[:size])
+                if left is not None:
+                    left -= size
+        except OSError:
+            pass  # the client went away
 
     def _read_body(self) -> tuple[int, str]:
         digest = hashlib.sha256()

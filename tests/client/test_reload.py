@@ -219,11 +219,12 @@ async def test_replaced_outbound_serves_out_its_connections(
         port = proxy_port(daemon)
         old = daemon.outbounds["out"]
         size = 48 * MB  # more than the sockets buffer on the way
+        rate = "12M"
         async with anyio.create_task_group() as tg:
             codes: list[int] = []
 
             async def download() -> None:
-                codes.append(await _slow_download(port, origin, size, tmp_path / "a", "12M"))
+                codes.append(await _slow_download(port, origin, size, tmp_path / "a", rate))
 
             tg.start_soon(download)
             await _transfer_running(daemon, "out")
@@ -237,8 +238,10 @@ async def test_replaced_outbound_serves_out_its_connections(
         assert codes == [0]  # the old one finished its transfer within the grace period
         assert _sha256(tmp_path / "a") == body_sha256(size)
 
-        # With a short grace period, a transfer that outlives it is closed.
+        # With a short grace period, a transfer that outlives it is closed. Slow enough that it
+        # outlives the reload itself on a loaded machine too (48 MB at 2 MB/s: 24 s).
         daemon.reload_grace = 0.5
+        rate = "2M"
         async with anyio.create_task_group() as tg:
             codes.clear()
             tg.start_soon(download)

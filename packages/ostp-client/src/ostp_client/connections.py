@@ -8,12 +8,15 @@ connection took its route) and opens the stream through the chosen outbound.
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import anyio
 import anyio.abc
+from anyio.abc import SocketAttribute
 
 from ostp_client.outbounds.base import Address, ConnContext, Network, Outbound
 from ostp_client.router import Router
@@ -25,6 +28,7 @@ __all__ = [
     "Dispatcher",
     "is_connection_noise",
     "relay_streams",
+    "reset_on_close",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,6 +51,30 @@ def is_connection_noise(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(is_connection_noise(sub) for sub in exc.exceptions)
     return isinstance(exc, EXPECTED_STREAM_ERRORS)
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset_on_close(stream: object) -> None:
+    """Make closing ``stream`` a reset (RST), not an orderly FIN.
+
+    For a transfer that did not end cleanly: the peer must see an error, never what looks like
+    the end of the data (a close-delimited HTTP body would pass for complete). A TCP socket
+    gets ``SO_LINGER`` (on, 0 s), so that its close sends RST and drops unsent data. Streams
+    without a socket (an ostp stream) have no orderly close to avoid: their close is a reset
+    already (relay Close, spec §8).
+    """
+    if not isinstance(stream, anyio.TypedAttributeProvider):
+        return
+    try:
+        sock = stream.extra(SocketAttribute.raw_socket)  # noqa: S610 (anyio, not Django)
+    except anyio.TypedAttributeLookupError:
+        return
+    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with suppress(OSError):  # closed or reset already
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 class ConnectionRegistry:
@@ -160,14 +188,33 @@ async def _pump(
 
 async def relay_streams(
     client: anyio.abc.ByteStream, remote: anyio.abc.ByteStream, ctx: ConnContext
-) -> None:
-    """Pump both directions until both ended (half-close aware) or one side broke."""
-    async with anyio.create_task_group() as tg:
+) -> bool:
+    """Pump both directions until both ended (half-close aware) or one side broke.
 
-        async def download() -> None:
-            if not await _pump(remote, client, ctx, up=False):
+    True when both directions ended with an orderly EOF. Otherwise (one side reset or broke:
+    a tunnel session lost, data lost, the remote reset; or the relay was cancelled, e.g. at
+    shutdown) both streams are marked to reset when they are closed (`reset_on_close`): the
+    application sees a reset, never a clean end of a truncated transfer, and the remote end
+    is not told that the upload was complete.
+    """
+    done = 0
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def download() -> None:
+                nonlocal done
+                if await _pump(remote, client, ctx, up=False):
+                    done += 1
+                else:
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(download)
+            if await _pump(client, remote, ctx, up=True):
+                done += 1
+            else:
                 tg.cancel_scope.cancel()
-
-        tg.start_soon(download)
-        if not await _pump(client, remote, ctx, up=True):
-            tg.cancel_scope.cancel()
+    finally:
+        if done != 2:
+            reset_on_close(client)
+            reset_on_close(remote)
+    return done == 2

@@ -52,6 +52,7 @@ from ostp_client.inbounds.base import StartError, os_reason
 from ostp_client.inbounds.local_proxy import LocalProxyInbound
 from ostp_client.outbounds import Outbound, OutboundContext, OutboundError, build_outbound
 from ostp_client.router import Router, RoutingError
+from ostp_client.serving import run_contained
 from ostp_client.sysproxy import SystemProxy, SystemProxyError, SystemProxyGuard
 
 __all__ = ["RELOAD_GRACE", "Daemon", "ReloadError", "ReloadOutcome", "run_daemon"]
@@ -81,6 +82,18 @@ class ReloadOutcome:
     """Changed sections that take effect after a restart only."""
     changes: list[str] = field(default_factory=list)
     """One line per change, for the log and the control reply."""
+
+
+class _StartedFlag:
+    """A part's task status that remembers whether the part said it had started."""
+
+    def __init__(self, status: TaskStatus[None]) -> None:
+        self._status = status
+        self.started_yet = False
+
+    def started(self, value: None = None) -> None:
+        self.started_yet = True
+        self._status.started(value)
 
 
 @dataclass(eq=False, slots=True)
@@ -238,7 +251,7 @@ class Daemon:
         task = _Task(part)
         self._tasks[id(part)] = task
         try:
-            await self._tg.start(self._run_part, task, name=f"{kind} {part.tag}")
+            await self._tg.start(self._run_part, task, kind, name=f"{kind} {part.tag}")
         except BaseException as exc:
             self._tasks.pop(id(part), None)
             if isinstance(exc, OSError) and not isinstance(exc, StartError):
@@ -248,10 +261,18 @@ class Daemon:
                 ) from exc
             raise
 
-    async def _run_part(self, task: _Task, *, task_status: TaskStatus[None]) -> None:
+    async def _run_part(self, task: _Task, kind: str, *, task_status: TaskStatus[None]) -> None:
+        status = _StartedFlag(task_status)
         try:
             with task.scope:
-                await task.part.run(task_status=task_status)
+                await task.part.run(task_status=status)
+        except Exception:
+            if not status.started_yet:
+                raise  # it could not start: the caller (start, reload) reports that
+            # One part's failure does not end the daemon: the others keep serving.
+            logger.exception(
+                "%s %s stopped after an error; the rest keeps running", kind, task.part.tag
+            )
         finally:
             task.done.set()
 
@@ -269,7 +290,7 @@ class Daemon:
         with anyio.move_on_after(self.reload_grace):
             while any(i in self.registry.live for i in conn_ids):  # noqa: ASYNC110 (no event)
                 await anyio.sleep(_RETIRE_POLL)
-        closed = sum(self.registry.cancel(i) for i in conn_ids)
+        closed = sum(self.registry.cancel(i) for i in conn_ids)  # reset (RST), not a clean end
         if closed:
             logger.info(
                 "replaced outbound %s: closed %d connection(s) after %.0f s",
@@ -426,7 +447,14 @@ class Daemon:
                 changes.append(f"outbound {tag} removed ({len(conn_ids)} connection(s) closed)")
             elif plan.outbounds[tag] is not outbound:
                 assert self._tg is not None
-                self._tg.start_soon(self._retire, outbound, conn_ids, name=f"retire {tag}")
+                self._tg.start_soon(
+                    run_contained,
+                    f"retiring outbound {tag}",
+                    self._retire,
+                    outbound,
+                    conn_ids,
+                    name=f"retire {tag}",
+                )
                 changes.append(
                     f"outbound {tag} replaced ({len(conn_ids)} connection(s) stay on the old"
                     f" one for up to {self.reload_grace:.0f} s)"

@@ -9,6 +9,7 @@ not). A line that is not a valid request is answered with an error and the conne
 from __future__ import annotations
 
 import errno
+import functools
 import importlib.metadata
 import logging
 import os
@@ -31,6 +32,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from pydantic import BaseModel, ValidationError
 
 from ostp_client.config import ConfigError, load_config
+from ostp_client.connections import is_connection_noise
 from ostp_client.control import pipes
 from ostp_client.control.protocol import (
     LEVELS,
@@ -63,6 +65,7 @@ from ostp_client.control.protocol import (
 )
 from ostp_client.daemon import ReloadError
 from ostp_client.inbounds.base import StartError, os_reason
+from ostp_client.serving import run_contained, serve_listener
 
 if TYPE_CHECKING:
     from ostp_client.daemon import Daemon
@@ -207,6 +210,7 @@ def describe_rule(conditions: dict[str, list[Any]]) -> str:
     )
 
 
+@functools.cache  # read once: later, the process may be out of descriptors
 def _daemon_version() -> str:
     try:
         return importlib.metadata.version("ostp-client")
@@ -607,7 +611,7 @@ class ControlServer:
                     if self.handle_sighup and hasattr(signal, "SIGHUP"):
                         tg.start_soon(self._watch_sighup)
                     task_status.started()
-                    await listener.serve(self._serve_client, task_group=tg)
+                    await serve_listener(listener, self._serve_client, tg, what="control socket")
             finally:
                 self.listening = False
                 if identity is not None and _inode(self.path) == identity:
@@ -618,14 +622,25 @@ class ControlServer:
         with anyio.open_signal_receiver(signal.SIGHUP) as signals:
             async for _ in signals:
                 logger.info("SIGHUP: reloading %s", self.config_path)
-                try:
-                    await reload_config(self.daemon, self.config_path)
-                except RequestFailed as exc:
-                    logger.error("reload refused, keeping the running config: %s", exc.message)
+                await run_contained("SIGHUP reload", self._reload_on_signal)
+
+    async def _reload_on_signal(self) -> None:
+        try:
+            await reload_config(self.daemon, self.config_path)
+        except RequestFailed as exc:
+            logger.error("reload refused, keeping the running config: %s", exc.message)
 
     async def _sampler(self) -> None:
+        failed = False
         while True:
-            self.sample(time.time())
+            try:
+                self.sample(time.time())
+                failed = False
+            except Exception:
+                # a part's status() that fails must not end the control server; say it once
+                if not failed:
+                    logger.exception("control: sampling the daemon's counters failed")
+                failed = True
             await anyio.sleep(SAMPLE_INTERVAL)
 
     def sample(self, now: float) -> None:
@@ -825,28 +840,33 @@ class ControlServer:
         backlog: int,
         scope: anyio.CancelScope,
     ) -> None:
-        with scope:
-            if topic == "logs":
-                after = self.logs.seq
-                if backlog > 0:
-                    batch = self.logs.since(0, level, backlog)
-                    if batch.lines:
-                        await client.send(Event(subscription=request.id, topic="logs", data=batch))
-                while not client.closed:
-                    if self.logs.seq > after:
-                        batch = self.logs.since(after, level)
-                        after = self.logs.seq
-                        if batch.lines or batch.dropped:
+        try:
+            with scope:
+                if topic == "logs":
+                    after = self.logs.seq
+                    if backlog > 0:
+                        batch = self.logs.since(0, level, backlog)
+                        if batch.lines:
                             await client.send(
                                 Event(subscription=request.id, topic="logs", data=batch)
                             )
-                    await anyio.sleep(min(interval, 0.2))
-            else:
-                while not client.closed:
-                    data = self._snapshot(topic)
-                    await client.send(Event(subscription=request.id, topic=topic, data=data))  # type: ignore[arg-type]
-                    await anyio.sleep(interval)
-        client.subscriptions.pop(request.id, None)
+                    while not client.closed:
+                        if self.logs.seq > after:
+                            batch = self.logs.since(after, level)
+                            after = self.logs.seq
+                            if batch.lines or batch.dropped:
+                                await client.send(
+                                    Event(subscription=request.id, topic="logs", data=batch)
+                                )
+                        await anyio.sleep(min(interval, 0.2))
+                else:
+                    while not client.closed:
+                        data = self._snapshot(topic)
+                        await client.send(Event(subscription=request.id, topic=topic, data=data))  # type: ignore[arg-type]
+                        await anyio.sleep(interval)
+        finally:
+            if client.subscriptions.get(request.id) is scope:
+                client.subscriptions.pop(request.id, None)
 
     def _subscribe(
         self, client: _Client, request: Request, tg: anyio.abc.TaskGroup
@@ -864,7 +884,19 @@ class ControlServer:
         backlog = _int_param(params, "backlog", 0)
         scope = anyio.CancelScope()
         client.subscriptions[request.id] = scope
-        tg.start_soon(self._subscription, client, request, topic, interval, level, backlog, scope)
+        # a subscription that fails ends alone (logged): not its client, not the daemon
+        tg.start_soon(
+            run_contained,
+            f"control subscription {request.id!r} ({topic})",
+            self._subscription,
+            client,
+            request,
+            topic,
+            interval,
+            level,
+            backlog,
+            scope,
+        )
         return SubscribeResult(subscription=request.id, topic=topic)
 
     def _unsubscribe(self, client: _Client, params: dict[str, Any]) -> ActionResult:
@@ -890,13 +922,25 @@ class ControlServer:
                     except anyio.DelimiterNotFound:
                         await client.send(_error(None, ErrorCode.MALFORMED, "line too long"))
                         break
-                    except (anyio.IncompleteRead, anyio.EndOfStream):
+                    except (
+                        anyio.IncompleteRead,
+                        anyio.EndOfStream,
+                        anyio.BrokenResourceError,  # a client that hung up with unread replies
+                        anyio.ClosedResourceError,
+                        OSError,
+                    ) as exc:
+                        logger.debug("control client gone: %r", exc)
                         break
                     if line.strip():
                         await self._handle_line(client, line, tg)
                 tg.cancel_scope.cancel()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            logger.debug("control client dropped: %r", exc)
+        except Exception as exc:
+            # The client's own end (also inside the group of its subscriptions): never the
+            # control server's, nor the daemon's.
+            if is_connection_noise(exc):
+                logger.debug("control client dropped: %r", exc)
+            else:
+                logger.exception("control client handler failed")
         finally:
             self.clients -= 1
             client.closed = True

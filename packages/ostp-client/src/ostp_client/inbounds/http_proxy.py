@@ -25,7 +25,13 @@ import anyio
 import anyio.abc
 import h11
 
-from ostp_client.connections import EXPECTED_STREAM_ERRORS, READ_SIZE, Dispatcher, relay_streams
+from ostp_client.connections import (
+    EXPECTED_STREAM_ERRORS,
+    READ_SIZE,
+    Dispatcher,
+    relay_streams,
+    reset_on_close,
+)
 from ostp_client.inbounds.base import ProxySettings, check_user
 from ostp_client.outbounds.base import (
     Address,
@@ -214,16 +220,27 @@ def _header(headers: Iterable[tuple[bytes, bytes]], wanted: bytes) -> bytes | No
 
 
 async def _next_event(
-    conn: h11.Connection, stream: anyio.abc.ByteReceiveStream, record: bytearray | None = None
+    conn: h11.Connection,
+    stream: anyio.abc.ByteReceiveStream,
+    record: bytearray | None = None,
+    *,
+    broken_is_eof: bool = True,
 ) -> object:
-    """The next h11 event; the bytes received meanwhile are added to `record` when given."""
+    """The next h11 event, reading as needed; the bytes received meanwhile are added to
+    `record` when given. A stream that broke counts as closed unless ``broken_is_eof`` is False
+    (the origin's side: a tunnel that broke mid-body must not pass for the end of a
+    close-delimited body), then BrokenResourceError propagates."""
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
         try:
             data = await stream.receive(READ_SIZE)
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
+        except anyio.EndOfStream:
+            data = b""
+        except anyio.BrokenResourceError:
+            if not broken_is_eof:
+                raise
             data = b""
         if record is not None:
             record += data
@@ -255,6 +272,10 @@ async def _send_error(
     await stream.send(data)
 
 
+_AT_REST = {h11.IDLE, h11.DONE, h11.MUST_CLOSE, h11.CLOSED}
+"""h11 states of an origin connection with no exchange in progress."""
+
+
 @dataclass(slots=True)
 class _Upstream:
     target: Address
@@ -278,44 +299,52 @@ class _HttpSession:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self.upstream: _Upstream | None = None
 
-    async def close_upstream(self) -> None:
+    async def close_upstream(self, reset: bool = False) -> None:
+        """Close the origin connection; ``reset`` when an exchange on it did not complete."""
         if self.upstream is not None:
             upstream, self.upstream = self.upstream, None
+            if reset or not {upstream.conn.our_state, upstream.conn.their_state} <= _AT_REST:
+                reset_on_close(upstream.stream)
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await upstream.stream.aclose()
 
     async def serve(self, initial: bytes) -> None:
         self.conn.receive_data(initial)
+        ended = False
         try:
-            while True:
-                # the head as received (at most MAX_HEADER_BYTES + READ_SIZE), to tell why h11
-                # refused a Transfer-Encoding
-                head = bytearray(self.conn.trailing_data[0])
-                try:
-                    with anyio.fail_after(self.timeout):
-                        event = await _next_event(self.conn, self.stream, head)
-                except TimeoutError:
-                    logger.debug("#%d HTTP: client idle, closing", self.ctx.id)
-                    return
-                except h11.RemoteProtocolError as exc:
-                    status = exc.error_status_hint
-                    if status == 501:  # h11 says so only for Transfer-Encoding
-                        status = transfer_coding_status(bytes(head))
-                    await _send_error(self.conn, self.stream, status, f"Bad request: {exc}")
-                    return
-                if not isinstance(event, h11.Request):
-                    return  # ConnectionClosed
-                try:
-                    if not await self.handle_request(event):
-                        return
-                except h11.RemoteProtocolError as exc:
-                    logger.debug("#%d HTTP: bad request body: %s", self.ctx.id, exc)
-                    return
-                if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
-                    return
-                self.conn.start_next_cycle()
+            await self._serve()
+            ended = True
         finally:
-            await self.close_upstream()
+            await self.close_upstream(reset=not ended)
+
+    async def _serve(self) -> None:
+        while True:
+            # the head as received (at most MAX_HEADER_BYTES + READ_SIZE), to tell why h11
+            # refused a Transfer-Encoding
+            head = bytearray(self.conn.trailing_data[0])
+            try:
+                with anyio.fail_after(self.timeout):
+                    event = await _next_event(self.conn, self.stream, head)
+            except TimeoutError:
+                logger.debug("#%d HTTP: client idle, closing", self.ctx.id)
+                return
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                if status == 501:  # h11 says so only for Transfer-Encoding
+                    status = transfer_coding_status(bytes(head))
+                await _send_error(self.conn, self.stream, status, f"Bad request: {exc}")
+                return
+            if not isinstance(event, h11.Request):
+                return  # ConnectionClosed
+            try:
+                if not await self.handle_request(event):
+                    return
+            except h11.RemoteProtocolError as exc:
+                logger.debug("#%d HTTP: bad request body: %s", self.ctx.id, exc)
+                return
+            if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
+                return
+            self.conn.start_next_cycle()
 
     async def _authorized(self, request: h11.Request) -> bool:
         if not self.users:
@@ -435,7 +464,7 @@ class _HttpSession:
             return False
         except (h11.LocalProtocolError, *EXPECTED_STREAM_ERRORS) as exc:
             logger.debug("#%d HTTP upstream %s: %r", self.ctx.id, target, exc)
-            await self.close_upstream()
+            await self.close_upstream(reset=True)
             await _send_error(conn, self.stream, 502, f"Bad Gateway: {target} closed")
             return False
         return await self._relay_response(upstream, close=ambiguous) and not ambiguous
@@ -471,7 +500,7 @@ class _HttpSession:
         started = False
         try:
             while True:
-                event = await _next_event(upstream.conn, upstream.stream)
+                event = await _next_event(upstream.conn, upstream.stream, broken_is_eof=False)
                 if isinstance(event, h11.InformationalResponse):
                     if event.status_code != 101:
                         info = h11.InformationalResponse(
@@ -499,8 +528,12 @@ class _HttpSession:
                     raise anyio.EndOfStream
         except (h11.RemoteProtocolError, anyio.EndOfStream, *EXPECTED_STREAM_ERRORS) as exc:
             logger.debug("#%d HTTP response from %s: %r", self.ctx.id, upstream.target, exc)
-            await self.close_upstream()
-            if not started:
+            await self.close_upstream(reset=True)
+            if started:
+                # Part of the response went out: the client must see a reset, not an end
+                # that may pass for the whole body (close-delimited, or chunked then FIN).
+                reset_on_close(self.stream)
+            else:
                 await _send_error(conn, self.stream, 502, f"Bad Gateway: {upstream.target}")
             return False
         if upstream.conn.our_state is h11.DONE and upstream.conn.their_state is h11.DONE:

@@ -9,12 +9,13 @@ import anyio.abc
 from anyio.abc import SocketAttribute, TaskStatus
 
 from ostp_client.config import LocalProxyInboundConfig
-from ostp_client.connections import READ_SIZE, Dispatcher, is_connection_noise
+from ostp_client.connections import READ_SIZE, Dispatcher, is_connection_noise, reset_on_close
 from ostp_client.inbounds.base import Inbound, ProxySettings, StartError, os_reason
 from ostp_client.inbounds.http_proxy import handle_http
 from ostp_client.inbounds.socks5 import VERSION as SOCKS5_VERSION
 from ostp_client.inbounds.socks5 import handle_socks5
-from ostp_client.outbounds.base import Address
+from ostp_client.outbounds.base import Address, ConnContext
+from ostp_client.serving import serve_listener
 
 __all__ = ["LocalProxyInbound"]
 
@@ -56,7 +57,7 @@ class LocalProxyInbound(Inbound):
             auth = "with authentication" if self.settings.users else "no authentication"
             logger.info("inbound %s: SOCKS5+HTTP proxy on %s (%s)", self.tag, where, auth)
             task_status.started()
-            await listener.serve(self._handle, task_group=tg)
+            await serve_listener(listener, self._handle, tg, what=f"inbound {self.tag}")
 
     def status(self) -> dict[str, object]:
         return {
@@ -78,16 +79,13 @@ class LocalProxyInbound(Inbound):
         try:
             with registry.cancel_scope(ctx):  # the control socket's close_connection
                 async with stream:
-                    first = b""
-                    with anyio.move_on_after(self.settings.handshake_timeout):
-                        first = await stream.receive(READ_SIZE)
-                    if not first:
-                        logger.debug("#%d client sent nothing", ctx.id)
-                        return
-                    if first[0] == SOCKS5_VERSION:
-                        await handle_socks5(stream, first, ctx, self.dispatcher, self.settings)
-                    else:
-                        await handle_http(stream, first, ctx, self.dispatcher, self.settings)
+                    ended = False
+                    try:
+                        await self._serve(stream, ctx)
+                        ended = True
+                    finally:
+                        if not ended:  # cancelled (shutdown, close_connection) or failed
+                            reset_on_close(stream)
         except Exception as exc:
             if is_connection_noise(exc):
                 logger.debug("#%d connection noise: %r", ctx.id, exc)
@@ -96,3 +94,15 @@ class LocalProxyInbound(Inbound):
                 logger.exception("#%d proxy handler failed", ctx.id)
         finally:
             registry.close(ctx)
+
+    async def _serve(self, stream: anyio.abc.SocketStream, ctx: ConnContext) -> None:
+        first = b""
+        with anyio.move_on_after(self.settings.handshake_timeout):
+            first = await stream.receive(READ_SIZE)
+        if not first:
+            logger.debug("#%d client sent nothing", ctx.id)
+            return
+        if first[0] == SOCKS5_VERSION:
+            await handle_socks5(stream, first, ctx, self.dispatcher, self.settings)
+        else:
+            await handle_http(stream, first, ctx, self.dispatcher, self.settings)

@@ -192,6 +192,9 @@ class OstpStream(_Channel, anyio.abc.ByteStream):
             if not self.connected.is_set():
                 self.error = _error_from_text(message.message)
                 self.connected.set()
+            elif self._reset is None:
+                # not an orderly end (that is Close): the local side must see a reset
+                self._reset = f"the server reported an error: {message.message}"
             self._finish()
         elif isinstance(message, Close):
             self._finish()
@@ -252,6 +255,7 @@ class OstpStream(_Channel, anyio.abc.ByteStream):
             self._eof = True
             self.session.send_message(self.stream_id, Close())
             self.session.unbind(self.stream_id)
+            self.readable.set()  # nothing comes after Close: a waiting receive() ends now
 
     async def aclose(self) -> None:
         if self.closed:
@@ -435,6 +439,9 @@ class _Session:
             except OSError as exc:
                 self.last_error = f"socket error: {exc.strerror or exc}"
                 logger.warning("%s session %d: %s", self.outbound.tag, self.index, self.last_error)
+            except Exception as exc:  # a bug must cost this session, not the daemon
+                self.last_error = f"internal error: {exc!r}"
+                logger.exception("%s session %d failed", self.outbound.tag, self.index)
             self._teardown(self.last_error or "session ended")
             if self._retry_now:
                 self._retry_now = False

@@ -37,10 +37,12 @@ from ostp_client.connections import (
     READ_SIZE,
     Dispatcher,
     is_connection_noise,
+    reset_on_close,
 )
 from ostp_client.inbounds import register_inbound
 from ostp_client.inbounds.base import Inbound
 from ostp_client.outbounds.base import Address, ConnContext, OutboundError, UdpOutboundSession
+from ostp_client.serving import run_contained
 from ostp_client.tun.bypass import (
     BypassError,
     apply_bypass,
@@ -377,7 +379,9 @@ class TunInbound(Inbound):
         tcp = _Tcp(event.conn_id)
         self._tcp[event.conn_id] = tcp
         assert self._tg is not None
-        self._tg.start_soon(self._handle_tcp, tcp, event.src, event.dst)
+        self._tg.start_soon(
+            run_contained, "TUN TCP flow", self._handle_tcp, tcp, event.src, event.dst
+        )
 
     def _on_tcp_established(self, event: TcpConnectionEstablished) -> None:
         pass
@@ -418,7 +422,7 @@ class TunInbound(Inbound):
             self._udp[event.flow_id] = flow
             self.counters["udp_flows"] += 1
             assert self._tg is not None
-            self._tg.start_soon(self._handle_udp, flow)
+            self._tg.start_soon(run_contained, "TUN UDP flow", self._handle_udp, flow)
         try:
             flow.send.send_nowait(event.data)
         except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -483,7 +487,11 @@ class TunInbound(Inbound):
                     stack.tcp_accept(tcp.conn_id)
                     self.counters["tcp_accepted"] += 1
                     self._service()
-                    clean = await self._relay(tcp, remote, ctx)
+                    try:
+                        clean = await self._relay(tcp, remote, ctx)
+                    finally:
+                        if not clean:  # broke, or cancelled: as tcp_abort for the app
+                            reset_on_close(remote)
         except Exception as exc:
             if is_connection_noise(exc):
                 logger.debug("TUN TCP %s: connection noise: %r", dst, exc)
@@ -675,7 +683,7 @@ class TunInbound(Inbound):
             self.counters["dns_dropped"] += 1
             return
         assert self._tg is not None
-        self._tg.start_soon(self._forward_dns, event, query)
+        self._tg.start_soon(run_contained, "TUN DNS query", self._forward_dns, event, query)
 
     async def _forward_dns(self, event: UdpDatagramReceived, query: Any) -> None:
         stack = self.stack
