@@ -280,6 +280,8 @@ class Sender:
         self._control_resends: list[bytes] = []
         self._last_control_resend = -1.0
         self._prev_ranges: dict[int, int] = {}
+        self.reliable = False
+        """The path is a reliable stream (TCP): no probe timer, no loss from ACK gaps."""
         self.stats = SenderStats()
 
     # -- sending ---------------------------------------------------------------------------
@@ -463,6 +465,8 @@ class Sender:
         return entry.size
 
     def _detect_losses(self, now: float) -> None:
+        if self.reliable:
+            return  # the stream delivers every datagram in order: a gap is not a loss
         rtt = self.rtt
         loss_delay = max(TIME_THRESHOLD * max(rtt.srtt, rtt.latest), GRANULARITY)
         threshold_tx = self.largest_acked_tx - PACKET_THRESHOLD
@@ -513,6 +517,8 @@ class Sender:
         return min(max(base, self.min_rto) * (1 << min(self.pto_count, 6)), self.max_rto)
 
     def probe_deadline(self) -> float | None:
+        if self.reliable:
+            return None  # retransmitting into TCP only fights TCP's own recovery
         for entry in self.outstanding.values():
             return max(entry.sent_time, self._last_probe) + self.rto()
         return None
