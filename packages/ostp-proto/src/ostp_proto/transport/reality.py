@@ -385,13 +385,13 @@ class RecordOpener:
                 if end - pos < RECORD_HEADER + n:
                     need = RECORD_HEADER + n
                     break
-                body = view[pos + RECORD_HEADER : pos + RECORD_HEADER + n]
-                pos += RECORD_HEADER + n
+                start = pos + RECORD_HEADER
+                pos = start + n
                 if content == CONTENT_CCS:
                     continue
                 self._skip_ccs = False
-                try:
-                    out.append(decrypt(_nonce(self.counter), body, None))
+                try:  # the slice is a temporary: no export outlives the loop
+                    out.append(decrypt(_nonce(self.counter), view[start:pos], None))
                 except InvalidTag:
                     raise RemoteProtocolError("TLS record failed authentication") from None
                 self.counter += 1

@@ -143,6 +143,11 @@ class StreamAcceptor:
             return self._receive_tls(unix_now)
         return self._receive_http(unix_now)
 
+    @property
+    def received(self) -> int:
+        """Bytes read from the peer so far."""
+        return len(self._buf)
+
     def timed_out(self) -> StreamRefused:
         """The verdict when the peer stalls before one was reached."""
         return self._refuse("no complete request in time", tls=self._looks_tls())
@@ -378,13 +383,16 @@ class DatagramStream:
     def receive(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Datagrams completed by ``data``; RemoteProtocolError: close the connection."""
         records = self._records
-        if records is not None:
-            chunks = records.receive(data)
-            if not chunks:
-                return []
-            plain: bytes | bytearray | memoryview = b"".join(chunks)
-        else:
-            plain = data
+        if records is None:
+            return self.receive_plaintext(data)
+        chunks = records.receive(data)
+        if not chunks:
+            return []
+        return self.receive_plaintext(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def receive_plaintext(self, plain: bytes | bytearray | memoryview) -> list[bytes]:
+        """Like :meth:`receive` for bytes already out of the record layer (the opening's
+        leftover)."""
         if self._len16 is not None:
             return self._len16.feed(plain)
         ws = self._ws
