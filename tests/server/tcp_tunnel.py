@@ -7,6 +7,7 @@ one writes what the core produced. ``reliable_transport`` is on, as a client ove
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -48,6 +49,7 @@ class TcpTunnel:
         reality: RealityClient | None = None,
         host: str = "www.example.com",
         local_host: str | None = None,
+        config: ConnectionConfig | None = None,
     ) -> None:
         self.server = server
         self.key = key
@@ -55,8 +57,9 @@ class TcpTunnel:
         self.reality = reality
         self.host = host
         self.local_host = local_host
+        config = config or ConnectionConfig()
         self.conn = ClientConnection(
-            access_key=key, config=ConnectionConfig(reliable_transport=True)
+            access_key=key, config=dataclasses.replace(config, reliable_transport=True)
         )
         self.streams: dict[int, StreamState] = {}
         self.terminated: str | None = None
