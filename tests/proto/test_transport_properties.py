@@ -385,3 +385,62 @@ def test_reliable_transport_never_retransmits(reliable: bool) -> None:
             got += getattr(ev.message, "data", b"")
     assert len(got) == 20_000
     assert server.datagrams_to_send(now + 1.0)  # the ACK
+
+
+@pytest.mark.parametrize("reliable", [False, True])
+def test_path_change_sends_a_fresh_datagram_first(reliable: bool) -> None:
+    """After a move (a new TCP connection, a new UDP port) the first datagram must be new to
+    the peer: re-sent ones it already holds are duplicates, and a server re-binds a session
+    only on a datagram that authenticates as new. Over TCP nothing else may come for long."""
+    config = ConnectionConfig(reliable_transport=reliable, keepalive_interval=None)
+    client = ClientConnection(access_key=KEY, config=config)
+    client.connect(0.0, UNIX)
+    server = ServerAcceptor([KEY]).accept(client.datagrams_to_send(0.0)[0], 0.0, UNIX)
+    assert server is not None
+    for d in server.datagrams_to_send(0.0):
+        client.receive_datagram(d, 0.01)
+    client.send_data(1, b"y" * 5000)
+    for d in client.datagrams_to_send(0.02):
+        server.receive_datagram(d, 0.03)  # the server has it all; its ACK never arrives
+    server.datagrams_to_send(0.05)
+    before = server.stats.datagrams_received
+    client.path_changed(0.1)
+    moved = client.datagrams_to_send(0.1)
+    assert moved
+    server.receive_datagram(moved[0], 0.11)
+    assert server.stats.datagrams_received == before + 1
+
+
+def test_paused_receiver_recovers_at_once_over_a_reliable_transport() -> None:
+    """A server whose remotes are slow refuses Data (receive_paused) while ACKs flow; over
+    TCP the client does not re-send on timers, so one NACK on resume must bring back all of it
+    (go-back-N), not one datagram per NACK."""
+    config = ConnectionConfig(reliable_transport=True, keepalive_interval=None)
+    client = ClientConnection(access_key=KEY, config=config)
+    client.connect(0.0, UNIX)
+    server = ServerAcceptor([KEY]).accept(client.datagrams_to_send(0.0)[0], 0.0, UNIX)
+    assert server is not None
+    server.reliable_transport = True
+    for d in server.datagrams_to_send(0.0):
+        client.receive_datagram(d, 0.01)
+    payload = os.urandom(40_000)
+    client.send_data(1, payload)
+    server.receive_paused = True
+    for d in client.datagrams_to_send(0.02):
+        server.receive_datagram(d, 0.03)  # all refused
+    assert server.stats.paused_drop > 5
+    server.receive_paused = False
+    got = b""
+    now = 0.05
+    for d in server.datagrams_to_send(now):  # the NACK
+        client.receive_datagram(d, now)
+    for _ in range(3):  # three round trips, far less than any timer
+        now += 0.01
+        for d in client.datagrams_to_send(now):
+            server.receive_datagram(d, now)
+        while (ev := server.next_event()) is not None:
+            if isinstance(ev, RelayMessageReceived):
+                got += getattr(ev.message, "data", b"")
+        for d in server.datagrams_to_send(now):
+            client.receive_datagram(d, now)
+    assert got == payload

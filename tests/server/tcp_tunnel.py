@@ -73,6 +73,8 @@ class TcpTunnel:
         self._timer_wake = anyio.Event()
         self._next_stream = 1
         self._reader_scope = anyio.CancelScope()
+        self._io_scope = anyio.CancelScope()
+        self._tg: anyio.abc.TaskGroup | None = None
 
     # -- loop ------------------------------------------------------------------------------
 
@@ -134,6 +136,28 @@ class TcpTunnel:
             self._out.clear()
             await stream.send(data)
 
+    async def _io(self, stream: anyio.abc.SocketStream, scope: anyio.CancelScope) -> None:
+        with scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._reader, stream)
+                await self._writer(stream)
+
+    async def reconnect(self) -> None:
+        """Drop the TCP connection and continue the same OSTP session on a new one."""
+        assert self._tg is not None
+        self._io_scope.cancel()
+        await self.aclose()
+        self._out.clear()  # whatever had not left is lost with the old connection
+        self.eof = False
+        connected = await self.open_transport()
+        assert self.stream is not None
+        self.codec = DatagramStream(self.framing, client=True, records=connected.reality)
+        self._reader_scope = anyio.CancelScope()
+        self._io_scope = anyio.CancelScope()
+        self._tg.start_soon(self._io, self.stream, self._io_scope)
+        self.conn.path_changed(time.monotonic())  # re-send what was in flight
+        self._feed(self.codec.receive_plaintext(connected.leftover))
+
     async def _timer(self) -> None:
         while True:
             now = time.monotonic()
@@ -172,8 +196,8 @@ class TcpTunnel:
         assert self.stream is not None
         self.codec = DatagramStream(self.framing, client=True, records=connected.reality)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._reader, self.stream)
-            tg.start_soon(self._writer, self.stream)
+            self._tg = tg
+            tg.start_soon(self._io, self.stream, self._io_scope)
             tg.start_soon(self._timer)
             self.conn.connect(time.monotonic(), time.time())
             leftover = self.codec.receive_plaintext(connected.leftover)

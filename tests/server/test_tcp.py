@@ -119,9 +119,14 @@ async def test_tcp_transports_carry_50_mb_byte_exact(kind: str) -> None:
             (session,) = srv.sessions.values()
             assert session.listener.tcp is not None
             assert session.conn.reliable_transport and t.conn.reliable_transport
-            # TCP is reliable: nothing was re-sent by either ARQ
+            # TCP is reliable: no timer re-sends either way; the client re-sends only what the
+            # server refused while its remote was slow (asked for by NACK)
             assert session.conn.sender.stats.retransmissions == 0
-            assert t.conn.sender.stats.retransmissions == 0
+            assert session.conn.sender.stats.probe_timeouts == 0
+            assert t.conn.sender.stats.probe_timeouts == 0
+            assert (t.conn.sender.stats.retransmissions == 0) is (
+                session.stats.backpressure_drop == 0
+            )
         stats = srv.tcp.stats if srv.tcp is not None else None
         assert stats is not None
         assert (stats.accepted_stream, stats.accepted_wss, stats.accepted_reality) == (
@@ -141,6 +146,30 @@ async def test_session_ends_with_its_tcp_connection() -> None:
             assert len(srv.sessions) == 1
         await poll_until(lambda: not srv.sessions)
         assert srv.stats.sessions_ended == 1
+
+
+@pytest.mark.parametrize("framing", list(Framing))
+async def test_session_continues_on_a_new_tcp_connection(framing: Framing) -> None:
+    """As upstream allows (the session is keyed by address and roams), a client whose TCP
+    connection broke continues the same session, streams and all, on a new connection."""
+    async with (
+        tcp_echo() as echo,
+        server(tcp_rate_limit=0) as srv,
+        tcp_tunnel(srv.addresses[0], KEY, framing) as t,
+    ):
+        sid = await t.open(f"127.0.0.1:{echo}")
+        first = os.urandom(3 << 20)
+        await t.write(sid, first)  # much of it, and of its echo, still in flight
+        old_port = t.local_port
+        (session,) = srv.sessions.values()
+        await t.reconnect()
+        second = os.urandom(1 << 20)
+        await t.write(sid, second)
+        got = await t.read(sid, len(first) + len(second))
+        assert hashlib.sha256(got).digest() == hashlib.sha256(first + second).digest()
+        assert list(srv.sessions.values()) == [session] and not session.closed
+        assert session.addr == ("127.0.0.1", t.local_port, "tcp") and t.local_port != old_port
+        assert srv.stats.roam_rebinds >= 1
 
 
 async def test_udp_and_tcp_sessions_side_by_side() -> None:

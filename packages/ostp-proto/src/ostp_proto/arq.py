@@ -497,9 +497,17 @@ class Sender:
         """The peer asks for ``nonce`` again: its bytes if we still have them (spec §7.2)."""
         entry = self.outstanding.get(nonce)
         if entry is not None:
-            if now - entry.sent_time < max(self.rtt.srtt / 2, GRANULARITY):
+            fresh = max(self.rtt.srtt / 2, GRANULARITY)
+            if now - entry.sent_time < fresh:
                 return None  # just re-sent; the NACK crossed it
             self.stats.nack_retransmissions += 1
+            if self.reliable:
+                # Over a reliable stream nothing is lost in transit: the peer dropped this one
+                # on purpose (its receive side paused) and everything after it as well.
+                # Send them all again now (go-back-N) instead of one per NACK.
+                for later in self.outstanding.values():
+                    if later.nonce > nonce and later.in_flight and now - later.sent_time >= fresh:
+                        self._declare_lost(later)
             return self._retransmit(entry, now)
         control = self._control.get(nonce)
         if control is not None:

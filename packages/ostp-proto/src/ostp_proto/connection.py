@@ -247,9 +247,14 @@ class Connection:
     def path_changed(self, now: float) -> None:
         """Tell the connection the peer's address changed (roaming, NAT rebinding).
 
-        In-flight datagrams are re-sent at once instead of after a backed-off timeout.
+        In-flight datagrams are re-sent at once instead of after a backed-off timeout, behind
+        a datagram with a fresh nonce (an empty Handshake frame, a no-op for every peer, spec
+        §6): a server re-binds a session to a new path only on a datagram that is new to it,
+        and re-sent ones it already holds are duplicates (over TCP, with no probes, nothing
+        else might come).
         """
         if self.state is State.ESTABLISHED:
+            self._build(FrameKind.HANDSHAKE, 0, b"", now, retransmittable=False)
             self.sender.on_path_changed()
 
     def close(self, now: float) -> None:

@@ -50,7 +50,6 @@ log = logging.getLogger("ostp_server")
 READ_SIZE = 65536
 OUT_BUFFER_LIMIT = 64 << 20  # a peer that reads nothing while this much waits is dropped
 BACKLOG = 512
-PAUSE_POLL = 0.005  # how often a paused reader looks whether remotes drained
 FORWARD_CONNECT_TIMEOUT = 10.0
 
 
@@ -398,12 +397,12 @@ class TcpConnection:
             try:
                 going = True
                 if accepted.leftover:
-                    going = await self._deliver(accepted.leftover, plaintext=True)
+                    going = self._deliver(accepted.leftover, plaintext=True)
                 while going and not self.closed:
                     data = await self._recv()
                     if not data:
                         break
-                    going = await self._deliver(data)
+                    going = self._deliver(data)
             except RemoteProtocolError as e:
                 front.stats.protocol_errors += 1
                 log.debug("tcp %s: %s; closing", self.name, e)
@@ -414,7 +413,7 @@ class TcpConnection:
                     await self._send_all(bytes(self._out))  # e.g. the answer to a close
             tg.cancel_scope.cancel()
 
-    async def _deliver(self, data: bytes, *, plaintext: bool = False) -> bool:
+    def _deliver(self, data: bytes, *, plaintext: bool = False) -> bool:
         """Feed what the peer sent to the sessions; False once the peer said goodbye."""
         codec = self.codec
         assert codec is not None and self.listener is not None
@@ -425,29 +424,17 @@ class TcpConnection:
         if not datagrams:
             return not codec.closed  # a WebSocket close: answered above, then we are done
         server = self.server
-        limit = server.config.remote_buffer
         now = server.clock()
         unix = server.unix_clock()
         touched: dict[Session, None] = {}
+        # As over UDP: while the session's remotes hold too much, its core refuses Data
+        # (unacknowledged) but keeps taking ACKs, so its own sending never stalls behind the
+        # pause; on resume a NACK makes the client send everything refused again at once.
         for d in datagrams:
-            session = server.session_at(self.key)
-            if session is not None and session.remote_pending > limit:
-                # TCP is the brake here: stop reading until the remotes drain instead of
-                # dropping datagrams the client will not resend (reliable transport).
-                for s in touched:
-                    server._process(s)
-                touched = {}
-                await self._wait_drained(session, limit)
-                now = server.clock()
-                unix = server.unix_clock()
             server._dispatch(d, self.key, self.listener, now, unix, touched)
         for s in touched:
             server._process(s)
         return not codec.closed
-
-    async def _wait_drained(self, session: Session, limit: int) -> None:
-        while not session.closed and session.remote_pending > limit:  # noqa: ASYNC110
-            await anyio.sleep(PAUSE_POLL)
 
     async def _writer(self) -> None:
         try:
