@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -392,3 +393,23 @@ async def test_a_client_that_stops_reading_holds_only_itself() -> None:
                 await t.write(sid2, payload)
                 assert await t.read(sid2, len(payload)) == payload
             assert not stuck_session.closed and not stuck_session.conn.writable
+
+
+async def test_a_taken_tcp_port_leaves_udp_serving(caplog: pytest.LogCaptureFixture) -> None:
+    from .tunnel import tunnel
+
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        port = blocker.getsockname()[1]
+        async with tcp_echo() as echo, server(listen=f"127.0.0.1:{port}") as srv:
+            assert srv.addresses == [("127.0.0.1", port)]
+            assert srv.tcp is not None and srv.tcp.addresses == []
+            assert "cannot listen on tcp" in caplog.text
+            async with tunnel(srv.addresses[0], KEY) as u:
+                sid = await u.open(f"127.0.0.1:{echo}")
+                await u.write(sid, b"udp still works")
+                assert await u.read(sid, 15) == b"udp still works"
+    finally:
+        blocker.close()

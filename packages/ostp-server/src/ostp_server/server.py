@@ -200,12 +200,12 @@ class OstpServer:
                 try:  # TCP on the same port as UDP (spec §9.1, §10.6)
                     self.tcp.bind(host, listener.address[1])
                 except OSError as e:
-                    listener.sock.close()
                     if port == 0 and attempt < 19:
+                        listener.sock.close()
                         continue  # a free UDP port whose TCP twin is taken: pick another
-                    self.close_sockets()
+                    # A taken TCP port must not take the UDP service down with it.
                     where = format_host_port(host, listener.address[1])
-                    raise OSError(e.errno, f"cannot listen on tcp {where}: {e.strerror}") from None
+                    log.warning("cannot listen on tcp %s: %s; udp only there", where, e.strerror)
                 break
             self.listeners.append(listener)
 
