@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fuzz.server_datagram import test_one_input as fuzz_server
@@ -36,7 +37,8 @@ def test_upstream_server_json_unchanged() -> None:
     cfg = parse_config_text(json.dumps(UPSTREAM))
     assert cfg.listen_addresses == [("0.0.0.0", 50000)]
     assert cfg.key_strings() == UPSTREAM["access_keys"]
-    assert cfg.ignored_keys() == ["api", "reality"]
+    assert cfg.ignored_keys() == ["api"]
+    assert cfg.reality is not None and cfg.reality_enabled is None  # "enabled": false
     assert cfg.max_sessions == 1024 and cfg.idle_timeout == 600
 
 
@@ -89,13 +91,108 @@ def test_gen_key_and_links(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert re.fullmatch(r"[0-9a-f]{32}\n", capsys.readouterr().out)
     path = tmp_path / "server.json"
     path.write_text(json.dumps(UPSTREAM))
-    assert main(["links", "-c", str(path), "--host", "vpn.example.com"]) == 0
+    assert main(["links", "-c", str(path), "--host", "vpn.example.com", "--transport", "udp"]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "ostp://0123456789abcdef0123456789abcdef@vpn.example.com:50000",
         "ostp://second-key@vpn.example.com:50000",
     ]
     cfg = parse_config_text(json.dumps(UPSTREAM))
     assert share_links(cfg, "2001:db8::1")[0].endswith("@[2001:db8::1]:50000")
+
+
+REALITY_PRIVATE = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVpbXF1eX2A"  # the vectors' server key
+REALITY_PBK = "ZLEBsdC-WocEvQePmJUAH8A-jp-VIvGI3RKNmEbUhGY"
+
+
+def test_reality_block_and_every_link(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = dict(UPSTREAM)
+    raw["reality"] = {  # upstream's own field names
+        "enabled": True,
+        "dest": "www.microsoft.com:443",
+        "private_key": REALITY_PRIVATE,
+        "pbk": REALITY_PBK,
+        "sid": "0123456789ABCDEF",
+        "sni_list": ["www.microsoft.com", "microsoft.com"],
+    }
+    path = tmp_path / "server.json"
+    path.write_text(json.dumps(raw))
+    cfg = parse_config_text(path.read_text())
+    reality = cfg.reality_enabled
+    assert reality is not None and reality.short_id == "0123456789abcdef"
+    assert reality.dest_address == ("www.microsoft.com", 443)
+    assert reality.public_key_text == REALITY_PBK
+    assert REALITY_PRIVATE not in repr(cfg)
+    assert main(["links", "-c", str(path), "--host", "203.0.113.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    base = "ostp://0123456789abcdef0123456789abcdef@203.0.113.5:50000"
+    assert lines[:4] == [
+        base,
+        base + "?type=tcp",
+        base + "?type=tcp&wss=true",
+        base + f"?security=reality&sni=www.microsoft.com&pbk={REALITY_PBK}"
+        "&sid=0123456789abcdef&type=tcp",
+    ]
+    assert len(lines) == 8 and lines[4].startswith("ostp://second-key@")
+    raw["tcp"] = False
+    path.write_text(json.dumps(raw))
+    assert main(["links", "-c", str(path), "--host", "h", "--transport", "reality"]) == 2
+    assert "does not offer reality" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("reality", "fragment"),
+    [
+        ({"sid": "0123456789abcdef", "sni_list": ["a"]}, "private_key is required"),
+        ({"private_key": "short", "sid": "0123456789abcdef", "sni_list": ["a"]}, "private_key"),
+        ({"private_key": REALITY_PRIVATE, "sid": "0123", "sni_list": ["a"]}, "16 hex"),
+        ({"private_key": REALITY_PRIVATE, "sid": "0123456789abcdef"}, "server_names"),
+        (
+            {
+                "private_key": REALITY_PRIVATE,
+                "sid": "0123456789abcdef",
+                "sni_list": ["a"],
+                "pbk": "AAAA",
+            },
+            "not the public key",
+        ),
+        (
+            {
+                "private_key": REALITY_PRIVATE,
+                "sid": "0123456789abcdef",
+                "sni_list": ["a"],
+                "dest": "no-port",
+            },
+            "host:port",
+        ),
+    ],
+)
+def test_reality_config_errors(reality: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        parse_config_text(json.dumps({"access_keys": ["k"], "reality": reality}))
+
+
+def test_gen_key_reality(capsys: pytest.CaptureFixture[str]) -> None:
+    from ostp_proto.transport import decode_key, public_key
+
+    assert main(["gen-key", "--reality"]) == 0
+    fields = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert set(fields) == {"private_key", "public_key", "short_id"}
+    assert public_key(decode_key(fields["private_key"])) == decode_key(fields["public_key"])
+    assert re.fullmatch(r"[0-9a-f]{16}", fields["short_id"])
+    cfg = parse_config_text(
+        json.dumps(
+            {
+                "access_keys": ["k"],
+                "reality": {
+                    "private_key": fields["private_key"],
+                    "short_id": fields["short_id"],
+                    "server_names": ["www.example.com"],
+                },
+            }
+        )
+    )
+    assert cfg.reality_enabled is not None
+    assert cfg.reality_enabled.public_key_text == fields["public_key"]
 
 
 def test_cli_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -280,6 +280,8 @@ class Sender:
         self._control_resends: list[bytes] = []
         self._last_control_resend = -1.0
         self._prev_ranges: dict[int, int] = {}
+        self.reliable = False
+        """The path is a reliable stream (TCP): no probe timer, no loss from ACK gaps."""
         self.stats = SenderStats()
 
     # -- sending ---------------------------------------------------------------------------
@@ -477,6 +479,8 @@ class Sender:
         return entry.size
 
     def _detect_losses(self, now: float) -> None:
+        if self.reliable:
+            return  # the stream delivers every datagram in order: a gap is not a loss
         rtt = self.rtt
         loss_delay = max(TIME_THRESHOLD * max(rtt.srtt, rtt.latest), GRANULARITY)
         threshold_tx = self.largest_acked_tx - PACKET_THRESHOLD
@@ -507,9 +511,17 @@ class Sender:
         """The peer asks for ``nonce`` again: its bytes if we still have them (spec §7.2)."""
         entry = self.outstanding.get(nonce)
         if entry is not None:
-            if now - entry.sent_time < max(self.rtt.srtt / 2, GRANULARITY):
+            fresh = max(self.rtt.srtt / 2, GRANULARITY)
+            if now - entry.sent_time < fresh:
                 return None  # just re-sent; the NACK crossed it
             self.stats.nack_retransmissions += 1
+            if self.reliable:
+                # Over a reliable stream nothing is lost in transit: the peer dropped this one
+                # on purpose (its receive side paused) and everything after it as well.
+                # Send them all again now (go-back-N) instead of one per NACK.
+                for later in self.outstanding.values():
+                    if later.nonce > nonce and later.in_flight and now - later.sent_time >= fresh:
+                        self._declare_lost(later)
             return self._retransmit(entry, now)
         control = self._control.get(nonce)
         if control is not None:
@@ -527,6 +539,8 @@ class Sender:
         return min(max(base, self.min_rto) * (1 << min(self.pto_count, 6)), self.max_rto)
 
     def probe_deadline(self) -> float | None:
+        if self.reliable:
+            return None  # retransmitting into TCP only fights TCP's own recovery
         for entry in self.outstanding.values():
             return max(entry.sent_time, self._last_probe) + self.rto()
         return None

@@ -98,6 +98,11 @@ class ConnectionConfig:
     """Client: handshakes tried before giving up."""
     send_buffer_limit: int = 1 << 20
     """Bytes queued for sending above which :attr:`writable` turns False (backpressure)."""
+    reliable_transport: bool = False
+    """Datagrams travel over a reliable stream (TCP, spec §10.6): no retransmission on timers
+    or ACK gaps, so the ARQ does not fight TCP. ACKs are still sent (upstream peers need them)
+    and NACKs still answered; :attr:`Connection.reliable_transport` changes it on a live
+    connection when the path changes."""
 
 
 SERVER_DEFAULTS = ConnectionConfig(
@@ -156,6 +161,7 @@ class Connection:
             ack_frequency=config.ack_frequency,
             gap_skip_after=config.gap_skip_after,
         )
+        self.sender.reliable = config.reliable_transport
         self.stats = ConnectionStats()
         self._receive_paused = False
         self._dropped_while_paused = False
@@ -197,6 +203,15 @@ class Connection:
         self._receive_paused = value
 
     @property
+    def reliable_transport(self) -> bool:
+        """True while the path is a reliable stream (see ``ConnectionConfig``)."""
+        return self.sender.reliable
+
+    @reliable_transport.setter
+    def reliable_transport(self, value: bool) -> None:
+        self.sender.reliable = value
+
+    @property
     def smoothed_rtt(self) -> float:
         return self.sender.rtt.srtt
 
@@ -232,9 +247,14 @@ class Connection:
     def path_changed(self, now: float) -> None:
         """Tell the connection the peer's address changed (roaming, NAT rebinding).
 
-        In-flight datagrams are re-sent at once instead of after a backed-off timeout.
+        In-flight datagrams are re-sent at once instead of after a backed-off timeout, behind
+        a datagram with a fresh nonce (an empty Handshake frame, a no-op for every peer, spec
+        §6): a server re-binds a session to a new path only on a datagram that is new to it,
+        and re-sent ones it already holds are duplicates (over TCP, with no probes, nothing
+        else might come).
         """
         if self.state is State.ESTABLISHED:
+            self._build(FrameKind.HANDSHAKE, 0, b"", now, retransmittable=False)
             self.sender.on_path_changed()
 
     def close(self, now: float) -> None:

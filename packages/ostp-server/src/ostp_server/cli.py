@@ -14,6 +14,8 @@ from typing import Any
 
 import anyio
 
+from ostp_proto.transport import encode_key, generate_keypair
+
 from .config import ConfigError, ServerConfig, format_host_port, load_config
 from .server import OstpServer
 
@@ -25,11 +27,43 @@ def generate_key() -> str:
     return os.urandom(16).hex()
 
 
-def share_links(config: ServerConfig, host: str) -> list[str]:
-    """``ostp://KEY@HOST:PORT`` per access key (spec §10.9), port of the first listen address."""
+def generate_reality_keys() -> dict[str, str]:
+    """A Reality key pair (base64url, as upstream writes them) and a random short id."""
+    private, public = generate_keypair()
+    return {
+        "private_key": encode_key(private),
+        "public_key": encode_key(public),
+        "short_id": os.urandom(8).hex(),
+    }
+
+
+TRANSPORTS = ("udp", "tcp", "wss", "reality")
+
+
+def share_links(config: ServerConfig, host: str, transport: str = "udp") -> list[str]:
+    """Share links (spec §10.9) for every access key, port of the first listen address.
+
+    ``transport``: ``udp`` (``ostp://KEY@HOST:PORT``), ``tcp`` (``?type=tcp``), ``wss``
+    (``?type=tcp&wss=true``), ``reality`` (``?security=reality&sni=…&pbk=…&sid=…&type=tcp``)
+    or ``all`` (each one the server offers, in that order).
+    """
     port = config.listen_addresses[0][1]
     where = format_host_port(host.strip("[]"), port)
-    return [f"ostp://{key}@{where}" for key in config.key_strings()]
+    reality = config.reality_enabled
+    queries: list[str] = []
+    for kind in TRANSPORTS if transport == "all" else (transport,):
+        if kind == "udp":
+            queries.append("")
+        elif kind in ("tcp", "wss") and config.tcp:
+            queries.append("?type=tcp" + ("&wss=true" if kind == "wss" else ""))
+        elif kind == "reality" and config.tcp and reality is not None:
+            queries.append(
+                f"?security=reality&sni={reality.server_names[0]}"
+                f"&pbk={reality.public_key_text}&sid={reality.short_id}&type=tcp"
+            )
+        elif transport != "all":
+            raise ValueError(f"this server does not offer {kind}")
+    return [f"ostp://{key}@{where}{q}" for key in config.key_strings() for q in queries]
 
 
 SHUTDOWN_GRACE = 1.5
@@ -109,18 +143,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve until SIGINT/SIGTERM")
     run.add_argument("-c", "--config", required=True, help="server.json")
-    sub.add_parser("gen-key", help="print a new random access key")
+    gen = sub.add_parser("gen-key", help="print a new random access key")
+    gen.add_argument(
+        "--reality",
+        action="store_true",
+        help="print a Reality private_key, public_key (pbk) and short_id instead",
+    )
     links = sub.add_parser("links", help="print ostp:// share links for every key")
     links.add_argument("-c", "--config", required=True, help="server.json")
     links.add_argument("--host", required=True, help="host name or IP clients connect to")
+    links.add_argument(
+        "--transport",
+        choices=[*TRANSPORTS, "all"],
+        default="all",
+        help="which links: one transport, or every one the server offers (default)",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "gen-key":
-        print(generate_key())
+        if args.reality:
+            for name, value in generate_reality_keys().items():
+                print(f"{name}: {value}")
+        else:
+            print(generate_key())
         return 0
     config = _load(args.config)
     if args.command == "links":
-        for link in share_links(config, args.host):
+        try:
+            found = share_links(config, args.host, args.transport)
+        except ValueError as e:
+            print(f"ostp-server: {e}", file=sys.stderr)
+            return 2
+        for link in found:
             print(link)
         return 0
     logging.basicConfig(

@@ -1,13 +1,15 @@
 """The server's configuration file (JSON), its own format and upstream's server.json.
 
 Upstream's keys (spec §10.10: ``"mode": "server"``, ``"listen"`` as a string or a list,
-``"access_keys"`` as strings or ``{access_key, name?, limit_bytes?}``) are accepted unchanged;
-keys this server does not implement (``reality``, ``outbound``, ``api``, ...) are ignored and
-reported by :meth:`ServerConfig.ignored_keys` so the CLI can warn about them.
+``"access_keys"`` as strings or ``{access_key, name?, limit_bytes?}``, ``"reality"`` with
+upstream's names ``sid``/``sni_list``) are accepted unchanged; keys this server does not
+implement (``outbound``, ``api``, ...) are ignored and reported by
+:meth:`ServerConfig.ignored_keys` so the CLI can warn about them.
 """
 
 from __future__ import annotations
 
+import binascii
 import ipaddress
 import json
 from pathlib import Path
@@ -21,10 +23,14 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
+
+from ostp_proto.transport import decode_key, encode_key, public_key
 
 __all__ = [
     "ConfigError",
+    "RealityConfig",
     "ServerConfig",
     "User",
     "format_host_port",
@@ -91,6 +97,88 @@ class User(BaseModel):
         return v
 
 
+class RealityConfig(BaseModel):
+    """``"reality"``: TLS camouflage on the TCP port and the real site behind it (spec §10.6)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    enabled: bool = True
+    """Upstream's switch; ``false`` ignores the whole block."""
+    private_key: SecretStr | None = None
+    """The server's X25519 private key, base64url (``ostp-server gen-key --reality``)."""
+    short_id: str | None = Field(default=None, validation_alias=AliasChoices("short_id", "sid"))
+    """16 hex characters every client's hello must carry (upstream: ``sid``)."""
+    server_names: list[str] = Field(
+        default_factory=list, validation_alias=AliasChoices("server_names", "sni_list")
+    )
+    """SNI values accepted in a client's hello (upstream: ``sni_list``); the first goes into
+    share links."""
+    dest: str | None = None
+    """``host:port`` of the real site: every connection that is not an OSTP client of ours
+    (a probe, a browser, a bad token, a hello that does not authenticate) is relayed there byte
+    for byte. Without it such connections get upstream's 404 (HTTP) or are closed (TLS)."""
+    pbk: str | None = None
+    """Upstream writes the public key here too; if present it must match ``private_key``."""
+
+    @field_validator("short_id")
+    @classmethod
+    def _short_id(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = v.strip().lower()
+        try:
+            raw = bytes.fromhex(v)
+        except ValueError:
+            raw = b""
+        if len(raw) != 8:
+            raise ValueError("the short id is 16 hex characters")
+        return v
+
+    @field_validator("dest")
+    @classmethod
+    def _dest(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_host_port(v)
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> RealityConfig:
+        if not self.enabled:
+            return self
+        if self.private_key is None:
+            raise ValueError("reality.private_key is required (ostp-server gen-key --reality)")
+        try:
+            private = decode_key(self.private_key.get_secret_value())
+        except ValueError as e:
+            raise ValueError(f"reality.private_key: {e}") from None
+        if self.short_id is None:
+            raise ValueError("reality.short_id is required")
+        if not self.server_names:
+            raise ValueError("reality.server_names needs at least one name")
+        if self.pbk is not None:
+            try:
+                matches = decode_key(self.pbk) == public_key(private)
+            except (ValueError, binascii.Error):
+                matches = False
+            if not matches:
+                raise ValueError("reality.pbk is not the public key of reality.private_key")
+        return self
+
+    @property
+    def private_key_bytes(self) -> bytes:
+        assert self.private_key is not None
+        return decode_key(self.private_key.get_secret_value())
+
+    @property
+    def public_key_text(self) -> str:
+        """``pbk`` for share links."""
+        return encode_key(public_key(self.private_key_bytes))
+
+    @property
+    def dest_address(self) -> tuple[str, int] | None:
+        return parse_host_port(self.dest) if self.dest else None
+
+
 class ServerConfig(BaseModel):
     """Everything ``ostp-server run`` reads from its JSON file."""
 
@@ -133,6 +221,21 @@ class ServerConfig(BaseModel):
     ``<config name>.replay-cache`` beside the config file; a relative path is relative to the
     config file. Without a cache from the previous run (first start, file lost or unwritable),
     first messages older than the start time minus 30 s are refused instead."""
+    tcp: bool = True
+    """Also listen on TCP on every listen address (xHTTP ``/stream``, ``/wss``, Reality;
+    spec §10.6), as upstream does."""
+    reality: RealityConfig | None = None
+    """Reality on the TCP port, and the real site (``dest``) behind it."""
+    tcp_rate_limit: int = Field(default=10, ge=0)
+    """New TCP connections accepted per client IP per ``tcp_rate_window`` (spec §10.6: 10 per
+    10 s); more are closed at once. 0 turns the limit off (e.g. behind a local reverse proxy)."""
+    tcp_rate_window: float = Field(default=10.0, gt=0)
+    tcp_handshake_timeout: float = Field(default=10.0, gt=0)
+    """Seconds a TCP peer has to complete its request; then it is relayed to ``dest`` (or
+    closed)."""
+    tcp_resume_grace: float = Field(default=30.0, ge=0)
+    """When a session's TCP connection ends, the session waits this long for the client to
+    continue it on a new connection (roaming, as upstream allows) before it is ended."""
     log_level: str = "info"
     debug: bool = False
     """Upstream's switch; same as ``"log_level": "debug"``."""
@@ -180,6 +283,11 @@ class ServerConfig(BaseModel):
     def key_labels(self) -> list[str]:
         """A log-safe label per key: the user's name, else ``key#N``."""
         return [u.name or f"key#{i}" for i, u in enumerate(self.access_keys)]
+
+    @property
+    def reality_enabled(self) -> RealityConfig | None:
+        """The Reality block if it is enabled."""
+        return self.reality if self.reality is not None and self.reality.enabled else None
 
     def ignored_keys(self) -> list[str]:
         """Top-level keys present in the file that this server does not use."""

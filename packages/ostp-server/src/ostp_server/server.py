@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -33,6 +33,10 @@ from ostp_proto import SERVER_DEFAULTS, ServerAcceptor, ServerConnection
 from .config import ServerConfig, format_host_port
 from .replay_cache import REWRITE_INTERVAL, ReplayCacheFile
 from .session import Session
+from .tcp import TcpFront
+
+if TYPE_CHECKING:
+    from .tcp import TcpConnection
 
 log = logging.getLogger("ostp_server")
 
@@ -99,10 +103,14 @@ class ServerStats:
 
 @dataclass(slots=True)
 class Listener:
+    """Where a session's replies leave from: a UDP listen socket, or a TCP connection."""
+
     sock: socket.socket
     address: tuple[str, int]
     gro: bool = False
     gso: bool = False
+    tcp: TcpConnection | None = None
+    """Set for a TCP connection (spec §10.6): replies are framed and written to it."""
 
 
 def _set_buffer(sock: socket.socket, size: int) -> None:
@@ -182,6 +190,7 @@ class OstpServer:
         self._tg: anyio.abc.TaskGroup | None = None
         path = config.replay_cache
         self._replay_file = ReplayCacheFile(Path(path)) if path else None
+        self.tcp = TcpFront(self) if config.tcp else None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -196,19 +205,42 @@ class OstpServer:
 
     def bind(self) -> None:
         for host, port in self.config.listen_addresses:
-            try:
-                listener = open_listener(
-                    host, port, self.config.socket_buffer, offload=self.offload
-                )
-            except OSError as e:
-                self.close_sockets()
-                where = format_host_port(host, port)
-                raise OSError(e.errno, f"cannot listen on udp {where}: {e.strerror}") from None
+            for attempt in range(20):
+                try:
+                    listener = open_listener(
+                        host, port, self.config.socket_buffer, offload=self.offload
+                    )
+                except OSError as e:
+                    self.close_sockets()
+                    where = format_host_port(host, port)
+                    raise OSError(e.errno, f"cannot listen on udp {where}: {e.strerror}") from None
+                if self.tcp is None:
+                    break
+                try:  # TCP on the same port as UDP (spec §9.1, §10.6)
+                    self.tcp.bind(host, listener.address[1])
+                except OSError as e:
+                    if port == 0 and attempt < 19:
+                        listener.sock.close()
+                        continue  # a free UDP port whose TCP twin is taken: pick another
+                    # A taken TCP port must not take the UDP service down with it.
+                    where = format_host_port(host, listener.address[1])
+                    log.warning("cannot listen on tcp %s: %s; udp only there", where, e.strerror)
+                break
             self.listeners.append(listener)
 
     def close_sockets(self) -> None:
         for listener in self.listeners:
             listener.sock.close()
+        if self.tcp is not None:
+            self.tcp.close()
+
+    def tcp_listener(self, connection: TcpConnection) -> Listener:
+        """The reply path of a session on ``connection``."""
+        return Listener(connection.sock, connection.address, tcp=connection)
+
+    def session_at(self, addr: tuple[object, ...]) -> Session | None:
+        """The session bound to ``addr`` (a UDP address or a TCP connection's key)."""
+        return self._by_addr.get(addr)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[OstpServer] = anyio.TASK_STATUS_IGNORED
@@ -226,6 +258,10 @@ class OstpServer:
                 tg.start_soon(self._housekeeping_loop)
                 for listener in self.listeners:
                     log.info("listening on udp %s", format_host_port(*listener.address))
+                if self.tcp is not None:
+                    for sock, address in zip(self.tcp.sockets, self.tcp.addresses, strict=True):
+                        tg.start_soon(self.tcp.accept_loop, sock)
+                        log.info("listening on tcp %s", format_host_port(*address))
                 task_status.started(self)
         finally:
             for session in list(self.sessions.values()):  # no await: cancellation-safe
@@ -387,6 +423,7 @@ class OstpServer:
                     self._end_session(replaced, "its address was taken over by another session")
                 session.addr = addr
                 session.listener = listener
+                session.conn.reliable_transport = listener.tcp is not None
                 self._by_addr[addr] = session
                 session.key_stats.bytes_up += len(data)
                 session.conn.path_changed(now)
@@ -422,6 +459,7 @@ class OstpServer:
             )
             return
         session = Session(self, conn, addr, listener, ks.label, ks, now)
+        conn.reliable_transport = listener.tcp is not None  # spec §10.6: do not fight TCP
         self.sessions[conn.session_id] = session
         self._by_addr[addr] = session
         self._half_open[session] = None
@@ -491,7 +529,9 @@ class OstpServer:
         out = session.conn.datagrams_to_send(self.clock())
         if out:
             listener = session.listener
-            if listener.gso and len(out) > 1:
+            if listener.tcp is not None:
+                sent = listener.tcp.send_datagrams(out)
+            elif listener.gso and len(out) > 1:
                 sent = self._send_gso(listener, out, session.addr)
             else:
                 sent = self._send_plain(listener.sock, out, session.addr)
