@@ -457,20 +457,29 @@ async def run_daemon(
 ) -> Daemon:
     """Run a daemon until SIGINT/SIGTERM (graceful stop) and return it.
 
-    Also serves the control socket (`reload` and SIGHUP re-read `config_path`).
+    Also serves the control socket (`reload` and SIGHUP re-read `config_path`), the metrics
+    endpoint when configured, and tells systemd (`$NOTIFY_SOCKET`) READY=1 once every inbound,
+    the control socket and the metrics endpoint listen, STOPPING=1 when it begins to stop.
     """
     from ostp_client.control.server import serve_control  # noqa: PLC0415
+    from ostp_client.sdnotify import get_notifier  # noqa: PLC0415
 
     daemon = Daemon(config)
+    notifier = get_notifier()
     proxy = await _system_proxy(config)
     async with anyio.create_task_group() as tg:
         await tg.start(serve_control, daemon, config_path, handle_signals)
+        if config.metrics is not None:
+            from ostp_client.metrics import serve_metrics  # noqa: PLC0415
+
+            await tg.start(serve_metrics, daemon, config.metrics)
         if handle_signals:
 
             async def watch_signals() -> None:
                 with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for signum in signals:
                         logger.info("received %s, shutting down", signal.Signals(signum).name)
+                        notifier.stopping()
                         daemon.stop()
                         return
 
@@ -487,6 +496,7 @@ async def run_daemon(
             await tg.start(run_and_signal)
             if proxy is not None:
                 await _enter_system_proxy(stack, proxy, daemon)
+            await tg.start(notifier.run, daemon)  # READY=1, watchdog, STOPPING=1 at the end
             await finished.wait()
         tg.cancel_scope.cancel()
     return daemon
