@@ -418,7 +418,12 @@ async def serve_metrics(
     bind, before `task_status.started`)."""
     registry, collector = build_registry(daemon)
     host, port = config.address
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+    try:
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"cannot serve metrics on tcp {config.listen}: {exc.strerror}"
+        ) from None
     bound = listener.listeners[0].extra(anyio.abc.SocketAttribute.local_address)  # noqa: S610
     where = (str(bound[0]), int(bound[1]))
     shown = f"[{where[0]}]" if ":" in where[0] else where[0]

@@ -25,6 +25,7 @@ from pydantic import (
 
 __all__ = [
     "ConfigError",
+    "MetricsConfig",
     "ServerConfig",
     "User",
     "format_host_port",
@@ -91,6 +92,28 @@ class User(BaseModel):
         return v
 
 
+class MetricsConfig(BaseModel):
+    """`metrics` in server.json."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    listen: str = "127.0.0.1:9100"
+    """`host:port` of the HTTP endpoint; loopback by default."""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_ip(cls, value: str) -> str:
+        host, port = parse_host_port(value)
+        ipaddress.ip_address(host)  # ValueError: not an IP address
+        if port == 0:
+            raise ValueError("the metrics port must not be 0")
+        return value.strip()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_host_port(self.listen)
+
+
 class ServerConfig(BaseModel):
     """Everything ``ostp-server run`` reads from its JSON file."""
 
@@ -133,6 +156,8 @@ class ServerConfig(BaseModel):
     ``<config name>.replay-cache`` beside the config file; a relative path is relative to the
     config file. Without a cache from the previous run (first start, file lost or unwritable),
     first messages older than the start time minus 30 s are refused instead."""
+    metrics: MetricsConfig | None = None
+    """Prometheus endpoint (``{"listen": "127.0.0.1:9100"}``); absent: none."""
     log_level: str = "info"
     debug: bool = False
     """Upstream's switch; same as ``"log_level": "debug"``."""
