@@ -18,7 +18,11 @@ __all__ = ["run_dashboard"]
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="options for ostp-tui")
+    # the options of `ostp-tui` itself (ostp_tui.app.main), passed on as given
+    parser.add_argument("--socket", default=None, help="control socket of the daemon")
+    parser.add_argument(
+        "--log-level", default=None, help="initial log filter: debug, info, warning or error"
+    )
 
 
 @command("tui", "open the dashboard (needs the tui extra: ostp-client[tui])", _configure)
@@ -30,7 +34,11 @@ def run_dashboard(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
-    argv = [sys.executable, "-m", "ostp_tui", *args.args]
+    argv = [sys.executable, "-m", "ostp_tui"]
+    if args.socket is not None:
+        argv += ["--socket", args.socket]
+    if args.log_level is not None:
+        argv += ["--log-level", args.log_level]
     try:
         return subprocess.call(argv)  # noqa: S603 (our own interpreter and package)
     except KeyboardInterrupt:
