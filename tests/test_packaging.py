@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Iterator
 from email.parser import Parser
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,9 +34,9 @@ VERSION = ostp_client.__version__
 SERIES = ">=0.2.0.dev0,<0.3"
 
 
-def _pyproject(name: str) -> dict[str, object]:
+def _pyproject(name: str) -> dict[str, Any]:
     with (ROOT / "packages" / name / "pyproject.toml").open("rb") as handle:
-        data: dict[str, object] = tomllib.load(handle)["project"]
+        data: dict[str, Any] = tomllib.load(handle)["project"]
     return data
 
 
@@ -55,7 +56,7 @@ def test_one_version_everywhere() -> None:
     major_minor = ".".join(VERSION.split(".")[:2])
     assert SERIES.startswith(f">={major_minor}")
     for name in DISTRIBUTIONS:
-        for requirement in _pyproject(name).get("dependencies", []):  # type: ignore[attr-defined]
+        for requirement in _pyproject(name).get("dependencies", []):
             match = re.match(r"(ostp-[a-z]+)(\[[a-z,]+\])?(.*)", requirement)
             if match:
                 assert match.group(3) == SERIES, (name, requirement)
@@ -78,7 +79,7 @@ def test_every_distribution_has_complete_metadata() -> None:
         assert isinstance(classifiers, list)
         assert "Programming Language :: Python :: 3.11" in classifiers
         assert not any(c.startswith("License ::") for c in classifiers)  # PEP 639: the expression
-        for requirement in project.get("dependencies", []):  # type: ignore[attr-defined]
+        for requirement in project.get("dependencies", []):
             if not requirement.startswith("ostp-") and not requirement.startswith("cryptography"):
                 assert "<" in requirement, f"{name}: {requirement} has no upper bound"
     client = _pyproject("ostp-client")
@@ -89,7 +90,7 @@ def test_every_distribution_has_complete_metadata() -> None:
     assert extras["fast"][0].startswith("uvloop")
     combined = _pyproject("ostp-py")
     assert combined["dependencies"] == [f"ostp-client[tui]{SERIES}", f"ostp-netstack{SERIES}"]
-    assert set(combined["scripts"]) == {"ostp-client", "ostp-tui"}  # type: ignore[arg-type]
+    assert set(combined["scripts"]) == {"ostp-client", "ostp-tui"}
 
 
 # -- built and installed ---------------------------------------------------------------------
