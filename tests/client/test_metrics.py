@@ -135,12 +135,13 @@ def test_client_and_server_metrics_count_a_transfer(origin: Origin, tmp_path: Pa
             check=False,
         )
         assert result.returncode == 0 and int(result.stdout) == TRANSFER, result.stderr
-        # the connection has ended in the daemon once the counters say so (no sleep)
+        # wait until the connection has ended in the daemon: its bytes now count as closed
         deadline = time.monotonic() + 20
         while True:
             after, types = scrape(client_metrics)
-            if value(after, "ostp_client_connections") == 0 or time.monotonic() > deadline:
+            if value(after, "ostp_client_connections") == 0:
                 break
+            assert time.monotonic() < deadline, "the connection did not end"
             time.sleep(0.05)
         server_after, server_types = scrape(server_metrics)
     finally:

@@ -263,6 +263,8 @@ class OstpStream(_Channel, anyio.abc.ByteStream):
             self._eof = True
             self.session.send_message(self.stream_id, Close())
             self.session.unbind(self.stream_id)
+            # nothing arrives for an unbound id: a reader waiting for data must see the end
+            self.readable.set()
 
     async def aclose(self) -> None:
         if self.closed:
