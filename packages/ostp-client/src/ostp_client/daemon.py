@@ -372,7 +372,7 @@ class Daemon:
         """Make the new parts current. No awaits: the router never names a missing tag."""
         changed = {
             "routing": plan.router is not self.router,
-            "log.level": new.log != old.log,
+            "log.level": new.log.level != old.log.level,
             "outbounds": list(plan.outbounds.items()) != list(self.outbounds.items()),
             "inbounds": list(plan.inbounds.items()) != list(self.inbounds.items())
             or bool(plan.updates),
@@ -400,7 +400,21 @@ class Daemon:
         if _system_proxy_target(new) != _system_proxy_target(old):
             outcome.needs_restart.append("set_system_proxy")
             outcome.changes.append("set_system_proxy: applies at the next restart")
-        self.config = new.model_copy(update={"control": old.control})
+        if new.log.model_copy(update={"level": old.log.level}) != old.log:
+            outcome.needs_restart.append("log")
+            outcome.changes.append("log output/format: applies at the next restart")
+        if new.metrics != old.metrics:
+            outcome.needs_restart.append("metrics")
+            outcome.changes.append("metrics: the endpoint moves at the next restart")
+        # what runs until a restart stays in the running config, so the next reload compares
+        # against it and says "needs restart" again
+        self.config = new.model_copy(
+            update={
+                "control": old.control,
+                "metrics": old.metrics,
+                "log": old.log.model_copy(update={"level": new.log.level}),
+            }
+        )
         return outcome
 
     async def _stop_old_parts(

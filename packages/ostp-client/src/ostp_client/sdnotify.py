@@ -94,8 +94,9 @@ class Notifier:
         self.notify("READY=1", *self._status_line(status))
 
     def reloading(self) -> None:
-        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading the config")
+        if self.enabled:
+            usec = time.monotonic_ns() // 1000  # CLOCK_MONOTONIC, as sd_notify(3) asks
+            self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading the config")
 
     def stopping(self) -> None:
         if not self._stopping_sent:
