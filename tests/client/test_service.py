@@ -325,3 +325,25 @@ def test_no_notify_socket_no_messages_and_no_errors(tmp_path: Path) -> None:
         stop(process)
     assert process.returncode == 0
     assert "service manager" not in stderr and "Traceback" not in stderr
+
+
+def test_system_install_warns_about_a_program_others_can_change(tmp_path: Path) -> None:
+    env = isolated_env(tmp_path)
+    config = _direct_config(tmp_path / "client.json", free_tcp_port())
+    shared = tmp_path / "shared-bin"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone may replace what is in here
+    (shared / "ostp-client").symlink_to(program()[0])
+    root = tmp_path / "root"
+    argv = [str(shared / "ostp-client"), "service", "install", "-c", str(config)]
+    result = subprocess.run(
+        [*argv, "--root", str(root)], capture_output=True, text=True, env=env, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {shared} can be changed by a user other than root" in result.stderr
+    unit = (root / "etc/systemd/system/ostp-client.service").read_text()
+    assert f"ExecStart={shared}/ostp-client run -c {config}" in unit  # the link, kept
+    user = subprocess.run(
+        [*argv, "--user", "--root", str(root)], capture_output=True, text=True, env=env, check=False
+    )
+    assert user.returncode == 0 and "warning" not in user.stderr  # runs as the user anyway

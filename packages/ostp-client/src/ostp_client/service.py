@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -148,6 +149,26 @@ def _command() -> tuple[str, ...]:
     return (str(Path(sys.executable).absolute()), "-m", "ostp_client")
 
 
+def _writable_by_others(program: Path) -> list[str]:
+    """Files and directories on the way to `program` that a user other than root may change."""
+    problems = []
+    seen: set[Path] = set()
+    for path in (program, program.resolve()):
+        for item in (path, *path.parents):
+            if item in seen:
+                continue
+            seen.add(item)
+            try:
+                info = item.lstat()
+            except OSError:
+                continue
+            # group/world-writable counts, except for a link's own mode and sticky dirs (/tmp)
+            shared = info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX
+            if info.st_uid != 0 or (shared and not stat.S_ISLNK(info.st_mode)):
+                problems.append(f"{item} can be changed by a user other than root")
+    return problems
+
+
 def _systemctl(user: bool, *words: str) -> subprocess.CompletedProcess[str] | None:
     """Run systemctl; None when there is none or systemd is not the running init."""
     exe = shutil.which("systemctl")
@@ -204,7 +225,11 @@ def _install(args: argparse.Namespace) -> int:
     writable: tuple[Path, ...] = ()
     if config.log.output != "stderr":
         writable = (Path(config.log.output).expanduser().absolute().parent,)
-    text = render_unit(UnitOptions(_command(), config_path, args.user, writable))
+    command_words = _command()
+    text = render_unit(UnitOptions(command_words, config_path, args.user, writable))
+    if not args.user:
+        for problem in _writable_by_others(Path(command_words[0])):
+            _err(f"warning: {problem}: the service runs it as root")
     path = unit_path(args.name, args.user, root)
     if path.exists() and path.read_text(encoding="utf-8") != text and not args.force:
         _err(f"{path} exists with other content; use --force to replace it")
