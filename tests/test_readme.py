@@ -103,7 +103,8 @@ def test_every_command_exists_as_written(title: str) -> None:
             if target.startswith("./dist/"):  # the wheel scripts/build writes, this version
                 assert f"-{ostp_client.__version__}-py3-none-any.whl" in target
             else:
-                assert (ROOT / target / "pyproject.toml").is_file(), target
+                path = target.split("[", 1)[0]  # './packages/ostp-client[tui]'
+                assert (ROOT / path / "pyproject.toml").is_file(), target
         else:
             assert tool in SYSTEM_TOOLS, f"unknown command in README {title!r}: {words}"
 

@@ -278,3 +278,18 @@ def test_unwritable_log_file_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "cannot open the log file" in result.stderr
+
+
+def test_tui_without_the_extra_says_how_to_get_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    from ostp_client.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ostp_tui" else real(name)
+    )
+    assert main(["tui"]) == 1
+    assert "pipx install --force 'ostp-client[tui]'" in capsys.readouterr().err
