@@ -537,7 +537,7 @@ def _duration(value: Any) -> Any:
 Duration = Annotated[float, BeforeValidator(_duration), Field(gt=0, le=86400)]
 
 
-def _test_url(value: str) -> str:
+def validate_test_url(value: str) -> str:
     from urllib.parse import urlsplit  # noqa: PLC0415
 
     parts = urlsplit(value.strip())
@@ -550,7 +550,7 @@ def _test_url(value: str) -> str:
     return value.strip()
 
 
-TestUrl = Annotated[str, AfterValidator(_test_url)]
+TestUrl = Annotated[str, AfterValidator(validate_test_url)]
 GroupMembers = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
 
 
@@ -652,7 +652,7 @@ class HeadlessRule(_Model):
     alternatives; the groups and every other condition must all match; `invert` negates.
     """
 
-    type: Literal["default"] = "default"
+    type: Annotated[Literal["default"], Field(exclude=True)] = "default"
     domain: list[str] | None = None
     domain_suffix: list[str] | None = None
     domain_keyword: list[str] | None = None
@@ -674,7 +674,8 @@ class HeadlessRule(_Model):
     """Full path of its executable (Linux: `/proc/PID/exe`)."""
     rule_set: list[Annotated[str, Field(min_length=1)]] | None = None
     """Tags of `routing.rule_set` entries; their rules' entries join this rule's groups."""
-    invert: bool = False
+    invert: bool | None = None
+    """Negate the rule (absent: false)."""
 
     @field_validator(*_LIST_CONDITIONS, mode="before")
     @classmethod
@@ -704,7 +705,8 @@ class HeadlessLogicalRule(_Model):
     type: Literal["logical"]
     mode: Literal["and", "or"]
     rules: Annotated[list[HeadlessRuleConfig], Field(min_length=1)]
-    invert: bool = False
+    invert: bool | None = None
+    """Negate the rule (absent: false)."""
 
     def conditions(self) -> dict[str, list[Any]]:
         """Every condition of the nested rules (for checks that look for a kind)."""

@@ -16,13 +16,16 @@ either); the groups and every other condition (`network`, `inbound`, `process_na
 `process_path`, `rule_set`) must all match. `invert` negates a rule. A logical rule
 (`"type": "logical"`, `mode` `and`/`or`, nested `rules`) combines rules.
 
-`rule_set` follows sing-box's implementation (route/rule/rule_abstract.go, the match-state
-sets): the entries of a referenced set's rules join the referring rule's groups, so
-`{"domain_suffix": ["a.com"], "rule_set": ["ads"]}` matches a.com and every domain of `ads`.
-Each rule is evaluated to a set of "match states" (which of the four groups have matched); a
-rule set is the union of its rules' states; the referring rule keeps the states that satisfy
-every group it (or the set's rule) has. The first matching rule wins; otherwise
-`default_outbound`. Each rule counts its hits.
+`rule_set` follows sing-box's implementation and the cases its tests pin down
+(route/rule/rule_abstract.go, rule_set_semantics_test.go): the entries of a referenced set's
+rules join the referring rule's groups, so `{"domain_suffix": ["a.com"], "rule_set": ["ads"]}`
+matches a.com and every domain of `ads`. Each rule evaluates to a set of "match states" (which
+of the four groups matched); the referring rule keeps the states that satisfy every group that
+it or the set's rule has. Within one set the first rule that matches decides; several sets are
+alternatives, each on its own (one set's source port and another's domain do not add up). A
+logical rule matches on its own conditions and never satisfies the referring rule's groups;
+an inverted rule neither. The first matching route rule wins; otherwise `default_outbound`.
+Each rule counts its hits.
 
 Before this release rules ANDed every condition; `rule_migration` finds the rules whose
 meaning changed and can rewrite them (`ostp-client format --keep-old-rule-meaning`).
@@ -83,18 +86,6 @@ def _with_base(states: int, base: int) -> int:
     for state in range(16):
         if states >> state & 1:
             out |= 1 << (state | base)
-    return out
-
-
-def _combine(left: int, right: int) -> int:
-    if not left or not right:
-        return 0
-    out = 0
-    for a in range(16):
-        if left >> a & 1:
-            for b in range(16):
-                if right >> b & 1:
-                    out |= 1 << (a | b)
     return out
 
 
@@ -186,10 +177,11 @@ class _RuleSetRef:
         self.file = file
 
     def states(self, q: Query, base: int) -> int:
-        out = 0
         for rule in self.file.compiled:
-            out |= rule.states(q, base)
-        return out
+            states = rule.states(q, base)
+            if states:
+                return states  # the first rule of the set that matches decides
+        return 0
 
 
 class _DefaultRule(_Compiled):
@@ -273,21 +265,13 @@ class _LogicalRule(_Compiled):
         self.invert = invert
 
     def states(self, q: Query, inherited: int) -> int:
-        base = 0 if self.invert else inherited
+        # Nested rules match on their own conditions; the result carries no group of its own
+        # (it neither lifts nor satisfies the groups of a rule that refers to a set of it).
         if self.mode_and:
-            states = _with_base(EMPTY, base)
-            for rule in self.rules:
-                nested = rule.states(q, base)
-                if not nested:
-                    return _with_base(EMPTY, inherited) if self.invert else 0
-                states = _combine(states, nested)
+            matched = all(rule.states(q, 0) for rule in self.rules)
         else:
-            states = 0
-            for rule in self.rules:
-                states |= rule.states(q, base)
-            if not states:
-                return _with_base(EMPTY, inherited) if self.invert else 0
-        return 0 if self.invert else states
+            matched = any(rule.states(q, 0) for rule in self.rules)
+        return _with_base(EMPTY, inherited) if matched != self.invert else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,7 +363,7 @@ def compile_rule(rule: Any, rule_sets: RuleSetTable | None = None) -> _Compiled:
     """Compile one rule (a `HeadlessRule`, `HeadlessLogicalRule` or their routing forms)."""
     if isinstance(rule, HeadlessLogicalRule):
         return _LogicalRule(
-            [compile_rule(r, rule_sets) for r in rule.rules], rule.mode == "and", rule.invert
+            [compile_rule(r, rule_sets) for r in rule.rules], rule.mode == "and", bool(rule.invert)
         )
     refs = []
     for tag in rule.rule_set or ():
@@ -393,7 +377,7 @@ def compile_rule(rule: Any, rule_sets: RuleSetTable | None = None) -> _Compiled:
         _port_items(rule.source_port, rule.source_port_range, "source_port"),
         _other_items(rule),
         refs,
-        rule.invert,
+        bool(rule.invert),
     )
 
 
@@ -403,25 +387,27 @@ _DST_ONLY = frozenset(
 
 
 def compile_rule_set(rules: Sequence[Any]) -> tuple[_Compiled, ...]:
-    """A rule set's rules, with every plain destination-address rule merged into one.
+    """A rule set's rules, each run of plain destination-address rules merged into one.
 
-    Merging keeps the meaning: such a rule contributes the destination-address state when it
-    matches and nothing else, so the union over many of them is the one merged rule's. It makes
-    a set of 100k one-domain rules one hashed lookup instead of 100k.
+    Merging keeps the meaning: such a rule yields the destination-address state when it
+    matches and nothing else, so a run of them (in place, the order of the set is kept) is the
+    one merged rule. It makes a set of 100k one-domain rules one hashed lookup instead of 100k.
     """
-    merged: dict[str, list[Any]] = {}
-    rest: list[Any] = []
+    compiled: list[_Compiled] = []
+    run: dict[str, list[Any]] = {}
     for rule in rules:
         if isinstance(rule, HeadlessRule) and not rule.invert:
             found = rule.conditions()
             if found and found.keys() <= _DST_ONLY and "ip_is_private" not in found:
                 for name, values in found.items():
-                    merged.setdefault(name, []).extend(values)
+                    run.setdefault(name, []).extend(values)
                 continue
-        rest.append(rule)
-    compiled = [compile_rule(rule) for rule in rest]
-    if merged:
-        compiled.insert(0, compile_rule(HeadlessRule.model_construct(None, **merged)))
+        if run:
+            compiled.append(compile_rule(HeadlessRule.model_construct(None, **run)))
+            run = {}
+        compiled.append(compile_rule(rule))
+    if run:
+        compiled.append(compile_rule(HeadlessRule.model_construct(None, **run)))
     return tuple(compiled)
 
 
