@@ -190,15 +190,16 @@ async def test_connections_record_the_group_and_the_member(
     async with running_daemon(config) as daemon:
         port = proxy_port(daemon)
         seen: list[tuple[str | None, tuple[str, ...]]] = []
-        original = daemon.registry.close
+        dispatcher = daemon.dispatcher
+        original = dispatcher.connect_tcp
 
-        def record(ctx: Any) -> None:
+        async def record(ctx: Any, target: Any) -> Any:
+            stream = await original(ctx, target)
             seen.append((ctx.outbound_tag, ctx.via))
-            original(ctx)
+            return stream
 
-        daemon.registry.close = record  # type: ignore[method-assign]
+        dispatcher.connect_tcp = record  # type: ignore[method-assign]
         await _fetch(port, origin)
-        await wait_for(lambda: bool(seen), 10)  # the handler closes after curl is done
         assert ("sel", ("sel", "b")) in seen
 
 
