@@ -23,7 +23,7 @@ from ostp_client.config import (
     RuleSetConfig,
     config_from_data,
 )
-from ostp_client.outbounds.base import Address
+from ostp_client.outbounds.base import Address, Network
 from ostp_client.router import Query, Router, compile_rule, compile_rule_set, match_rule
 from ostp_client.rule_migration import keep_old_rule_meaning, rule_meaning_changes
 from ostp_client.rule_set import RuleSetFile
@@ -34,7 +34,7 @@ RULE: TypeAdapter[Any] = TypeAdapter(HeadlessRuleConfig)
 def q(
     host: str = "www.example.com",
     port: int = 443,
-    network: str = "tcp",
+    network: Network = "tcp",
     source: str = "10.0.0.1:1000",
     inbound: str = "in",
 ) -> Query:
@@ -43,7 +43,7 @@ def q(
         network,
         inbound,
         Address.parse(source),
-    )  # type: ignore[arg-type]
+    )
 
 
 def matches(rule: dict[str, Any], query: Query, sets: dict[str, list[Any]] | None = None) -> bool:
