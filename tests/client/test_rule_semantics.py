@@ -418,3 +418,42 @@ def test_compile_rule_accepts_every_documented_field() -> None:
     )
     compile_rule(rule)
     assert isinstance(ClientConfig, type)
+
+
+def test_check_warns_and_format_keeps_the_old_meaning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from ostp_client.cli import main
+
+    path = tmp_path / "cfg.json"
+    path.write_text(
+        json.dumps(
+            {
+                "outbounds": [{"type": "direct", "tag": "d"}, {"type": "block", "tag": "b"}],
+                "routing": {
+                    "rules": [
+                        {"domain_suffix": ["a.test"], "ip_cidr": ["10.0.0.0/8"], "outbound": "b"},
+                        {"domain_suffix": ["c.test"], "port": [443], "outbound": "b"},
+                    ]
+                },
+            }
+        )
+    )
+    assert main(["check", "-c", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: routing.rules[0]: now matches when any of domain_suffix or ip_cidr" in err
+    assert "routing.rules[1]" not in err
+    assert main(["format", "-c", str(path), "--keep-old-rule-meaning"]) == 0
+    assert "routing.rules[0]: rewritten as a logical AND rule" in capsys.readouterr().err
+    rules = json.loads(path.read_text())["routing"]["rules"]
+    assert rules[0] == {
+        "type": "logical",
+        "mode": "and",
+        "rules": [{"domain_suffix": ["a.test"]}, {"ip_cidr": ["10.0.0.0/8"]}],
+        "outbound": "b",
+    }
+    assert rules[1] == {"domain_suffix": ["c.test"], "port": [443], "outbound": "b"}
+    assert main(["check", "-c", str(path)]) == 0
+    assert "warning" not in capsys.readouterr().err
