@@ -22,7 +22,7 @@ import anyio
 import pytest
 
 from ostp_client.daemon import Daemon
-from ostp_client.outbounds.group import GroupOutbound, UrlTestOutbound
+from ostp_client.outbounds.group import GroupOutbound, SelectorOutbound, UrlTestOutbound
 from tests.client.group_helpers import DelayRelay
 from tests.client.proxy_helpers import (
     Origin,
@@ -360,3 +360,44 @@ async def test_member_state_change_moves_the_group_at_once(
         with anyio.fail_after(30):
             while group.selected != other:  # noqa: ASYNC110 (no event to wait on)
                 await anyio.sleep(0.01)
+
+
+async def test_reload_adds_a_group_and_keeps_an_unchanged_one(origin: Origin) -> None:
+    from ostp_client.config import config_from_data
+
+    members = [
+        {"type": "direct", "tag": "one", "bind_address": "127.0.0.41"},
+        {"type": "direct", "tag": "two", "bind_address": "127.0.0.42"},
+    ]
+    selector = {"type": "selector", "tag": "sel", "outbounds": ["one", "two"]}
+    config = {
+        "inbounds": [{"type": "local_proxy", "tag": "proxy-in", "port": 0}],
+        "outbounds": [*members, selector],
+        "routing": {"default_outbound": "sel"},
+    }
+    async with running_daemon(config) as daemon:
+        port = proxy_port(daemon)
+        sel = _group(daemon, "sel")
+        assert isinstance(sel, SelectorOutbound)
+        sel.select("two")
+        assert await _fetch(port, origin) == "127.0.0.42"
+        auto = {
+            "type": "urltest",
+            "tag": "auto",
+            "outbounds": ["one", "sel"],
+            "url": origin.url("/generate_204"),
+            "interval": 600,
+        }
+        new = {
+            **config,
+            "outbounds": [*members, selector, auto],
+            "routing": {"default_outbound": "auto"},
+        }
+        parsed, _ = config_from_data(new)
+        outcome = await daemon.reload(parsed)
+        assert "outbound auto added" in outcome.changes
+        assert daemon.outbounds["sel"] is sel and sel.selected == "two"  # kept, with its choice
+        group = _group(daemon, "auto")
+        await wait_for(lambda: all(daemon.health.get(t).alive for t in ("one", "sel")), 20)
+        assert await _fetch(port, origin) in ("127.0.0.41", "127.0.0.42")
+        assert group.status()["chain"] in (["one"], ["sel", "two"])
