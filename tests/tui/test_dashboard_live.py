@@ -195,3 +195,13 @@ async def test_group_card_shows_members_and_g_selects_the_next(sock_dir: Path) -
                 lambda: "using two" in str(panel.query_one("#sessions").render()),
                 "the card to follow",
             )
+
+
+def test_connection_row_names_the_group_and_its_member() -> None:
+    from ostp_client.control.protocol import ConnectionInfo
+
+    app = Dashboard("/nonexistent.sock")
+    through = ConnectionInfo(id=1, inbound="in", outbound="auto", via=["auto", "b"])
+    plain = ConnectionInfo(id=2, inbound="in", outbound="direct")
+    assert app._conn_cells(through)[4] == "auto → b"
+    assert app._conn_cells(plain)[4] == "direct"

@@ -327,7 +327,8 @@ class Dashboard(App[None]):
             conn.inbound,
             conn.destination or "-",
             "default" if conn.rule is None else str(conn.rule),
-            conn.outbound or "-",
+            # through a group: the group and the member carrying it ("auto → b")
+            " → ".join([conn.outbound or "-", *conn.via[1:]]) if conn.via else conn.outbound or "-",
             format_bytes(conn.bytes_up),
             format_bytes(conn.bytes_down),
             format_duration(max(0.0, self.conn_time - conn.started_at)),
