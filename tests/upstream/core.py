@@ -314,6 +314,8 @@ class Machine:
         self.out: list[bytes] = []
         self.inbox: list[tuple[int, bytes]] = []
         self.emitted = 0
+        self.streams_sent: dict[int, int] = {}
+        """Stream id of every Data frame built, by nonce (what a loss really cost)."""
         self.stats = MachineStats()
 
     # -- sending ---------------------------------------------------------------------------
@@ -338,6 +340,8 @@ class Machine:
             history.popitem(last=False)  # the oldest, whatever its state
         if retransmittable:
             heapq.heappush(self._due, (now + RTO, nonce, 0))
+            if kind == FrameKind.DATA:
+                self.streams_sent[nonce] = stream_id
         self.stats.datagrams_built += 1
         self._emit(nonce, datagram)
         return nonce

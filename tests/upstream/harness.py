@@ -370,8 +370,9 @@ class World:
     # -- what the tests look at ------------------------------------------------------------
 
     def born(self, last_nonce: int) -> float:
-        """When the first datagram after nonce ``last_nonce`` reached the client."""
-        return min(t for t, n in self.feed_log if n > last_nonce)
+        """When ``last_nonce`` or a datagram after it first reached the client (whether it
+        kept it or not): the peer had sent every nonce up to ``last_nonce`` by then."""
+        return min(t for t, n in self.feed_log if n >= last_nonce)
 
     @property
     def machine(self) -> Machine:
