@@ -173,9 +173,9 @@ def test_every_missing_nonce_is_nacked_at_once_and_again_every_300_ms() -> None:
     for t, nonce in nacks:
         first.setdefault(nonce, t)
     srtt = world.client.smoothed_rtt
-    # every missing nonce in the first round, about an RTT after the hole appeared
+    # every missing nonce in the first round, two RTTs after the hole appeared
     assert missing <= set(first)
-    assert all(born <= first[n] <= born + srtt + 0.006 for n in missing)
+    assert all(born <= first[n] <= born + 2 * srtt + world.latency + 0.01 for n in missing)
     # the recovered ones once; the lost ones again and again, never sooner than 300 ms apart
     for nonce in never:
         times = [t for t, n in nacks if n == nonce]

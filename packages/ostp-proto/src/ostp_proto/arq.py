@@ -14,7 +14,7 @@ interoperates (each deviation is listed in docs/protocol-deviations.md):
 * Flow control: never more than ``max_in_flight`` unacknowledged nonces ahead of the oldest
   one, so an upstream peer's reorder buffer (8192) is never overrun.
 * A frame is never given up while the session lives. An upstream peer gives up on a frame
-  about 1.6 s after sending it (spec §7.2), so the receiver NACKs every missing nonce (an RTT
+  about 1.6 s after sending it (spec §7.2), so the receiver NACKs every missing nonce (two RTTs
   after its hole appears, then every 300 ms: upstream re-sends whatever it still holds), and a
   hole still open ``gap_skip_after`` (2 s) plus an RTT after the first datagram past it arrived
   is given up on a timer: the owner is told which nonces were lost and resets the streams they
@@ -639,8 +639,8 @@ class Receiver:
         """When the owner last dropped the peer's Data itself (receive pause): no hole counts as
         given up by the peer until ``gap_skip_after`` after that."""
         self.nack_delay = 0.0
-        """How long a new hole waits for its first NACK (the owner sets it to about an RTT:
-        a sender that detects loss from ACKs, as ours does, has re-sent by then)."""
+        """How long a new hole waits for its first NACK (the owner sets it to two RTTs: a
+        sender that detects loss from ACKs, as ours does, has re-sent by then)."""
         self._fresh: deque[tuple[float, int, int]] = deque()  # (due, start, end): new holes
         self._sightings: list[tuple[int, float]] = []
         """(nonce, arrival) of datagrams too far ahead to keep, ascending: a hole that forms

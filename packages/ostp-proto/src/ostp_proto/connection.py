@@ -398,9 +398,10 @@ class Connection:
                 self.sender.on_ack(decode_ack(payload), now)
             except RemoteProtocolError:
                 self.stats.frame_decode_drop += 1
-            # a new hole's first NACK waits an RTT: a sender that detects loss from our ACKs
-            # (ours) has re-sent by then; upstream still holds the frame for ~1.5 s
-            receiver.nack_delay = min(self.sender.rtt.srtt, NACK_REPEAT)
+            # A new hole's first NACK waits two RTTs: a sender that reads loss from our ACKs
+            # (ours: an RTT and 9/8 of one) has re-sent by then, so NACKs add nothing to its
+            # work; upstream still holds the frame for ~1.5 s.
+            receiver.nack_delay = min(2 * self.sender.rtt.srtt, NACK_REPEAT)
             if not verdict:
                 self._deliver(receiver.accept(nonce, None, False, now), now)
         elif kind == FrameKind.NACK:
