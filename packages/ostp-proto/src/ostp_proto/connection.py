@@ -48,6 +48,7 @@ from .obfuscation import (
     parse_handshake_datagram,
 )
 from .relay import (
+    Close,
     Data,
     KeepAlive,
     Ping,
@@ -169,8 +170,9 @@ class Connection:
         )
         self.stats = ConnectionStats()
         self._stream_floor: dict[int, int] = {}
-        """Per stream id, a nonce below every datagram of it the peer may send: the highest
-        peer nonce seen when we first sent on it, or one below the first we got from it."""
+        """Per open stream id, a nonce below every datagram of it the peer may send: the
+        highest peer nonce seen when we first sent on it, or one below the first we got from
+        it. A Close either way forgets it."""
         self._receive_paused = False
         self._dropped_while_paused = False
         self.last_receive = 0.0
@@ -228,7 +230,9 @@ class Connection:
             self.send_data(stream_id, message.data)
             return
         relay = encode_relay(message)
-        if relay[0] in _OPENING_TAGS or stream_id not in self._stream_floor:
+        if isinstance(message, Close):  # the stream is over (its id may come back)
+            self._stream_floor.pop(stream_id, None)
+        elif relay[0] in _OPENING_TAGS or stream_id not in self._stream_floor:
             self._stream_floor[stream_id] = self.receiver.highest
         self._enqueue(stream_id, relay)
 
@@ -515,6 +519,8 @@ class Connection:
             elif isinstance(message, KeepAlive):
                 continue
             else:
+                if isinstance(message, Close):  # the stream is over (its id may come back)
+                    self._stream_floor.pop(stream_id, None)
                 self._events.append(RelayMessageReceived(stream_id, message))
 
     def _on_pong(self, message: Pong, now: float) -> None:

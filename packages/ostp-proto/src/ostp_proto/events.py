@@ -31,9 +31,10 @@ class DataLost:
 
     Each lost datagram belonged to one stream, but which one cannot be known.
     ``stream_ids`` are the streams that may have lost data: those the connection knew of (we
-    sent on them, or the peer did) before the peer sent the lost datagrams. The owner must reset
-    them instead of delivering their data with a hole in it; a stream opened after the loss is
-    never named. Only an upstream peer gives up on datagrams; ours never does.
+    sent on them, or the peer did) before the peer sent the lost datagrams, and that no Close
+    has ended since. The owner must reset them instead of delivering their data with a hole in
+    it; a stream opened after the loss is never named. Only an upstream peer gives up on
+    datagrams; ours never does.
     """
 
     first_nonce: int
