@@ -39,7 +39,9 @@ Simplifications (none of them visible in what goes on the wire):
 * The congestion controller keeps only what has an effect (``cwnd``, ``ssthresh``, the phase);
   upstream's ``min_rtt``, pacing and ProbeRTT state change nothing on the wire.
 * UdpAssociate/UdpData, UoT/Reality, outbound rules, per-user accounting and limits, config
-  reload and the 45 s "client disconnected" log are not modelled (ignored messages).
+  reload and the 45 s "client disconnected" log are not modelled (ignored messages). The client
+  role exposes ``Machine.in_flight`` but does not itself stop taking work at upstream's
+  backpressure threshold (spec §7.4); its handshake has no NAT64 retry.
 * Error texts carry the shell's reason, not Rust's ``io::Error`` text. Randomness (ephemeral
   keys, padding, reserved bytes, session ids) comes from :class:`Randomness`.
 
