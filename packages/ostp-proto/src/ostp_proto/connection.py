@@ -14,7 +14,15 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .arq import ACK_DELAY, Receiver, Sender, decode_ack, decode_nack
+from .arq import (
+    ACK_DELAY,
+    GAP_SKIP_AFTER,
+    NACK_REPEAT,
+    Receiver,
+    Sender,
+    decode_ack,
+    decode_nack,
+)
 from .errors import LocalProtocolError, RemoteProtocolError
 from .events import (
     ConnectionTerminated,
@@ -40,6 +48,7 @@ from .obfuscation import (
     parse_handshake_datagram,
 )
 from .relay import (
+    Close,
     Data,
     KeepAlive,
     Ping,
@@ -57,6 +66,7 @@ TIMESTAMP_WINDOW = 300.0  # spec §9.2: |now - ts| <= 300 s
 REPLAY_CACHE_SIZE = 50_000  # spec §9.2
 DATA_RELAY_HEADER = 3  # tag + u16 length (spec §8)
 _ELICITING = frozenset((FrameKind.DATA, FrameKind.CLOSE, FrameKind.KEEPALIVE, FrameKind.RESUME))
+_OPENING_TAGS = frozenset((1, 9))  # relay Connect, UdpAssociate: a stream (id) starts anew
 
 
 class State(enum.Enum):
@@ -86,8 +96,11 @@ class ConnectionConfig:
     """Ceiling of the backed-off retransmission timeout; frames are never given up."""
     max_in_flight: int = 8192
     """Most unacknowledged nonces ahead of the oldest one (upstream's reorder buffer size)."""
-    gap_skip_after: float = 5.0
-    """Seconds of the peer sending without filling a gap before it is skipped and reported."""
+    gap_skip_after: float | None = GAP_SKIP_AFTER
+    """Seconds (plus the smoothed RTT) a hole in the peer's nonces may stay open, counted from
+    the arrival of the first datagram past it, before it is given up and reported as
+    :class:`DataLost` (None: never). An upstream peer gives up on a datagram about 1.6 s after
+    sending it (spec §7.2); ours never does and fills every hole long before."""
     idle_timeout: float = 25.0
     """Terminate after this long without a valid datagram from the peer."""
     keepalive_interval: float | None = 5.0
@@ -159,10 +172,13 @@ class Connection:
         self.receiver = Receiver(
             ack_delay=config.ack_delay,
             ack_frequency=config.ack_frequency,
-            gap_skip_after=config.gap_skip_after,
         )
         self.sender.reliable = config.reliable_transport
         self.stats = ConnectionStats()
+        self._stream_floor: dict[int, int] = {}
+        """Per open stream id, a nonce below every datagram of it the peer may send: the
+        highest peer nonce seen when we first sent on it, or one below the first we got from
+        it. A Close either way forgets it."""
         self._receive_paused = False
         self._dropped_while_paused = False
         self.last_receive = 0.0
@@ -228,7 +244,12 @@ class Connection:
         if isinstance(message, Data):
             self.send_data(stream_id, message.data)
             return
-        self._enqueue(stream_id, encode_relay(message))
+        relay = encode_relay(message)
+        if isinstance(message, Close):  # the stream is over (its id may come back)
+            self._stream_floor.pop(stream_id, None)
+        elif relay[0] in _OPENING_TAGS or stream_id not in self._stream_floor:
+            self._stream_floor[stream_id] = self.receiver.highest
+        self._enqueue(stream_id, relay)
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue stream bytes as Data relay messages (the hot path: no message objects)."""
@@ -236,6 +257,8 @@ class Connection:
             raise LocalProtocolError("connection is closed")
         if not 0 <= stream_id <= 0xFFFF:
             raise LocalProtocolError("stream id must fit in 16 bits")
+        if stream_id not in self._stream_floor:
+            self._stream_floor[stream_id] = self.receiver.highest
         view = memoryview(data)
         chunk = self.max_stream_chunk
         for start in range(0, len(view), chunk):
@@ -277,9 +300,12 @@ class Connection:
             deadlines.append(self.last_receive + self.config.idle_timeout)
             receiver = self.receiver
             sender = self.sender
+            bound = self._hole_bound()
             for t in (
                 receiver.ack_deadline(),
-                receiver.nack_deadline(),
+                None if self._receive_paused else receiver.nack_deadline(),
+                None if bound is None else receiver.hole_deadline(bound),
+                None if self._receive_paused else receiver.tail_probe_deadline(),
                 sender.probe_deadline(),
                 sender.pacing_deadline(bool(self._rr)),
             ):
@@ -297,6 +323,14 @@ class Connection:
         if now - self.last_receive >= self.config.idle_timeout:
             self._terminate("idle timeout: no valid datagram from the peer")
             return
+        receiver = self.receiver
+        if receiver.holes:
+            self._check_gap(now)
+        tail = receiver.tail_probe_deadline()
+        if tail is not None and now >= tail and not self._receive_paused:
+            # an ack-eliciting frame: the peer's ACK shows its newest nonce (and our losses)
+            receiver.tail_probe_sent(now)
+            self._build(FrameKind.KEEPALIVE, 0, b"", now, retransmittable=False)
         deadline = self.sender.probe_deadline()
         if deadline is not None and now >= deadline:
             self._out.extend(self.sender.on_probe_timeout(now))
@@ -305,9 +339,11 @@ class Connection:
         """Datagrams to put on the wire now, in order."""
         if self.state is State.ESTABLISHED:
             receiver = self.receiver
-            nack = receiver.build_nack(now) if receiver.buffer or receiver.resend_asked else None
-            if nack is not None:
-                self._build(FrameKind.NACK, 0, nack, now, retransmittable=False)
+            if not self._receive_paused:
+                deadline = receiver.nack_deadline()
+                if deadline is not None and now >= deadline:
+                    for nack in receiver.build_nacks(now):
+                        self._build(FrameKind.NACK, 0, nack, now, retransmittable=False)
             if receiver.ack_due(now):
                 ack = receiver.build_ack(now)
                 if ack is not None:
@@ -341,7 +377,8 @@ class Connection:
             self.stats.datagram_session_drop += 1
             return
         receiver = self.receiver
-        if receiver.classify(nonce, now):
+        verdict = receiver.classify(nonce, now)
+        if verdict == 1:
             return
         plaintext = opener.decrypt(nonce, data)
         if plaintext is None:
@@ -355,24 +392,42 @@ class Connection:
         except RemoteProtocolError:
             # Authenticated but undecodable: keep the nonce sequence whole, deliver nothing.
             self.stats.frame_decode_drop += 1
-            self._deliver(receiver.accept(nonce, None, False, now), now)
+            if not verdict:
+                self._deliver(receiver.accept(nonce, None, False, now), now)
             return
+        if verdict:
+            # Too far ahead to keep (spec §7.3 step 2), but a hole that forms below it later
+            # is timed from now; and ACK and NACK still act: an unpaced peer far past a hole
+            # must keep seeing our data acknowledged and its NACKs answered.
+            receiver.sighted(nonce, now)
+            if kind not in (FrameKind.ACK, FrameKind.NACK):
+                return
         if kind in (FrameKind.DATA, FrameKind.RESUME):
             if self.receive_paused:
                 # Not taken, not acknowledged: the peer sends it again once we resume. ACKs
                 # and NACKs still get through, so our own sending never waits on this pause.
                 self.stats.paused_drop += 1
                 self._dropped_while_paused = True
+                receiver.own_drop_at = now  # our drop, not the peer giving up
                 return
+            floors = self._stream_floor
+            floor = floors.get(stream_id)
+            if floor is None or nonce <= floor or (payload and payload[0] in _OPENING_TAGS):
+                floors[stream_id] = nonce - 1
             self._deliver(receiver.accept(nonce, (kind, stream_id, payload), True, now), now)
-            if receiver.buffer:
+            if receiver.holes:
                 self._check_gap(now)
         elif kind == FrameKind.ACK:
             try:
                 self.sender.on_ack(decode_ack(payload), now)
             except RemoteProtocolError:
                 self.stats.frame_decode_drop += 1
-            self._deliver(receiver.accept(nonce, None, False, now), now)
+            # A new hole's first NACK waits two RTTs: a sender that reads loss from our ACKs
+            # (ours: an RTT and 9/8 of one) has re-sent by then, so NACKs add nothing to its
+            # work; upstream still holds the frame for ~1.5 s.
+            receiver.nack_delay = min(2 * self.sender.rtt.srtt, NACK_REPEAT)
+            if not verdict:
+                self._deliver(receiver.accept(nonce, None, False, now), now)
         elif kind == FrameKind.NACK:
             try:
                 again = self.sender.on_nack(decode_nack(payload), now)
@@ -381,7 +436,8 @@ class Connection:
                 again = None
             if again is not None:
                 self._out.append(again)
-            self._deliver(receiver.accept(nonce, None, False, now), now)
+            if not verdict:
+                self._deliver(receiver.accept(nonce, None, False, now), now)
         elif kind == FrameKind.CLOSE:
             self._terminate("closed by peer")
         else:  # KEEPALIVE (ack-eliciting) and HANDSHAKE (no-op), spec §6
@@ -390,10 +446,22 @@ class Connection:
 
     # -- internals -------------------------------------------------------------------------
 
+    def _hole_bound(self) -> float | None:
+        skip = self.config.gap_skip_after
+        return None if skip is None else skip + self.sender.rtt.srtt
+
     def _check_gap(self, now: float) -> None:
-        frames, skipped = self.receiver.maybe_skip_gap()
-        if skipped:
-            self._events.append(DataLost(skipped))
+        """Give up every hole that has been open too long, in one pass (see DataLost)."""
+        bound = self._hole_bound()
+        if bound is None:
+            return
+        deadline = self.receiver.hole_deadline(bound)
+        if deadline is None or now < deadline:
+            return
+        floors = self._stream_floor
+        for first, last, frames in self.receiver.expire_holes(now, bound):
+            streams = frozenset(s for s, floor in floors.items() if floor < last)
+            self._events.append(DataLost(first, last, streams))
             self._deliver(frames, now)
 
     def _take_random(self) -> int:
@@ -471,6 +539,8 @@ class Connection:
             elif isinstance(message, KeepAlive):
                 continue
             else:
+                if isinstance(message, Close):  # the stream is over (its id may come back)
+                    self._stream_floor.pop(stream_id, None)
                 self._events.append(RelayMessageReceived(stream_id, message))
 
     def _on_pong(self, message: Pong, now: float) -> None:

@@ -27,13 +27,24 @@ class RelayMessageReceived:
 
 @dataclass(frozen=True, slots=True)
 class DataLost:
-    """The peer gave up on ``count`` datagrams; every stream of this session may have a hole.
+    """The peer gave up on its datagrams ``first_nonce``..``last_nonce`` (spec §7.2, §16).
 
-    Only an upstream peer gives up on frames (spec §16). The owner must reset all streams of
-    the session instead of delivering data with a hole in it.
+    Each lost datagram belonged to one stream, but which one cannot be known.
+    ``stream_ids`` are the streams that may have lost data: those the connection knew of (we
+    sent on them, or the peer did) before the peer sent the lost datagrams, and that no Close
+    has ended since. The owner must reset them instead of delivering their data with a hole in
+    it; a stream opened after the loss is never named. Only an upstream peer gives up on
+    datagrams; ours never does.
     """
 
-    count: int
+    first_nonce: int
+    last_nonce: int
+    stream_ids: frozenset[int]
+
+    @property
+    def count(self) -> int:
+        """How many datagrams were lost."""
+        return self.last_nonce - self.first_nonce + 1
 
 
 @dataclass(frozen=True, slots=True)
