@@ -425,7 +425,8 @@ class _Session:
         self._sleep_until = math.inf
         self._full_since: float | None = None
         self._readable_again = anyio.Event()
-        self._writable = anyio.Event()
+        self._send_waiters: dict[int, anyio.Event] = {}
+        """Streams waiting for the core to take more of their data, by stream id."""
         self.connected_event = anyio.Event()
 
     # -- the driving loop ----------------------------------------------------------------------
@@ -723,8 +724,7 @@ class _Session:
                 if event.reason.startswith(HANDSHAKE_TIMED_OUT):
                     self._handshake_timed_out()
                 return False
-        if conn.writable and not self._writable.is_set():
-            self._writable.set()
+        self._wake_senders()
         return True
 
     def _handshake_timed_out(self) -> None:
@@ -752,6 +752,20 @@ class _Session:
         if datagrams:
             # Kernel drops count as loss on the wire; the ARQ re-sends what matters.
             self.bytes_up += batch.send_batch(datagrams)
+        if self._send_waiters:
+            self._wake_senders()
+
+    def _wake_senders(self) -> None:
+        """Wake every stream whose data the core takes again (each has its own event, so no
+        waiter can miss a wake-up meant for another); all of them once the session is gone."""
+        waiters = self._send_waiters
+        if not waiters:
+            return
+        conn = self.conn
+        if conn is not None and conn.established and not conn.writable:
+            return
+        for stream_id in list(waiters):
+            waiters.pop(stream_id).set()
 
     def _teardown(self, reason: str) -> None:
         # Still trying: the supervisor starts again after its back-off (never Idle again).
@@ -774,7 +788,7 @@ class _Session:
         self.conn = None
         self.mux = None
         self.buffered = 0
-        self._writable.set()
+        self._wake_senders()
 
     def _reset_channels(self, reason: str) -> None:
         for channel in list(self.channels.values()):
@@ -795,6 +809,9 @@ class _Session:
     def unbind(self, stream_id: int) -> None:
         self.channels.pop(stream_id, None)
         self.outbound.release_stream_id(stream_id)
+        waiter = self._send_waiters.pop(stream_id, None)
+        if waiter is not None:
+            waiter.set()  # its send() sees the stream gone
 
     def consumed(self, n: int) -> None:
         self.buffered -= n
@@ -814,13 +831,16 @@ class _Session:
         self._wake_if_needed()
 
     async def send_data(self, stream_id: int, data: bytes) -> None:
-        conn = self.conn
-        while conn is not None and not conn.writable:
-            self._writable = anyio.Event()
-            await self._writable.wait()
+        while True:
             conn = self.conn
-        if conn is None or not conn.established or stream_id not in self.channels:
-            raise anyio.BrokenResourceError("tunnel session ended")
+            if conn is None or not conn.established or stream_id not in self.channels:
+                raise anyio.BrokenResourceError("tunnel session ended")
+            if conn.writable:
+                break
+            event = self._send_waiters.get(stream_id)
+            if event is None:
+                event = self._send_waiters[stream_id] = anyio.Event()
+            await event.wait()
         conn.send_data(stream_id, data)
         self.flush()
         self._wake_if_needed()
