@@ -27,6 +27,7 @@ from ostp_proto import (
     ConnectionConfig,
     ConnectionTerminated,
     DataLost,
+    ExtensionsNegotiated,
     HandshakeCompleted,
     PaddingPolicy,
     RelayMessageReceived,
@@ -36,6 +37,7 @@ from ostp_proto import (
     State,
     decode_relay,
     derive_secrets,
+    parse_extension_hello,
 )
 from ostp_proto.arq import decode_ack, decode_nack
 from ostp_proto.frames import decode_frame, encode_frame
@@ -50,7 +52,13 @@ KEY = "fuzz-key-0123456789"
 UNIX = 1_700_000_000.0
 SESSION_ID = 0x0A0B0C0D
 _SECRETS = derive_secrets(KEY)
-_EVENTS = (HandshakeCompleted, RelayMessageReceived, DataLost, ConnectionTerminated)
+_EVENTS = (
+    HandshakeCompleted,
+    RelayMessageReceived,
+    DataLost,
+    ExtensionsNegotiated,
+    ConnectionTerminated,
+)
 
 
 def established_pair(
@@ -106,6 +114,8 @@ def _decoders(body: bytes) -> None:
     for decode in decoders:
         with contextlib.suppress(RemoteProtocolError):
             decode(body)
+    hello = parse_extension_hello(body)  # never raises: a hello or a plain KeepAlive
+    assert hello is None or body[:6] == b"\x03OSTPX"
     with contextlib.suppress(RemoteProtocolError):
         parse_handshake_datagram(_SECRETS.obfuscation_key, body)
     if len(body) >= 12:
