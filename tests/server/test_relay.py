@@ -143,8 +143,13 @@ async def test_large_server_datagrams() -> None:
             assert await t.read(sid, len(payload)) == payload
 
 
-async def test_slow_remote_bounds_memory_then_stream_is_reset() -> None:
-    """A remote that never reads: queued bytes stay bounded; the stream is reset when stalled."""
+@pytest.mark.parametrize("extensions", [True, False])
+async def test_slow_remote_bounds_memory_then_stream_is_reset(extensions: bool) -> None:
+    """A remote that never reads: queued bytes stay bounded; the stream is reset when stalled.
+
+    With flow control the client stops at the stream's credit (the server's window); an
+    upstream-like client is braked by refusing its Data once ``remote_buffer`` is queued.
+    """
     ls = socket.create_server(("127.0.0.1", 0))
     # a small fixed receive buffer (no autotuning) so the kernel cannot absorb the test
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
@@ -155,7 +160,7 @@ async def test_slow_remote_bounds_memory_then_stream_is_reset() -> None:
     try:
         async with (
             server(remote_buffer=limit, stall_timeout=1.0) as srv,
-            tunnel(srv.addresses[0], KEY) as t,
+            tunnel(srv.addresses[0], KEY, config=ConnectionConfig(extensions=extensions)) as t,
         ):
             connect = t.open(f"127.0.0.1:{port}")
             async with anyio.create_task_group() as tg:
@@ -168,6 +173,7 @@ async def test_slow_remote_bounds_memory_then_stream_is_reset() -> None:
                 sid = await connect
             (session,) = srv.sessions.values()
             peak = 0
+            excess = -(1 << 62)  # the stream's queue minus its receive window (flow control)
 
             async def push() -> None:
                 with anyio.move_on_after(20):
@@ -175,9 +181,12 @@ async def test_slow_remote_bounds_memory_then_stream_is_reset() -> None:
                         await t.write(sid, b"z" * 65536)
 
             async def watch() -> None:
-                nonlocal peak
+                nonlocal peak, excess
                 while not t.streams[sid].closed:
                     peak = max(peak, session.remote_pending)
+                    window = session.conn.stream_receive_window(sid)
+                    if window is not None:
+                        excess = max(excess, session.remote_pending - window)
                     await anyio.sleep(0.005)
 
             async with anyio.create_task_group() as inner:
@@ -185,11 +194,17 @@ async def test_slow_remote_bounds_memory_then_stream_is_reset() -> None:
                 inner.start_soon(watch)
             assert t.streams[sid].closed  # reset by the stall timeout
             assert session.stats.streams_reset == 1
-            assert session.stats.backpressure_drop > 0
-            # Overshoot is bounded by what the core may release at once when a gap is
-            # filled: the reorder window (max_in_flight datagrams).
             cfg = session.conn.config
-            assert peak < limit + cfg.max_in_flight * cfg.max_datagram_size
+            assert session.conn.flow_control == extensions
+            if extensions:
+                assert session.stats.backpressure_drop == 0
+                assert session.conn.stats.flow_violation == 0
+                assert excess <= 0 < peak  # never more than the window the server granted
+            else:
+                assert session.stats.backpressure_drop > 0
+                # Overshoot is bounded by what the core may release at once when a gap is
+                # filled: the reorder window (max_in_flight datagrams).
+                assert peak < limit + cfg.max_in_flight * cfg.max_datagram_size
             assert session.remote_pending == 0
     finally:
         for s in held:

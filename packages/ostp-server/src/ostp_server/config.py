@@ -122,6 +122,9 @@ class ServerConfig(BaseModel):
     """A stream whose remote accepts nothing for this long while data waits is reset."""
     socket_buffer: int = Field(default=32 << 20, ge=65536)
     """SO_RCVBUF/SO_SNDBUF asked for on the listen sockets (upstream: 32 MiB)."""
+    extensions: bool = True
+    """Answer ostp-py clients' extension hello (per-stream flow control, docs/flow-control.md).
+    Off, the server behaves towards every client as an upstream server does."""
     log_level: str = "info"
     debug: bool = False
     """Upstream's switch; same as ``"log_level": "debug"``."""
