@@ -11,6 +11,9 @@ tests in ``tests/proto/test_fuzz.py`` call it too. The input is a list of record
 * 5: as a well-formed frame (kind, stream id from the body, the rest as payload), sealed;
 * 6: advance the clock by ``body[0]`` ms, run the timers and exchange whatever both sides send.
 
+The pair has negotiated ostp-py's flow-control extension and opened stream 1, so WindowUpdates
+and hellos in the input reach real per-stream state.
+
 Only documented behaviour is allowed: connections and the acceptor never raise; decoders raise
 only RemoteProtocolError; unauthenticated bytes are dropped and counted, never delivered.
 """
@@ -23,6 +26,7 @@ from collections.abc import Callable
 
 from ostp_proto import (
     ClientConnection,
+    Connect,
     Connection,
     ConnectionConfig,
     ConnectionTerminated,
@@ -77,6 +81,13 @@ def established_pair(
     assert server is not None
     for d in server.datagrams_to_send(0.0):
         client.receive_datagram(d, 0.001)
+    # the extension hello and its answer, then stream 1 opened: flow-control state exists
+    for d in client.datagrams_to_send(0.001):
+        server.receive_datagram(d, 0.0012)
+    for d in server.datagrams_to_send(0.0012):
+        client.receive_datagram(d, 0.0014)
+    assert client.flow_control and server.flow_control
+    client.send(1, Connect("127.0.0.1:1"))
     if not busy:
         for d in client.datagrams_to_send(0.001):
             server.receive_datagram(d, 0.002)
@@ -202,6 +213,11 @@ def run(data: bytes) -> tuple[ClientConnection, ServerConnection, list[object], 
         conn.datagrams_to_send(max(timer or now, now))
         sink.get(id(conn), []).extend(_drain(conn))
     assert acceptor.stats.accepted == 1
+    for conn in (client, server):  # the send queues' books balance, whatever came in
+        queued = sum(q.size for q in conn._queues.values())
+        assert queued == conn.send_buffer_bytes
+        assert 0 <= conn._blocked_bytes <= conn.send_buffer_bytes
+        assert conn._blocked <= set(conn._queues) and conn._blocked.isdisjoint(conn._rr)
     return client, server, client_events, server_events
 
 

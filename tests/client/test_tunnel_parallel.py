@@ -17,6 +17,7 @@ import anyio
 import anyio.abc
 import pytest
 
+from ostp_client.outbounds.ostp import OstpOutbound
 from tests.client.proxy_helpers import (
     Origin,
     curl,
@@ -25,6 +26,7 @@ from tests.client.proxy_helpers import (
     require_curl,
     run_origin,
     running_daemon,
+    wait_for,
 )
 from tests.client.test_tunnel import _connected, _host, tunnel_config
 from tests.client.tunnel_helpers import ServerProcess, ostp_server
@@ -117,5 +119,16 @@ async def test_1000_echo_streams_of_16kb_all_complete(server: ServerProcess) -> 
                 async with anyio.create_task_group() as tg:
                     for index in range(count):
                         tg.start_soon(one, index)
+            # every stream ended both ways: no per-stream state is left behind
+            outbound = daemon.outbounds["proxy"]
+            assert isinstance(outbound, OstpOutbound)
+            (session,) = outbound.sessions
+            await wait_for(
+                lambda: (
+                    not session.channels and session.conn is not None and not session.conn._flows
+                ),
+                30,
+            )
+            assert session.conn is not None and session.conn.flow_control
         echo_tg.cancel_scope.cancel()
     assert sorted(done) == list(range(count))
