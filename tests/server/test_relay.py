@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -248,3 +249,50 @@ async def test_slow_client_bounds_the_send_buffer() -> None:
         got = await t.read(sid, total, limit=40)
         assert got == (bytes(range(256)) * 256) * (total // 65536)
         tg.cancel_scope.cancel()
+
+
+async def test_a_stall_reset_reaches_a_client_that_stopped_reading_the_stream() -> None:
+    """The remote neither reads nor stops talking, the client neither reads this stream nor
+    stops sending: the stall reset's Close must not wait behind data that waits for credit."""
+    ls = socket.create_server(("127.0.0.1", 0))
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    ls.setblocking(False)
+    port = ls.getsockname()[1]
+    held: list[socket.socket] = []
+
+    async def talk_without_listening() -> None:
+        await anyio.wait_readable(ls)
+        conn, _ = ls.accept()
+        held.append(conn)
+        conn.setblocking(False)
+        with contextlib.suppress(OSError):
+            while True:
+                await anyio.wait_writable(conn)
+                conn.send(b"r" * 65536)
+
+    try:
+        async with (
+            server(stall_timeout=1.0) as srv,
+            tunnel(srv.addresses[0], KEY) as t,
+            anyio.create_task_group() as tg,
+        ):
+            t.consume = False  # the client's reader of this stream has stopped
+            tg.start_soon(talk_without_listening)
+            sid = await t.open(f"127.0.0.1:{port}")
+            (session,) = srv.sessions.values()
+            st = t.streams[sid]
+
+            async def push() -> None:
+                with anyio.move_on_after(20):
+                    while not st.closed:
+                        await t.write(sid, b"z" * 65536)
+
+            tg.start_soon(push)
+            await t.wait(lambda: st.closed, limit=20)  # reset by the stall timeout
+            assert session.conn.flow_control and session.stats.streams_reset == 1
+            assert len(st.received) <= t.conn.config.stream_window  # it never granted more
+            tg.cancel_scope.cancel()
+    finally:
+        for s in held:
+            s.close()
+        ls.close()

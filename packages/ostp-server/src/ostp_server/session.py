@@ -300,6 +300,9 @@ class TcpRelay:
         """Tell the client the stream is closed and drop it."""
         self.session.stats.streams_reset += 1
         if not self.client_closed:
+            # An abort: data still waiting for the client's credit is dropped, so the Close
+            # cannot be stuck behind it (the client may not be reading this stream at all).
+            self.session.conn.forget_stream(self.stream_id)
             self.session.send(self.stream_id, Close())
             self.session.flush()
         self.cancel()
