@@ -48,10 +48,29 @@ class DataLost:
 
 
 @dataclass(frozen=True, slots=True)
+class ExtensionsNegotiated:
+    """The peer answered ostp-py's extension hello (docs/flow-control.md).
+
+    ``flags`` are the extensions now in use (0: the peer understood the hello but uses none).
+    Never raised with an upstream peer: it neither sends nor answers a hello.
+    """
+
+    flags: int
+    peer_stream_window: int
+    """The peer's initial receive window per stream."""
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionTerminated:
     """The connection is over (``reason`` says why); nothing more will be sent or received."""
 
     reason: str
 
 
-Event: TypeAlias = HandshakeCompleted | RelayMessageReceived | DataLost | ConnectionTerminated
+Event: TypeAlias = (
+    HandshakeCompleted
+    | RelayMessageReceived
+    | DataLost
+    | ExtensionsNegotiated
+    | ConnectionTerminated
+)
