@@ -182,7 +182,9 @@ class CongestionController:
         "startup",
     )
 
-    def __init__(self, mss: int, initial_window: int, max_window: int) -> None:
+    def __init__(
+        self, mss: int, initial_window: int, max_window: int, max_mss: int | None = None
+    ) -> None:
         self.mss = mss
         self.cwnd = initial_window * mss
         self.min_cwnd = 4 * mss
@@ -193,7 +195,13 @@ class CongestionController:
         self._round_end = 0.0
         self._bw_samples: deque[tuple[float, float]] = deque()  # (time, rate), max-monotonic
         self.next_send = 0.0
-        self._max_window = max_window * mss
+        self._max_window = max_window * max(mss, max_mss or 0)
+
+    def set_mss(self, mss: int) -> None:
+        """The datagram size changed (path MTU discovery): the floor follows it."""
+        self.mss = mss
+        self.min_cwnd = 4 * mss
+        self.cwnd = max(self.cwnd, self.min_cwnd)
 
     def on_ack(self, acked_bytes: int, rate: float | None, rtt: RttEstimator, now: float) -> None:
         if rate is not None and rate > 0:
@@ -258,6 +266,7 @@ class Sender:
         min_rto: float,
         max_rto: float,
         control_history: int = 4096,
+        max_mss: int | None = None,
     ) -> None:
         self.next_nonce = 0
         self.outstanding: OrderedDict[int, SentDatagram] = OrderedDict()  # by last transmission
@@ -268,7 +277,9 @@ class Sender:
         self.max_in_flight = max_in_flight
         self.bytes_in_flight = 0
         self.rtt = RttEstimator(initial_rtt)
-        self.cc = CongestionController(mss, initial_window=32, max_window=max_in_flight)
+        self.cc = CongestionController(
+            mss, initial_window=32, max_window=max_in_flight, max_mss=max_mss
+        )
         self.min_rto = min_rto
         self.max_rto = max_rto
         self.pto_count = 0
@@ -284,6 +295,12 @@ class Sender:
         self.reliable = False
         """The path is a reliable stream (TCP): no probe timer, no loss from ACK gaps."""
         self.stats = SenderStats()
+        self.newest_acked: SentDatagram | None = None
+        """The most recently sent datagram the last ACK acknowledged (for path MTU discovery;
+        the owner reads and clears it)."""
+        self.loss_log: list[tuple[int, float]] | None = None
+        """If a list: ``(size, sent time)`` of every datagram declared lost is appended (for
+        path MTU discovery's black-hole detection; the owner drains it)."""
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -432,6 +449,7 @@ class Sender:
                         newest = entry
         if newest is None:
             return
+        self.newest_acked = newest
         self.pto_count = 0
         rate: float | None = None
         if newest.retries == 0:
@@ -500,6 +518,8 @@ class Sender:
         entry.in_flight = False
         self.bytes_in_flight -= entry.size
         self._lost.append(entry.nonce)
+        if self.loss_log is not None:
+            self.loss_log.append((entry.size, entry.sent_time))
 
     def on_path_changed(self) -> None:
         """The peer moved: what was in flight went to the old path; re-send it without back-off."""
