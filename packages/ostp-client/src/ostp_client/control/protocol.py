@@ -183,6 +183,9 @@ class SessionStatus(_Msg):
     reconnects: int = 0
     mapped_address: str | None = None
     """The public address STUN saw, once known."""
+    datagram_size: int | None = None
+    """Largest datagram the session sends now (UDP payload bytes), as path MTU discovery
+    found the path allows."""
 
 
 class MemberStatus(_Msg):

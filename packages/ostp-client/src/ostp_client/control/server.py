@@ -176,6 +176,7 @@ def _session_from_raw(raw: dict[str, Any], default_id: str, now: float) -> dict[
     ident = raw.get("id", raw.get("index", default_id))
     server = raw.get("server")
     mapped = raw.get("mapped_address")
+    size = _num(raw, "datagram_size")
     return {
         "id": str(ident),
         "state": str(raw.get("state") or "ready"),
@@ -188,6 +189,7 @@ def _session_from_raw(raw: dict[str, Any], default_id: str, now: float) -> dict[
         "uptime": uptime,
         "reconnects": int(_num(raw, "reconnects", "reconnect_count") or 0),
         "mapped_address": str(mapped) if mapped is not None else None,
+        "datagram_size": int(size) if size is not None else None,
     }
 
 

@@ -54,6 +54,7 @@ from ostp_client.nat import (
     TurnFailed,
     TurnRefreshed,
 )
+from ostp_client.nat.stun import CHANNEL_DATA_HEADER
 from ostp_client.outbounds import OutboundContext, register_outbound
 from ostp_client.outbounds.base import (
     Address,
@@ -66,7 +67,7 @@ from ostp_client.outbounds.base import (
 )
 from ostp_client.outbounds.connect_errors import error_from_reason
 from ostp_client.tun.bypass import apply_bypass
-from ostp_client.udp import BatchSocket
+from ostp_client.udp import BatchSocket, first_hop_payload, set_dont_fragment, udp_overhead
 from ostp_proto import (
     ClientConnection,
     Close,
@@ -80,11 +81,13 @@ from ostp_proto import (
     ExtensionsNegotiated,
     HandshakeCompleted,
     PaddingPolicy,
+    PmtudConfig,
     RelayMessageReceived,
     State,
     UdpAssociate,
     UdpData,
 )
+from ostp_proto.pmtud import BASE_PLPMTU
 
 __all__ = ["NatOptions", "OstpOutbound", "SessionState"]
 
@@ -104,6 +107,7 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # root may exceed net.co
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
 
+TURN_OVERHEAD = CHANNEL_DATA_HEADER + 3  # RFC 8656 §12.4 header, §12.5 padding to 4 bytes
 HANDSHAKE_TIMED_OUT = "handshake timed out"  # ostp_proto's ConnectionTerminated reason prefix
 
 
@@ -385,7 +389,13 @@ class _NatSocket(BatchSocket):
         turn = self.mux.turn
         if turn is not None and turn.ready:
             wrap = turn.wrap
-            return super().send_batch([wrap(d) for d in datagrams], turn.server)
+            wrapped = [wrap(d) for d in datagrams]
+            refused = len(self.refused)
+            sent = super().send_batch(wrapped, turn.server)
+            if len(self.refused) > refused:  # report the OSTP datagrams' own sizes
+                own = {len(w): len(d) for w, d in zip(wrapped, datagrams, strict=True)}
+                self.refused[refused:] = [own.get(r, r) for r in self.refused[refused:]]
+            return sent
         if self.relay_only:
             self.unrelayed_drop += len(datagrams)
             return 0
@@ -500,6 +510,7 @@ class _Session:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock = sock
         sock.setblocking(False)
+        no_fragments = set_dont_fragment(sock)  # path MTU discovery sizes the datagrams
         apply_bypass(sock)  # with a TUN's policy routing, never route the tunnel into itself
         for opt, force in ((socket.SO_RCVBUF, SO_RCVBUFFORCE), (socket.SO_SNDBUF, SO_SNDBUFFORCE)):
             try:
@@ -527,6 +538,13 @@ class _Session:
         )
         self.conn = conn
         now = time.monotonic()
+        # Probe up to what the first hop carries (towards the TURN server when relaying, less
+        # the ChannelData header); without DF the base size, which crosses every path.
+        first_hop = turn.server if turn is not None else sockaddr
+        ceiling = first_hop_payload(family, first_hop) if no_fragments else BASE_PLPMTU
+        if ceiling is not None and turn is not None:
+            ceiling -= TURN_OVERHEAD
+        conn.set_path_mtu(now, ceiling or BASE_PLPMTU, udp_overhead(family))
         if mux is not None:
             for address in stun:
                 mux.start_binding(address, now)
@@ -746,10 +764,15 @@ class _Session:
         conn, batch = self.conn, self.batch
         if conn is None or batch is None:
             return
-        datagrams = conn.datagrams_to_send(time.monotonic())
+        now = time.monotonic()
+        datagrams = conn.datagrams_to_send(now)
         if datagrams:
             # Kernel drops count as loss on the wire; the ARQ re-sends what matters.
             self.bytes_up += batch.send_batch(datagrams)
+            if batch.refused:  # EMSGSIZE: larger than the first hop (a probe, normally)
+                for size in batch.refused:
+                    conn.datagram_refused(size, now)
+                batch.refused.clear()
         if self._send_waiters:
             self._wake_senders()
 
@@ -869,6 +892,8 @@ class _Session:
             "reconnects": self.reconnects,
             "streams": len(self.channels),
             "flow_control": conn.flow_control if conn is not None else None,
+            "datagram_size": conn.datagram_size if conn is not None else None,
+            "pmtud": _pmtud_state(conn),
             "receive_buffered": self.buffered,
             "receive_paused": conn.receive_paused if conn is not None else False,
             "last_error": self.last_error,
@@ -889,6 +914,12 @@ class _Session:
         if batch.unrelayed_drop:
             drops["ostp_unrelayed_drop"] = batch.unrelayed_drop
         return drops
+
+
+def _pmtud_state(conn: ClientConnection | None) -> str | None:
+    """Path MTU discovery's state for the status (None: off or no session)."""
+    pmtud = conn.pmtud if conn is not None else None
+    return pmtud.state.value if pmtud is not None else None
 
 
 class OstpOutbound(Outbound):
@@ -928,6 +959,7 @@ class OstpOutbound(Outbound):
         self.connection_config = replace(
             base,
             max_datagram_size=max(mtu - 48, 500),
+            pmtud=PmtudConfig(),
             padding=PaddingPolicy.upstream_client(mtu),
             keepalive_interval=keepalive_interval,
             idle_timeout=idle_timeout,
