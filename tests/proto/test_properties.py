@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import random
 
 import pytest
@@ -487,3 +488,10 @@ def test_interleaved_streams_arrive_in_order_per_stream(
     assert {s: bytes(b) for s, b in pair.cpeer.received.items() if b} == {
         s: d for s, d in expect_down.items() if d
     }
+
+
+@given(key=st.binary(max_size=100), sample=st.binary(min_size=32, max_size=32))
+def test_header_mask_from_precomputed_states_is_hmac_sha256(key: bytes, sample: bytes) -> None:
+    from ostp_proto.obfuscation import _HeaderMask
+
+    assert _HeaderMask(key)(sample) == hmac.digest(key, sample, "sha256")
