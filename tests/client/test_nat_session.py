@@ -261,6 +261,10 @@ async def test_stale_nonce_is_handled(
             assert session.reconnects == 0 and session.status()["last_error"] is None
 
 
+def _break_last_byte(data: bytes) -> bytes:
+    return data[:-1] + bytes((data[-1] ^ 0xFF,))
+
+
 @pytest.mark.parametrize("mode", ["turn", "direct"])
 async def test_stray_stun_looking_datagrams_do_not_disturb(
     origin: Origin, server: ServerProcess, coturn: Coturn, tmp_path: Path, mode: str
@@ -277,11 +281,13 @@ async def test_stray_stun_looking_datagrams_do_not_disturb(
         bogus = [
             # a success for a transaction that is not ours
             encode_message(Method.ALLOCATE, MessageClass.SUCCESS, os.urandom(12)),
-            # a Binding success with a broken FINGERPRINT
-            encode_message(Method.BINDING, MessageClass.SUCCESS, os.urandom(12), fingerprint=True)[
-                :-1
-            ]
-            + b"\x00",
+            # a Binding success with a broken FINGERPRINT (every bit of its last byte flipped:
+            # replacing it with a constant left the CRC intact one time in 256)
+            _break_last_byte(
+                encode_message(
+                    Method.BINDING, MessageClass.SUCCESS, os.urandom(12), fingerprint=True
+                )
+            ),
             # a request: we are no STUN server
             encode_message(Method.BINDING, MessageClass.REQUEST, os.urandom(12)),
             # ChannelData-looking bytes, but not from the TURN server

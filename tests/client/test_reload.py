@@ -629,3 +629,19 @@ def test_tun_restarts_only_when_its_config_changed(workdir: Path, tmp_path: Path
         ns.teardown()
     assert code == 0, log.read_text()[-3000:]
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+async def test_metrics_and_log_output_changes_wait_for_a_restart(workdir: Path) -> None:
+    config = _config(workdir)
+    async with reloadable(config, workdir) as r:
+        changed = copy.deepcopy(config)
+        changed["metrics"] = {"listen": "127.0.0.1:9"}
+        changed["log"] = {"level": "debug", "format": "json"}
+        result = await r.apply(changed)
+        assert result.applied == ["log.level"]
+        assert sorted(result.needs_restart) == ["log", "metrics"]
+        assert logging.getLogger().level == logging.DEBUG
+        # the running config keeps what still runs: the same change is reported again
+        again = await r.apply(changed)
+        assert sorted(again.needs_restart) == ["log", "metrics"]
+        assert again.applied == []

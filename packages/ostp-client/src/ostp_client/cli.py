@@ -80,8 +80,11 @@ COMMANDS: dict[str, Command] = {}
 OPTIONAL_COMMAND_MODULES = (
     "ostp_client.control.cli",
     "ostp_client.demo",
+    "ostp_client.service",
+    "ostp_client.dashboard",
 )
-"""Modules that register more subcommands with `command()` (ctl, demo) when they exist."""
+"""Modules that register more subcommands with `command()` (ctl, demo, service, tui) when they
+exist."""
 
 OPTIONAL_SUBPARSER_HOOKS = (("ostp_client.sysproxy.commands", "add_sysproxy_commands"),)
 """`(module, function)`: `function(subparsers)` adds its own parser and sets `func=` (the
@@ -104,10 +107,25 @@ def add_config_argument(parser: argparse.ArgumentParser, required: bool = False)
     parser.add_argument(
         "-c",
         "--config",
-        default=None if required else DEFAULT_CONFIG,
+        default=None,
         required=required,
-        help=f"config file (JSON, // comments allowed; default {DEFAULT_CONFIG})",
+        help=f"config file (JSON, // comments allowed; default ./{DEFAULT_CONFIG} if present,"
+        " else the user config file; see `ostp-client version`)",
     )
+
+
+def config_path_or_exit(path: str | None) -> str:
+    """`path`, or the first config of the search order (`paths`); exit 2 when there is none."""
+    from ostp_client.firstrun import no_config_text  # noqa: PLC0415
+    from ostp_client.paths import find_config  # noqa: PLC0415
+
+    if path is not None:
+        return path
+    found = find_config()
+    if found is None:
+        _err(no_config_text())
+        raise SystemExit(EXIT_CONFIG)
+    return str(found)
 
 
 def setup_logging(level: str) -> None:
@@ -186,9 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `ostp-client`."""
     parser = build_parser()
+    status: int
+    if not (sys.argv[1:] if argv is None else argv):
+        status = _no_arguments(parser)
+        if argv is None:
+            sys.exit(status)
+        return status
     args = parser.parse_args(argv)
     try:
-        status: int = args.func(args)
+        status = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
     except KeyboardInterrupt:
         status = 130
@@ -199,12 +223,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
+def _no_arguments(parser: argparse.ArgumentParser) -> int:
+    """A person at a terminal gets what to do next; a script gets the usage and status 2."""
+    if sys.stdout.isatty() and sys.stdin.isatty():
+        from ostp_client.firstrun import print_guide  # noqa: PLC0415
+
+        print_guide()
+        return EXIT_OK
+    parser.print_usage(sys.stderr)
+    _err("ostp-client: error: a command is required (ostp-client --help lists them)")
+    return EXIT_CONFIG
+
+
 # --------------------------------------------------------------------------------------------
 # built-in commands
 
 
 def _configure_run(parser: argparse.ArgumentParser) -> None:
     add_config_argument(parser)
+    parser.add_argument(
+        "--link",
+        metavar="URL",
+        help="first run: write the config of this ostp:// share link (to -c FILE, default the"
+        " user config file) and run it",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="with --link: replace an existing, different config"
+    )
     parser.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
@@ -220,9 +265,19 @@ def _run_backend_options() -> dict[str, object]:
 def _cmd_run(args: argparse.Namespace) -> int:
     from ostp_client.daemon import run_daemon  # noqa: PLC0415 (keeps `schema` etc. light)
     from ostp_client.executor import DaemonThreadPool  # noqa: PLC0415
+    from ostp_client.logging_setup import configure_logging  # noqa: PLC0415
 
+    if args.link is not None:
+        status = _config_from_link(args)
+        if status != EXIT_OK:
+            return status
+    args.config = config_path_or_exit(args.config)
     config = load_config_or_exit(args.config)
-    setup_logging(args.log_level or config.log.level)
+    try:
+        configure_logging(config.log, args.log_level)
+    except OSError as exc:
+        _err(f"cannot open the log file {config.log.output}: {exc.strerror or exc}")
+        return EXIT_FAILURE
 
     async def daemon() -> None:
         # a name lookup still running at the stop must not hold the process (executor.py)
@@ -253,8 +308,27 @@ def _os_error_in(exc: BaseException) -> OSError | None:
     return exc if isinstance(exc, OSError) else None
 
 
+def _config_from_link(args: argparse.Namespace) -> int:
+    from ostp_client.firstrun import LinkConfigError, write_link_config  # noqa: PLC0415
+
+    try:
+        path, warnings, written = write_link_config(args.link, args.config, args.force)
+    except LinkConfigError as exc:
+        _err(str(exc))
+        return exc.status
+    for warning in warnings:
+        _err(f"warning: {warning}")
+    _err(
+        f"{'wrote' if written else 'using'} {path}"
+        + (" (next time: ostp-client run)" if written else "")
+    )
+    args.config = str(path)
+    return EXIT_OK
+
+
 @command("check", "validate a config file", add_config_argument)
 def _cmd_check(args: argparse.Namespace) -> int:
+    args.config = config_path_or_exit(args.config)
     config = load_config_or_exit(args.config)
     print(
         f"{args.config}: OK ({len(config.inbounds)} inbound(s), {len(config.outbounds)} "
@@ -280,6 +354,7 @@ def _write_private(path: Path, text: str) -> None:
 
 @command("format", "rewrite a config as canonical JSON (converts flat configs)", _configure_format)
 def _cmd_format(args: argparse.Namespace) -> int:
+    args.config = config_path_or_exit(args.config)
     config = load_config_or_exit(args.config)
     text = dump_config(config)
     if args.stdout:
@@ -298,12 +373,29 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 def _configure_import(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("link", help="share link ostp://KEY@HOST:PORT[?...]")
-    parser.add_argument("-o", "--output", help="write the config here (default: stdout)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        help="write the config here (default: the user config file, where `run` finds it;"
+        " - for stdout)",
+    )
     parser.add_argument("-f", "--force", action="store_true", help="overwrite an existing file")
 
 
 @command("import", "write a config from a share link", _configure_import)
 def _cmd_import(args: argparse.Namespace) -> int:
+    if args.output != "-":
+        from ostp_client.firstrun import LinkConfigError, write_link_config  # noqa: PLC0415
+
+        try:
+            path, warnings, written = write_link_config(args.link, args.output, args.force)
+        except LinkConfigError as exc:
+            _err(str(exc))
+            return exc.status
+        for warning in warnings:
+            _err(f"warning: {warning}")
+        _err(f"wrote {path}" if written else f"{path} already holds this configuration")
+        return EXIT_OK
     try:
         config, warnings = config_from_share_link(args.link)
     except (ValueError, ConfigError) as exc:
@@ -311,28 +403,25 @@ def _cmd_import(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     for warning in warnings:
         _err(f"warning: {warning}")
-    text = dump_config(config)
-    if args.output is None:
-        sys.stdout.write(text)
-        return EXIT_OK
-    out = Path(args.output)
-    if out.exists() and not args.force:
-        _err(f"{out} exists; use --force to overwrite")
-        return EXIT_FAILURE
-    _write_private(out, text)
-    _err(f"wrote {out}")
+    sys.stdout.write(dump_config(config))
     return EXIT_OK
 
 
 def _configure_proxy_env(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", help=f"config file (default {DEFAULT_CONFIG} if present)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        help=f"config file (default ./{DEFAULT_CONFIG} or the user config file, if present)",
+    )
 
 
 @command("proxy-env", "print `export` lines pointing the shell at the proxy", _configure_proxy_env)
 def _cmd_proxy_env(args: argparse.Namespace) -> int:
+    from ostp_client.paths import find_config  # noqa: PLC0415
+
     path = args.config
-    if path is None and Path(DEFAULT_CONFIG).exists():
-        path = DEFAULT_CONFIG
+    if path is None and (found := find_config()) is not None:
+        path = str(found)
     inbound = LocalProxyInboundConfig()
     if path is not None:
         config = load_config_or_exit(path)
@@ -356,7 +445,10 @@ def _cmd_proxy_env(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@command("version", "print the version")
+@command("version", "print the version and where the config is looked for")
 def _cmd_version(args: argparse.Namespace) -> int:
+    from ostp_client.paths import config_search_path  # noqa: PLC0415
+
     print(f"ostp-client {version()}")
+    print("config search order (without -c): " + ", ".join(str(p) for p in config_search_path()))
     return EXIT_OK

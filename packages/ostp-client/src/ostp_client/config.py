@@ -42,6 +42,7 @@ __all__ = [
     "InboundConfig",
     "LocalProxyInboundConfig",
     "LogConfig",
+    "MetricsConfig",
     "MuxConfig",
     "NatConfig",
     "NatTurnConfig",
@@ -124,6 +125,37 @@ def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, in
 class LogConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the daemon."""
+    output: Annotated[str, Field(min_length=1)] = "stderr"
+    """`stderr`, or the path of a log file (its directory must exist)."""
+    format: Literal["text", "json"] = "text"
+    """`text` lines, or `json`: one object per line with ts, level, logger and message."""
+    max_bytes: Annotated[int, Field(ge=0)] = 10 << 20
+    """A log file is rotated when it would grow past this size; 0 never rotates (for
+    logrotate: the file is reopened when it is moved away)."""
+    backups: Annotated[int, Field(ge=0, le=100)] = 5
+    """Rotated files kept (`file.1` ... `file.N`)."""
+
+
+class MetricsConfig(_Model):
+    """A Prometheus endpoint (`GET /metrics`) with the daemon's counters."""
+
+    listen: str = "127.0.0.1:9099"
+    """`host:port` of the HTTP endpoint; loopback by default (the data is not secret but
+    shows what the machine connects to)."""
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        host, _port = parse_host_port(value)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError("listen on an IP address such as 127.0.0.1 or [::1]") from None
+        return value.strip()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_host_port(self.listen)
 
 
 class UserConfig(_Model):
@@ -576,6 +608,8 @@ class ClientConfig(_Model):
     mux: MuxConfig = Field(default_factory=MuxConfig)
     """Default `mux` of every ostp outbound that has none."""
     control: ControlConfig = Field(default_factory=ControlConfig)
+    metrics: MetricsConfig | None = None
+    """Prometheus endpoint; absent: none."""
 
     @property
     def default_outbound(self) -> str:
@@ -692,6 +726,7 @@ def _all_field_names() -> list[str]:
         RoutingConfig,
         RoutingRule,
         ControlConfig,
+        MetricsConfig,
     ):
         names.update(model.model_fields)
     return sorted(names)

@@ -86,6 +86,8 @@ class ConnectionRegistry:
         self.closed_total = 0
         self.closed_bytes_up = 0
         self.closed_bytes_down = 0
+        self.closed_by_outbound: dict[str | None, tuple[int, int]] = {}
+        """Bytes (up, down) of the ended connections per outbound tag (for the metrics)."""
         self._cancel_scopes: dict[int, anyio.CancelScope] = {}
 
     def open(
@@ -113,6 +115,8 @@ class ConnectionRegistry:
             self.closed_total += 1
             self.closed_bytes_up += ctx.bytes_up
             self.closed_bytes_down += ctx.bytes_down
+            up, down = self.closed_by_outbound.get(ctx.outbound_tag, (0, 0))
+            self.closed_by_outbound[ctx.outbound_tag] = (up + ctx.bytes_up, down + ctx.bytes_down)
 
     @contextmanager
     def track(

@@ -399,7 +399,7 @@ class Daemon:
         """Make the new parts current. No awaits: the router never names a missing tag."""
         changed = {
             "routing": plan.router is not self.router,
-            "log.level": new.log != old.log,
+            "log.level": new.log.level != old.log.level,
             "outbounds": list(plan.outbounds.items()) != list(self.outbounds.items()),
             "inbounds": list(plan.inbounds.items()) != list(self.inbounds.items())
             or bool(plan.updates),
@@ -427,7 +427,21 @@ class Daemon:
         if _system_proxy_target(new) != _system_proxy_target(old):
             outcome.needs_restart.append("set_system_proxy")
             outcome.changes.append("set_system_proxy: applies at the next restart")
-        self.config = new.model_copy(update={"control": old.control})
+        if new.log.model_copy(update={"level": old.log.level}) != old.log:
+            outcome.needs_restart.append("log")
+            outcome.changes.append("log output/format: applies at the next restart")
+        if new.metrics != old.metrics:
+            outcome.needs_restart.append("metrics")
+            outcome.changes.append("metrics: the endpoint moves at the next restart")
+        # what runs until a restart stays in the running config, so the next reload compares
+        # against it and says "needs restart" again
+        self.config = new.model_copy(
+            update={
+                "control": old.control,
+                "metrics": old.metrics,
+                "log": old.log.model_copy(update={"level": new.log.level}),
+            }
+        )
         return outcome
 
     async def _stop_old_parts(
@@ -491,20 +505,29 @@ async def run_daemon(
 ) -> Daemon:
     """Run a daemon until SIGINT/SIGTERM (graceful stop) and return it.
 
-    Also serves the control socket (`reload` and SIGHUP re-read `config_path`).
+    Also serves the control socket (`reload` and SIGHUP re-read `config_path`), the metrics
+    endpoint when configured, and tells systemd (`$NOTIFY_SOCKET`) READY=1 once every inbound,
+    the control socket and the metrics endpoint listen, STOPPING=1 when it begins to stop.
     """
     from ostp_client.control.server import serve_control  # noqa: PLC0415
+    from ostp_client.sdnotify import get_notifier  # noqa: PLC0415
 
     daemon = Daemon(config)
+    notifier = get_notifier()
     proxy = await _system_proxy(config)
     async with anyio.create_task_group() as tg:
         await tg.start(serve_control, daemon, config_path, handle_signals)
+        if config.metrics is not None:
+            from ostp_client.metrics import serve_metrics  # noqa: PLC0415
+
+            await tg.start(serve_metrics, daemon, config.metrics)
         if handle_signals:
 
             async def watch_signals() -> None:
                 with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for signum in signals:
                         logger.info("received %s, shutting down", signal.Signals(signum).name)
+                        notifier.stopping()
                         daemon.stop()
                         return
 
@@ -521,6 +544,7 @@ async def run_daemon(
             await tg.start(run_and_signal)
             if proxy is not None:
                 await _enter_system_proxy(stack, proxy, daemon)
+            await tg.start(notifier.run, daemon)  # READY=1, watchdog, STOPPING=1 at the end
             await finished.wait()
         tg.cancel_scope.cancel()
     return daemon

@@ -39,3 +39,6 @@ __all__ = [
     "UdpDatagramReceived",
     "UdpFlowExpired",
 ]
+
+__version__ = "0.2.0.dev0"
+"""The package version (read by the build: `[tool.hatch.version]`)."""

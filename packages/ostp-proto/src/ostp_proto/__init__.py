@@ -74,3 +74,6 @@ __all__ = [
     "encode_relay",
     "split_transport_keys",
 ]
+
+__version__ = "0.2.0.dev0"
+"""The package version (read by the build: `[tool.hatch.version]`)."""

@@ -27,3 +27,6 @@ __all__ = [
     "serve",
     "share_links",
 ]
+
+__version__ = "0.2.0.dev0"
+"""The package version (read by the build: `[tool.hatch.version]`)."""

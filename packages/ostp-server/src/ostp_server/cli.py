@@ -124,10 +124,20 @@ class _Shutdown:
         os._exit(1)
 
 
-async def _run(server: OstpServer, shutdown: _Shutdown) -> None:
+async def _run(server: OstpServer, shutdown: _Shutdown) -> int:
     async with anyio.create_task_group() as tg:
         shutdown.install(tg.cancel_scope)
         await tg.start(server.run)
+        if server.config.metrics is not None:
+            from .metrics import serve_metrics  # noqa: PLC0415 (prometheus only when asked)
+
+            try:
+                await tg.start(serve_metrics, server, server.config.metrics)
+            except OSError as e:
+                print(f"ostp-server: {e.strerror or e}", file=sys.stderr)
+                tg.cancel_scope.cancel()
+                return 1
+    return 0
 
 
 def _load(path: str) -> ServerConfig:
@@ -190,14 +200,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ostp-server: {e.strerror or e}", file=sys.stderr)
         return 1
     shutdown = _Shutdown()
+    status = 0
     try:
-        anyio.run(_run, server, shutdown)
+        status = anyio.run(_run, server, shutdown)
     except KeyboardInterrupt:
         pass
     finally:
         shutdown.uninstall()
         server.close_sockets()
-    return 0
+    return status
 
 
 if __name__ == "__main__":

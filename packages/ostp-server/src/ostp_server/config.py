@@ -30,6 +30,7 @@ from ostp_proto.transport import decode_key, encode_key, public_key
 
 __all__ = [
     "ConfigError",
+    "MetricsConfig",
     "RealityConfig",
     "ServerConfig",
     "User",
@@ -179,6 +180,28 @@ class RealityConfig(BaseModel):
         return parse_host_port(self.dest) if self.dest else None
 
 
+class MetricsConfig(BaseModel):
+    """`metrics` in server.json."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    listen: str = "127.0.0.1:9100"
+    """`host:port` of the HTTP endpoint; loopback by default."""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_ip(cls, value: str) -> str:
+        host, port = parse_host_port(value)
+        ipaddress.ip_address(host)  # ValueError: not an IP address
+        if port == 0:
+            raise ValueError("the metrics port must not be 0")
+        return value.strip()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_host_port(self.listen)
+
+
 class ServerConfig(BaseModel):
     """Everything ``ostp-server run`` reads from its JSON file."""
 
@@ -236,6 +259,8 @@ class ServerConfig(BaseModel):
     tcp_resume_grace: float = Field(default=30.0, ge=0)
     """When a session's TCP connection ends, the session waits this long for the client to
     continue it on a new connection (roaming, as upstream allows) before it is ended."""
+    metrics: MetricsConfig | None = None
+    """Prometheus endpoint (``{"listen": "127.0.0.1:9100"}``); absent: none."""
     log_level: str = "info"
     debug: bool = False
     """Upstream's switch; same as ``"log_level": "debug"``."""

@@ -321,9 +321,11 @@ def parse_server_message(line: bytes) -> Hello | Response | Event:
 def default_socket_path() -> str:
     """Where the daemon listens unless `control.socket` says otherwise.
 
-    `$XDG_RUNTIME_DIR/ostp-client/control.sock`; without XDG_RUNTIME_DIR,
-    `/tmp/ostp-client-<uid>/control.sock` (the daemon checks that it owns that directory);
-    on Windows the named pipe `\\\\.\\pipe\\ostp-client-<user>`.
+    `$XDG_RUNTIME_DIR/ostp-client/control.sock`; without XDG_RUNTIME_DIR, root's is
+    `/run/ostp-client/control.sock` (where the system service listens, so that `sudo
+    ostp-client ctl` finds it) and other users' `/tmp/ostp-client-<uid>/control.sock` (the
+    daemon checks that it owns that directory); on Windows the named pipe
+    `\\\\.\\pipe\\ostp-client-<user>`.
     """
     if sys.platform == "win32":
         user = os.environ.get("USERNAME", "user")
@@ -331,4 +333,6 @@ def default_socket_path() -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and Path(runtime).is_dir():
         return str(Path(runtime) / "ostp-client" / "control.sock")
+    if os.getuid() == 0 and Path("/run").is_dir():
+        return "/run/ostp-client/control.sock"
     return f"/tmp/ostp-client-{os.getuid()}/control.sock"  # noqa: S108 (owner checked)

@@ -65,6 +65,7 @@ from ostp_client.control.protocol import (
 )
 from ostp_client.daemon import ReloadError
 from ostp_client.inbounds.base import StartError, os_reason
+from ostp_client.sdnotify import get_notifier
 from ostp_client.serving import run_contained, serve_listener
 
 if TYPE_CHECKING:
@@ -236,12 +237,16 @@ async def reload_config(daemon: Daemon, path: str | None) -> ReloadResult:
         new, _warnings = await anyio.to_thread.run_sync(load_config, path)
     except ConfigError as exc:
         raise RequestFailed(ErrorCode.INVALID_CONFIG, str(exc)) from None
+    notifier = get_notifier()
+    notifier.reloading()  # systemd: RELOADING=1 ... READY=1 (sd_notify(3))
     try:
         outcome = await daemon.reload(new)
     except ReloadError as exc:
         raise RequestFailed(
             ErrorCode.INVALID_CONFIG, f"{path}: not applied, the running configuration stays: {exc}"
         ) from None
+    finally:
+        notifier.ready()
     message = f"reloaded {path}: " + ("; ".join(outcome.changes) or "nothing changed")
     if outcome.needs_restart:
         message += f"; restart to apply {', '.join(outcome.needs_restart)}"
