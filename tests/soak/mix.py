@@ -61,8 +61,8 @@ class Op:
     error: str = ""
     moved: int = 0
     """Payload bytes that went through the proxy (either way)."""
-    during_slow: bool = False
-    """A slow or paused reader was running when this (short GET) started or ended."""
+    during_pause: bool = False
+    """A paused reader was in its pause when this (short GET) started or ended."""
 
     @property
     def latency(self) -> float:
@@ -298,8 +298,8 @@ class Mix:
     ops: list[Op] = field(default_factory=list)
     windows: list[tuple[float, float]] = field(default_factory=list)
     """(stopped, recovered) times of each server restart: errors are allowed across them."""
-    slow: int = 0
     paused: int = 0
+    """Paused readers in their pause now."""
     t0: float = field(default_factory=time.monotonic)
 
     def now(self) -> float:
@@ -315,7 +315,7 @@ class Mix:
     async def guarded(self, op: Op, limit: float, work: Callable[[], Awaitable[None]]) -> bool:
         """Run ``work`` for ``op``: its outcome from what happened; True when ``ok``."""
         op.start = self.now()
-        op.during_slow = self.slow + self.paused > 0
+        op.during_pause = self.paused > 0
         with anyio.move_on_after(limit) as scope:
             try:
                 await work()
@@ -330,7 +330,7 @@ class Mix:
         if scope.cancelled_caught:
             op.outcome, op.error = "hang", f"still running after {limit:.0f} s ({op.error})"
         op.end = self.now()
-        op.during_slow = op.during_slow or self.slow + self.paused > 0
+        op.during_pause = op.during_pause or self.paused > 0
         return op.outcome == "ok"
 
     def disrupted(self, op: Op) -> bool:
@@ -475,13 +475,7 @@ class Mix:
                     await conn.aclose()
 
         limit = self.transfer_limit(size, rate or MIN_RATE) + (pacer.pause if pause_at else 0)
-        if style == "slow":
-            self.slow += 1
-        try:
-            await self.guarded(op, limit, work)
-        finally:
-            if style == "slow":
-                self.slow -= 1
+        await self.guarded(op, limit, work)
 
     async def _send_body(self, conn: HttpConn, op: Op, seed: int, stop_at: int) -> str:
         digest = hashlib.sha256()
@@ -574,9 +568,9 @@ class Mix:
         url = f"http://{self.target()}{path}"
 
         async def work() -> None:
+            proxy = proxy_args(mode, self.proxy_port)
             done = await anyio.run_process(
-                [CURL, "-sS", "--noproxy", "", *proxy_args(mode, self.proxy_port), *extra, url],
-                check=False,
+                [CURL, "-sS", "--fail", "--noproxy", "", *proxy, *extra, url], check=False
             )
             op.moved = len(done.stdout)
             if kind == "give-up":
@@ -622,7 +616,8 @@ class Mix:
         async def work() -> None:
             if kind in ("socks-refused", "connect-refused"):
                 try:
-                    conn, _ = await self.open(kind.split("-")[0], port=self.closed_port)
+                    via = "socks5" if kind == "socks-refused" else "connect"
+                    conn, _ = await self.open(via, port=self.closed_port)
                 except Finished as finished:
                     if finished.error.startswith(("socks-reply-", "connect-5")):
                         return  # refused, as it must be
@@ -801,9 +796,9 @@ def figures(mix: Mix) -> list[str]:
         lines.append("errors by kind: " + ", ".join(f"{k} {v}" for k, v in errors.most_common()))
     gets = [op for op in mix.ops if op.kind == "get" and op.outcome == "ok"]
     for label, chosen in (
-        ("short GETs", gets),
-        ("  while slow/paused readers ran", [op for op in gets if op.during_slow]),
-        ("  while none ran", [op for op in gets if not op.during_slow]),
+        ("short GETs (a slow reader always runs)", gets),
+        ("  while a paused reader had stopped reading", [op for op in gets if op.during_pause]),
+        ("  while none had", [op for op in gets if not op.during_pause]),
     ):
         ms = [op.latency * 1000 for op in chosen]
         lines.append(

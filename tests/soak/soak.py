@@ -324,11 +324,20 @@ async def run_soak(settings: Settings, workdir: Path) -> Report:
         # the mix, with the restarts
         mix.phase = "mix"
         mix_began = mix.now()
+        samples: list[tuple[float, int, int]] = []
+
+        async def sample() -> None:
+            while True:  # the daemon's RSS and descriptors through the mix, for the figures
+                samples.append((mix.now() - mix_began, rss_kib(daemon.pid), fd_count(daemon.pid)))
+                await anyio.sleep(max(1.0, settings.seconds / 20))
+
         async with anyio.create_task_group() as tg:
+            tg.start_soon(sample)
             for fraction, how in settings.restarts:
                 at = mix_began + fraction * settings.seconds
                 tg.start_soon(restart_server, mix, server, how, report, at)
             await mix.run(settings.seconds)
+            tg.cancel_scope.cancel()
         mix_seconds = mix.now() - mix_began
 
         # what happened
@@ -339,6 +348,8 @@ async def run_soak(settings: Settings, workdir: Path) -> Report:
             *figures(mix),
             "disruption windows (server stopped .. fresh GET works): "
             + ", ".join(f"{a:.1f}..{b:.1f} s" for a, b in mix.windows),
+            "daemon during the mix (s: RSS MiB/descriptors): "
+            + " ".join(f"{t:.0f}:{rss / 1024:.0f}/{fds}" for t, rss, fds in samples),
         ]
         failed = mix.failures()
         for op in failed[:40]:
