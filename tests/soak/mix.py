@@ -794,6 +794,8 @@ def figures(mix: Mix) -> list[str]:
     errors = Counter(op.error for op in mix.ops if op.outcome == "error")
     if errors:
         lines.append("errors by kind: " + ", ".join(f"{k} {v}" for k, v in errors.most_common()))
+        where = Counter(f"{op.kind}:{op.error}" for op in mix.ops if op.outcome == "error")
+        lines.append("  by operation: " + ", ".join(f"{k} {v}" for k, v in sorted(where.items())))
     gets = [op for op in mix.ops if op.kind == "get" and op.outcome == "ok"]
     for label, chosen in (
         ("short GETs (a slow reader always runs)", gets),

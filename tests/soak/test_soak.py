@@ -18,6 +18,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.soak, pytest.mark.timeout(290)]
 
 async def test_browser_like_mix_with_restarts_leaves_nothing_behind(tmp_path: Path) -> None:
     require_curl()
-    report = await run_soak(Settings(seconds=60, warmup=10, seed=1), tmp_path)
+    report = await run_soak(Settings(seconds=60, warmup=20, seed=1), tmp_path)
     print(report.text())
     assert not report.failures, report.text()
