@@ -398,8 +398,9 @@ class Mix:
         close_delimited: bool = False,
         keep_alive: bool = True,
         paced: Pacer | None = None,
+        query: str = "",
     ) -> None:
-        path = f"/seeded-close/{seed}/{op.size}" if close_delimited else f"/seeded/{seed}/{op.size}"
+        path = f"/{'seeded-close' if close_delimited else 'seeded'}/{seed}/{op.size}{query}"
         await conn.stream.send(self.request(prefix, path, keep_alive=keep_alive))
         head = await conn.head()
         if head.status != 200:
@@ -454,11 +455,18 @@ class Mix:
         return 30.0 + size / min(rate, MIN_RATE)
 
     async def download(self, rng: random.Random, style: str = "plain") -> None:
-        """A 1-20 MB download; ``slow`` reads at 1-2 MB/s, ``paused`` stops for 2-6 s."""
+        """A 1-20 MB download; ``slow`` reads at 1-2 MB/s, ``paused`` stops for 2-6 s,
+        ``slow-origin`` gets 64 KB-2 MB that the origin sends at 100-500 kB/s."""
         via = rng.choice(("socks5", "connect", "http"))
         close_delimited = rng.random() < 0.25
         high = self.max_transfer if style == "plain" else min(self.max_transfer, 10 << 20)
         size = rng.randint(self.min_transfer, high)
+        query = ""
+        origin_rate = MIN_RATE
+        if style == "slow-origin":
+            size = rng.randint(64 * 1024, 2 << 20)
+            origin_rate = rng.randint(100_000, 500_000)
+            query = f"?rate={origin_rate}"
         rate = rng.uniform(1e6, 2e6) if style == "slow" else None
         pause_at = rng.randint(size // 10, size // 2) if style == "paused" else None
         pacer = Pacer(self, rate, pause_at, rng.uniform(2.0, 6.0))
@@ -469,12 +477,21 @@ class Mix:
         async def work() -> None:
             conn, prefix = await self.open(via)
             try:
-                await self.get(conn, prefix, op, seed, close_delimited=close_delimited, paced=pacer)
+                await self.get(
+                    conn,
+                    prefix,
+                    op,
+                    seed,
+                    close_delimited=close_delimited,
+                    paced=pacer,
+                    query=query,
+                )
             finally:
                 with anyio.CancelScope(shield=True):
                     await conn.aclose()
 
-        limit = self.transfer_limit(size, rate or MIN_RATE) + (pacer.pause if pause_at else 0)
+        limit = self.transfer_limit(size, min(rate or MIN_RATE, origin_rate))
+        limit += pacer.pause if pause_at else 0
         await self.guarded(op, limit, work)
 
     async def _send_body(self, conn: HttpConn, op: Op, seed: int, stop_at: int) -> str:
@@ -760,6 +777,7 @@ class Mix:
                 tg.start_soon(self.worker, f"up{i}", self.upload)
             tg.start_soon(self.worker, "slow", lambda rng: self.download(rng, "slow"))
             tg.start_soon(self.worker, "paused", lambda rng: self.download(rng, "paused"))
+            tg.start_soon(self.worker, "slow-origin", lambda rng: self.download(rng, "slow-origin"))
             tg.start_soon(self.worker, "abort", self.abort, 0.5)
             tg.start_soon(self.worker, "curl", self.curl, 0.2)
             tg.start_soon(self.worker, "junk", self.junk, 0.3)

@@ -5,7 +5,7 @@ later SIGKILL, each time started again on the same port with the same key and re
 ``ostp-client run`` with one session (``mux`` off) and its own control socket, and the HTTP
 origin of the proxy tests. The load (:mod:`tests.soak.mix`) runs here, with a fixed seed:
 short GETs (keep-alive or not, SOCKS5, HTTP proxy, CONNECT), 1-20 MB uploads and downloads,
-slow and paused readers, clients that abort with RST and with FIN, real curl, proxy clients
+slow and paused readers, slow origins, clients that abort with RST and FIN, real curl, proxy clients
 that send nothing, half a greeting or garbage, and control clients that vanish.
 
 Phases: a warm-up round of the same mix without restarts, so the daemon's allocator has grown
