@@ -331,13 +331,14 @@ async def run_soak(settings: Settings, workdir: Path) -> Report:
                 samples.append((mix.now() - mix_began, rss_kib(daemon.pid), fd_count(daemon.pid)))
                 await anyio.sleep(max(1.0, settings.seconds / 20))
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(sample)
-            for fraction, how in settings.restarts:
-                at = mix_began + fraction * settings.seconds
-                tg.start_soon(restart_server, mix, server, how, report, at)
-            await mix.run(settings.seconds)
-            tg.cancel_scope.cancel()
+        async with anyio.create_task_group() as sampling:
+            sampling.start_soon(sample)
+            async with anyio.create_task_group() as tg:  # ends when the restarts are done too
+                for fraction, how in settings.restarts:
+                    at = mix_began + fraction * settings.seconds
+                    tg.start_soon(restart_server, mix, server, how, report, at)
+                await mix.run(settings.seconds)
+            sampling.cancel_scope.cancel()
         mix_seconds = mix.now() - mix_began
 
         # what happened
