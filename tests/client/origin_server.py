@@ -166,6 +166,10 @@ class _Handler(BaseHTTPRequestHandler):
                     "headers": {k.lower(): v for k, v in self.headers.items()},
                 }
             )
+        elif path == "/generate_204":  # what urltest groups fetch (their health check)
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         elif path == "/_log":
             with self.server.lock:
                 self._json(list(self.server.log))

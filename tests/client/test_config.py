@@ -15,6 +15,7 @@ from ostp_client.config import (
     ConfigError,
     LocalProxyInboundConfig,
     OstpOutboundConfig,
+    RoutingRule,
     config_from_data,
     config_from_share_link,
     config_json_schema,
@@ -300,6 +301,7 @@ def test_flat_config_is_converted() -> None:
     assert (inbound.listen, inbound.port) == ("127.0.0.1", 1999)
     assert config.log.level == "debug"
     rules = config.routing.rules
+    assert isinstance(rules[0], RoutingRule) and isinstance(rules[1], RoutingRule)
     assert rules[0].domain_suffix == ["corp.example", "lan"]
     assert rules[0].outbound == rules[1].outbound == "direct"
     assert rules[1].ip_cidr == ["10.0.0.0/8", "192.168.1.1"]

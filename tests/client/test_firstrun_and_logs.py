@@ -52,8 +52,8 @@ def test_user_config_dir_per_platform(tmp_path: Path) -> None:
     assert (
         user_config_dir({"XDG_CONFIG_HOME": "rel"}, "linux", home) == home / ".config/ostp-client"
     )
-    assert user_config_dir({"APPDATA": "C:/Users/u/AppData/Roaming"}, "win32", home) == Path(
-        "C:/Users/u/AppData/Roaming/ostp-client"
+    assert user_config_dir({"APPDATA": "D:/Profiles/u/AppData/Roaming"}, "win32", home) == Path(
+        "D:/Profiles/u/AppData/Roaming/ostp-client"
     )
     assert user_config_dir({}, "win32", home) == home / "AppData/Roaming/ostp-client"
     assert user_config_dir({}, "darwin", home) == home / "Library/Application Support/ostp-client"

@@ -196,6 +196,9 @@ class FakeLink:
         yield Event(subscription=4, topic="logs", data=LOGS.model_dump())
         await asyncio.Event().wait()
 
+    async def select(self, group: str, outbound: str) -> ActionResult:
+        return ActionResult(message=f"{group}: {outbound} selected")
+
     async def reconnect(self, outbound: str) -> ActionResult:
         self.reconnects.append(outbound)
         return ActionResult(message=f"reconnecting {outbound}")

@@ -166,3 +166,42 @@ async def test_survives_the_daemon_restarting(sock_dir: Path) -> None:
             assert app.is_running and app.render_errors == 0
         finally:
             stop_process(process)
+
+
+async def test_group_card_shows_members_and_g_selects_the_next(sock_dir: Path) -> None:
+    config = base_config(str(sock_dir / "control.sock"))
+    config["outbounds"] = [
+        {"type": "direct", "tag": "one"},
+        {"type": "direct", "tag": "two"},
+        {"type": "selector", "tag": "sel", "outbounds": ["one", "two"]},
+    ]
+    config["routing"] = {"default_outbound": "sel"}
+    async with control_daemon(config) as running:
+        group = running.daemon.outbounds["sel"]
+        app = Dashboard(running.path, retry_interval=0.2)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: "sel" in app.panels, "the group's card")
+            panel = app.panels["sel"]
+            await until(
+                pilot,
+                lambda: "using one" in str(panel.query_one("#sessions").render()),
+                "the members on the card",
+            )
+            panel.focus()
+            await pilot.press("g")
+            await until(pilot, lambda: getattr(group, "selected", None) == "two", "the choice")
+            await until(
+                pilot,
+                lambda: "using two" in str(panel.query_one("#sessions").render()),
+                "the card to follow",
+            )
+
+
+def test_connection_row_names_the_group_and_its_member() -> None:
+    from ostp_client.control.protocol import ConnectionInfo
+
+    app = Dashboard("/nonexistent.sock")
+    through = ConnectionInfo(id=1, inbound="in", outbound="auto", via=["auto", "b"])
+    plain = ConnectionInfo(id=2, inbound="in", outbound="direct")
+    assert app._conn_cells(through)[4] == "auto → b"
+    assert app._conn_cells(plain)[4] == "direct"

@@ -278,6 +278,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         _err(f"cannot open the log file {config.log.output}: {exc.strerror or exc}")
         return EXIT_FAILURE
+    _rule_sets_or_exit(config, args.config)
 
     async def daemon() -> None:
         # a name lookup still running at the stop must not hold the process (executor.py)
@@ -326,10 +327,31 @@ def _config_from_link(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@command("check", "validate a config file", add_config_argument)
+def _rule_warnings(config: ClientConfig) -> None:
+    """Warn about rules whose meaning changed with sing-box semantics (rule_migration)."""
+    from ostp_client.rule_migration import rule_meaning_changes  # noqa: PLC0415
+
+    for change in rule_meaning_changes(config):
+        _err(f"warning: {change.message()}")
+
+
+def _rule_sets_or_exit(config: ClientConfig, path: str) -> None:
+    """Read every rule-set file (as the daemon will); print the failure and exit 2."""
+    from ostp_client.router import RoutingError, load_rule_sets  # noqa: PLC0415
+
+    try:
+        load_rule_sets(config.routing, config.base_dir)
+    except RoutingError as exc:
+        _err(f"invalid configuration in {path}:\n  routing.rule_set: {exc}")
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+@command("check", "validate a config file (and read its rule-set files)", add_config_argument)
 def _cmd_check(args: argparse.Namespace) -> int:
     args.config = config_path_or_exit(args.config)
     config = load_config_or_exit(args.config)
+    _rule_sets_or_exit(config, args.config)
+    _rule_warnings(config)
     print(
         f"{args.config}: OK ({len(config.inbounds)} inbound(s), {len(config.outbounds)} "
         f"outbound(s), {len(config.routing.rules)} rule(s), default outbound "
@@ -343,6 +365,12 @@ def _configure_format(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stdout", action="store_true", help="print the result instead of rewriting the file"
     )
+    parser.add_argument(
+        "--keep-old-rule-meaning",
+        action="store_true",
+        help="rewrite rules whose meaning changed with sing-box semantics (two or more domain/"
+        "ip_cidr conditions, or port and port_range) into logical AND rules that match as before",
+    )
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -355,7 +383,15 @@ def _write_private(path: Path, text: str) -> None:
 @command("format", "rewrite a config as canonical JSON (converts flat configs)", _configure_format)
 def _cmd_format(args: argparse.Namespace) -> int:
     args.config = config_path_or_exit(args.config)
+    from ostp_client.rule_migration import keep_old_rule_meaning  # noqa: PLC0415
+
     config = load_config_or_exit(args.config)
+    if args.keep_old_rule_meaning:
+        config, changes = keep_old_rule_meaning(config)
+        for change in changes:
+            _err(f"{change.path}: rewritten as a logical AND rule (the meaning it had before)")
+    else:
+        _rule_warnings(config)
     text = dump_config(config)
     if args.stdout:
         sys.stdout.write(text)

@@ -12,6 +12,7 @@ import difflib
 import ipaddress
 import json
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,14 @@ from urllib.parse import parse_qsl, unquote
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    PrivateAttr,
     SecretStr,
     SerializationInfo,
+    Tag,
     TypeAdapter,
     ValidationError,
     field_serializer,
@@ -33,24 +38,34 @@ from pydantic import (
 )
 
 __all__ = [
+    "GROUP_TYPES",
     "BlockOutboundConfig",
     "ClientConfig",
     "ConfigError",
     "ConfigIssue",
     "ControlConfig",
     "DirectOutboundConfig",
+    "FallbackOutboundConfig",
+    "HeadlessLogicalRule",
+    "HeadlessRule",
+    "HeadlessRuleConfig",
     "InboundConfig",
     "LocalProxyInboundConfig",
     "LogConfig",
+    "LogicalRoutingRule",
     "MetricsConfig",
     "MuxConfig",
     "NatConfig",
     "NatTurnConfig",
     "OstpOutboundConfig",
     "OutboundConfig",
+    "RouteRuleConfig",
     "RoutingConfig",
     "RoutingRule",
+    "RuleSetConfig",
+    "SelectorOutboundConfig",
     "TunInboundConfig",
+    "UrlTestOutboundConfig",
     "UserConfig",
     "config_from_share_link",
     "config_json_schema",
@@ -520,71 +535,292 @@ class BlockOutboundConfig(_Model):
     tag: Annotated[str, Field(min_length=1)] = "block"
 
 
+DEFAULT_TEST_URL = "http://cp.cloudflare.com/generate_204"
+"""What urltest/fallback groups fetch through each member unless `url` says otherwise (any
+HTTP answer counts; the time to its status line is the member's delay)."""
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(value: Any) -> Any:
+    """Seconds as a number, or sing-box's duration text: `"3m"`, `"1m30s"`, `"500ms"`."""
+    if isinstance(value, str):
+        text = value.strip().replace(" ", "")
+        if not text:
+            raise ValueError("empty duration")
+        pos, total = 0, 0.0
+        for match in _DURATION.finditer(text):
+            if match.start() != pos:
+                break
+            total += float(match[1]) * _DURATION_SCALE[match[2]]
+            pos = match.end()
+        if pos != len(text):
+            try:
+                return float(text)
+            except ValueError:
+                raise ValueError(
+                    f'{value!r} is not a duration (seconds, or text like "3m", "30s", "1m30s")'
+                ) from None
+        return total
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_duration), Field(gt=0, le=86400)]
+
+
+def validate_test_url(value: str) -> str:
+    from urllib.parse import urlsplit  # noqa: PLC0415
+
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError(f"{value!r} has a bad port") from None
+    return value.strip()
+
+
+TestUrl = Annotated[str, AfterValidator(validate_test_url)]
+GroupMembers = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+
+
+class SelectorOutboundConfig(_Model):
+    """A group whose member the user chooses (`ctl select`, the dashboard); the choice is kept
+    in the state file across restarts."""
+
+    type: Literal["selector"] = "selector"
+    tag: Annotated[str, Field(min_length=1)] = "select"
+    outbounds: GroupMembers
+    """Member tags (outbounds or other groups)."""
+    default: str | None = None
+    """The member used until the user chooses one; the first member when absent."""
+
+
+class UrlTestOutboundConfig(_Model):
+    """A group that uses the member with the lowest delay of a real request through it."""
+
+    type: Literal["urltest"] = "urltest"
+    tag: Annotated[str, Field(min_length=1)] = "auto"
+    outbounds: GroupMembers
+    url: TestUrl = DEFAULT_TEST_URL
+    """Fetched through each member (HTTP GET); the delay is the time to the status line."""
+    interval: Duration = 180.0
+    """Seconds (or `"3m"`) between checks of every member."""
+    tolerance: Annotated[int, Field(ge=0, le=60000)] = 50
+    """Milliseconds: the group switches only to a member faster than this by more than this."""
+    timeout: Duration = 5.0
+    """Seconds a check may take before the member counts as down."""
+
+
+class FallbackOutboundConfig(_Model):
+    """A group that uses the first member (in order) whose last check succeeded."""
+
+    type: Literal["fallback"] = "fallback"
+    tag: Annotated[str, Field(min_length=1)] = "fallback"
+    outbounds: GroupMembers
+    url: TestUrl = DEFAULT_TEST_URL
+    interval: Duration = 180.0
+    timeout: Duration = 5.0
+
+
+GROUP_TYPES = ("selector", "urltest", "fallback")
+GroupOutboundConfig = SelectorOutboundConfig | UrlTestOutboundConfig | FallbackOutboundConfig
+
 OutboundConfig = Annotated[
-    OstpOutboundConfig | DirectOutboundConfig | BlockOutboundConfig,
+    OstpOutboundConfig
+    | DirectOutboundConfig
+    | BlockOutboundConfig
+    | SelectorOutboundConfig
+    | UrlTestOutboundConfig
+    | FallbackOutboundConfig,
     Field(discriminator="type"),
 ]
 
-_PORT_RANGE = re.compile(r"^\s*(\d{1,5})\s*[-:]\s*(\d{1,5})\s*$")
+_PORT_RANGE = re.compile(r"^\s*(\d{0,5})\s*[-:]\s*(\d{0,5})\s*$")
 
 
 def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, str | int) else value
 
 
-RULE_CONDITIONS = (
+DESTINATION_ADDRESS_CONDITIONS = (
     "domain",
     "domain_suffix",
     "domain_keyword",
     "domain_regex",
     "ip_cidr",
-    "port",
-    "port_range",
-    "network",
-    "inbound",
+    "ip_is_private",
 )
-_CONDITIONS = RULE_CONDITIONS
+"""sing-box's destination-address group: alternatives within one rule (see router.py)."""
+DESTINATION_PORT_CONDITIONS = ("port", "port_range")
+SOURCE_ADDRESS_CONDITIONS = ("source_ip_cidr", "source_ip_is_private")
+SOURCE_PORT_CONDITIONS = ("source_port", "source_port_range")
+OTHER_CONDITIONS = ("network", "inbound", "process_name", "process_path", "rule_set")
+RULE_CONDITIONS = (
+    *DESTINATION_ADDRESS_CONDITIONS,
+    *DESTINATION_PORT_CONDITIONS,
+    *SOURCE_ADDRESS_CONDITIONS,
+    *SOURCE_PORT_CONDITIONS,
+    *OTHER_CONDITIONS,
+)
+_LIST_CONDITIONS = tuple(
+    name for name in RULE_CONDITIONS if name not in ("ip_is_private", "source_ip_is_private")
+)
+PROCESS_CONDITIONS = ("process_name", "process_path")
+
+PortNumber = Annotated[int, Field(ge=0, le=65535)]
+PortRangeText = Annotated[str, AfterValidator(_port_range_item)]
+RegexText = Annotated[str, AfterValidator(_regex_item)]
 
 
-class RoutingRule(_Model):
-    """Conditions are ANDed; the values inside one condition are ORed; first match wins."""
+class HeadlessRule(_Model):
+    """A default rule without an outbound (inside `logical` rules and rule sets).
 
+    sing-box semantics: the values of one condition are alternatives; the conditions of one
+    group (destination address: domain kinds, `ip_cidr`, `ip_is_private`, and the rule sets'
+    entries of those kinds; destination port; source address; source port) are
+    alternatives; the groups and every other condition must all match; `invert` negates.
+    """
+
+    type: Annotated[Literal["default"], Field(exclude=True)] = "default"
     domain: list[str] | None = None
     domain_suffix: list[str] | None = None
     domain_keyword: list[str] | None = None
-    domain_regex: list[Annotated[str, AfterValidator(_regex_item)]] | None = None
+    domain_regex: list[RegexText] | None = None
     ip_cidr: list[CidrText] | None = None
-    port: list[Annotated[int, Field(ge=0, le=65535)]] | None = None
-    port_range: list[Annotated[str, AfterValidator(_port_range_item)]] | None = None
+    ip_is_private: bool | None = None
+    """Destination is a private, loopback, link-local or otherwise non-public address."""
+    port: list[PortNumber] | None = None
+    port_range: list[PortRangeText] | None = None
+    source_ip_cidr: list[CidrText] | None = None
+    source_ip_is_private: bool | None = None
+    source_port: list[PortNumber] | None = None
+    source_port_range: list[PortRangeText] | None = None
     network: list[Literal["tcp", "udp"]] | None = None
     inbound: list[str] | None = None
-    outbound: Annotated[str, Field(min_length=1)]
+    process_name: list[Annotated[str, Field(min_length=1)]] | None = None
+    """Name of the local program that opened the connection (Linux: `/proc/PID/comm`)."""
+    process_path: list[Annotated[str, Field(min_length=1)]] | None = None
+    """Full path of its executable (Linux: `/proc/PID/exe`)."""
+    rule_set: list[Annotated[str, Field(min_length=1)]] | None = None
+    """Tags of `routing.rule_set` entries; their rules' entries join this rule's groups."""
+    invert: bool | None = None
+    """Negate the rule (absent: false)."""
 
-    @field_validator(*_CONDITIONS, mode="before")
+    @field_validator(*_LIST_CONDITIONS, mode="before")
     @classmethod
     def _normalize(cls, value: Any) -> Any:
         return _one_or_many(value)
 
     def conditions(self) -> dict[str, list[Any]]:
-        """The conditions that are set, by name."""
-        return {
-            name: getattr(self, name) for name in RULE_CONDITIONS if getattr(self, name) is not None
-        }
+        """The conditions that are set, by name (booleans as a one-item list)."""
+        found: dict[str, list[Any]] = {}
+        for name in RULE_CONDITIONS:
+            value = getattr(self, name)
+            if value is not None:
+                found[name] = value if isinstance(value, list) else [value]
+        return found
+
+    def describe(self) -> str:
+        text = " ".join(
+            f"{name}={','.join(str(v) for v in values)}"
+            for name, values in self.conditions().items()
+        )
+        return f"not({text})" if self.invert else text
+
+
+class HeadlessLogicalRule(_Model):
+    """`"type": "logical"`: nested rules combined with `mode` `and`/`or`; `invert` negates."""
+
+    type: Literal["logical"]
+    mode: Literal["and", "or"]
+    rules: Annotated[list[HeadlessRuleConfig], Field(min_length=1)]
+    invert: bool | None = None
+    """Negate the rule (absent: false)."""
+
+    def conditions(self) -> dict[str, list[Any]]:
+        """Every condition of the nested rules (for checks that look for a kind)."""
+        found: dict[str, list[Any]] = {}
+        for rule in self.rules:
+            for name, values in rule.conditions().items():
+                found.setdefault(name, []).extend(values)
+        return found
+
+    def describe(self) -> str:
+        joined = f" {self.mode} ".join(f"({rule.describe()})" for rule in self.rules)
+        return f"not({joined})" if self.invert else joined
+
+
+def _rule_kind(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "logical" if value.get("type") == "logical" else "default"
+    return str(getattr(value, "type", "default"))
+
+
+HeadlessRuleConfig = Annotated[
+    Annotated[HeadlessRule, Tag("default")] | Annotated[HeadlessLogicalRule, Tag("logical")],
+    Discriminator(_rule_kind),
+]
+
+
+HeadlessLogicalRule.model_rebuild()
+
+
+class RoutingRule(HeadlessRule):
+    """A default rule: its conditions (sing-box semantics, see `HeadlessRule`) → `outbound`."""
+
+    outbound: Annotated[str, Field(min_length=1)]
+
+
+class LogicalRoutingRule(HeadlessLogicalRule):
+    """A logical rule → `outbound`."""
+
+    outbound: Annotated[str, Field(min_length=1)]
+
+
+RouteRuleConfig = Annotated[
+    Annotated[RoutingRule, Tag("default")] | Annotated[LogicalRoutingRule, Tag("logical")],
+    Discriminator(_rule_kind),
+]
 
 
 def parse_port_range(text: str) -> tuple[int, int]:
-    """`"1000-2000"` (or `"1000:2000"`) → `(1000, 2000)`; raise ValueError otherwise."""
+    """`"1000-2000"`, `"1000:2000"`, `":3000"` (from 0), `"4000:"` (to 65535) → `(low, high)`;
+    raise ValueError otherwise."""
     match = _PORT_RANGE.match(text)
-    if not match:
-        raise ValueError(f"port range {text!r} should look like '1000-2000'")
-    low, high = int(match[1]), int(match[2])
+    if not match or not (match[1] or match[2]):
+        raise ValueError(f"port range {text!r} should look like '1000-2000' or '1000:2000'")
+    low = int(match[1]) if match[1] else 0
+    high = int(match[2]) if match[2] else 65535
     if not low <= high <= 65535:
         raise ValueError(f"port range {text!r} must go from low to high within 0-65535")
     return low, high
 
 
+class RuleSetConfig(_Model):
+    """A rule set read from a local file; rules name it in `rule_set`."""
+
+    tag: Annotated[str, Field(min_length=1)]
+    type: Literal["local"] = "local"
+    format: Literal["source", "text"] | None = None
+    """`source`: sing-box's rule-set source format (JSON `{"version": N, "rules": [...]}`);
+    `text`: one domain or CIDR a line. Absent: `source` for `.json` files, else `text`."""
+    path: Annotated[str, Field(min_length=1)]
+    """The file; a relative path is relative to the config file's directory. Re-read when it
+    changes (checked every few seconds) and on `ctl reload`."""
+
+    @property
+    def effective_format(self) -> str:
+        if self.format is not None:
+            return self.format
+        return "source" if self.path.lower().endswith(".json") else "text"
+
+
 class RoutingConfig(_Model):
-    rules: list[RoutingRule] = Field(default_factory=list)
+    rules: list[RouteRuleConfig] = Field(default_factory=list)
+    rule_set: list[RuleSetConfig] = Field(default_factory=list)
     default_outbound: str | None = None
     """Tag used when no rule matches; the first outbound when absent."""
 
@@ -618,7 +854,27 @@ class ClientConfig(_Model):
     def mux_for(self, outbound: OstpOutboundConfig) -> MuxConfig:
         return outbound.mux if outbound.mux is not None else self.mux
 
-    def outbound(self, tag: str) -> OstpOutboundConfig | DirectOutboundConfig | BlockOutboundConfig:
+    _base_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def base_dir(self) -> Path:
+        """The config file's directory (relative rule-set paths start here); else the cwd."""
+        return self._base_dir if self._base_dir is not None else Path.cwd()
+
+    def with_base_dir(self, directory: Path) -> ClientConfig:
+        self._base_dir = directory
+        return self
+
+    def outbound(
+        self, tag: str
+    ) -> (
+        OstpOutboundConfig
+        | DirectOutboundConfig
+        | BlockOutboundConfig
+        | SelectorOutboundConfig
+        | UrlTestOutboundConfig
+        | FallbackOutboundConfig
+    ):
         for item in self.outbounds:
             if item.tag == tag:
                 return item
@@ -674,6 +930,8 @@ def _format_path(loc: Sequence[int | str], data: Any) -> tuple[str, Any, bool]:
             continue
         if isinstance(node, Mapping) and segment not in node and node.get("type") == segment:
             continue  # the union member pydantic tried, not a field
+        if isinstance(node, Mapping) and segment not in node and segment in ("default", "logical"):
+            continue  # the rule kind (routing rules' discriminator), not a field
         if (
             isinstance(node, Mapping)
             and segment not in node
@@ -725,6 +983,11 @@ def _all_field_names() -> list[str]:
         BlockOutboundConfig,
         RoutingConfig,
         RoutingRule,
+        LogicalRoutingRule,
+        RuleSetConfig,
+        SelectorOutboundConfig,
+        UrlTestOutboundConfig,
+        FallbackOutboundConfig,
         ControlConfig,
         MetricsConfig,
     ):
@@ -741,6 +1004,27 @@ def _issues_from_validation(exc: ValidationError, data: Any) -> list[ConfigIssue
 
 
 @dataclass(slots=True)
+class _RulePart:
+    index: int
+    outbound: str | None
+    inbounds: list[str]
+    has_conditions: bool | None
+    """None: unknown (the rule did not validate)."""
+    rule_sets: list[tuple[str, str]] = field(default_factory=list)
+    """(JSON path of the reference, rule-set tag)."""
+    process: list[str] = field(default_factory=list)
+    """JSON paths of process conditions."""
+
+
+@dataclass(slots=True)
+class _GroupPart:
+    index: int
+    tag: str
+    members: list[str]
+    default: str | None = None
+
+
+@dataclass(slots=True)
 class _Parts:
     """What the checks across entries look at: the validated config's entries or, when the
     config did not validate, those that validate on their own (and the tags of the others as
@@ -754,9 +1038,41 @@ class _Parts:
     )
     inbound_tags: list[tuple[int, str]] = field(default_factory=list)
     inbounds_known: bool = True
-    rules: list[tuple[int, str | None, list[str], bool | None]] = field(default_factory=list)
-    """(index, outbound tag, inbound tags, has a condition (None: unknown))."""
+    rules: list[_RulePart] = field(default_factory=list)
+    groups: list[_GroupPart] = field(default_factory=list)
+    rule_set_tags: list[tuple[int, str]] = field(default_factory=list)
+    rule_sets_known: bool = True
     default_outbound: str | None = None
+
+
+def _walk_rule(
+    rule: RoutingRule | LogicalRoutingRule | HeadlessRule | HeadlessLogicalRule,
+    path: str,
+    part: _RulePart,
+) -> None:
+    """Collect the references of a rule and its nested rules (with their JSON paths)."""
+    if isinstance(rule, HeadlessLogicalRule):
+        for index, nested in enumerate(rule.rules):
+            _walk_rule(nested, f"{path}.rules[{index}]", part)
+        return
+    part.inbounds.extend(rule.inbound or ())
+    for index, tag in enumerate(rule.rule_set or ()):
+        part.rule_sets.append((f"{path}.rule_set[{index}]", tag))
+    part.process.extend(f"{path}.{name}" for name in PROCESS_CONDITIONS if getattr(rule, name))
+
+
+def _rule_part(index: int, rule: RoutingRule | LogicalRoutingRule) -> _RulePart:
+    has = True if isinstance(rule, LogicalRoutingRule) else bool(rule.conditions())
+    part = _RulePart(index, rule.outbound, [], has)
+    _walk_rule(rule, f"routing.rules[{index}]", part)
+    return part
+
+
+def _group_part(index: int, item: Any) -> _GroupPart | None:
+    if isinstance(item, GroupOutboundConfig):
+        default = item.default if isinstance(item, SelectorOutboundConfig) else None
+        return _GroupPart(index, item.tag, list(item.outbounds), default)
+    return None
 
 
 def _parts_of(config: ClientConfig) -> _Parts:
@@ -764,16 +1080,17 @@ def _parts_of(config: ClientConfig) -> _Parts:
         outbound_tags=[(i, o.tag) for i, o in enumerate(config.outbounds)],
         inbounds=list(enumerate(config.inbounds)),
         inbound_tags=[(i, entry.tag) for i, entry in enumerate(config.inbounds)],
-        rules=[
-            (i, rule.outbound, list(rule.inbound or ()), bool(rule.conditions()))
-            for i, rule in enumerate(config.routing.rules)
-        ],
+        rules=[_rule_part(i, rule) for i, rule in enumerate(config.routing.rules)],
+        groups=[g for i, o in enumerate(config.outbounds) if (g := _group_part(i, o)) is not None],
+        rule_set_tags=[(i, r.tag) for i, r in enumerate(config.routing.rule_set)],
         default_outbound=config.routing.default_outbound,
     )
 
 
 _OUTBOUND_ADAPTER: TypeAdapter[Any] = TypeAdapter(OutboundConfig)
 _INBOUND_ADAPTER: TypeAdapter[Any] = TypeAdapter(InboundConfig)
+_RULE_ADAPTER: TypeAdapter[Any] = TypeAdapter(RouteRuleConfig)
+_RULE_SET_ADAPTER: TypeAdapter[Any] = TypeAdapter(RuleSetConfig)
 
 
 def _default_tags(*models: type[BaseModel]) -> dict[str, str]:
@@ -806,13 +1123,22 @@ def _entries(
     return valid, tags, known
 
 
+_OUTBOUND_MODELS = (
+    OstpOutboundConfig,
+    DirectOutboundConfig,
+    BlockOutboundConfig,
+    SelectorOutboundConfig,
+    UrlTestOutboundConfig,
+    FallbackOutboundConfig,
+)
+
+
 def _parts_of_raw(data: Mapping[str, Any]) -> _Parts:
     parts = _Parts()
-    _, parts.outbound_tags, parts.outbounds_known = _entries(
-        data.get("outbounds"),
-        _OUTBOUND_ADAPTER,
-        _default_tags(OstpOutboundConfig, DirectOutboundConfig, BlockOutboundConfig),
+    outbounds, parts.outbound_tags, parts.outbounds_known = _entries(
+        data.get("outbounds"), _OUTBOUND_ADAPTER, _default_tags(*_OUTBOUND_MODELS)
     )
+    parts.groups = [g for i, o in outbounds if (g := _group_part(i, o)) is not None]
     inbounds_raw = data.get("inbounds", [{"type": "local_proxy"}])  # the default inbound
     parts.inbounds, parts.inbound_tags, parts.inbounds_known = _entries(
         inbounds_raw, _INBOUND_ADAPTER, _default_tags(LocalProxyInboundConfig, TunInboundConfig)
@@ -822,24 +1148,29 @@ def _parts_of_raw(data: Mapping[str, Any]) -> _Parts:
         return parts
     default = routing.get("default_outbound")
     parts.default_outbound = default if isinstance(default, str) else None
+    raw_sets = routing.get("rule_set", [])
+    _, parts.rule_set_tags, parts.rule_sets_known = _entries(
+        raw_sets if isinstance(raw_sets, list) else [], _RULE_SET_ADAPTER, {}
+    )
     rules = routing.get("rules")
     for index, item in enumerate(rules if isinstance(rules, list) else ()):
         if not isinstance(item, Mapping):
             continue
+        try:
+            parts.rules.append(_rule_part(index, _RULE_ADAPTER.validate_python(item)))
+            continue
+        except ValidationError:
+            pass
         outbound = item.get("outbound")
         inbound = _one_or_many(item.get("inbound")) or []
-        try:
-            has_conditions: bool | None = bool(RoutingRule.model_validate(item).conditions())
-        except ValidationError:
-            has_conditions = None
         parts.rules.append(
-            (
+            _RulePart(
                 index,
                 outbound if isinstance(outbound, str) else None,
                 [tag for tag in inbound if isinstance(tag, str)]
                 if isinstance(inbound, list)
                 else [],
-                has_conditions,
+                None,
             )
         )
     return parts
@@ -857,28 +1188,98 @@ def _duplicate_tags(kind: str, tags: list[tuple[int, str]]) -> list[ConfigIssue]
     return issues
 
 
-def _check_references(parts: _Parts) -> list[ConfigIssue]:
+def _check_groups(parts: _Parts, outbound_tags: set[str], known: str) -> list[ConfigIssue]:
+    """Group members exist, a selector's default is a member, and no group contains itself."""
+    issues: list[ConfigIssue] = []
+    members_of = {group.tag: group.members for group in parts.groups}
+    for group in parts.groups:
+        path = f"outbounds[{group.index}]"
+        for position, member in enumerate(group.members):
+            if parts.outbounds_known and member not in outbound_tags:
+                issues.append(
+                    ConfigIssue(
+                        f"{path}.outbounds[{position}]",
+                        f"no outbound is tagged {member!r} (have {known})",
+                    )
+                )
+        if group.default is not None and group.default not in group.members:
+            issues.append(
+                ConfigIssue(f"{path}.default", f"{group.default!r} is not one of the outbounds")
+            )
+        for position, member in enumerate(group.members):
+            cycle = _cycle_from(group.tag, member, members_of)
+            if cycle is not None:
+                issues.append(
+                    ConfigIssue(
+                        f"{path}.outbounds[{position}]",
+                        f"groups form a cycle: {' -> '.join(repr(t) for t in cycle)}",
+                    )
+                )
+    return issues
+
+
+def _cycle_from(start: str, member: str, members_of: Mapping[str, list[str]]) -> list[str] | None:
+    """The path `start -> member -> ... -> start`, if the member leads back (depth-first)."""
+    stack: list[tuple[str, list[str]]] = [(member, [start, member])]
+    seen: set[str] = set()
+    while stack:
+        tag, path = stack.pop()
+        if tag == start:
+            return path
+        if tag in seen:
+            continue
+        seen.add(tag)
+        for nested in members_of.get(tag, ()):
+            stack.append((nested, [*path, nested]))
+    return None
+
+
+PROCESS_RULE_PLATFORMS = ("linux",)
+
+
+def _check_references(parts: _Parts, platform: str | None = None) -> list[ConfigIssue]:
+    platform = sys.platform if platform is None else platform
     issues = _duplicate_tags("outbounds", parts.outbound_tags)
     issues += _duplicate_tags("inbounds", parts.inbound_tags)
+    issues += _duplicate_tags("routing.rule_set", parts.rule_set_tags)
     outbound_tags = {tag for _, tag in parts.outbound_tags}
     inbound_tags = {tag for _, tag in parts.inbound_tags}
+    rule_set_tags = {tag for _, tag in parts.rule_set_tags}
     known = ", ".join(repr(tag) for tag in dict.fromkeys(tag for _, tag in parts.outbound_tags))
-    for index, outbound, inbounds, has_conditions in parts.rules:
-        path = f"routing.rules[{index}]"
+    issues += _check_groups(parts, outbound_tags, known)
+    for rule in parts.rules:
+        path = f"routing.rules[{rule.index}]"
+        outbound = rule.outbound
         if parts.outbounds_known and outbound is not None and outbound not in outbound_tags:
             issues.append(
                 ConfigIssue(
                     f"{path}.outbound", f"no outbound is tagged {outbound!r} (have {known})"
                 )
             )
-        if has_conditions is False:
+        if rule.has_conditions is False:
             issues.append(
                 ConfigIssue(path, "a rule needs at least one condition (use default_outbound)")
             )
         if parts.inbounds_known:
-            for tag in inbounds:
+            for tag in rule.inbounds:
                 if tag not in inbound_tags:
                     issues.append(ConfigIssue(f"{path}.inbound", f"no inbound is tagged {tag!r}"))
+        if parts.rule_sets_known:
+            for where, tag in rule.rule_sets:
+                if tag not in rule_set_tags:
+                    have = ", ".join(repr(t) for t in sorted(rule_set_tags)) or "none"
+                    issues.append(
+                        ConfigIssue(where, f"no rule set is tagged {tag!r} (have {have})")
+                    )
+        if platform not in PROCESS_RULE_PLATFORMS:
+            issues.extend(
+                ConfigIssue(
+                    where,
+                    f"process rules are supported on Linux only (this is {platform}): the owner"
+                    " of a connection is found through sock_diag and /proc",
+                )
+                for where in rule.process
+            )
     default = parts.default_outbound
     if parts.outbounds_known and default is not None and default not in outbound_tags:
         issues.append(
@@ -1064,7 +1465,8 @@ def load_config(path: str | Path) -> tuple[ClientConfig, list[str]]:
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([ConfigIssue("", f"cannot read: {exc}")], str(path)) from None
-    return parse_config_text(text, str(path))
+    config, warnings = parse_config_text(text, str(path))
+    return config.with_base_dir(path.resolve().parent), warnings
 
 
 def dump_config(config: ClientConfig, *, reveal_secrets: bool = True) -> str:

@@ -16,10 +16,12 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 from anyio.abc import SocketAttribute
 
 from ostp_client.outbounds.base import Address, ConnContext, Network, Outbound
-from ostp_client.router import Router
+from ostp_client.process_info import ProcessInfo
+from ostp_client.router import ProcessLookup, Router
 
 __all__ = [
     "EXPECTED_STREAM_ERRORS",
@@ -143,10 +145,19 @@ class Dispatcher:
         self.outbounds = outbounds
         self.registry = registry
 
-    def route(self, ctx: ConnContext, target: Address, network: Network | None = None) -> Outbound:
+    def route(
+        self,
+        ctx: ConnContext,
+        target: Address,
+        network: Network | None = None,
+        process_lookup: ProcessLookup | None = None,
+    ) -> Outbound:
         """Choose the outbound for `target` and record the decision on `ctx`."""
-        decision = self.router.route(target, network or ctx.network, ctx.inbound_tag)
+        decision = self.router.route(
+            target, network or ctx.network, ctx.inbound_tag, ctx.source, process_lookup
+        )
         ctx.destination = target
+        ctx.via = ()
         ctx.rule_index = decision.rule_index
         ctx.outbound_tag = decision.outbound_tag
         if logger.isEnabledFor(logging.DEBUG):
@@ -164,7 +175,16 @@ class Dispatcher:
 
     async def connect_tcp(self, ctx: ConnContext, target: Address) -> anyio.abc.ByteStream:
         """Route and connect; raises `OutboundError` subclasses."""
-        return await self.route(ctx, target, "tcp").connect_tcp(target, ctx)
+        lookup = None
+        router = self.router
+        if router.uses_process and ctx.source is not None and router.process_lookup is not None:
+            # the owner of the local socket, looked up off the event loop (netlink, /proc)
+            found = await anyio.to_thread.run_sync(router.process_lookup, ctx.source, "tcp")
+
+            def lookup(source: Address, network: Network) -> ProcessInfo | None:
+                return found
+
+        return await self.route(ctx, target, "tcp", lookup).connect_tcp(target, ctx)
 
 
 async def _pump(

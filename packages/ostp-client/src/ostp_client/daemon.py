@@ -18,8 +18,11 @@ config with the running one, part by part:
   udp, timeouts apply to new connections; its listener and connections stay). One with a new
   address gets a new listener; the old listener closes, with its connections. A `tun` inbound
   restarts only when its own config changed, which drops the TUN's connections.
+- groups (`selector`, `urltest`, `fallback`) are outbounds: an unchanged group keeps running
+  (its choice and health data stay) and follows members that were replaced.
 - routing (a new router; hit counters restart) and `log.level` apply at once; `control` and
-  the system proxy setting take effect after a restart only.
+  the system proxy setting take effect after a restart only. Rule-set files are re-read when
+  they changed (also between reloads: `RULE_SET_POLL`).
 
 Everything that can fail happens before anything is switched: the config is validated, the
 router and the new parts are built, the new parts are started (listeners bound). A failure
@@ -30,10 +33,13 @@ a TUN), and raises `ReloadError`: the running config stays.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -51,6 +57,13 @@ from ostp_client.inbounds import Inbound, build_inbound
 from ostp_client.inbounds.base import StartError, os_reason
 from ostp_client.inbounds.local_proxy import LocalProxyInbound
 from ostp_client.outbounds import Outbound, OutboundContext, OutboundError, build_outbound
+from ostp_client.outbounds.group import (
+    GroupOutbound,
+    HealthBook,
+    SelectionStore,
+    default_state_dir,
+)
+from ostp_client.process_info import ProcessInfo, ProcessResolver
 from ostp_client.router import Router, RoutingError
 from ostp_client.serving import run_contained
 from ostp_client.sysproxy import SystemProxy, SystemProxyError, SystemProxyGuard
@@ -64,6 +77,9 @@ SHUTDOWN_GRACE = 5.0
 RELOAD_GRACE = 10.0
 """Seconds a replaced outbound keeps serving the connections it already carries."""
 _RETIRE_POLL = 0.1
+RULE_SET_POLL = 3.0
+"""Seconds between looks at the rule-set files' modification times."""
+SELECTIONS_FILE = "selections.json"
 
 Part = Outbound | Inbound
 
@@ -170,14 +186,26 @@ class Daemon:
         config: ClientConfig,
         *,
         outbounds: Mapping[str, Outbound] | None = None,
+        state_dir: Path | None = None,
+        config_key: str = "",
     ) -> None:
+        """`state_dir`: where selector choices are kept (`selections.json`, under the key
+        `config_key`, the config file's path); None keeps them in memory only."""
         self.config = config
         self.registry = ConnectionRegistry()
+        self.health = HealthBook()
+        self.selections = SelectionStore(
+            state_dir / SELECTIONS_FILE if state_dir is not None else None, config_key
+        )
+        self.outbounds: dict[str, Outbound] = {}
         if outbounds is None:
-            context = OutboundContext(config)
-            outbounds = {o.tag: build_outbound(o, context) for o in config.outbounds}
-        self.outbounds: dict[str, Outbound] = dict(outbounds)
-        self.router = Router(config.routing, self.outbounds)
+            context = self._context(config)
+            for item in config.outbounds:
+                self.outbounds[item.tag] = build_outbound(item, context)
+        else:
+            self.outbounds.update(outbounds)
+        self.process_resolver = ProcessResolver() if sys.platform.startswith("linux") else None
+        self.router = self._router(config, list(self.outbounds))
         self.dispatcher = Dispatcher(self.router, self.outbounds, self.registry)
         self.inbounds: dict[str, Inbound] = {
             i.tag: build_inbound(i, self.dispatcher) for i in config.inbounds
@@ -191,6 +219,35 @@ class Daemon:
         self._reload_lock = anyio.Lock()
         self.started = anyio.Event()
         self._on_started: list[Callable[[Daemon], None]] = []
+
+    def _context(self, config: ClientConfig) -> OutboundContext:
+        return OutboundContext(
+            config, table=self.outbounds, health=self.health, selections=self.selections
+        )
+
+    def _router(self, config: ClientConfig, tags: list[str] | None = None) -> Router:
+        return Router(
+            config.routing,
+            tags if tags is not None else [o.tag for o in config.outbounds],
+            base_dir=config.base_dir,
+            process_lookup=self._lookup_process,
+        )
+
+    def _lookup_process(self, source: Any, network: str) -> ProcessInfo | None:
+        resolver = self.process_resolver
+        if resolver is None:
+            return None
+        return resolver((source.host, source.port), network)
+
+    def groups(self) -> dict[str, GroupOutbound]:
+        return {t: o for t, o in self.outbounds.items() if isinstance(o, GroupOutbound)}
+
+    async def _watch_rule_sets(self) -> None:
+        while True:
+            await anyio.sleep(RULE_SET_POLL)
+            router = self.router
+            if any(f.changed() for f in router.rule_sets.values()):
+                await anyio.to_thread.run_sync(router.refresh_rule_sets)
 
     def on_started(self, callback: Callable[[Daemon], None]) -> None:
         """Call `callback(daemon)` once every inbound accepts (e.g. set the system proxy)."""
@@ -220,6 +277,7 @@ class Daemon:
                         await self._start(outbound, "outbound")
                     for inbound in self.inbounds.values():
                         await self._start(inbound, "inbound")
+                    tg.start_soon(self._watch_rule_sets, name="rule-set files")
                     self.started.set()
                     for callback in self._on_started:
                         callback(self)
@@ -321,14 +379,18 @@ class Daemon:
 
     def _plan(self, old: ClientConfig, new: ClientConfig) -> _Plan:
         """Validate `new` against the running parts and build what is new; nothing runs yet."""
-        try:
-            router = Router(new.routing, [o.tag for o in new.outbounds])
-        except RoutingError as exc:
-            raise ReloadError(str(exc)) from None
-        if new.routing == old.routing and router.default_outbound == self.router.default_outbound:
+        if new.routing == old.routing and (
+            not new.routing.rule_set or new.base_dir == old.base_dir
+        ):
             router = self.router  # nothing to change: keep the hit counters
+            router.refresh_rule_sets()  # but re-read rule-set files that changed
+        else:
+            try:
+                router = self._router(new)
+            except RoutingError as exc:
+                raise ReloadError(str(exc)) from None
         plan = _Plan(router)
-        context = OutboundContext(new)
+        context = self._context(new)
         for item in new.outbounds:
             current = self.outbounds.get(item.tag)
             if current is not None and _outbound_identity(old, item.tag) == _outbound_identity(
@@ -414,6 +476,8 @@ class Daemon:
             self.router = plan.router
             self.dispatcher.router = plan.router
             outcome.changes.append("routing")
+        for group in self.groups().values():
+            group.members_changed()
         if changed["log.level"]:
             logging.getLogger().setLevel(getattr(logging, new.log.level.upper()))
             outcome.changes.append(f"log.level {new.log.level}")
@@ -450,7 +514,9 @@ class Daemon:
         """Stop what went away; a replaced outbound first serves out its connections."""
         live_by_outbound: dict[str | None, list[int]] = {}
         for ctx in self.registry.live.values():
-            live_by_outbound.setdefault(ctx.outbound_tag, []).append(ctx.id)
+            # through a group, the connection is carried by its member: that one matters too
+            for tag in {ctx.outbound_tag, *ctx.via}:
+                live_by_outbound.setdefault(tag, []).append(ctx.id)
         changes = outcome.changes
         for tag, outbound in old_outbounds.items():
             conn_ids = live_by_outbound.get(tag, [])
@@ -500,6 +566,11 @@ class Daemon:
         logger.info("reload: inbound %s restarted with its running config", config.tag)
 
 
+def _config_key(path: str | None) -> str:
+    """The config file's absolute path: the key of its selector choices in the state file."""
+    return os.path.abspath(path) if path else ""
+
+
 async def run_daemon(
     config: ClientConfig, *, handle_signals: bool = True, config_path: str | None = None
 ) -> Daemon:
@@ -512,7 +583,8 @@ async def run_daemon(
     from ostp_client.control.server import serve_control  # noqa: PLC0415
     from ostp_client.sdnotify import get_notifier  # noqa: PLC0415
 
-    daemon = Daemon(config)
+    key = _config_key(config_path)
+    daemon = Daemon(config, state_dir=default_state_dir(), config_key=key)
     notifier = get_notifier()
     proxy = await _system_proxy(config)
     async with anyio.create_task_group() as tg:

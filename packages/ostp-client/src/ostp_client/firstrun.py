@@ -53,7 +53,8 @@ def write_link_config(link: str, path: str | None, force: bool) -> tuple[Path, l
             existing, _ = load_config(target)
         except ConfigError:
             existing = None
-        if existing == config:
+        # compare what the files say (a loaded config also knows its folder)
+        if existing is not None and dump_config(existing) == text:
             return target, warnings, False
         if not force:
             raise LinkConfigError(

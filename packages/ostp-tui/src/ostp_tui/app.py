@@ -119,6 +119,7 @@ class Dashboard(App[None]):
     """
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("r", "reconnect", "Reconnect"),
+        Binding("g", "select_member", "Select member", show=False),
         Binding("c", "close_connection", "Close conn"),
         Binding("slash", "filter", "Filter"),
         Binding("l", "cycle_level", "Log level"),
@@ -326,7 +327,8 @@ class Dashboard(App[None]):
             conn.inbound,
             conn.destination or "-",
             "default" if conn.rule is None else str(conn.rule),
-            conn.outbound or "-",
+            # through a group: the group and the member carrying it ("auto → b")
+            " → ".join([conn.outbound or "-", *conn.via[1:]]) if conn.via else conn.outbound or "-",
             format_bytes(conn.bytes_up),
             format_bytes(conn.bytes_down),
             format_duration(max(0.0, self.conn_time - conn.started_at)),
@@ -426,6 +428,25 @@ class Dashboard(App[None]):
             self.notify(str(exc), title="reconnect failed", severity="error")
         else:
             self.notify(result.message or f"reconnecting {tag}")
+
+    async def action_select_member(self) -> None:
+        """On a focused selector group's card: use its next member."""
+        link, focused = self.link, self.focused
+        status = focused.status if isinstance(focused, OutboundPanel) else None
+        if link is None or status is None or not status.can_select or not status.members:
+            self.notify("focus a selector group's card to choose its member", severity="warning")
+            return
+        tags = [m.tag for m in status.members]
+        current = tags.index(status.selected) if status.selected in tags else -1
+        member = tags[(current + 1) % len(tags)]
+        try:
+            result = await link.select(status.id, member)
+        except ControlError as exc:
+            self.notify(exc.message, title="select refused", severity="error")
+        except (OSError, ConnectionError) as exc:
+            self.notify(str(exc), title="select failed", severity="error")
+        else:
+            self.notify(result.message or f"{status.id}: {member}")
 
     async def action_close_connection(self) -> None:
         link = self.link

@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Sparkline, Static
 
-from ostp_client.control.protocol import OutboundStatus, SessionStatus
+from ostp_client.control.protocol import MemberStatus, OutboundStatus, SessionStatus
 
 __all__ = ["HISTORY", "OutboundPanel", "format_duration", "format_rate", "state_style"]
 
@@ -65,8 +65,23 @@ def _session_line(session: SessionStatus) -> Text:
     return text
 
 
+def _member_line(member: MemberStatus, selected: str | None) -> Text:
+    mark = "▶ " if member.tag == selected else "  "
+    text = Text(mark + member.tag + " ", style="bold" if member.tag == selected else "")
+    if member.alive is False or not member.usable:
+        text.append("down", style=state_style("down"))
+        if member.error:
+            text.append(f" {member.error}")
+    elif member.delay_ms is not None:
+        text.append(f"{member.delay_ms:.0f} ms")
+    else:
+        text.append("-")
+    return text
+
+
 class OutboundPanel(Vertical, can_focus=True):
-    """One outbound. Focus it and press `r` to reconnect it."""
+    """One outbound. Focus it and press `r` to reconnect it (a selector group: `g` chooses
+    its next member)."""
 
     DEFAULT_CSS = """
     OutboundPanel {
@@ -138,7 +153,13 @@ class OutboundPanel(Vertical, can_focus=True):
         self.query_one("#spark-down", Sparkline).data = list(self.down)
         self.query_one("#spark-up", Sparkline).data = list(self.up)
         sessions = self.query_one("#sessions", Static)
-        if status.sessions:
+        if status.members:
+            chain = " → ".join(status.chain) if status.chain else status.selected
+            head = Text(f"using {chain}", style="bold")
+            lines = [head, *(_member_line(m, status.selected) for m in status.members)]
+            sessions.update(Text("\n").join(lines))
+            sessions.display = True
+        elif status.sessions:
             sessions.update(Text("\n").join(_session_line(s) for s in status.sessions))
             sessions.display = True
         else:

@@ -1,4 +1,5 @@
-"""`ostp-client ctl status | connections | routes | logs | reconnect | close | reload`.
+"""`ostp-client ctl status | connections | routes | logs | reconnect | select | delay | close |
+reload`.
 
 Talks to a running daemon through the control socket and prints tables (or JSON with
 `--json`). Exit status: 0 ok, 1 the daemon refused the request, 3 no daemon at the socket.
@@ -20,6 +21,7 @@ from ostp_client.control.protocol import (
     LEVELS,
     ConnectionList,
     DaemonStatus,
+    DelayResult,
     LogBatch,
     RouteTable,
     default_socket_path,
@@ -101,13 +103,40 @@ def _status_text(status: DaemonStatus) -> str:
         "MAPPED",
     ]
     inbound_rows = [[i.tag, i.type, ", ".join(i.listen), i.accepted] for i in status.inbounds]
-    return "\n\n".join(
-        [
-            head,
-            format_table(headers, rows),
-            format_table(["INBOUND", "TYPE", "LISTEN", "ACCEPTED"], inbound_rows),
-        ]
-    )
+    parts = [head, format_table(headers, rows)]
+    groups = [o for o in status.outbounds if o.members]
+    if groups:
+        parts.append(_groups_text(groups))
+    parts.append(format_table(["INBOUND", "TYPE", "LISTEN", "ACCEPTED"], inbound_rows))
+    return "\n\n".join(parts)
+
+
+def _delay_text(delay_ms: float | None, error: str | None, alive: bool | None) -> str:
+    if alive is False:
+        return f"down: {error}" if error else "down"
+    return f"{delay_ms:.0f} ms" if delay_ms is not None else "-"
+
+
+def _groups_text(groups: Sequence[Any]) -> str:
+    """Each group, its members' last delays, and the one in use (`*`)."""
+    rows = []
+    for group in groups:
+        chain = " -> ".join(group.chain) if group.chain else group.selected
+        rows.append([group.id, group.type, f"using {chain}", "", ""])
+        for member in group.members:
+            mark = "*" if member.tag == group.selected else " "
+            rows.append(
+                [
+                    f"  {mark} {member.tag}",
+                    member.type,
+                    member.state,
+                    _delay_text(member.delay_ms, member.error, member.alive),
+                    time.strftime("%H:%M:%S", time.localtime(member.checked_at))
+                    if member.checked_at
+                    else "",
+                ]
+            )
+    return format_table(["GROUP", "TYPE", "STATE", "DELAY", "CHECKED"], rows)
 
 
 def _connections_text(conns: ConnectionList) -> str:
@@ -118,7 +147,7 @@ def _connections_text(conns: ConnectionList) -> str:
             c.network,
             c.destination or "-",
             "default" if c.rule is None else c.rule,
-            c.outbound or "-",
+            " -> ".join([c.outbound or "-", *c.via[1:]]) if c.via else (c.outbound or "-"),
             format_bytes(c.bytes_up),
             format_bytes(c.bytes_down),
             f"{max(0.0, conns.time - c.started_at):.0f} s",
@@ -172,6 +201,31 @@ async def _reconnect(client: ControlClient, args: argparse.Namespace) -> tuple[A
     return result, result.message
 
 
+async def _select(client: ControlClient, args: argparse.Namespace) -> tuple[Any, str]:
+    result = await client.select(args.group, args.outbound)
+    return result, result.message
+
+
+def _delay_result_text(result: DelayResult) -> str:
+    rows = [
+        [
+            ("* " if r.tag == result.selected else "  ") + r.tag,
+            r.type,
+            _delay_text(r.delay_ms, r.error, r.alive),
+        ]
+        for r in result.results
+    ]
+    head = f"{result.outbound}: checked through {result.url}"
+    if result.selected:
+        head += f"; using {result.selected}"
+    return head + "\n" + format_table(["OUTBOUND", "TYPE", "DELAY"], rows)
+
+
+async def _delay(client: ControlClient, args: argparse.Namespace) -> tuple[Any, str]:
+    result = await client.delay(args.outbound, args.url)
+    return result, _delay_result_text(result)
+
+
 async def _close(client: ControlClient, args: argparse.Namespace) -> tuple[Any, str]:
     result = await client.close_connection(args.id)
     return result, result.message
@@ -199,6 +253,8 @@ ACTIONS: dict[str, Action] = {
     "routes": _routes,
     "logs": _logs,
     "reconnect": _reconnect,
+    "select": _select,
+    "delay": _delay,
     "close": _close,
     "reload": _reload,
 }
@@ -255,13 +311,19 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     reconnect = sub.add_parser("reconnect", help="re-establish an outbound's sessions")
     reconnect.add_argument("outbound", help="outbound tag")
+    select = sub.add_parser("select", help="choose the member of a selector group")
+    select.add_argument("group", help="selector group tag")
+    select.add_argument("outbound", help="member tag")
+    delay = sub.add_parser("delay", help="check an outbound (a group: every member) now")
+    delay.add_argument("outbound", help="outbound or group tag")
+    delay.add_argument("--url", help="URL to fetch (default: the group's test URL)")
     close = sub.add_parser("close", help="close a live connection")
     close.add_argument("id", type=int, help="connection id (see `ctl connections`)")
     reload = sub.add_parser("reload", help="re-read the config file (like SIGHUP)")
     reload.add_argument("path", nargs="?", default=None, help="another config file")
     # The global options are accepted after the action too (`ctl status --socket X`); SUPPRESS
     # keeps a value given before the action when the action's parser does not see one.
-    for name in ("status", "connections", "routes", "logs", "reconnect", "close", "reload"):
+    for name in ACTIONS:
         sub.choices[name].add_argument(
             "--socket", default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )

@@ -30,6 +30,7 @@ from ostp_client.control.protocol import (
     ActionResult,
     ConnectionList,
     DaemonStatus,
+    DelayResult,
     Event,
     Hello,
     LogBatch,
@@ -326,6 +327,15 @@ class ControlClient:
 
     async def reconnect(self, outbound: str) -> ActionResult:
         return await self._typed(ActionResult, "reconnect", outbound=outbound)
+
+    async def select(self, group: str, outbound: str) -> ActionResult:
+        """Choose the member of a selector group (kept across daemon restarts)."""
+        return await self._typed(ActionResult, "select", group=group, outbound=outbound)
+
+    async def delay(self, outbound: str, url: str | None = None) -> DelayResult:
+        """Check an outbound (a group: every member) now through `url` (default: its group's)."""
+        params = {} if url is None else {"url": url}
+        return await self._typed(DelayResult, "delay", outbound=outbound, **params)
 
     async def close_connection(self, conn_id: int) -> ActionResult:
         return await self._typed(ActionResult, "close_connection", id=conn_id)

@@ -22,6 +22,9 @@ Methods (params → result):
   routes           {}                                   → RouteTable
   logs             {"limit": 200, "level": "info", "after": seq} → LogBatch
   reconnect        {"outbound": tag}                    → ActionResult
+  select           {"group": tag, "outbound": member}   → ActionResult (selector groups)
+  delay            {"outbound": tag, "url": optional}   → DelayResult (checks now; a group
+                                                          checks every member)
   close_connection {"id": n}                            → ActionResult
   reload           {"path": optional config path}       → ReloadResult
   subscribe        {"topic": "status"|"connections"|"routes"|"logs",
@@ -52,6 +55,7 @@ __all__ = [
     "ConnectionInfo",
     "ConnectionList",
     "DaemonStatus",
+    "DelayResult",
     "ErrorCode",
     "ErrorInfo",
     "Event",
@@ -59,6 +63,7 @@ __all__ = [
     "InboundStatus",
     "LogBatch",
     "LogLine",
+    "MemberStatus",
     "OutboundStatus",
     "ProtocolError",
     "ReloadResult",
@@ -180,6 +185,24 @@ class SessionStatus(_Msg):
     """The public address STUN saw, once known."""
 
 
+class MemberStatus(_Msg):
+    """One member of an outbound group, with its last check."""
+
+    tag: str
+    type: str = "unknown"
+    state: str = "ready"
+    usable: bool = True
+    """Not known to be down (the group may use it)."""
+    delay_ms: float | None = None
+    """Delay of the last successful check (time to the test URL's status line)."""
+    error: str | None = None
+    """Why it is down: the last failed check, a dropped session, a silent server."""
+    checked_at: float | None = None
+    """Unix time of the last check."""
+    alive: bool | None = None
+    """Result of the last check; None before the first."""
+
+
 class OutboundStatus(SessionStatus):
     """One outbound. `id` is its tag; `state` is `ready` for outbounds without sessions."""
 
@@ -188,6 +211,18 @@ class OutboundStatus(SessionStatus):
     can_reconnect: bool = False
     connections: int = 0
     """Live connections routed to it."""
+    selected: str | None = None
+    """Groups: the member in use."""
+    chain: list[str] = Field(default_factory=list)
+    """Groups: the member in use through nested groups (`["inner", "proxy-b"]`)."""
+    members: list[MemberStatus] = Field(default_factory=list)
+    """Groups: every member with its last check."""
+    can_select: bool = False
+    """A selector group: `select` chooses its member."""
+    last_switch: str | None = None
+    """Groups: the last change of member and why."""
+    delay_ms: float | None = None
+    """The last check through this outbound (`delay`), if any."""
 
 
 class InboundStatus(_Msg):
@@ -223,6 +258,8 @@ class ConnectionInfo(_Msg):
     rule: int | None = None
     """Index of the routing rule that matched; None when the default outbound applied."""
     outbound: str | None = None
+    via: list[str] = Field(default_factory=list)
+    """Through a group: the group(s) and the member carrying it (`["auto", "proxy-b"]`)."""
     user: str | None = None
     bytes_up: int = 0
     bytes_down: int = 0
@@ -266,6 +303,16 @@ class LogBatch(_Msg):
 
 class ActionResult(_Msg):
     message: str = ""
+
+
+class DelayResult(_Msg):
+    """`delay`: the checks that ran, one per outbound (a group's members)."""
+
+    outbound: str
+    url: str
+    results: list[MemberStatus] = Field(default_factory=list)
+    selected: str | None = None
+    """For a group: the member in use after the checks."""
 
 
 class ReloadResult(_Msg):

@@ -32,7 +32,7 @@ from anyio.abc import TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 from pydantic import BaseModel, ValidationError
 
-from ostp_client.config import ConfigError, load_config
+from ostp_client.config import DEFAULT_TEST_URL, ConfigError, load_config
 from ostp_client.connections import is_connection_noise
 from ostp_client.control import pipes
 from ostp_client.control.protocol import (
@@ -43,6 +43,7 @@ from ostp_client.control.protocol import (
     ConnectionInfo,
     ConnectionList,
     DaemonStatus,
+    DelayResult,
     ErrorCode,
     ErrorInfo,
     Event,
@@ -50,6 +51,7 @@ from ostp_client.control.protocol import (
     InboundStatus,
     LogBatch,
     LogLine,
+    MemberStatus,
     OutboundStatus,
     ProtocolError,
     ReloadResult,
@@ -66,6 +68,8 @@ from ostp_client.control.protocol import (
 )
 from ostp_client.daemon import ReloadError
 from ostp_client.inbounds.base import StartError, os_reason
+from ostp_client.outbounds.base import OutboundError
+from ostp_client.outbounds.group import GroupOutbound, SelectorOutbound, url_test
 from ostp_client.sdnotify import get_notifier
 from ostp_client.serving import run_contained, serve_listener
 
@@ -609,6 +613,8 @@ class ControlServer:
             "routes": self._routes,
             "logs": self._logs,
             "reconnect": self._reconnect,
+            "select": self._select,
+            "delay": self._delay,
             "close_connection": self._close_connection,
             "reload": self._reload,
         }
@@ -722,6 +728,13 @@ class ControlServer:
                     key = f"{tag}/{session['id']}"
                     session["rate_up"], session["rate_down"] = self.rates.get(key)
                 sessions.append(SessionStatus(**session))
+            members = [
+                MemberStatus.model_validate(item)
+                for item in raw.get("members") or ()
+                if isinstance(item, dict)
+            ]
+            selected = raw.get("selected")
+            health = daemon.health.entries.get(tag)
             outbounds.append(
                 OutboundStatus(
                     **fields,
@@ -729,6 +742,12 @@ class ControlServer:
                     sessions=sessions,
                     can_reconnect=callable(getattr(outbound, "reconnect", None)),
                     connections=counts.get(tag, 0),
+                    selected=str(selected) if selected is not None else None,
+                    chain=[str(t) for t in raw.get("chain") or ()],
+                    members=members,
+                    can_select=isinstance(outbound, SelectorOutbound),
+                    last_switch=raw.get("last_switch"),
+                    delay_ms=health.delay_ms if health is not None else None,
                 )
             )
         inbounds = []
@@ -773,7 +792,7 @@ class ControlServer:
         rules = [
             RouteRule(
                 index=index,
-                match=describe_rule(rule.conditions()),
+                match=rule.describe(),
                 outbound=rule.outbound,
                 hits=router.rule_hits[index] if index < len(router.rule_hits) else 0,
             )
@@ -826,6 +845,77 @@ class ControlServer:
         with anyio.fail_after(SEND_TIMEOUT):
             await action()
         return ActionResult(message=f"reconnecting {tag}")
+
+    async def _select(self, params: dict[str, Any]) -> BaseModel:
+        group_tag, member = params.get("group"), params.get("outbound")
+        if not isinstance(group_tag, str) or not isinstance(member, str):
+            raise RequestFailed(
+                ErrorCode.INVALID_PARAMS, "params.group and params.outbound must be tags"
+            )
+        group = self.daemon.outbounds.get(group_tag)
+        if group is None:
+            raise RequestFailed(ErrorCode.NOT_FOUND, f"no outbound tagged {group_tag!r}")
+        if not isinstance(group, SelectorOutbound):
+            raise RequestFailed(
+                ErrorCode.UNSUPPORTED,
+                f"{group_tag!r} is a {group.type} outbound; only selector groups take a choice",
+            )
+        try:
+            await anyio.to_thread.run_sync(group.select, member)  # writes the state file
+        except ValueError as exc:
+            raise RequestFailed(ErrorCode.NOT_FOUND, str(exc)) from None
+        return ActionResult(message=f"{group_tag}: {member} selected")
+
+    async def _delay(self, params: dict[str, Any]) -> BaseModel:
+        tag, url = params.get("outbound"), params.get("url")
+        if url is not None and not isinstance(url, str):
+            raise RequestFailed(ErrorCode.INVALID_PARAMS, "params.url must be a string")
+        outbound = self.daemon.outbounds.get(str(tag)) if tag is not None else None
+        if outbound is None:
+            raise RequestFailed(ErrorCode.NOT_FOUND, f"no outbound tagged {tag!r}")
+        if url is not None:
+            try:
+                from ostp_client.config import validate_test_url  # noqa: PLC0415
+
+                validate_test_url(url)
+            except ValueError as exc:
+                raise RequestFailed(ErrorCode.INVALID_PARAMS, str(exc)) from None
+        groups = self.daemon.groups()
+        health = self.daemon.health
+        if isinstance(outbound, GroupOutbound):
+            url = url or outbound.url or _group_url(groups.values(), outbound.tag)
+            logger.info("control: checking the members of %s via %s", outbound.tag, url)
+            await outbound.check_all(url)
+            tags = outbound.members
+        else:
+            url = url or _group_url(groups.values(), outbound.tag)
+            logger.info("control: checking %s via %s", outbound.tag, url)
+            timeout = next((g.timeout for g in groups.values() if outbound.tag in g.members), 5.0)
+            try:
+                delay = await url_test(outbound, url, timeout)
+            except (OutboundError, TimeoutError, OSError) as exc:
+                health.failed(outbound.tag, str(exc) or "timed out")
+            else:
+                health.succeeded(outbound.tag, delay)
+            for group in groups.values():
+                if outbound.tag in group.members:
+                    group.reselect(f"check of {outbound.tag}")
+            tags = [outbound.tag]
+        results = []
+        for member in tags:
+            entry = health.get(member)
+            found = self.daemon.outbounds.get(member)
+            results.append(
+                MemberStatus(
+                    tag=member,
+                    type=found.type if found is not None else "missing",
+                    state=str(getattr(found, "state", "ready")),
+                    usable=entry.alive is not False,
+                    **entry.snapshot(),
+                )
+            )
+        selected = outbound.selected if isinstance(outbound, GroupOutbound) else None
+        return DelayResult(outbound=outbound.tag, url=url, results=results, selected=selected)
 
     async def _close_connection(self, params: dict[str, Any]) -> BaseModel:
         conn_id = params.get("id")
@@ -1001,6 +1091,14 @@ class ControlServer:
             )
             return
         await client.send(Response(id=request.id, ok=True, result=result.model_dump(mode="json")))
+
+
+def _group_url(groups: Any, tag: str) -> str:
+    """The test URL of the first group that checks `tag` (or is `tag`), else the default."""
+    for group in groups:
+        if group.url is not None and (group.tag == tag or tag in group.members):
+            return str(group.url)
+    return DEFAULT_TEST_URL
 
 
 def _error(request_id: int | str | None, code: str, message: str) -> Response:

@@ -2,16 +2,17 @@
 
 `OUTBOUND_FACTORIES` maps a config `type` to a factory `(config, context) -> Outbound`.
 `direct` and `block` are registered here; `ostp` is registered by `ostp_client.outbounds.ostp`
-when that module is importable (it calls `register_outbound("ostp", factory)` at import).
+when that module is importable (it calls `register_outbound("ostp", factory)` at import), and
+the groups (`selector`, `urltest`, `fallback`) by `ostp_client.outbounds.group`.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ostp_client.config import (
     BlockOutboundConfig,
@@ -33,6 +34,9 @@ from ostp_client.outbounds.base import (
 )
 from ostp_client.outbounds.block import BlockOutbound
 from ostp_client.outbounds.direct import DirectOutbound
+
+if TYPE_CHECKING:
+    from ostp_client.outbounds.group import HealthBook, SelectionStore
 
 __all__ = [
     "OUTBOUND_FACTORIES",
@@ -62,6 +66,12 @@ class OutboundContext:
 
     config: ClientConfig
     """The whole config (e.g. for `config.mux_for(outbound_config)`)."""
+    table: Mapping[str, Outbound] | None = None
+    """The daemon's live outbounds by tag (groups look their members up here)."""
+    health: HealthBook | None = None
+    """Check results shared by the groups."""
+    selections: SelectionStore | None = None
+    """Where selector groups keep the user's choice."""
 
 
 OutboundFactory = Callable[[Any, OutboundContext], Outbound]
@@ -70,7 +80,7 @@ OutboundFactory = Callable[[Any, OutboundContext], Outbound]
 OUTBOUND_FACTORIES: dict[str, OutboundFactory] = {}
 
 # Modules that register more outbound types when imported; missing ones are skipped.
-OPTIONAL_OUTBOUND_MODULES = ("ostp_client.outbounds.ostp",)
+OPTIONAL_OUTBOUND_MODULES = ("ostp_client.outbounds.ostp", "ostp_client.outbounds.group")
 
 
 def register_outbound(type_name: str, factory: OutboundFactory) -> None:

@@ -9,8 +9,10 @@ work in `run()`, which the daemon starts in its task group before any inbound ac
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -35,6 +37,8 @@ __all__ = [
     "OutboundError",
     "UdpOutboundSession",
 ]
+
+logger = logging.getLogger(__name__)
 
 Network = Literal["tcp", "udp"]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -111,6 +115,9 @@ class ConnContext:
     rule_index: int | None = None
     """Index of the routing rule that matched, None when `default_outbound` applied."""
     outbound_tag: str | None = None
+    via: tuple[str, ...] = ()
+    """The groups a connection went through and the member that carries it, e.g.
+    `("auto", "proxy-b")`; empty when `outbound_tag` is not a group."""
     user: str | None = None
     bytes_up: int = 0
     """Bytes from the local client towards the destination."""
@@ -126,6 +133,7 @@ class ConnContext:
             "destination": str(self.destination) if self.destination else None,
             "rule": self.rule_index,
             "outbound": self.outbound_tag,
+            "via": list(self.via),
             "user": self.user,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
@@ -201,6 +209,35 @@ class Outbound(ABC):
 
     def __init__(self, tag: str) -> None:
         self.tag = tag
+        self._state_listeners: list[Callable[[Outbound], None]] = []
+
+    # -- state changes (groups follow their members) -----------------------------------------
+
+    def add_state_listener(self, callback: Callable[[Outbound], None]) -> None:
+        """Call `callback(self)` whenever the outbound's `state` changes (ostp sessions)."""
+        if callback not in self._state_listeners:
+            self._state_listeners.append(callback)
+
+    def remove_state_listener(self, callback: Callable[[Outbound], None]) -> None:
+        if callback in self._state_listeners:
+            self._state_listeners.remove(callback)
+
+    def notify_state(self) -> None:
+        for callback in list(self._state_listeners):
+            try:
+                callback(self)
+            except Exception:  # a listener's bug must not break the session loop
+                logger.exception("state listener of outbound %s failed", self.tag)
+
+    def last_heard(self) -> float | None:
+        """Monotonic time of the last datagram from the far end (a server), for outbounds
+        that have one; None otherwise. Groups use it to notice a dead server within a second
+        instead of waiting for an idle timeout."""
+        return None
+
+    def round_trip(self) -> float | None:
+        """Seconds, the outbound's current round-trip estimate to its server, if it has one."""
+        return None
 
     @abstractmethod
     async def connect_tcp(self, target: Address, ctx: ConnContext) -> anyio.abc.ByteStream:

@@ -923,11 +923,30 @@ class OstpOutbound(Outbound):
             new = SessionState.CONNECTING
         else:
             new = SessionState.IDLE
-        if new != self.state:
+        changed = new != self.state
+        if changed:
             logger.info("outbound %s: %s", self.tag, new)
             self.state = new
         if new != SessionState.CONNECTED and self._any_connected.is_set():
             self._any_connected = anyio.Event()
+        if changed:
+            self.notify_state()
+
+    def last_heard(self) -> float | None:
+        heard = [
+            s.conn.last_receive
+            for s in self.sessions
+            if s.state == SessionState.CONNECTED and s.conn is not None
+        ]
+        return max(heard) if heard else None
+
+    def round_trip(self) -> float | None:
+        rtts = [
+            s.conn.smoothed_rtt
+            for s in self.sessions
+            if s.state == SessionState.CONNECTED and s.conn is not None
+        ]
+        return min(rtts) if rtts else None
 
     def session_connected(self) -> None:
         self._any_connected.set()
