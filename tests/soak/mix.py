@@ -250,7 +250,8 @@ class HttpConn:
     def abort(self) -> None:
         """The next aclose() sends RST instead of FIN (SO_LINGER 0)."""
         raw = self.stream.extra(anyio.abc.SocketAttribute.raw_socket)
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with contextlib.suppress(OSError):  # EBADF: the peer's reset closed it already
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     async def aclose(self) -> None:
         await self.stream.aclose()
