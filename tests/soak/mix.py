@@ -43,6 +43,8 @@ FAILURES = ("short", "mismatch", "hang", "wrong")
 
 SHORT_GET_LIMIT = 30.0
 """Seconds for one short GET (or one control/junk client) before it counts as hung."""
+DRAIN_LIMIT = 30.0
+"""Seconds that operations still running when the mix ends have to end (or they hung)."""
 MIN_RATE = 256 * 1024
 """Bytes per second below which a big transfer counts as hung: deadline = 30 s + size / rate."""
 
@@ -768,8 +770,18 @@ class Mix:
                 await anyio.sleep(rng.uniform(0, pace))  # spacing, not synchronisation
 
     async def run(self, seconds: float) -> None:
-        """Every worker for ``seconds`` (operations under way then finish or hang)."""
+        """Every worker for ``seconds``; operations under way then have ``DRAIN_LIMIT`` s to
+        end (each also has its own deadline), or they are stopped and count as hung."""
         self.end = self.now() + seconds
+        with anyio.move_on_after(seconds + DRAIN_LIMIT):
+            await self._workers()
+        for op in self.ops:
+            if op.outcome == "running":
+                op.end = self.now()
+                op.outcome = "hang"
+                op.error = f"still running {DRAIN_LIMIT:.0f} s after the mix ended"
+
+    async def _workers(self) -> None:
         async with anyio.create_task_group() as tg:
             for i in range(4):
                 tg.start_soon(self.worker, f"get{i}", self.short_gets)

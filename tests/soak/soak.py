@@ -66,9 +66,9 @@ glibc's malloc keep freed arenas mapped and fragmentation varies with the interl
 transfers, so RSS after load never returns exactly; the baseline is taken after a warm-up round
 of the same mix so that the first growth to working size is not counted. Leaked buffers of
 1-20 MB transfers, or per-connection state over thousands of connections, exceed it."""
-SETTLE_LIMIT = 60.0
+SETTLE_LIMIT = 30.0
 """Seconds to wait for the daemon to show no live connection after the mix."""
-RECOVERY_LIMIT = 120.0
+RECOVERY_LIMIT = 60.0
 """Seconds for the tunnel to carry a fresh GET after a server restart."""
 
 
