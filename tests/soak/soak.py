@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,13 +249,18 @@ async def restart_server(
     await anyio.sleep(max(0.0, at - mix.now()))
     stopped = mix.now()
     assert server.process is not None
-    if how == "kill":
-        server.process.kill()
-        server.process.wait(10)
-        server.process = None
-    else:
-        await anyio.to_thread.run_sync(server.stop)
-    await anyio.to_thread.run_sync(server.start)
+    try:
+        if how == "kill":
+            server.process.kill()
+            server.process.wait(10)
+            server.process = None
+        else:
+            await anyio.to_thread.run_sync(server.stop)
+        await anyio.to_thread.run_sync(server.start)
+    except (AssertionError, OSError, subprocess.SubprocessError) as exc:
+        mix.windows.append((stopped, float("inf")))
+        report.check(False, f"server restart ({how}) at {stopped:.1f} s: {exc}")
+        return
     recovered = None
     with anyio.move_on_after(RECOVERY_LIMIT):
         while await fresh_get(mix, "socks5"):  # noqa: ASYNC110 (probing, not waiting)
@@ -315,11 +320,13 @@ async def run_soak(settings: Settings, workdir: Path) -> Report:
 
         # warm-up, then the baseline
         await mix.run(settings.warmup)
+        if not both_alive(daemon, server, report, "after the warm-up"):
+            summarize(report, mix, "stopped after the warm-up", [])
+            return report
         quiet = await settle_connections(daemon, report, "after the warm-up")
         base_fds, base_rss = fd_count(daemon.pid), rss_kib(daemon.pid)
         assert server.process is not None
         server_base_fds = fd_count(server.process.pid)
-        warmup_ops = len(mix.ops)
 
         # the mix, with the restarts
         mix.phase = "mix"
@@ -327,8 +334,10 @@ async def run_soak(settings: Settings, workdir: Path) -> Report:
         samples: list[tuple[float, int, int]] = []
 
         async def sample() -> None:
-            while True:  # the daemon's RSS and descriptors through the mix, for the figures
-                samples.append((mix.now() - mix_began, rss_kib(daemon.pid), fd_count(daemon.pid)))
+            while daemon.alive():  # the daemon's RSS and descriptors through the mix
+                with suppress(OSError, AssertionError):  # (it may end between the two reads)
+                    at = mix.now() - mix_began
+                    samples.append((at, rss_kib(daemon.pid), fd_count(daemon.pid)))
                 await anyio.sleep(max(1.0, settings.seconds / 20))
 
         async with anyio.create_task_group() as sampling:
@@ -341,29 +350,11 @@ async def run_soak(settings: Settings, workdir: Path) -> Report:
             sampling.cancel_scope.cancel()
         mix_seconds = mix.now() - mix_began
 
-        # what happened
-        report.lines[:0] = [
-            f"soak: seed {settings.seed}, warm-up {settings.warmup:.0f} s, "
-            f"mix {settings.seconds:.0f} s (ran {mix_seconds:.1f} s), "
-            f"{warmup_ops} + {len(mix.ops) - warmup_ops} operations",
-            *figures(mix),
-            "disruption windows (server stopped .. fresh GET works): "
-            + ", ".join(f"{a:.1f}..{b:.1f} s" for a, b in mix.windows),
-            "daemon during the mix (s: RSS MiB/descriptors): "
-            + " ".join(f"{t:.0f}:{rss / 1024:.0f}/{fds}" for t, rss, fds in samples),
-        ]
-        failed = mix.failures()
-        for op in failed[:40]:
-            report.lines.append(f"  failed: {op.describe()}")
-        report.check(
-            not failed,
-            f"{len(failed)} operations failed (short/mismatch/hang/wrong/error outside a restart)",
-        )
-        for outcome in ("short", "mismatch", "hang"):
-            count = sum(op.outcome == outcome for op in mix.ops)
-            report.check(count == 0, f"{count} operations ended '{outcome}'")
+        summarize(report, mix, f"mix {settings.seconds:.0f} s (ran {mix_seconds:.1f} s)", samples)
 
         # nothing left behind
+        if not both_alive(daemon, server, report, "after the mix"):
+            return report
         quiet = await settle_connections(daemon, report, "after the mix") and quiet
         if quiet:
             await settle(lambda: fd_count(daemon.pid) <= base_fds + FD_MARGIN, 20)
@@ -416,6 +407,43 @@ async def run_soak(settings: Settings, workdir: Path) -> Report:
             report.check("Traceback" not in text, f"no traceback in the {name}'s log")
     report.lines.append(f"duration: {time.monotonic() - began:.1f} s, work directory {workdir}")
     return report
+
+
+def summarize(report: Report, mix: Mix, what: str, samples: list[tuple[float, int, int]]) -> None:
+    """The figures of the operations (at the top of the report) and their checks."""
+    warmup = sum(op.phase == "warmup" for op in mix.ops)
+    settings = report.settings
+    report.lines[:0] = [
+        f"soak: seed {settings.seed}, warm-up {settings.warmup:.0f} s, {what}, "
+        f"{warmup} + {len(mix.ops) - warmup} operations",
+        *figures(mix),
+        "disruption windows (server stopped .. fresh GET works): "
+        + ", ".join(f"{a:.1f}..{b:.1f} s" for a, b in mix.windows),
+        "daemon during the mix (s: RSS MiB/descriptors): "
+        + " ".join(f"{t:.0f}:{rss / 1024:.0f}/{fds}" for t, rss, fds in samples),
+    ]
+    failed = mix.failures()
+    for op in failed[:40]:
+        report.lines.append(f"  failed: {op.describe()}")
+    report.check(
+        not failed,
+        f"{len(failed)} operations failed (short/mismatch/hang/wrong/error outside a restart)",
+    )
+    for outcome in ("short", "mismatch", "hang"):
+        count = sum(op.outcome == outcome for op in mix.ops)
+        report.check(count == 0, f"{count} operations ended '{outcome}'")
+
+
+def both_alive(daemon: Daemon, server: ServerProcess, report: Report, when: str) -> bool:
+    """Both processes still run (else what their logs end with goes into the report)."""
+    server_alive = server.process is not None and server.process.poll() is None
+    report.check(daemon.alive(), f"the daemon runs {when}")
+    report.check(server_alive, f"the server runs {when}")
+    if not daemon.alive():
+        report.lines.append(daemon.log()[-3000:])
+    if not server_alive:
+        report.lines.append((server.workdir / "server.log").read_text(errors="replace")[-3000:])
+    return daemon.alive() and server_alive
 
 
 async def settle_connections(daemon: Daemon, report: Report, when: str) -> bool:
