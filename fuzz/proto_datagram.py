@@ -11,6 +11,9 @@ tests in ``tests/proto/test_fuzz.py`` call it too. The input is a list of record
 * 5: as a well-formed frame (kind, stream id from the body, the rest as payload), sealed;
 * 6: advance the clock by ``body[0]`` ms, run the timers and exchange whatever both sides send.
 
+The pair has negotiated ostp-py's flow-control extension and opened stream 1, so WindowUpdates
+and hellos in the input reach real per-stream state.
+
 Only documented behaviour is allowed: connections and the acceptor never raise; decoders raise
 only RemoteProtocolError; unauthenticated bytes are dropped and counted, never delivered.
 """
@@ -23,10 +26,12 @@ from collections.abc import Callable
 
 from ostp_proto import (
     ClientConnection,
+    Connect,
     Connection,
     ConnectionConfig,
     ConnectionTerminated,
     DataLost,
+    ExtensionsNegotiated,
     HandshakeCompleted,
     PaddingPolicy,
     RelayMessageReceived,
@@ -36,6 +41,7 @@ from ostp_proto import (
     State,
     decode_relay,
     derive_secrets,
+    parse_extension_hello,
 )
 from ostp_proto.arq import decode_ack, decode_nack
 from ostp_proto.frames import decode_frame, encode_frame
@@ -50,7 +56,13 @@ KEY = "fuzz-key-0123456789"
 UNIX = 1_700_000_000.0
 SESSION_ID = 0x0A0B0C0D
 _SECRETS = derive_secrets(KEY)
-_EVENTS = (HandshakeCompleted, RelayMessageReceived, DataLost, ConnectionTerminated)
+_EVENTS = (
+    HandshakeCompleted,
+    RelayMessageReceived,
+    DataLost,
+    ExtensionsNegotiated,
+    ConnectionTerminated,
+)
 
 
 def established_pair(
@@ -69,6 +81,13 @@ def established_pair(
     assert server is not None
     for d in server.datagrams_to_send(0.0):
         client.receive_datagram(d, 0.001)
+    # the extension hello and its answer, then stream 1 opened: flow-control state exists
+    for d in client.datagrams_to_send(0.001):
+        server.receive_datagram(d, 0.0012)
+    for d in server.datagrams_to_send(0.0012):
+        client.receive_datagram(d, 0.0014)
+    assert client.flow_control and server.flow_control
+    client.send(1, Connect("127.0.0.1:1"))
     if not busy:
         for d in client.datagrams_to_send(0.001):
             server.receive_datagram(d, 0.002)
@@ -106,6 +125,8 @@ def _decoders(body: bytes) -> None:
     for decode in decoders:
         with contextlib.suppress(RemoteProtocolError):
             decode(body)
+    hello = parse_extension_hello(body)  # never raises: a hello or a plain KeepAlive
+    assert hello is None or body[:6] == b"\x03OSTPX"
     with contextlib.suppress(RemoteProtocolError):
         parse_handshake_datagram(_SECRETS.obfuscation_key, body)
     if len(body) >= 12:
@@ -192,6 +213,11 @@ def run(data: bytes) -> tuple[ClientConnection, ServerConnection, list[object], 
         conn.datagrams_to_send(max(timer or now, now))
         sink.get(id(conn), []).extend(_drain(conn))
     assert acceptor.stats.accepted == 1
+    for conn in (client, server):  # the send queues' books balance, whatever came in
+        queued = sum(q.size for q in conn._queues.values())
+        assert queued == conn.send_buffer_bytes
+        assert 0 <= conn._blocked_bytes <= conn.send_buffer_bytes
+        assert conn._blocked <= set(conn._queues) and conn._blocked.isdisjoint(conn._rr)
     return client, server, client_events, server_events
 
 

@@ -34,12 +34,16 @@ class ServerProcess:
     port: int = field(default_factory=free_udp_port)
     key: str = field(default_factory=lambda: secrets.token_hex(16))
     process: subprocess.Popen[bytes] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    """More fields of server.json (e.g. ``{"extensions": False}`` to play an upstream server)."""
 
     def start(self, time_limit: float = 30) -> None:
         """Start the server and return once it logged that its UDP socket is bound."""
         config = self.workdir / "server.json"
         config.write_text(
-            json.dumps({"listen": f"127.0.0.1:{self.port}", "access_keys": [self.key]})
+            json.dumps(
+                {"listen": f"127.0.0.1:{self.port}", "access_keys": [self.key], **self.settings}
+            )
         )
         log = self.workdir / "server.log"
         ready = f"listening on udp 127.0.0.1:{self.port}"
@@ -77,8 +81,8 @@ class ServerProcess:
 
 
 @contextmanager
-def ostp_server(workdir: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess(workdir)
+def ostp_server(workdir: Path, **settings: Any) -> Iterator[ServerProcess]:
+    server = ServerProcess(workdir, settings=settings)
     server.start()
     try:
         yield server

@@ -101,8 +101,11 @@ class Pair:
         client_config: ConnectionConfig | None = None,
         server_config: ConnectionConfig | None = None,
         latency: float = 0.01,
+        consume: bool = True,
     ) -> None:
         rng = random.Random(seed)
+        self.consume = consume
+        """Report every delivered Data as consumed at once (a reader that keeps up)."""
         self.now = 0.0
         self.client = ClientConnection(
             access_key=KEY,
@@ -124,6 +127,8 @@ class Pair:
             peer.events.append(ev)
             if isinstance(ev, RelayMessageReceived) and isinstance(ev.message, Data):
                 peer.received[ev.stream_id] += ev.message.data
+                if self.consume:
+                    conn.stream_consumed(ev.stream_id, len(ev.message.data))
             elif isinstance(ev, ConnectionTerminated):
                 peer.terminated = ev.reason
             elif isinstance(ev, DataLost):

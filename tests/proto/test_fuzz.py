@@ -46,6 +46,9 @@ interesting_payloads = st.one_of(
     st.integers(0, 2**64 - 1).map(encode_nack),
     st.integers(0, 300).map(encode_nack),
     st.sampled_from([b"\x02\x00\x03abc", b"\x07\x00\x08" + bytes(8), b"\x04", b"\x0b", b""]),
+    # the extension: WindowUpdates with any offset, hello trailers whole or mangled
+    st.integers(0, 2**64 - 1).map(lambda n: b"\x40\x00\x08" + n.to_bytes(8, "big")),
+    st.binary(max_size=20).map(lambda tail: b"\x03OSTPX" + tail),
 )
 frame_records = st.builds(
     lambda kind, stream, payload, op: _record(op, bytes((kind, stream)) + payload),

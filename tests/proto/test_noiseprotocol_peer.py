@@ -19,6 +19,7 @@ from ostp_proto import (
     ConnectionConfig,
     Data,
     HandshakeCompleted,
+    KeepAlive,
     PaddingPolicy,
     Ping,
     Pong,
@@ -29,6 +30,7 @@ from ostp_proto import (
     decode_relay,
     derive_secrets,
     encode_relay,
+    parse_extension_hello,
     split_transport_keys,
 )
 from ostp_proto.arq import decode_ack, encode_ack
@@ -278,15 +280,20 @@ def test_client_connection_against_noiseprotocol_responder() -> None:
     client.receive_datagram(datagram2, 0.025)
     assert _events(client) == [HandshakeCompleted(0x01020304, 0.025)]
 
-    # spec §10.1: the client sends a Ping on stream 0 right after the handshake.
+    # spec §10.1: the client sends a Ping on stream 0 right after the handshake, behind a
+    # KeepAlive whose trailer offers ostp-py's extension (an upstream server ignores both).
     frames = peer.open_all(client.datagrams_to_send(0.025))
-    [(stream, ping)] = _relays(frames)
+    [(stream0, keepalive), (stream, ping)] = _relays(frames)
+    assert stream0 == 0 and isinstance(keepalive, KeepAlive)
+    assert parse_extension_hello(frames[0][2]) is not None
     assert stream == 0 and isinstance(ping, Ping)
     assert abs(ping.timestamp - (UNIX + 0.025) * 1000) <= 1
-    assert peer.received_nonces == [0]
+    assert peer.received_nonces == [0, 1]
     client.receive_datagram(peer.relay(0, Pong(ping.timestamp)), 0.075)
     assert client.ping_rtt is not None and abs(client.ping_rtt - 0.05) < 0.002
     assert _events(client) == []  # Pong is consumed by the core
+    # a Pong before any answer to the hello: an upstream server, no extension
+    assert client.peer_extensions is None and not client.flow_control
 
     # Data both ways and ACKs from the noiseprotocol side.
     client.send(5, Data(b"GET / HTTP/1.1\r\n\r\n"))
@@ -335,9 +342,9 @@ def test_client_with_fixed_keys_reproduces_upstream_message_1() -> None:
     assert bytes(responder.get_handshake_hash()).hex() == HS["handshake_hash"]
     client2.receive_datagram(datagram2, 0.01)
     assert client2.established
-    # its first data datagram opens with upstream's client send key
+    # its first data datagrams open with upstream's client send key
     frames = peer.open_all(client2.datagrams_to_send(0.01))
-    assert isinstance(_relays(frames)[0][1], Ping)
+    assert [type(m) for _, m in _relays(frames)] == [KeepAlive, Ping]
 
 
 def test_client_drops_noiseprotocol_reply_for_another_psk() -> None:

@@ -373,7 +373,7 @@ def test_receiver_delivers_each_frame_once_and_in_order(
     case: tuple[int, list[int], set[int]],
 ) -> None:
     n, arrivals, control = case
-    receiver = Receiver(ack_delay=0.005, ack_frequency=32, gap_skip_after=5.0)
+    receiver = Receiver(ack_delay=0.005, ack_frequency=32)
     delivered: list[int] = []
     received: set[int] = set()
     now = 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -146,8 +147,13 @@ async def test_large_server_datagrams() -> None:
             assert await t.read(sid, len(payload)) == payload
 
 
-async def test_slow_remote_bounds_memory_then_stream_is_reset() -> None:
-    """A remote that never reads: queued bytes stay bounded; the stream is reset when stalled."""
+@pytest.mark.parametrize("extensions", [True, False])
+async def test_slow_remote_bounds_memory_then_stream_is_reset(extensions: bool) -> None:
+    """A remote that never reads: queued bytes stay bounded; the stream is reset when stalled.
+
+    With flow control the client stops at the stream's credit (the server's window); an
+    upstream-like client is braked by refusing its Data once ``remote_buffer`` is queued.
+    """
     ls = socket.create_server(("127.0.0.1", 0))
     # a small fixed receive buffer (no autotuning) so the kernel cannot absorb the test
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
@@ -158,7 +164,7 @@ async def test_slow_remote_bounds_memory_then_stream_is_reset() -> None:
     try:
         async with (
             server(remote_buffer=limit, stall_timeout=1.0) as srv,
-            tunnel(srv.addresses[0], KEY) as t,
+            tunnel(srv.addresses[0], KEY, config=ConnectionConfig(extensions=extensions)) as t,
         ):
             connect = t.open(f"127.0.0.1:{port}")
             async with anyio.create_task_group() as tg:
@@ -171,6 +177,7 @@ async def test_slow_remote_bounds_memory_then_stream_is_reset() -> None:
                 sid = await connect
             (session,) = srv.sessions.values()
             peak = 0
+            excess = -(1 << 62)  # the stream's queue minus its receive window (flow control)
 
             async def push() -> None:
                 with anyio.move_on_after(20):
@@ -178,9 +185,12 @@ async def test_slow_remote_bounds_memory_then_stream_is_reset() -> None:
                         await t.write(sid, b"z" * 65536)
 
             async def watch() -> None:
-                nonlocal peak
+                nonlocal peak, excess
                 while not t.streams[sid].closed:
                     peak = max(peak, session.remote_pending)
+                    window = session.conn.stream_receive_window(sid)
+                    if window is not None:
+                        excess = max(excess, session.remote_pending - window)
                     await anyio.sleep(0.005)
 
             async with anyio.create_task_group() as inner:
@@ -188,11 +198,17 @@ async def test_slow_remote_bounds_memory_then_stream_is_reset() -> None:
                 inner.start_soon(watch)
             assert t.streams[sid].closed  # reset by the stall timeout
             assert session.stats.streams_reset == 1
-            assert session.stats.backpressure_drop > 0
-            # Overshoot is bounded by what the core may release at once when a gap is
-            # filled: the reorder window (max_in_flight datagrams).
             cfg = session.conn.config
-            assert peak < limit + cfg.max_in_flight * cfg.max_datagram_size
+            assert session.conn.flow_control == extensions
+            if extensions:
+                assert session.stats.backpressure_drop == 0
+                assert session.conn.stats.flow_violation == 0
+                assert excess <= 0 < peak  # never more than the window the server granted
+            else:
+                assert session.stats.backpressure_drop > 0
+                # Overshoot is bounded by what the core may release at once when a gap is
+                # filled: the reorder window (max_in_flight datagrams).
+                assert peak < limit + cfg.max_in_flight * cfg.max_datagram_size
             assert session.remote_pending == 0
     finally:
         for s in held:
@@ -228,9 +244,11 @@ async def test_slow_client_bounds_the_send_buffer() -> None:
         t.pause()
         await t.write(sid, b"g")
         await poll_until(lambda: sent > 0)
-        # The client reads nothing, so the server's send buffer fills until the session is no
-        # longer writable and the relay stops reading the remote: wait for that state.
-        await poll_until(lambda: not session.conn.writable, limit=60)
+        # The client reads nothing, so the server's send buffer fills until the relay stops
+        # reading the remote: the session is no longer writable or, with flow control, the
+        # stream's credit and queue are used up. Wait for that state.
+        conn = session.conn
+        await poll_until(lambda: not conn.writable or not conn.stream_writable(sid), limit=60)
         held = session.conn.send_buffer_bytes
         assert held <= session.conn.config.send_buffer_limit + 65536
         assert sent < total  # the remote was throttled, not drained into memory
@@ -238,3 +256,50 @@ async def test_slow_client_bounds_the_send_buffer() -> None:
         got = await t.read(sid, total, limit=40)
         assert got == (bytes(range(256)) * 256) * (total // 65536)
         tg.cancel_scope.cancel()
+
+
+async def test_a_stall_reset_reaches_a_client_that_stopped_reading_the_stream() -> None:
+    """The remote neither reads nor stops talking, the client neither reads this stream nor
+    stops sending: the stall reset's Close must not wait behind data that waits for credit."""
+    ls = socket.create_server(("127.0.0.1", 0))
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    ls.setblocking(False)
+    port = ls.getsockname()[1]
+    held: list[socket.socket] = []
+
+    async def talk_without_listening() -> None:
+        await anyio.wait_readable(ls)
+        conn, _ = ls.accept()
+        held.append(conn)
+        conn.setblocking(False)
+        with contextlib.suppress(OSError):
+            while True:
+                await anyio.wait_writable(conn)
+                conn.send(b"r" * 65536)
+
+    try:
+        async with (
+            server(stall_timeout=1.0) as srv,
+            tunnel(srv.addresses[0], KEY) as t,
+            anyio.create_task_group() as tg,
+        ):
+            t.consume = False  # the client's reader of this stream has stopped
+            tg.start_soon(talk_without_listening)
+            sid = await t.open(f"127.0.0.1:{port}")
+            (session,) = srv.sessions.values()
+            st = t.streams[sid]
+
+            async def push() -> None:
+                with anyio.move_on_after(20):
+                    while not st.closed:
+                        await t.write(sid, b"z" * 65536)
+
+            tg.start_soon(push)
+            await t.wait(lambda: st.closed, limit=20)  # reset by the stall timeout
+            assert session.conn.flow_control and session.stats.streams_reset == 1
+            assert len(st.received) <= t.conn.config.stream_window  # it never granted more
+            tg.cancel_scope.cancel()
+    finally:
+        for s in held:
+            s.close()
+        ls.close()

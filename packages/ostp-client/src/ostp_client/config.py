@@ -477,6 +477,17 @@ class OstpOutboundConfig(_Model):
     """Fixed back-off before a stopped session is started again (spec §10.2)."""
     nat: NatConfig | None = None
     """NAT traversal (STUN discovery, TURN relaying); absent: plain direct UDP."""
+    extensions: bool = True
+    """Offer ostp-py's protocol extension (per-stream flow control) to the server; an
+    upstream server ignores the offer (docs/flow-control.md)."""
+    stream_window: Annotated[int, Field(ge=64 * 1024, le=16 * 1024 * 1024)] = 256 * 1024
+    """Initial receive window per stream (bytes) with an ostp-py server; grows for fast readers."""
+    receive_buffer_cap: Annotated[int, Field(ge=1024 * 1024, le=1024 * 1024 * 1024)] = (
+        64 * 1024 * 1024
+    )
+    """Bytes all streams of a session may buffer for slow local readers before the session
+    refuses Data (it is sent again later). Matters with upstream servers, which have no flow
+    control and give up on frames refused for about 1.5 s."""
 
     @field_validator("server")
     @classmethod

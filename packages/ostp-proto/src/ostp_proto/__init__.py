@@ -17,26 +17,41 @@ from .connection import (
     State,
 )
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from .events import ConnectionTerminated, DataLost, Event, HandshakeCompleted, RelayMessageReceived
+from .events import (
+    ConnectionTerminated,
+    DataLost,
+    Event,
+    ExtensionsNegotiated,
+    HandshakeCompleted,
+    RelayMessageReceived,
+)
 from .frames import FrameKind, PaddingPolicy, Profile
 from .keys import Secrets, derive_secrets, split_transport_keys
 from .relay import (
+    EXT_FLOW_CONTROL,
+    MIN_STREAM_WINDOW,
     Close,
     Connect,
     ConnectOk,
     Data,
     Error,
+    ExtensionHello,
     KeepAlive,
     Ping,
     Pong,
     RelayMessage,
     UdpAssociate,
     UdpData,
+    WindowUpdate,
     decode_relay,
+    encode_extension_hello,
     encode_relay,
+    parse_extension_hello,
 )
 
 __all__ = [
+    "EXT_FLOW_CONTROL",
+    "MIN_STREAM_WINDOW",
     "SERVER_DEFAULTS",
     "AcceptorStats",
     "ClientConnection",
@@ -51,6 +66,8 @@ __all__ = [
     "DataLost",
     "Error",
     "Event",
+    "ExtensionHello",
+    "ExtensionsNegotiated",
     "FrameKind",
     "HandshakeCompleted",
     "KeepAlive",
@@ -69,9 +86,12 @@ __all__ = [
     "State",
     "UdpAssociate",
     "UdpData",
+    "WindowUpdate",
     "decode_relay",
     "derive_secrets",
+    "encode_extension_hello",
     "encode_relay",
+    "parse_extension_hello",
     "split_transport_keys",
 ]
 

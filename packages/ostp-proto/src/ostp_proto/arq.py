@@ -13,15 +13,18 @@ interoperates (each deviation is listed in docs/protocol-deviations.md):
   instead of a fixed per-tick retransmit budget.
 * Flow control: never more than ``max_in_flight`` unacknowledged nonces ahead of the oldest
   one, so an upstream peer's reorder buffer (8192) is never overrun.
-* A frame is never given up while the session lives. The receiver skips a gap only after the
-  peer has kept sending for ``gap_skip_after`` seconds without filling it (an upstream peer gave
-  up on the frame) and then reports the loss, so the owner resets the affected streams instead
-  of delivering a stream with a hole in it.
+* A frame is never given up while the session lives. An upstream peer gives up on a frame
+  about 1.6 s after sending it (spec §7.2), so the receiver NACKs every missing nonce (two RTTs
+  after its hole appears, then every 300 ms: upstream re-sends whatever it still holds), and a
+  hole still open ``gap_skip_after`` (2 s) plus an RTT after the first datagram past it arrived
+  is given up on a timer: the owner is told which nonces were lost and resets the streams they
+  may belong to, instead of delivering a stream with a hole in it (or waiting behind it).
 """
 
 from __future__ import annotations
 
 import struct
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -31,9 +34,7 @@ from .errors import RemoteProtocolError
 MAX_REORDER = 16384
 MAX_REORDER_BUFFER = 8192
 ACK_DELAY = 0.005
-NACK_INTERVAL = 0.030
 MAX_ACK_RANGES = 8  # spec §7.3: cumulative range + last 7 runs
-STALL_NACK_MAX = 1.0  # ceiling of the repeated NACK while nothing arrives past a gap
 
 PACKET_THRESHOLD = 3  # RFC 9002 §6.1.1
 TIME_THRESHOLD = 9 / 8  # RFC 9002 §6.1.2
@@ -567,6 +568,25 @@ class Sender:
 
 # ---------------------------------------------------------------------------------- receiver
 
+# spec §7.2: upstream re-sends an unacknowledged frame at +100 ... +800, +900, +1100 and +1500 ms
+# after its first transmission, each step on a 10 ms tick that can add up to 10 ms, and evicts
+# it on the tick after the last: 1.5 s + 12 ticks after it was first sent, it is gone for good
+# and NACKs for it are ignored.
+UPSTREAM_GIVE_UP = 1.5 + 12 * 0.010
+GAP_SKIP_AFTER = 2.0
+"""Default bound (plus the smoothed RTT) on how long a hole may stay open: above
+``UPSTREAM_GIVE_UP`` with ~0.4 s to spare for timer and scheduling jitter on both sides."""
+NACK_REPEAT = 0.3  # a nonce still missing is NACKed again this long after its last NACK
+HOLE_MERGE = 0.010  # neighbouring parts of a hole passed within 10 ms are timed as one
+NACK_BURST = 64  # NACK datagrams per round
+NACK_PACE = 0.005  # between rounds while more NACKs wait
+NACK_SCAN = 4096  # nonces looked at per round, so one call does bounded work
+TAIL_PROBE_INTERVAL = 0.1
+TAIL_PROBE_FOR = GAP_SKIP_AFTER
+"""After a hole appeared, ask the peer for an ACK this often for this long: datagrams lost
+after the last one that arrived leave no hole until something newer arrives, and upstream
+forgets them ~1.5 s after sending (its ACK carries its newest nonce and so shows them)."""
+
 
 @dataclass(slots=True)
 class ReceiverStats:
@@ -574,12 +594,50 @@ class ReceiverStats:
     duplicate_drop: int = 0
     window_drop: int = 0
     reorder_buffer_drop: int = 0
+    holes_opened: int = 0
     gap_skips: int = 0
     skipped_nonces: int = 0
+    nacks_sent: int = 0
+
+
+class Hole:
+    """Nonces ``start``..``end`` (inclusive) not received although later ones were.
+
+    ``born`` is when the first datagram past the hole arrived (or one of the hole's own, if we
+    dropped it for room). The peer had sent every nonce of the hole by then, so an upstream
+    peer gives up on the whole hole by ``born + UPSTREAM_GIVE_UP`` (give or take the path's
+    delay variation).
+    """
+
+    __slots__ = ("born", "end", "start")
+
+    def __init__(self, start: int, end: int, born: float) -> None:
+        self.start = start
+        self.end = end
+        self.born = born
+
+    def __repr__(self) -> str:
+        return f"Hole({self.start}..{self.end}, born={self.born})"
+
+
+def _hole_start(hole: Hole) -> int:
+    return hole.start
+
+
+def _sighted_nonce(sighting: tuple[int, float]) -> int:
+    return sighting[0]
 
 
 class Receiver:
-    """Reordering, duplicate suppression and ACK/NACK generation for one direction."""
+    """Reordering, duplicate suppression, ACK/NACK generation and hole expiry, one direction.
+
+    Missing nonces are kept as holes (ascending, so their birth times are ascending too). Every
+    missing nonce is NACKed as soon as its hole appears and again every ``NACK_REPEAT`` while it
+    is still missing: an upstream peer re-sends at once whatever its history still holds
+    (spec §7.2). A hole still open a bound after it appeared (the owner's choice, see
+    ``GAP_SKIP_AFTER``) is given up: :meth:`expire_holes` steps over it and the owner reports
+    the loss.
+    """
 
     def __init__(
         self,
@@ -588,25 +646,36 @@ class Receiver:
         ack_frequency: int,
         max_reorder: int = MAX_REORDER,
         max_buffer: int = MAX_REORDER_BUFFER,
-        gap_skip_after: float,
     ) -> None:
         self.expected = 0
+        self.highest = -1  # the highest nonce accepted so far
         self.buffer: dict[int, tuple[int, int, bytes] | None] = {}
+        self.holes: list[Hole] = []
         self.ack_delay = ack_delay
         self.ack_frequency = ack_frequency
         self.max_reorder = max_reorder
         self.max_buffer = max_buffer
-        self.gap_skip_after = gap_skip_after
         self.ack_pending = 0
         self.ack_pending_since = 0.0
         self.ack_now = False
         self.last_ack_sent = -1.0
-        self.nack_due = False
         self.last_nack_sent = -1.0
-        self._stall_nack_interval = NACK_INTERVAL
         self.resend_asked = False
-        self._stall_alive = 0.0
-        self._last_arrival = 0.0
+        self.loss_at: float | None = None  # when a hole last appeared
+        self._last_tail_probe = float("-inf")
+        self.own_drop_at = float("-inf")
+        """When the owner last dropped the peer's Data itself (receive pause): no hole counts as
+        given up by the peer until ``gap_skip_after`` after that."""
+        self.nack_delay = 0.0
+        """How long a new hole waits for its first NACK (the owner sets it to two RTTs: a
+        sender that detects loss from ACKs, as ours does, has re-sent by then)."""
+        self._fresh: deque[tuple[float, int, int]] = deque()  # (due, start, end): new holes
+        self._sightings: list[tuple[int, float]] = []
+        """(nonce, arrival) of datagrams too far ahead to keep, ascending: a hole that forms
+        later below one of them is timed from that arrival."""
+        self._nack_queue: deque[list[int]] = deque()  # [next, end]: to NACK now
+        self._nacked: deque[tuple[float, int, int]] = deque()  # (when, start, end), by time
+        self._last_round = float("-inf")
         self.stats = ReceiverStats()
 
     def classify(self, nonce: int, now: float) -> int:
@@ -614,16 +683,12 @@ class Receiver:
         expected = self.expected
         if nonce < expected or nonce in self.buffer:
             self.stats.duplicate_drop += 1
-            if self.buffer:
-                self.nack_due = True  # the sender is guessing: say which nonce blocks us
             # spec §7.3 step 1 ACKs at once; rate-limited here so replays cannot make us talk
             if now - self.last_ack_sent >= self.ack_delay:
                 self.ack_now = True
             return 1
         if nonce > expected + self.max_reorder:
-            self.stats.window_drop += 1
-            self.nack_due = True
-            return 2
+            return 2  # counted by sighted() once it proves authentic
         return 0
 
     def accept(
@@ -635,27 +700,111 @@ class Receiver:
                 self.ack_pending_since = now
             self.ack_pending += 1
         self.stats.datagrams_received += 1
-        if self.buffer:
-            self._stall_alive += min(now - self._last_arrival, 0.2)
-        self._last_arrival = now
         if nonce != self.expected:
-            if len(self.buffer) >= self.max_buffer:
-                self.stats.reorder_buffer_drop += 1
-                return []
-            if not self.buffer:
-                self.ack_now = True  # a new gap: tell the sender at once (fast recovery)
-            self.buffer[nonce] = frame
-            self.nack_due = True
+            buffer = self.buffer
+            highest = self.highest
+            if nonce > highest:
+                if len(buffer) >= self.max_buffer:
+                    # No room: dropped, but as a hole from now on (it and any before it), so
+                    # it is asked for again and timed from when it came, not from later.
+                    self.stats.reorder_buffer_drop += 1
+                    self._open_hole(highest + 1, nonce, now)
+                    self.highest = nonce
+                    return []
+                if nonce > highest + 1:
+                    self._open_hole(highest + 1, nonce - 1, now)
+                self.highest = nonce
+            else:
+                # A hole filled: always taken (the buffer stays within the reorder window),
+                # since dropping it would keep everything behind the hole waiting.
+                self._fill(nonce)
+            buffer[nonce] = frame
             return []
         out: list[tuple[int, int, bytes]] = []
         if frame is not None:
             out.append(frame)
         self.expected = nonce + 1
-        self._stall_alive = 0.0  # the clock measures how long *this* expected nonce is stuck
-        self._stall_nack_interval = NACK_INTERVAL
-        if self.buffer:
+        if self.holes:
+            self._fill(nonce)  # it was the first missing nonce
             self._drain(out)
+        else:
+            self.highest = nonce
         return out
+
+    def sighted(self, nonce: int, now: float) -> None:
+        """An authenticated datagram ``nonce`` was too far ahead to keep (spec §7.3 step 2)."""
+        self.stats.window_drop += 1
+        sightings = self._sightings
+        if not sightings or nonce > sightings[-1][0]:
+            sightings.append((nonce, now))
+
+    def _born(self, end: int, now: float) -> float:
+        """When ``end`` or a datagram past it came: now, or an earlier sighting."""
+        sightings = self._sightings
+        if not sightings:
+            return now
+        stale = bisect_left(sightings, self.expected, key=_sighted_nonce)
+        if stale:
+            del sightings[:stale]  # no hole can end below ``expected`` any more
+        i = bisect_left(sightings, end, key=_sighted_nonce)
+        return min(now, sightings[i][1]) if i < len(sightings) else now
+
+    def _open_hole(self, start: int, end: int, now: float) -> None:
+        first = start
+        holes = self.holes
+        if not holes:
+            self.ack_now = True  # a new gap: tell the sender at once (fast recovery)
+        sightings = self._sightings
+        if sightings:
+            # Datagrams seen (and dropped) inside the hole were sent after the nonces up to
+            # them: time each part from the first one seen at or past it (parts seen within
+            # HOLE_MERGE of each other go together, timed from the later).
+            self._born(end, now)  # drops stale sightings
+            i = bisect_left(sightings, start, key=_sighted_nonce)
+            part_first = None  # when the first piece of the part being built was passed
+            while True:
+                if i < len(sightings) and sightings[i][0] < end:
+                    piece_end, seen = sightings[i]
+                else:
+                    piece_end = end
+                    seen = min(now, sightings[i][1]) if i < len(sightings) else now
+                if part_first is not None and seen - part_first < HOLE_MERGE:
+                    holes[-1].end = piece_end
+                    holes[-1].born = seen
+                else:
+                    holes.append(Hole(start, piece_end, seen))
+                    part_first = seen
+                if piece_end == end:
+                    break
+                start = piece_end + 1
+                i += 1
+        else:
+            holes.append(Hole(start, end, now))
+        self.loss_at = now
+        self._fresh.append((now + self.nack_delay, first, end))  # all of it, soon
+        self.stats.holes_opened += 1
+
+    def _fill(self, nonce: int) -> None:
+        """``nonce`` (missing until now) arrived: shrink or split its hole."""
+        holes = self.holes
+        i = bisect_right(holes, nonce, key=_hole_start) - 1
+        if i < 0:
+            return
+        hole = holes[i]
+        if nonce > hole.end:
+            return
+        if hole.start == hole.end:
+            del holes[i]
+            if not holes:
+                self._forget_nacks()
+        elif nonce == hole.start:
+            hole.start = nonce + 1
+        else:
+            if nonce != hole.end:
+                holes.insert(i + 1, Hole(nonce + 1, hole.end, hole.born))
+            hole.end = nonce - 1
+            if self._sightings:  # what is left may have been passed sooner
+                hole.born = self._born(hole.end, hole.born)
 
     def _drain(self, out: list[tuple[int, int, bytes]]) -> None:
         buffer = self.buffer
@@ -666,25 +815,58 @@ class Receiver:
                 out.append(frame)
             expected += 1
         self.expected = expected
-        self._stall_nack_interval = NACK_INTERVAL
-        if not buffer:
-            self._stall_alive = 0.0
-            self.nack_due = False
 
-    def maybe_skip_gap(self) -> tuple[list[tuple[int, int, bytes]], int]:
-        """Skip a gap the peer will never fill; returns (deliverable frames, skipped count)."""
-        if not self.buffer or self._stall_alive < self.gap_skip_after:
-            return [], 0
-        first = min(self.buffer)
-        skipped = first - self.expected
-        self.stats.gap_skips += 1
-        self.stats.skipped_nonces += skipped
-        self.expected = first
-        self._stall_alive = 0.0
-        out: list[tuple[int, int, bytes]] = []
-        self._drain(out)
-        self.ack_now = True
-        return out, skipped
+    def _forget_nacks(self) -> None:
+        self._fresh.clear()
+        self._nack_queue.clear()
+        self._nacked.clear()
+
+    # -- holes the peer gave up on ---------------------------------------------------------
+
+    def hole_deadline(self, bound: float) -> float | None:
+        """When the oldest hole is given up if still open (``bound``: seconds after birth)."""
+        if not self.holes:
+            return None
+        return max(self.holes[0].born, self.own_drop_at) + bound
+
+    def expire_holes(
+        self, now: float, bound: float
+    ) -> list[tuple[int, int, list[tuple[int, int, bytes]]]]:
+        """Step over every hole open for ``bound`` seconds, in one pass.
+
+        Returns ``(first nonce, last nonce, frames now deliverable)`` per hole, in order: the
+        frames after a hole come right after it, before the next hole's entry.
+        """
+        holes = self.holes
+        out: list[tuple[int, int, list[tuple[int, int, bytes]]]] = []
+        # the same sums as hole_deadline(), or a rounding gap spins the caller's loop
+        if self.own_drop_at + bound > now:
+            return out
+        while holes and holes[0].born + bound <= now:
+            hole = holes.pop(0)
+            self.stats.gap_skips += 1
+            self.stats.skipped_nonces += hole.end - hole.start + 1
+            self.expected = hole.end + 1
+            frames: list[tuple[int, int, bytes]] = []
+            self._drain(frames)
+            out.append((hole.start, hole.end, frames))
+        if out:
+            self.ack_now = True
+            if not holes:
+                self._forget_nacks()
+        return out
+
+    def tail_probe_deadline(self) -> float | None:
+        """When to ask the peer for an ACK (see ``TAIL_PROBE_FOR``), or None."""
+        if self.loss_at is None:
+            return None
+        due = max(self._last_tail_probe + TAIL_PROBE_INTERVAL, self.loss_at)
+        return due if due <= self.loss_at + TAIL_PROBE_FOR else None
+
+    def tail_probe_sent(self, now: float) -> None:
+        self._last_tail_probe = now
+
+    # -- ACK -------------------------------------------------------------------------------
 
     def ack_deadline(self) -> float | None:
         if self.ack_now:
@@ -712,34 +894,76 @@ class Receiver:
         self.last_ack_sent = now
         return encode_ack(ranges)
 
+    # -- NACK ------------------------------------------------------------------------------
+
     def request_resend(self) -> None:
-        """NACK the next expected nonce at once (after dropping Data while paused)."""
+        """Ask again at once for what we dropped ourselves (receive pause): the first nonce past
+        what we have, and every missing nonce."""
         self.resend_asked = True
+        for pending in (self._fresh, self._nacked):
+            self._nack_queue.extend([s, e] for _t, s, e in pending)
+            pending.clear()
+        self._last_round = float("-inf")
 
     def nack_deadline(self) -> float | None:
-        """When the next NACK is due while a gap blocks delivery.
-
-        Arrivals past the gap ask for one every 30 ms, as upstream does. When nothing arrives
-        (the lost datagram was the last one sent, or a control frame), the NACK is repeated
-        with back-off (30 ms doubling to 1 s) so a gap never waits for unrelated traffic.
-        """
+        """When the next NACK round is due (spec §7.3 payload; timing is ours)."""
         if self.resend_asked:
             return self.last_nack_sent  # at once (already due)
-        if not self.buffer:
-            return None
-        if self.nack_due:
-            return self.last_nack_sent + NACK_INTERVAL
-        return self.last_nack_sent + self._stall_nack_interval
+        due: float | None = None
+        if self._nack_queue:
+            due = self._last_round + NACK_PACE
+        else:
+            if self._fresh:
+                due = self._fresh[0][0]
+            if self._nacked:
+                again = self._nacked[0][0] + NACK_REPEAT
+                if due is None or again < due:
+                    due = again
+        return due
 
-    def build_nack(self, now: float) -> bytes | None:
-        deadline = self.nack_deadline()
-        # compare exactly as nack_deadline() does, or a rounding gap spins the caller's loop
-        if deadline is None or now < deadline:
-            return None
+    def build_nacks(self, now: float) -> list[bytes]:
+        """NACK payloads due now: new holes in full (``nack_delay`` after they appeared), then
+        every nonce still missing ``NACK_REPEAT`` after its last NACK; at most ``NACK_BURST``
+        per round."""
+        out: list[bytes] = []
         if self.resend_asked:
             self.resend_asked = False
-        elif not self.nack_due:
-            self._stall_nack_interval = min(self._stall_nack_interval * 2, STALL_NACK_MAX)
-        self.last_nack_sent = now
-        self.nack_due = False
-        return encode_nack(self.expected)
+            out.append(encode_nack(self.highest + 1))
+        queue = self._nack_queue
+        nacked = self._nacked
+        expected = self.expected
+        fresh = self._fresh
+        while fresh and fresh[0][0] <= now:
+            _, start, end = fresh.popleft()
+            if end >= expected:
+                queue.append([max(start, expected), end])
+        while nacked and nacked[0][0] + NACK_REPEAT <= now:
+            _, start, end = nacked.popleft()
+            if end >= expected:
+                queue.append([max(start, expected), end])
+        # compare exactly as nack_deadline() does, or a rounding gap spins the caller's loop
+        if queue and now >= self._last_round + NACK_PACE:
+            self._last_round = now
+            buffer = self.buffer
+            budget = NACK_BURST
+            scan = NACK_SCAN
+            while queue and budget and scan:
+                span = queue[0]
+                first = n = max(span[0], expected)
+                end = span[1]
+                while n <= end and budget and scan:
+                    scan -= 1
+                    if n not in buffer:
+                        out.append(encode_nack(n))
+                        budget -= 1
+                    n += 1
+                if n > first:
+                    nacked.append((now, first, n - 1))
+                if n > end:
+                    queue.popleft()
+                else:
+                    span[0] = n
+        if out:
+            self.last_nack_sent = now
+            self.stats.nacks_sent += len(out)
+        return out

@@ -14,12 +14,21 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .arq import ACK_DELAY, Receiver, Sender, decode_ack, decode_nack
+from .arq import (
+    ACK_DELAY,
+    GAP_SKIP_AFTER,
+    NACK_REPEAT,
+    Receiver,
+    Sender,
+    decode_ack,
+    decode_nack,
+)
 from .errors import LocalProtocolError, RemoteProtocolError
 from .events import (
     ConnectionTerminated,
     DataLost,
     Event,
+    ExtensionsNegotiated,
     HandshakeCompleted,
     RelayMessageReceived,
 )
@@ -40,14 +49,28 @@ from .obfuscation import (
     parse_handshake_datagram,
 )
 from .relay import (
+    EXT_FLOW_CONTROL,
+    EXTENSION_VERSION,
+    MIN_STREAM_WINDOW,
+    SUPPORTED_EXTENSIONS,
+    Close,
+    Connect,
     Data,
+    Error,
+    ExtensionHello,
     KeepAlive,
     Ping,
     Pong,
     RelayMessage,
+    RelayTag,
+    UdpAssociate,
+    WindowUpdate,
     decode_relay,
     encode_data_header,
+    encode_extension_hello,
     encode_relay,
+    encode_window_update,
+    parse_extension_hello,
 )
 
 RandomBytes = Callable[[int], bytes]
@@ -57,6 +80,15 @@ TIMESTAMP_WINDOW = 300.0  # spec §9.2: |now - ts| <= 300 s
 REPLAY_CACHE_SIZE = 50_000  # spec §9.2
 DATA_RELAY_HEADER = 3  # tag + u16 length (spec §8)
 _ELICITING = frozenset((FrameKind.DATA, FrameKind.CLOSE, FrameKind.KEEPALIVE, FrameKind.RESUME))
+_OPENING_TAGS = frozenset((1, 9))  # relay Connect, UdpAssociate: a stream (id) starts anew
+_TAG_DATA = RelayTag.DATA.value
+_TAG_CLOSE = RelayTag.CLOSE.value
+_TAG_ERROR = RelayTag.ERROR.value
+
+# Flow-control extension state of a connection (docs/flow-control.md)
+_FC_OFF = 0  # upstream peer, extension disabled or refused: no per-stream credit
+_FC_PENDING = 1  # client: hello sent, neither the answer nor the first Pong has arrived
+_FC_ON = 2
 
 
 class State(enum.Enum):
@@ -86,8 +118,11 @@ class ConnectionConfig:
     """Ceiling of the backed-off retransmission timeout; frames are never given up."""
     max_in_flight: int = 8192
     """Most unacknowledged nonces ahead of the oldest one (upstream's reorder buffer size)."""
-    gap_skip_after: float = 5.0
-    """Seconds of the peer sending without filling a gap before it is skipped and reported."""
+    gap_skip_after: float | None = GAP_SKIP_AFTER
+    """Seconds (plus the smoothed RTT) a hole in the peer's nonces may stay open, counted from
+    the arrival of the first datagram past it, before it is given up and reported as
+    :class:`DataLost` (None: never). An upstream peer gives up on a datagram about 1.6 s after
+    sending it (spec §7.2); ours never does and fills every hole long before."""
     idle_timeout: float = 25.0
     """Terminate after this long without a valid datagram from the peer."""
     keepalive_interval: float | None = 5.0
@@ -97,12 +132,32 @@ class ConnectionConfig:
     handshake_attempts: int = 4
     """Client: handshakes tried before giving up."""
     send_buffer_limit: int = 1 << 20
-    """Bytes queued for sending above which :attr:`writable` turns False (backpressure)."""
+    """Bytes queued for sending above which :attr:`writable` turns False (backpressure).
+    Bytes of streams waiting for the peer's credit do not count (see ``stream_send_limit``)."""
     reliable_transport: bool = False
     """Datagrams travel over a reliable stream (TCP, spec §10.6): no retransmission on timers
     or ACK gaps, so the ARQ does not fight TCP. ACKs are still sent (upstream peers need them)
     and NACKs still answered; :attr:`Connection.reliable_transport` changes it on a live
     connection when the path changes."""
+    extensions: bool = True
+    """Offer (client) or accept (server) ostp-py's extension hello, which turns on per-stream
+    flow control between two ostp-py peers (docs/flow-control.md). Upstream peers never see
+    it: an upstream server takes the hello for a KeepAlive, an upstream client sends none."""
+    stream_window: int = 256 * 1024
+    """Initial receive window of every stream (bytes), announced in the hello."""
+    max_stream_window: int = 16 * 1024 * 1024
+    """Ceiling of a stream's receive window; it doubles while the reader drains it in less
+    than about two round trips (auto-tuning), so one fast stream reaches full speed."""
+    stream_send_limit: int = 256 * 1024
+    """Bytes queued for one stream above which :meth:`Connection.stream_writable` is False."""
+
+    def __post_init__(self) -> None:
+        if self.stream_window < MIN_STREAM_WINDOW:
+            raise LocalProtocolError(f"stream_window must be at least {MIN_STREAM_WINDOW}")
+        if self.stream_window >= 1 << 32:
+            raise LocalProtocolError("stream_window must fit in 32 bits")
+        if self.max_stream_window < self.stream_window:
+            raise LocalProtocolError("max_stream_window must be at least stream_window")
 
 
 SERVER_DEFAULTS = ConnectionConfig(
@@ -126,6 +181,50 @@ class ConnectionStats:
     handshake_drop: int = 0
     state_drop: int = 0
     paused_drop: int = 0
+    flow_violation: int = 0
+    """Data messages beyond the credit this side granted (accepted; a peer bug, never ours)."""
+    window_updates_sent: int = 0
+    window_updates_received: int = 0
+
+
+class _SendQueue(deque[bytes]):
+    """Encoded relay messages of one stream waiting to be sent, and their total size."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+
+
+class _Flow:
+    """Credit of one stream, both directions (only while flow control is negotiated).
+
+    Offsets count stream bytes (Data payloads) from the start of the stream. Receive side:
+    ``received`` arrived, ``consumed`` handed on by the owner, ``granted`` the largest offset
+    announced to the peer. Send side: ``sent`` taken from the queue, ``limit`` the peer's grant.
+    """
+
+    __slots__ = (
+        "consumed",
+        "epoch_offset",
+        "epoch_time",
+        "granted",
+        "limit",
+        "received",
+        "sent",
+        "window",
+    )
+
+    def __init__(self, window: int, limit: int, now: float) -> None:
+        self.received = 0
+        self.consumed = 0
+        self.window = window
+        self.granted = window
+        self.epoch_time = now
+        self.epoch_offset = 0
+        self.sent = 0
+        self.limit = limit
 
 
 class Connection:
@@ -144,9 +243,21 @@ class Connection:
         self.session_id = 0
         self._events: deque[Event] = deque()
         self._out: list[bytes] = []
-        self._queues: dict[int, deque[bytes]] = {}
-        self._rr: deque[int] = deque()
+        self._queues: dict[int, _SendQueue] = {}
+        self._rr: deque[int] = deque()  # streams with queued messages they may send now
         self.send_buffer_bytes = 0
+        # per-stream flow control (docs/flow-control.md)
+        self._fc = _FC_OFF
+        self._flows: dict[int, _Flow] = {}
+        self._blocked: set[int] = set()  # streams whose next Data waits for the peer's credit
+        self._blocked_bytes = 0
+        self._grants_due: set[int] = set()
+        self._urgent: deque[tuple[int, bytes]] = deque()  # WindowUpdates, ahead of all queues
+        self._peer_window = MIN_STREAM_WINDOW  # send credit a new stream starts with
+        self._now = 0.0  # the latest time passed in (for state created by send())
+        self.peer_extensions: ExtensionHello | None = None
+        """What the peer's extension hello said, once negotiated (None: upstream peer or
+        extension not in use). ``flags`` are the extensions in use on this connection."""
         self._sealer: DataSealer | None = None
         self._opener: DataOpener | None = None
         self.sender = Sender(
@@ -159,10 +270,13 @@ class Connection:
         self.receiver = Receiver(
             ack_delay=config.ack_delay,
             ack_frequency=config.ack_frequency,
-            gap_skip_after=config.gap_skip_after,
         )
         self.sender.reliable = config.reliable_transport
         self.stats = ConnectionStats()
+        self._stream_floor: dict[int, int] = {}
+        """Per open stream id, a nonce below every datagram of it the peer may send: the
+        highest peer nonce seen when we first sent on it, or one below the first we got from
+        it. A Close either way forgets it."""
         self._receive_paused = False
         self._dropped_while_paused = False
         self.last_receive = 0.0
@@ -182,8 +296,66 @@ class Connection:
 
     @property
     def writable(self) -> bool:
-        """False while more than ``send_buffer_limit`` bytes wait to be sent."""
-        return self.send_buffer_bytes < self.config.send_buffer_limit
+        """False while more than ``send_buffer_limit`` bytes wait to be sent.
+
+        Bytes of streams that wait for the peer's credit are not counted: each of them is
+        bounded by ``stream_send_limit`` and none of them holds up any other stream.
+        """
+        return self.send_buffer_bytes - self._blocked_bytes < self.config.send_buffer_limit
+
+    @property
+    def flow_control(self) -> bool:
+        """True once per-stream flow control is negotiated with the peer."""
+        return self._fc == _FC_ON
+
+    def stream_send_buffered(self, stream_id: int) -> int:
+        """Bytes (encoded relay messages) queued for ``stream_id`` and not yet sent."""
+        queue = self._queues.get(stream_id)
+        return queue.size if queue is not None else 0
+
+    def stream_writable(self, stream_id: int) -> bool:
+        """True if the owner may queue more data for ``stream_id`` now.
+
+        False while the stream's own queue holds ``stream_send_limit`` bytes (it waits for the
+        peer's credit, or its turn) or the connection as a whole is not :attr:`writable`.
+        A shell blocks the stream's producer until this turns True again after a flush.
+        """
+        if not self.writable:
+            return False
+        queue = self._queues.get(stream_id)
+        return queue is None or queue.size < self.config.stream_send_limit
+
+    def stream_consumed(self, stream_id: int, n: int) -> bool:
+        """The owner handed ``n`` bytes of ``stream_id`` on (to its socket or its remote).
+
+        With flow control this opens credit for the peer; returns True when a WindowUpdate is
+        now due (call :meth:`datagrams_to_send` soon). Without flow control it does nothing.
+        """
+        flow = self._flows.get(stream_id)
+        if flow is None:
+            return False
+        flow.consumed += n
+        if (
+            self._fc == _FC_ON
+            and flow.granted - flow.consumed <= flow.window >> 1
+            and stream_id not in self._grants_due
+        ):
+            self._grants_due.add(stream_id)
+            return True
+        return False
+
+    def stream_receive_window(self, stream_id: int) -> int | None:
+        """The current receive window of ``stream_id`` (None: no flow-control state)."""
+        flow = self._flows.get(stream_id)
+        return flow.window if flow is not None else None
+
+    def forget_stream(self, stream_id: int) -> None:
+        """Drop the flow-control state of a stream that ended both ways.
+
+        The connection does this itself when a Close is sent or received on the stream (and an
+        Error from the server); data of the stream still waiting for credit is discarded.
+        """
+        self._forget(stream_id)
 
     @property
     def receive_paused(self) -> bool:
@@ -228,7 +400,14 @@ class Connection:
         if isinstance(message, Data):
             self.send_data(stream_id, message.data)
             return
-        self._enqueue(stream_id, encode_relay(message))
+        relay = encode_relay(message)
+        if isinstance(message, Close):  # the stream is over (its id may come back)
+            self._stream_floor.pop(stream_id, None)
+        elif relay[0] in _OPENING_TAGS or stream_id not in self._stream_floor:
+            self._stream_floor[stream_id] = self.receiver.highest
+        if self._fc and isinstance(message, Connect):
+            self._open_flow(stream_id)
+        self._enqueue(stream_id, relay)
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue stream bytes as Data relay messages (the hot path: no message objects)."""
@@ -236,6 +415,8 @@ class Connection:
             raise LocalProtocolError("connection is closed")
         if not 0 <= stream_id <= 0xFFFF:
             raise LocalProtocolError("stream id must fit in 16 bits")
+        if stream_id not in self._stream_floor:
+            self._stream_floor[stream_id] = self.receiver.highest
         view = memoryview(data)
         chunk = self.max_stream_chunk
         for start in range(0, len(view), chunk):
@@ -277,26 +458,40 @@ class Connection:
             deadlines.append(self.last_receive + self.config.idle_timeout)
             receiver = self.receiver
             sender = self.sender
+            bound = self._hole_bound()
             for t in (
                 receiver.ack_deadline(),
-                receiver.nack_deadline(),
+                None if self._receive_paused else receiver.nack_deadline(),
+                None if bound is None else receiver.hole_deadline(bound),
+                None if self._receive_paused else receiver.tail_probe_deadline(),
                 sender.probe_deadline(),
-                sender.pacing_deadline(bool(self._rr)),
+                sender.pacing_deadline(bool(self._rr or self._urgent)),
             ):
                 if t is not None:
                     deadlines.append(t)
+            if self._grants_due:
+                deadlines.append(self._now)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> None:
         """Run whatever timers are due at ``now``."""
         if self.state is State.CLOSED:
             return
+        self._now = now
         self._role_handle_timer(now)
         if self.state is not State.ESTABLISHED:
             return
         if now - self.last_receive >= self.config.idle_timeout:
             self._terminate("idle timeout: no valid datagram from the peer")
             return
+        receiver = self.receiver
+        if receiver.holes:
+            self._check_gap(now)
+        tail = receiver.tail_probe_deadline()
+        if tail is not None and now >= tail and not self._receive_paused:
+            # an ack-eliciting frame: the peer's ACK shows its newest nonce (and our losses)
+            receiver.tail_probe_sent(now)
+            self._build(FrameKind.KEEPALIVE, 0, b"", now, retransmittable=False)
         deadline = self.sender.probe_deadline()
         if deadline is not None and now >= deadline:
             self._out.extend(self.sender.on_probe_timeout(now))
@@ -304,17 +499,22 @@ class Connection:
     def datagrams_to_send(self, now: float) -> list[bytes]:
         """Datagrams to put on the wire now, in order."""
         if self.state is State.ESTABLISHED:
+            self._now = now
+            if self._grants_due:
+                self._send_grants(now)
             receiver = self.receiver
-            nack = receiver.build_nack(now) if receiver.buffer or receiver.resend_asked else None
-            if nack is not None:
-                self._build(FrameKind.NACK, 0, nack, now, retransmittable=False)
+            if not self._receive_paused:
+                deadline = receiver.nack_deadline()
+                if deadline is not None and now >= deadline:
+                    for nack in receiver.build_nacks(now):
+                        self._build(FrameKind.NACK, 0, nack, now, retransmittable=False)
             if receiver.ack_due(now):
                 ack = receiver.build_ack(now)
                 if ack is not None:
                     self._build(FrameKind.ACK, 0, ack, now, retransmittable=False)
             if self.sender.has_lost:
                 self._out.extend(self.sender.retransmissions(now))
-            if self._rr:
+            if self._rr or self._urgent:
                 self._flush_queue(now)
         out = self._out
         if out:
@@ -341,8 +541,10 @@ class Connection:
             self.stats.datagram_session_drop += 1
             return
         receiver = self.receiver
-        if receiver.classify(nonce, now):
+        verdict = receiver.classify(nonce, now)
+        if verdict == 1:
             return
+        self._now = now
         plaintext = opener.decrypt(nonce, data)
         if plaintext is None:
             self.stats.datagram_auth_drop += 1
@@ -355,24 +557,42 @@ class Connection:
         except RemoteProtocolError:
             # Authenticated but undecodable: keep the nonce sequence whole, deliver nothing.
             self.stats.frame_decode_drop += 1
-            self._deliver(receiver.accept(nonce, None, False, now), now)
+            if not verdict:
+                self._deliver(receiver.accept(nonce, None, False, now), now)
             return
+        if verdict:
+            # Too far ahead to keep (spec §7.3 step 2), but a hole that forms below it later
+            # is timed from now; and ACK and NACK still act: an unpaced peer far past a hole
+            # must keep seeing our data acknowledged and its NACKs answered.
+            receiver.sighted(nonce, now)
+            if kind not in (FrameKind.ACK, FrameKind.NACK):
+                return
         if kind in (FrameKind.DATA, FrameKind.RESUME):
             if self.receive_paused:
                 # Not taken, not acknowledged: the peer sends it again once we resume. ACKs
                 # and NACKs still get through, so our own sending never waits on this pause.
                 self.stats.paused_drop += 1
                 self._dropped_while_paused = True
+                receiver.own_drop_at = now  # our drop, not the peer giving up
                 return
+            floors = self._stream_floor
+            floor = floors.get(stream_id)
+            if floor is None or nonce <= floor or (payload and payload[0] in _OPENING_TAGS):
+                floors[stream_id] = nonce - 1
             self._deliver(receiver.accept(nonce, (kind, stream_id, payload), True, now), now)
-            if receiver.buffer:
+            if receiver.holes:
                 self._check_gap(now)
         elif kind == FrameKind.ACK:
             try:
                 self.sender.on_ack(decode_ack(payload), now)
             except RemoteProtocolError:
                 self.stats.frame_decode_drop += 1
-            self._deliver(receiver.accept(nonce, None, False, now), now)
+            # A new hole's first NACK waits two RTTs: a sender that reads loss from our ACKs
+            # (ours: an RTT and 9/8 of one) has re-sent by then, so NACKs add nothing to its
+            # work; upstream still holds the frame for ~1.5 s.
+            receiver.nack_delay = min(2 * self.sender.rtt.srtt, NACK_REPEAT)
+            if not verdict:
+                self._deliver(receiver.accept(nonce, None, False, now), now)
         elif kind == FrameKind.NACK:
             try:
                 again = self.sender.on_nack(decode_nack(payload), now)
@@ -381,7 +601,8 @@ class Connection:
                 again = None
             if again is not None:
                 self._out.append(again)
-            self._deliver(receiver.accept(nonce, None, False, now), now)
+            if not verdict:
+                self._deliver(receiver.accept(nonce, None, False, now), now)
         elif kind == FrameKind.CLOSE:
             self._terminate("closed by peer")
         else:  # KEEPALIVE (ack-eliciting) and HANDSHAKE (no-op), spec §6
@@ -390,10 +611,22 @@ class Connection:
 
     # -- internals -------------------------------------------------------------------------
 
+    def _hole_bound(self) -> float | None:
+        skip = self.config.gap_skip_after
+        return None if skip is None else skip + self.sender.rtt.srtt
+
     def _check_gap(self, now: float) -> None:
-        frames, skipped = self.receiver.maybe_skip_gap()
-        if skipped:
-            self._events.append(DataLost(skipped))
+        """Give up every hole that has been open too long, in one pass (see DataLost)."""
+        bound = self._hole_bound()
+        if bound is None:
+            return
+        deadline = self.receiver.hole_deadline(bound)
+        if deadline is None or now < deadline:
+            return
+        floors = self._stream_floor
+        for first, last, frames in self.receiver.expire_holes(now, bound):
+            streams = frozenset(s for s, floor in floors.items() if floor < last)
+            self._events.append(DataLost(first, last, streams))
             self._deliver(frames, now)
 
     def _take_random(self) -> int:
@@ -417,27 +650,145 @@ class Connection:
     def _enqueue(self, stream_id: int, relay: bytes) -> None:
         queue = self._queues.get(stream_id)
         if queue is None:
-            queue = self._queues[stream_id] = deque()
+            queue = self._queues[stream_id] = _SendQueue()
             self._rr.append(stream_id)
         queue.append(relay)
-        self.send_buffer_bytes += len(relay)
+        size = len(relay)
+        queue.size += size
+        self.send_buffer_bytes += size
+        if self._blocked and stream_id in self._blocked:
+            self._blocked_bytes += size
 
     def _flush_queue(self, now: float) -> None:
         sender = self.sender
+        if self._urgent and not self._flush_urgent(now):
+            return
         queues = self._queues
         rr = self._rr
+        flows = self._flows
+        end_tags = self._end_tags
         while rr and sender.window_open(now):
             stream_id = rr[0]
             queue = queues[stream_id]
-            relay = queue.popleft()
-            self.send_buffer_bytes -= len(relay)
+            relay = queue[0]
+            forget = False
+            if flows:
+                tag = relay[0]
+                if tag == _TAG_DATA:
+                    flow = flows.get(stream_id)
+                    if flow is not None:
+                        # Data only within the peer's credit; what follows in this stream's
+                        # queue waits behind it, other streams go on (docs/flow-control.md)
+                        n = len(relay) - DATA_RELAY_HEADER
+                        if flow.sent + n > flow.limit:
+                            rr.popleft()
+                            self._blocked.add(stream_id)
+                            self._blocked_bytes += queue.size
+                            continue
+                        flow.sent += n
+                elif tag in end_tags:
+                    forget = True
+            queue.popleft()
+            size = len(relay)
+            queue.size -= size
+            self.send_buffer_bytes -= size
             if queue:
                 rr.rotate(-1)
             else:
                 rr.popleft()
                 del queues[stream_id]
+            if forget:
+                self._forget(stream_id)
             if not self._build(FrameKind.DATA, stream_id, relay, now, retransmittable=True):
                 return
+
+    def _flush_urgent(self, now: float) -> bool:
+        """WindowUpdates go before any queued message: a peer may be waiting for them."""
+        urgent = self._urgent
+        sender = self.sender
+        while urgent and sender.window_open(now):
+            stream_id, relay = urgent.popleft()
+            if not self._build(FrameKind.DATA, stream_id, relay, now, retransmittable=True):
+                return False
+            self.stats.window_updates_sent += 1
+        return not urgent
+
+    # -- flow control (docs/flow-control.md) --------------------------------------------
+
+    @property
+    def _end_tags(self) -> tuple[int, ...]:
+        """Relay tags that end a stream when this side sends them."""
+        return (_TAG_CLOSE,)
+
+    def _open_flow(self, stream_id: int) -> None:
+        if stream_id in self._flows:
+            self._forget(stream_id)  # a stream id used again: the old stream is over
+        self._flows[stream_id] = _Flow(self.config.stream_window, self._peer_window, self._now)
+
+    def _forget(self, stream_id: int) -> None:
+        if self._flows.pop(stream_id, None) is None:
+            return
+        self._grants_due.discard(stream_id)
+        if stream_id in self._blocked:
+            # the stream is over: what still waits for its credit can never be delivered
+            self._blocked.discard(stream_id)
+            queue = self._queues.pop(stream_id)
+            self._blocked_bytes -= queue.size
+            self.send_buffer_bytes -= queue.size
+
+    def _unblock(self, stream_id: int) -> None:
+        self._blocked.discard(stream_id)
+        self._blocked_bytes -= self._queues[stream_id].size
+        self._rr.append(stream_id)
+
+    def _drop_flows(self) -> None:
+        """Flow control is not (or no longer) in use: no credit, no state."""
+        self._fc = _FC_OFF
+        for stream_id in list(self._blocked):
+            self._unblock(stream_id)
+        self._flows.clear()
+        self._grants_due.clear()
+
+    def _enable_flows(self, peer_window: int) -> None:
+        self._fc = _FC_ON
+        self._peer_window = peer_window
+        for stream_id, flow in self._flows.items():
+            if peer_window > flow.limit:
+                flow.limit = peer_window
+                if stream_id in self._blocked:
+                    self._unblock(stream_id)
+            if flow.granted - flow.consumed <= flow.window >> 1:
+                self._grants_due.add(stream_id)
+
+    def _send_grants(self, now: float) -> None:
+        """Announce more credit for every stream whose reader drained half its window."""
+        flows = self._flows
+        ceiling = self.config.max_stream_window
+        rtt = self.sender.rtt.srtt
+        for stream_id in self._grants_due:
+            flow = flows.get(stream_id)
+            if flow is None:
+                continue
+            # Auto-tuning as in quic-go: a window drained in less than about two round trips
+            # is what limits the stream's speed, so it doubles (up to the ceiling).
+            window = flow.window
+            if window < ceiling:
+                drained = flow.consumed - flow.epoch_offset
+                if now - flow.epoch_time < 4 * rtt * drained / window:
+                    flow.window = window = min(window * 2, ceiling)
+            flow.epoch_time = now
+            flow.epoch_offset = flow.consumed
+            flow.granted = flow.consumed + window
+            self._urgent.append((stream_id, encode_window_update(flow.granted)))
+        self._grants_due.clear()
+
+    def _on_window_update(self, stream_id: int, max_offset: int) -> None:
+        self.stats.window_updates_received += 1
+        flow = self._flows.get(stream_id)
+        if flow is not None and max_offset > flow.limit:
+            flow.limit = max_offset
+            if stream_id in self._blocked:
+                self._unblock(stream_id)
 
     def _build(
         self, kind: int, stream_id: int, payload: bytes, now: float, *, retransmittable: bool
@@ -458,23 +809,52 @@ class Connection:
         return True
 
     def _deliver(self, frames: list[tuple[int, int, bytes]], now: float) -> None:
+        events = self._events
+        flows = self._flows
         for _kind, stream_id, payload in frames:
             try:
                 message = decode_relay(payload)
             except RemoteProtocolError:
                 self.stats.relay_decode_drop += 1
                 continue
-            if isinstance(message, Ping):
+            if type(message) is Data:  # the hot path first, without isinstance chains
+                if flows:
+                    flow = flows.get(stream_id)
+                    if flow is not None:
+                        flow.received += len(message.data)
+                        if flow.received > flow.granted:
+                            self.stats.flow_violation += 1
+                events.append(RelayMessageReceived(stream_id, message))
+            elif isinstance(message, Ping):
                 self._enqueue(stream_id, encode_relay(Pong(message.timestamp)))
             elif isinstance(message, Pong):
                 self._on_pong(message, now)
             elif isinstance(message, KeepAlive):
-                continue
+                if len(payload) > 1:
+                    self._on_keepalive_trailer(stream_id, payload)
+            elif isinstance(message, WindowUpdate):
+                if not self._fc:
+                    # not negotiated: a tag this session does not know, as for upstream
+                    self.stats.relay_decode_drop += 1
+                    continue
+                self._on_window_update(stream_id, message.max_offset)
             else:
-                self._events.append(RelayMessageReceived(stream_id, message))
+                if isinstance(message, Close):  # the stream is over (its id may come back)
+                    self._stream_floor.pop(stream_id, None)
+                if isinstance(message, (Close, Error, Connect, UdpAssociate)):
+                    self._on_stream_boundary(stream_id, message)
+                events.append(RelayMessageReceived(stream_id, message))
 
     def _on_pong(self, message: Pong, now: float) -> None:
         """Client hook; the server ignores Pongs (spec §8)."""
+
+    def _on_keepalive_trailer(self, stream_id: int, payload: bytes) -> None:
+        """A KeepAlive with bytes after it: maybe an extension hello (role hook)."""
+
+    def _on_stream_boundary(self, stream_id: int, message: RelayMessage) -> None:
+        """Connect/UdpAssociate/Close/Error received (role hook for flow-control state)."""
+        if self._flows and isinstance(message, Close):
+            self._forget(stream_id)
 
     def _establish(self, secrets: Secrets, send_key: bytes, recv_key: bytes, now: float) -> None:
         self._sealer = DataSealer(secrets.obfuscation_key, send_key, self.session_id)
@@ -587,7 +967,17 @@ class ClientConnection(Connection):
             self.handshake_rtt = rtt
             self.sender.rtt.sample(rtt, now)
             self._events.append(HandshakeCompleted(sid, rtt))
-            if self.config.keepalive_interval is not None:
+            if self.config.extensions:
+                # The hello goes first, the Ping right behind it: an ostp-py server answers
+                # the hello before it answers the Ping (both on stream 0, in order), so a Pong
+                # before any answer means the server does not know the extension.
+                self._fc = _FC_PENDING
+                hello = ExtensionHello(
+                    EXTENSION_VERSION, SUPPORTED_EXTENSIONS, self.config.stream_window
+                )
+                self._enqueue(0, encode_extension_hello(hello))
+                self._send_keepalive(now, with_keepalive=False)
+            elif self.config.keepalive_interval is not None:
                 self._send_keepalive(now, with_keepalive=False)  # spec §10.1: Ping at once
             return
         self.stats.handshake_drop += 1
@@ -601,9 +991,32 @@ class ClientConnection(Connection):
         self._next_keepalive = now + interval if interval is not None else None
 
     def _on_pong(self, message: Pong, now: float) -> None:
+        if self._fc == _FC_PENDING:
+            self._drop_flows()  # the server answered our Ping, not our hello: upstream
         rtt = (now + self._unix_offset) * 1000 - message.timestamp
         if 0 <= rtt < 600_000:
             self.ping_rtt = rtt / 1000
+
+    def _on_keepalive_trailer(self, stream_id: int, payload: bytes) -> None:
+        if self._fc != _FC_PENDING or stream_id != 0:
+            return
+        hello = parse_extension_hello(payload)
+        if hello is None:
+            return
+        flags = hello.flags & SUPPORTED_EXTENSIONS
+        self.peer_extensions = ExtensionHello(
+            min(hello.version, EXTENSION_VERSION), flags, hello.stream_window
+        )
+        if flags & EXT_FLOW_CONTROL:
+            self._enable_flows(hello.stream_window)
+        else:
+            self._drop_flows()
+        self._events.append(ExtensionsNegotiated(flags, hello.stream_window))
+
+    def _on_stream_boundary(self, stream_id: int, message: RelayMessage) -> None:
+        # the server ends a stream with Close, or with Error when the connect failed (spec §8)
+        if self._flows and isinstance(message, (Close, Error)):
+            self._forget(stream_id)
 
     def _role_timer(self) -> float | None:
         if self.state is State.HANDSHAKING and self._attempts:
@@ -646,6 +1059,7 @@ class ServerConnection(Connection):
         super().__init__(secrets, config, random_bytes)
         self.session_id = session_id
         self.key_index = key_index
+        self._hello_closed = False  # a stream was opened or a hello answered: no (more) hello
         noise.set_ephemeral(random_bytes(32))
         message = noise.write_message_2(b"")
         pad = secrets.handshake_pad_min + self._fresh_randint(
@@ -663,6 +1077,35 @@ class ServerConnection(Connection):
     def matches(self, data: bytes) -> bool:
         """True if ``data`` is a data datagram of this session (for roaming lookups)."""
         return self._opener is not None and self._opener.unmask(data) is not None
+
+    @property
+    def _end_tags(self) -> tuple[int, ...]:
+        return (_TAG_CLOSE, _TAG_ERROR)  # Error: the connect failed, the stream is over
+
+    def _on_keepalive_trailer(self, stream_id: int, payload: bytes) -> None:
+        # Only a hello that comes before any stream: credit counts from a stream's first byte.
+        if not self.config.extensions or self._hello_closed or stream_id != 0:
+            return
+        hello = parse_extension_hello(payload)
+        if hello is None:
+            return
+        self._hello_closed = True
+        flags = hello.flags & SUPPORTED_EXTENSIONS
+        version = min(hello.version, EXTENSION_VERSION)
+        self.peer_extensions = ExtensionHello(version, flags, hello.stream_window)
+        answer = ExtensionHello(version, flags, self.config.stream_window)
+        self._enqueue(0, encode_extension_hello(answer))  # before the Pong to the Ping behind
+        if flags & EXT_FLOW_CONTROL:
+            self._enable_flows(hello.stream_window)
+        self._events.append(ExtensionsNegotiated(flags, hello.stream_window))
+
+    def _on_stream_boundary(self, stream_id: int, message: RelayMessage) -> None:
+        if isinstance(message, (Connect, UdpAssociate)):
+            self._hello_closed = True
+            if self._fc and isinstance(message, Connect):
+                self._open_flow(stream_id)
+        elif self._flows and isinstance(message, Close):
+            self._forget(stream_id)
 
 
 @dataclass(slots=True)

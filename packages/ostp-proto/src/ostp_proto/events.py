@@ -27,13 +27,37 @@ class RelayMessageReceived:
 
 @dataclass(frozen=True, slots=True)
 class DataLost:
-    """The peer gave up on ``count`` datagrams; every stream of this session may have a hole.
+    """The peer gave up on its datagrams ``first_nonce``..``last_nonce`` (spec §7.2, §16).
 
-    Only an upstream peer gives up on frames (spec §16). The owner must reset all streams of
-    the session instead of delivering data with a hole in it.
+    Each lost datagram belonged to one stream, but which one cannot be known.
+    ``stream_ids`` are the streams that may have lost data: those the connection knew of (we
+    sent on them, or the peer did) before the peer sent the lost datagrams, and that no Close
+    has ended since. The owner must reset them instead of delivering their data with a hole in
+    it; a stream opened after the loss is never named. Only an upstream peer gives up on
+    datagrams; ours never does.
     """
 
-    count: int
+    first_nonce: int
+    last_nonce: int
+    stream_ids: frozenset[int]
+
+    @property
+    def count(self) -> int:
+        """How many datagrams were lost."""
+        return self.last_nonce - self.first_nonce + 1
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionsNegotiated:
+    """The peer answered ostp-py's extension hello (docs/flow-control.md).
+
+    ``flags`` are the extensions now in use (0: the peer understood the hello but uses none).
+    Never raised with an upstream peer: it neither sends nor answers a hello.
+    """
+
+    flags: int
+    peer_stream_window: int
+    """The peer's initial receive window per stream."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,4 +67,10 @@ class ConnectionTerminated:
     reason: str
 
 
-Event: TypeAlias = HandshakeCompleted | RelayMessageReceived | DataLost | ConnectionTerminated
+Event: TypeAlias = (
+    HandshakeCompleted
+    | RelayMessageReceived
+    | DataLost
+    | ExtensionsNegotiated
+    | ConnectionTerminated
+)

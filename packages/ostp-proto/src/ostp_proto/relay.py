@@ -1,4 +1,10 @@
-"""Relay messages: the payload of every Data frame (spec §8)."""
+"""Relay messages: the payload of every Data frame (spec §8).
+
+Besides upstream's ten messages this module holds ostp-py's extension (docs/flow-control.md):
+an extension hello carried as a trailer after a KeepAlive (spec §8: decoders ignore bytes after
+a message's fields, and KeepAlive has none), and WindowUpdate, a message sent only to a peer
+that answered the hello.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +29,9 @@ class RelayTag(enum.IntEnum):
     PONG = 8
     UDP_ASSOCIATE = 9
     UDP_DATA = 10
+    WINDOW_UPDATE = 0x40
+    """ostp-py extension, only towards a peer that negotiated it. Upstream uses 1-10; 0x40
+    leaves 11-63 free for upstream's own growth, so the two cannot collide for a long time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +91,29 @@ class UdpData:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class WindowUpdate:
+    """Extension: the sender of this message accepts stream bytes up to ``max_offset``.
+
+    An absolute offset (QUIC's MAX_STREAM_DATA): repeating or reordering updates is harmless,
+    a smaller value than one already received changes nothing.
+    """
+
+    max_offset: int
+
+
 RelayMessage: TypeAlias = (
-    Connect | Data | KeepAlive | Close | ConnectOk | Error | Ping | Pong | UdpAssociate | UdpData
+    Connect
+    | Data
+    | KeepAlive
+    | Close
+    | ConnectOk
+    | Error
+    | Ping
+    | Pong
+    | UdpAssociate
+    | UdpData
+    | WindowUpdate
 )
 
 _EMPTY_TAGS: dict[type, bytes] = {
@@ -126,6 +156,8 @@ def encode_relay(message: RelayMessage) -> bytes:
         return _field(RelayTag.PING, message.timestamp.to_bytes(8, "big"))
     if isinstance(message, Pong):
         return _field(RelayTag.PONG, message.timestamp.to_bytes(8, "big"))
+    if isinstance(message, WindowUpdate):
+        return encode_window_update(message.max_offset)
     if isinstance(message, UdpData):
         address = message.address.encode()
         if len(address) > MAX_FIELD or len(message.data) > MAX_FIELD:
@@ -181,4 +213,58 @@ def decode_relay(payload: bytes) -> RelayMessage:
         address, offset = _take(payload, 1)
         data, _ = _take(payload, offset)
         return UdpData(_text(address), bytes(data))
+    if tag == RelayTag.WINDOW_UPDATE:
+        body, _ = _take(payload, 1)
+        if len(body) != 8:
+            raise RemoteProtocolError("window update offset must be 8 bytes")
+        return WindowUpdate(int.from_bytes(body, "big"))
     raise RemoteProtocolError(f"unknown relay tag {tag}")
+
+
+# -------------------------------------------------------------------- the extension hello
+
+EXTENSION_MAGIC = b"OSTPX"
+EXTENSION_VERSION = 1
+EXT_FLOW_CONTROL = 0x1
+"""Flag: per-stream flow control (WindowUpdate, credit per stream)."""
+SUPPORTED_EXTENSIONS = EXT_FLOW_CONTROL
+MIN_STREAM_WINDOW = 64 * 1024
+"""Smallest initial stream window a hello may announce; a client sends at most this much per
+stream before the server's answer arrives, so it never exceeds the server's initial credit."""
+_HELLO = struct.Struct(">5sBII")  # magic, version, flags, initial stream window
+_U64 = struct.Struct(">Q")
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionHello:
+    """The trailer of a KeepAlive that offers (client) or accepts (server) the extension."""
+
+    version: int
+    flags: int
+    """Bitmask of extensions: offered by the client, accepted (a subset) by the server."""
+    stream_window: int
+    """The sender's initial receive window for every stream (bytes)."""
+
+
+def encode_extension_hello(hello: ExtensionHello) -> bytes:
+    """A whole relay payload: KeepAlive (tag 3) followed by the hello trailer."""
+    return b"\x03" + _HELLO.pack(EXTENSION_MAGIC, hello.version, hello.flags, hello.stream_window)
+
+
+def parse_extension_hello(payload: bytes) -> ExtensionHello | None:
+    """The hello in a KeepAlive's trailer, or None (then it is a plain KeepAlive).
+
+    Strict: the tag must be KeepAlive, the magic exact, version at least 1, the window at least
+    :data:`MIN_STREAM_WINDOW`. Bytes after the fields are ignored (room for later versions).
+    """
+    if len(payload) < 1 + _HELLO.size or payload[0] != RelayTag.KEEPALIVE:
+        return None
+    magic, version, flags, window = _HELLO.unpack_from(payload, 1)
+    if magic != EXTENSION_MAGIC or version < 1 or window < MIN_STREAM_WINDOW:
+        return None
+    return ExtensionHello(version, flags, window)
+
+
+def encode_window_update(max_offset: int) -> bytes:
+    """WindowUpdate encoded like Ping: tag, ``len:u16`` = 8, offset u64 (hot path helper)."""
+    return b"\x40\x00\x08" + _U64.pack(max_offset)

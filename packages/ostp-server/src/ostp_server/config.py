@@ -261,6 +261,9 @@ class ServerConfig(BaseModel):
     continue it on a new connection (roaming, as upstream allows) before it is ended."""
     metrics: MetricsConfig | None = None
     """Prometheus endpoint (``{"listen": "127.0.0.1:9100"}``); absent: none."""
+    extensions: bool = True
+    """Answer ostp-py clients' extension hello (per-stream flow control, docs/flow-control.md).
+    Off, the server behaves towards every client as an upstream server does."""
     log_level: str = "info"
     debug: bool = False
     """Upstream's switch; same as ``"log_level": "debug"``."""

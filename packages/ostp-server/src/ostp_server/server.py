@@ -168,6 +168,7 @@ class OstpServer:
             SERVER_DEFAULTS,
             idle_timeout=config.idle_timeout,
             max_datagram_size=config.max_datagram_size,
+            extensions=config.extensions,
         )
         self.acceptor = ServerAcceptor(config.key_strings(), config=self.conn_config)
         self.key_stats = [
@@ -351,8 +352,7 @@ class OstpServer:
         if session is not None:
             conn = session.conn
             stats = conn.stats
-            paused = session.remote_pending > self.config.remote_buffer
-            conn.receive_paused = paused
+            conn.receive_paused = session.receive_backlogged
             before = stats.datagram_session_drop
             dropped = stats.paused_drop
             conn.receive_datagram(data, now)
@@ -410,7 +410,7 @@ class OstpServer:
                 or not session.conn.matches(data)
             ):
                 continue
-            session.conn.receive_paused = session.remote_pending > self.config.remote_buffer
+            session.conn.receive_paused = session.receive_backlogged
             stats = session.conn.stats
             before = stats.datagrams_received
             session.conn.receive_datagram(data, now)

@@ -5,18 +5,20 @@ Relays run as tasks in the server's task group, each inside its own cancel scope
 session can end them all. Everything that touches the core runs in the event loop's thread
 without awaiting in between, so no locking is needed.
 
-Backpressure, both ways:
+Backpressure, both ways (docs/flow-control.md):
 
-* remote → client: a relay reads its remote socket only while the connection is
-  :attr:`~ostp_proto.Connection.writable`; the core paces what it sends by its congestion
-  window, so a slow client slows the remote's reads, never grows memory.
-* client → remote: bytes for a remote wait in a per-stream queue. While the session's queued
-  total is above ``remote_buffer`` the session's core drops incoming Data frames unacknowledged
-  (``receive_paused``; the client's ARQ sends them again later) while ACKs keep flowing, so
-  the session's own sending never waits on it: OSTP has no receive window, so loss is the
-  only brake there is. A stream whose remote accepts nothing for
-  ``stall_timeout`` while data waits is reset (Close to the client), so one stuck remote
-  cannot stall the whole session for long.
+* remote → client: a relay reads its remote socket only while its stream is
+  :meth:`~ostp_proto.Connection.stream_writable` (its queue in the core is short and the
+  connection as a whole accepts data). With an ostp-py client that negotiated flow control
+  the queue drains only within the client's credit for the stream, so a slow reader at the
+  client stops only its own remote; the core paces the rest by its congestion window.
+* client → remote: bytes for a remote wait in a per-stream queue; what a remote accepted is
+  reported to the core (``stream_consumed``), which gives the client credit for more. An
+  upstream client (no flow control) is braked session-wide instead: while the session's queued
+  total is above ``remote_buffer`` the core drops incoming Data frames unacknowledged
+  (``receive_paused``; the client's ARQ sends them again) while ACKs keep flowing. A stream
+  whose remote accepts nothing for ``stall_timeout`` while data waits is reset (Close to the
+  client), so one stuck remote cannot hold its data for long.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ log = logging.getLogger("ostp_server")
 
 GATEWAY_HOST = "10.1.0.1"  # spec §9.5: the client's TUN gateway means the server itself
 REMOTE_READ_SIZE = 65536
+FLOW_CONTROLLED_BACKSTOP = 8
+"""With flow control the client keeps each stream within its window, so ``remote_buffer`` does
+not apply; only a total this many times larger (a client ignoring its credit, or very many
+large windows at once) brakes the session as for an upstream client."""
 WRITE_BATCH = 256 * 1024
 UDP_QUEUE_LIMIT = 512  # datagrams from the client waiting to be sent by one association
 UDP_RECV_BATCH = 64
@@ -133,7 +139,7 @@ class Session:
         self.timer: float | None = None
         self.closed = False
         self.stats = SessionStats()
-        self._writable: anyio.Event | None = None
+        self._send_waiters: dict[int, anyio.Event] = {}
 
     @property
     def name(self) -> str:
@@ -149,22 +155,44 @@ class Session:
         if not self.closed:
             self.conn.send_data(stream_id, data)
 
+    def consumed(self, stream_id: int, n: int) -> None:
+        """``n`` bytes of ``stream_id`` were written to its remote (or dropped): credit."""
+        if not self.closed and self.conn.stream_consumed(stream_id, n):
+            self.flush()  # the WindowUpdate leaves now
+
+    @property
+    def receive_backlogged(self) -> bool:
+        """True while remotes hold so much unwritten client data that Data must be refused."""
+        limit = self.server.config.remote_buffer
+        if self.conn.flow_control:
+            limit *= FLOW_CONTROLLED_BACKSTOP
+        return self.remote_pending > limit
+
     def flush(self) -> None:
         if not self.closed:
             self.server.flush(self)
 
-    async def wait_writable(self) -> None:
-        """Return once the core accepts more data (or the session is gone)."""
-        while not self.closed and not self.conn.writable:
-            if self._writable is None:
-                self._writable = anyio.Event()
-            await self._writable.wait()
+    async def wait_stream_writable(self, stream_id: int) -> None:
+        """Return once the core takes more data for ``stream_id`` (or the session is gone)."""
+        while not self.closed and not self.conn.stream_writable(stream_id):
+            event = self._send_waiters.get(stream_id)
+            if event is None:
+                event = self._send_waiters[stream_id] = anyio.Event()
+            await event.wait()
 
     def after_flush(self) -> None:
-        ev = self._writable
-        if ev is not None and (self.conn.writable or self.closed):
-            self._writable = None
-            ev.set()
+        waiters = self._send_waiters
+        if not waiters:
+            return
+        conn = self.conn
+        if self.closed:
+            for event in waiters.values():
+                event.set()
+            waiters.clear()
+        elif conn.writable:
+            for stream_id in list(waiters):
+                if conn.stream_writable(stream_id):
+                    waiters.pop(stream_id).set()
 
     def relay_done(self, relay: TcpRelay | UdpRelay) -> None:
         if self.relays.get(relay.stream_id) is relay:
@@ -200,6 +228,7 @@ class Session:
                 relay.on_data(message.data)
             else:
                 self.stats.remote_data_drop += 1
+                self.consumed(stream_id, len(message.data))
         elif isinstance(message, UdpData):
             if isinstance(relay, UdpRelay):
                 relay.on_datagram(message.address, message.data)
@@ -269,6 +298,7 @@ class TcpRelay:
 
     def on_data(self, data: bytes) -> None:
         if not data or self.client_closed:
+            self.session.consumed(self.stream_id, len(data))
             return
         self.pending.append(data)
         self.pending_bytes += len(data)
@@ -291,6 +321,9 @@ class TcpRelay:
         """Tell the client the stream is closed and drop it."""
         self.session.stats.streams_reset += 1
         if not self.client_closed:
+            # An abort: data still waiting for the client's credit is dropped, so the Close
+            # cannot be stuck behind it (the client may not be reading this stream at all).
+            self.session.conn.forget_stream(self.stream_id)
             self.session.send(self.stream_id, Close())
             self.session.flush()
         self.cancel()
@@ -346,7 +379,7 @@ class TcpRelay:
         session = self.session
         stream_id = self.stream_id
         while True:
-            await session.wait_writable()
+            await session.wait_stream_writable(stream_id)
             if session.closed:
                 return
             try:
@@ -383,6 +416,7 @@ class TcpRelay:
                 self.pending_bytes -= size
                 session.remote_pending -= size
                 self.last_progress = session.server.clock()
+                session.consumed(self.stream_id, size)
             # the client closed: everything it sent is written; close the remote
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             if not self.client_closed:

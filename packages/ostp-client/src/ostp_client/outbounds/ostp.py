@@ -7,6 +7,13 @@ once, so no task or queue hop sits on the data path. A session that stops for an
 re-established after a fixed back-off, forever, until the daemon stops (spec §10.2); the streams
 it carried are reset cleanly.
 
+Flow control (docs/flow-control.md): every stream buffers what arrives for it and tells the core
+what its local reader took (``stream_consumed``); with an ostp-py server the server sends a
+stream no more than its window, so a slow or stopped reader holds only its own data. Towards an
+upstream server (no extension) the session keeps reading its socket and only when all its
+streams together buffer ``receive_buffer_cap`` does it refuse Data (``receive_paused``).
+A stream that sends waits for its own writability (its queue in the core, the server's credit).
+
 NAT traversal (the outbound's ``nat`` block) puts STUN Binding and TURN relaying on the same
 socket: a session that talks to a STUN or TURN server keeps its socket unconnected and sorts what
 it reads with a :class:`~ostp_client.nat.NatMux` (:class:`_NatSocket`); every other session keeps
@@ -70,6 +77,7 @@ from ostp_proto import (
     Data,
     DataLost,
     Error,
+    ExtensionsNegotiated,
     HandshakeCompleted,
     PaddingPolicy,
     RelayMessageReceived,
@@ -84,13 +92,14 @@ logger = logging.getLogger(__name__)
 
 SOCKET_BUFFER = 32 * 1024 * 1024  # upstream asks for 32 MiB (spec §9.1, §16)
 RECONNECT_DELAY = 5.0  # spec §10.2: fixed back-off, no cap on attempts
-STREAM_RECEIVE_LIMIT = 4 * 1024 * 1024
-"""Bytes buffered for the streams of one session (slow local readers) above which the session
-stops reading its socket, so the kernel holds the rest. If the readers do not catch up within
-``FULL_GRACE`` it reads again but takes no Data (dropped unacknowledged, asked for again when
-the readers have caught up: ``ClientConnection.receive_paused``), so that ACKs for what this
-session sends are never stuck behind a slow reader."""
-FULL_GRACE = 0.5
+RECEIVE_BUFFER_CAP = 64 * 1024 * 1024
+"""Bytes buffered for all streams of one session (slow local readers) above which the session
+takes no more Data: dropped unacknowledged, asked for again once the readers have caught up
+(``ClientConnection.receive_paused``); ACKs keep flowing both ways. With an ostp-py server
+each stream's window bounds its buffer long before; an upstream server has no flow control and
+gives up on frames refused for about 1.5 s (spec §7.2, §16), so the cap is generous."""
+STREAM_WINDOW = 256 * 1024
+"""Initial receive window per stream offered to an ostp-py server; it grows for fast readers."""
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # root may exceed net.core.rmem_max
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
@@ -172,6 +181,8 @@ class OstpStream(_Channel, anyio.abc.ByteStream):
     def __init__(self, session: _Session, stream_id: int, ctx: ConnContext) -> None:
         super().__init__(session, stream_id)
         self._chunks: deque[bytes] = deque()
+        self.buffered = 0
+        """Bytes received for the local reader and not yet taken by it."""
         self._eof = False
         self._reset: str | None = None
         self.ctx = ctx
@@ -183,6 +194,7 @@ class OstpStream(_Channel, anyio.abc.ByteStream):
             if self._eof:
                 return
             self._chunks.append(message.data)
+            self.buffered += len(message.data)
             self.session.buffered += len(message.data)
             self.connected.set()  # the first Data may race ahead of ConnectOk (spec §9.5)
             self.readable.set()
@@ -238,7 +250,8 @@ class OstpStream(_Channel, anyio.abc.ByteStream):
         if len(chunk) > max_bytes:
             chunks.appendleft(chunk[max_bytes:])
             chunk = chunk[:max_bytes]
-        self.session.consumed(len(chunk))
+        self.buffered -= len(chunk)
+        self.session.consumed(self.stream_id, len(chunk))
         return chunk
 
     async def send(self, item: bytes) -> None:
@@ -262,7 +275,8 @@ class OstpStream(_Channel, anyio.abc.ByteStream):
             return
         self._close_remote()
         self.closed = True
-        self.session.buffered -= sum(len(c) for c in self._chunks)
+        self.session.buffered -= self.buffered
+        self.buffered = 0
         self._chunks.clear()
         self.readable.set()
 
@@ -416,9 +430,8 @@ class _Session:
         self.session_id: int | None = None
         self._sleep: anyio.CancelScope | None = None
         self._sleep_until = math.inf
-        self._full_since: float | None = None
-        self._readable_again = anyio.Event()
-        self._writable = anyio.Event()
+        self._send_waiters: dict[int, anyio.Event] = {}
+        """Streams waiting for the core to take more of their data, by stream id."""
         self.connected_event = anyio.Event()
 
     # -- the driving loop ----------------------------------------------------------------------
@@ -531,8 +544,7 @@ class _Session:
         self.flush()
         while True:
             now = time.monotonic()
-            if not self._holding(now):
-                self._read_all(conn, now)
+            self._read_all(conn, now)
             timer = conn.get_timer()
             if timer is not None and timer <= now:
                 conn.handle_timer(now)
@@ -638,19 +650,10 @@ class _Session:
         receive = conn.receive_datagram
         batch = self.batch
         assert batch is not None
-        conn.receive_paused = self.buffered >= STREAM_RECEIVE_LIMIT
+        conn.receive_paused = self.buffered >= self.outbound.receive_buffer_cap
         for data in batch.recv_batch(256):
             self.bytes_down += len(data)
             receive(data, now)
-
-    def _holding(self, now: float) -> bool:
-        """True while the socket is left unread for slow local readers (within the grace)."""
-        if self.buffered < STREAM_RECEIVE_LIMIT:
-            self._full_since = None
-            return False
-        if self._full_since is None:
-            self._full_since = now
-        return now - self._full_since < FULL_GRACE
 
     async def _wait(self, sock: socket.socket, conn: ClientConnection) -> None:
         timer = conn.get_timer()
@@ -667,15 +670,7 @@ class _Session:
         self._sleep_until = now + delay
         with anyio.CancelScope(deadline=anyio.current_time() + delay) as scope:
             self._sleep = scope
-            if self._holding(now):
-                # only until the grace ends: then the socket is read again (Data paused)
-                assert self._full_since is not None
-                left = self._full_since + FULL_GRACE - now
-                scope.deadline = min(scope.deadline, anyio.current_time() + left)
-                self._readable_again = anyio.Event()
-                await self._readable_again.wait()
-            else:
-                await anyio.wait_readable(sock)
+            await anyio.wait_readable(sock)
         self._sleep = None
         self._sleep_until = math.inf
 
@@ -704,6 +699,14 @@ class _Session:
                 self._set_state(SessionState.CONNECTED)
                 self.connected_event.set()
                 self.outbound.session_connected()
+            elif isinstance(event, ExtensionsNegotiated):
+                logger.debug(
+                    "%s session %d: flow control %s (server window %d)",
+                    self.outbound.tag,
+                    self.index,
+                    "on" if conn.flow_control else "off",
+                    event.peer_stream_window,
+                )
             elif isinstance(event, DataLost):
                 logger.warning(
                     "%s session %d: the server gave up on %d datagrams; resetting its %d streams",
@@ -719,8 +722,7 @@ class _Session:
                 if event.reason.startswith(HANDSHAKE_TIMED_OUT):
                     self._handshake_timed_out()
                 return False
-        if conn.writable and not self._writable.is_set():
-            self._writable.set()
+        self._wake_senders()
         return True
 
     def _handshake_timed_out(self) -> None:
@@ -748,6 +750,26 @@ class _Session:
         if datagrams:
             # Kernel drops count as loss on the wire; the ARQ re-sends what matters.
             self.bytes_up += batch.send_batch(datagrams)
+        if self._send_waiters:
+            self._wake_senders()
+
+    def _wake_senders(self) -> None:
+        """Wake every stream whose data the core takes again (each has its own event, so no
+        waiter can miss a wake-up meant for another); all of them once the session is gone."""
+        waiters = self._send_waiters
+        if not waiters:
+            return
+        conn = self.conn
+        if conn is None or not conn.established:
+            for event in waiters.values():
+                event.set()
+            waiters.clear()
+            return
+        if not conn.writable:
+            return
+        for stream_id in list(waiters):
+            if conn.stream_writable(stream_id) or stream_id not in self.channels:
+                waiters.pop(stream_id).set()
 
     def _teardown(self, reason: str) -> None:
         # Still trying: the supervisor starts again after its back-off (never Idle again).
@@ -770,7 +792,7 @@ class _Session:
         self.conn = None
         self.mux = None
         self.buffered = 0
-        self._writable.set()
+        self._wake_senders()
 
     def _reset_channels(self, reason: str) -> None:
         for channel in list(self.channels.values()):
@@ -791,15 +813,22 @@ class _Session:
     def unbind(self, stream_id: int) -> None:
         self.channels.pop(stream_id, None)
         self.outbound.release_stream_id(stream_id)
+        waiter = self._send_waiters.pop(stream_id, None)
+        if waiter is not None:
+            waiter.set()  # its send() sees the stream gone
 
-    def consumed(self, n: int) -> None:
+    def consumed(self, stream_id: int, n: int) -> None:
+        """The local reader of ``stream_id`` took ``n`` bytes: credit for the server."""
         self.buffered -= n
-        if self.buffered < STREAM_RECEIVE_LIMIT:
-            self._readable_again.set()
-            conn = self.conn
-            if conn is not None and conn.receive_paused:
-                conn.receive_paused = False  # asks the server for what was dropped, at once
-                self.flush()
+        conn = self.conn
+        if conn is None:
+            return
+        flush = conn.stream_consumed(stream_id, n)  # True: a WindowUpdate is due
+        if conn.receive_paused and self.buffered < self.outbound.receive_buffer_cap:
+            conn.receive_paused = False  # asks the server for what was dropped, at once
+            flush = True
+        if flush:
+            self.flush()
 
     def send_message(self, stream_id: int, message: Any) -> None:
         conn = self.conn
@@ -810,13 +839,16 @@ class _Session:
         self._wake_if_needed()
 
     async def send_data(self, stream_id: int, data: bytes) -> None:
-        conn = self.conn
-        while conn is not None and not conn.writable:
-            self._writable = anyio.Event()
-            await self._writable.wait()
+        while True:
             conn = self.conn
-        if conn is None or not conn.established or stream_id not in self.channels:
-            raise anyio.BrokenResourceError("tunnel session ended")
+            if conn is None or not conn.established or stream_id not in self.channels:
+                raise anyio.BrokenResourceError("tunnel session ended")
+            if conn.stream_writable(stream_id):
+                break
+            event = self._send_waiters.get(stream_id)
+            if event is None:
+                event = self._send_waiters[stream_id] = anyio.Event()
+            await event.wait()
         conn.send_data(stream_id, data)
         self.flush()
         self._wake_if_needed()
@@ -836,6 +868,9 @@ class _Session:
             "connected_since": self.connected_at if self.state == SessionState.CONNECTED else None,
             "reconnects": self.reconnects,
             "streams": len(self.channels),
+            "flow_control": conn.flow_control if conn is not None else None,
+            "receive_buffered": self.buffered,
+            "receive_paused": conn.receive_paused if conn is not None else False,
             "last_error": self.last_error,
             "path": self.path,
             "mapped_address": _fmt(self.mapped_address),
@@ -875,8 +910,12 @@ class OstpOutbound(Outbound):
         reconnect_delay: float = RECONNECT_DELAY,
         batching: bool = True,
         nat: NatOptions | None = None,
+        extensions: bool = True,
+        stream_window: int = STREAM_WINDOW,
+        receive_buffer_cap: int = RECEIVE_BUFFER_CAP,
     ) -> None:
         super().__init__(tag)
+        self.receive_buffer_cap = receive_buffer_cap
         self.batching = batching
         self.nat = nat
         self.server = server
@@ -885,12 +924,16 @@ class OstpOutbound(Outbound):
         self.reconnect_delay = reconnect_delay
         # Data datagrams up to the configured MTU minus IP/UDP headers; upstream's client
         # padding profile (spec §6.1), keepalives every `keepalive_interval` (spec §10.2).
+        base = ConnectionConfig()
         self.connection_config = replace(
-            ConnectionConfig(),
+            base,
             max_datagram_size=max(mtu - 48, 500),
             padding=PaddingPolicy.upstream_client(mtu),
             keepalive_interval=keepalive_interval,
             idle_timeout=idle_timeout,
+            extensions=extensions,
+            stream_window=stream_window,
+            max_stream_window=max(stream_window, base.max_stream_window),
         )
         self.sessions = [_Session(self, i) for i in range(sessions)]
         self._next_stream = 1
@@ -1039,6 +1082,9 @@ def _factory(cfg: OstpOutboundConfig, ctx: OutboundContext) -> Outbound:
         idle_timeout=cfg.idle_timeout,
         reconnect_delay=cfg.reconnect_delay,
         nat=_nat_options(cfg),
+        extensions=cfg.extensions,
+        stream_window=cfg.stream_window,
+        receive_buffer_cap=cfg.receive_buffer_cap,
     )
 
 
