@@ -8,20 +8,31 @@ the server does not accept the opening.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 
 from ostp_client.outbounds.ostp import OstpOutbound, _Session
-from ostp_client.transport.stream import HIGH_WATER, StreamTransport
+from ostp_client.transport import TransportError
+from ostp_client.transport.stream import (
+    HIGH_WATER,
+    RealityOptions,
+    StreamOptions,
+    StreamTransport,
+    open_stream,
+)
 from ostp_proto.transport import (
     DatagramStream,
     Framing,
@@ -49,14 +60,12 @@ MB = 1024 * 1024
 PRIVATE, PUBLIC = generate_keypair()
 SHORT_ID = os.urandom(8).hex()
 SERVER_NAME = "www.example.com"
-REALITY_SERVER = {
-    "reality": {
-        "private_key": encode_key(PRIVATE),
-        "short_id": SHORT_ID,
-        "server_names": [SERVER_NAME],
-    },
-    "tcp_rate_limit": 0,
+REALITY_BLOCK = {
+    "private_key": encode_key(PRIVATE),
+    "short_id": SHORT_ID,
+    "server_names": [SERVER_NAME],
 }
+REALITY_SERVER: dict[str, Any] = {"reality": REALITY_BLOCK, "tcp_rate_limit": 0}
 
 
 @pytest.fixture(scope="module")
@@ -154,15 +163,18 @@ async def test_50mb_each_way_byte_exact(
         await upload(daemon, origin, 50 * MB, tmp_path)
         conn = session.conn
         assert conn is not None and conn.reliable_transport
-        # TCP carries every datagram: the ARQ never sent one twice (nor probed) on its own
+        # TCP carries every datagram: the ARQ never re-sends one on its own (no probe timer, no
+        # loss from ACK gaps); only what the server refused and asked for again (NACK)
         stats = conn.sender.stats
-        assert stats.retransmissions == 0 and stats.probe_timeouts == 0, stats
+        assert stats.probe_timeouts == 0, stats
+        assert stats.retransmissions == 0 or stats.nack_retransmissions > 0, stats
         assert session.reconnects == 0 and session.transport_switches == 0
-        # large datagrams, batched writes: far fewer sends than datagrams
+        # large datagrams, several to a write
         transport = session.transport
         assert isinstance(transport, StreamTransport)
         assert transport.bytes_written > 50 * MB
-        assert transport.bytes_written / transport.writes > 16 * 1024
+        per_write = transport.bytes_written / transport.writes
+        assert per_write > 16 * 1024, (transport.bytes_written, transport.writes)
 
 
 async def test_session_continues_on_a_new_tcp_connection(
@@ -259,3 +271,108 @@ async def test_stream_transport_reports_the_end_of_the_connection() -> None:
     assert transport.send_batch([b"x"]) == 0  # nothing is written after the end
     transport.close()
     transport.close()  # idempotent
+
+
+DECOY_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nServer: decoy\r\nContent-Length: 5\r\nConnection: close\r\n\r\ndecoy"
+)
+
+
+@asynccontextmanager
+async def decoy() -> AsyncIterator[tuple[int, list[bytes]]]:
+    """The real site behind the server (``reality.dest``): reads what comes (until a pause or
+    EOF), records it and answers a fixed page."""
+    seen: list[bytes] = []
+
+    async def handle(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            got = b""
+            with anyio.move_on_after(1):  # probes send what they send, then wait
+                try:
+                    while True:
+                        got += await stream.receive(65536)
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    pass
+            seen.append(got)
+            await stream.send(DECOY_ANSWER)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        yield int(listener.extra(anyio.abc.SocketAttribute.local_port)), seen
+        tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def tap(port: int) -> AsyncIterator[tuple[int, bytearray]]:
+    """A TCP relay to 127.0.0.1:``port`` that records what the client sends."""
+    recorded = bytearray()
+
+    async def handle(client: anyio.abc.SocketStream) -> None:
+        async with client, await anyio.connect_tcp("127.0.0.1", port) as server:
+
+            async def up() -> None:
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                    while True:
+                        data = await client.receive(65536)
+                        recorded.extend(data)
+                        await server.send(data)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(up)
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                    while True:
+                        await client.send(await server.receive(65536))
+                tg.cancel_scope.cancel()
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        yield int(listener.extra(anyio.abc.SocketAttribute.local_port)), recorded
+        tg.cancel_scope.cancel()
+
+
+async def _exchange(port: int, data: bytes) -> bytes:
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(data)
+        got = b""
+        with anyio.fail_after(20), contextlib.suppress(anyio.EndOfStream):
+            while True:
+                got += await stream.receive(65536)
+        return got
+
+
+async def test_probes_and_a_replayed_client_hello_meet_the_decoy(tmp_path: Path) -> None:
+    """What a prober sees: curl without a token gets the real site's page; the hello our
+    client sends (its own code path, recorded on the way) opens the connection once, and sent
+    again (a replay) it reaches the real site byte for byte, as does a hello for a wrong key."""
+    require_curl()
+    async with decoy() as (dest, seen):
+        reality = {**REALITY_BLOCK, "dest": f"127.0.0.1:{dest}"}
+        with ostp_server(tmp_path, reality=reality, tcp_rate_limit=0) as srv:
+            page = await curl(["-si", f"http://127.0.0.1:{srv.port}/"])
+            assert page.returncode == 0, page.stderr
+            assert page.stdout.encode() == DECOY_ANSWER
+            assert seen[-1].startswith(b"GET / HTTP/1.1\r\n")
+
+            options = StreamOptions(
+                framing=Framing.STREAM,
+                host=SERVER_NAME,
+                reality=RealityOptions(PUBLIC, bytes.fromhex(SHORT_ID), SERVER_NAME),
+            )
+            async with tap(srv.port) as (tap_port, recorded):
+                genuine = await open_stream(("127.0.0.1", tap_port), srv.key, options)
+                genuine.close()
+            hello = bytes(recorded)
+            assert hello[:3] == b"\x16\x03\x01"  # a TLS ClientHello record
+            answer = await _exchange(srv.port, hello)
+            assert answer == DECOY_ANSWER
+            assert seen[-1] == hello  # every byte the server had read reached the site
+
+            stranger = replace(
+                options,
+                reality=RealityOptions(generate_keypair()[1], bytes.fromhex(SHORT_ID), SERVER_NAME),
+            )
+            with pytest.raises(TransportError, match="the server refused"):
+                await open_stream(("127.0.0.1", srv.port), srv.key, stranger)
+            assert seen[-1][:3] == b"\x16\x03\x01" and len(seen) == 3
