@@ -376,3 +376,18 @@ async def test_probes_and_a_replayed_client_hello_meet_the_decoy(tmp_path: Path)
             with pytest.raises(TransportError, match="the server refused"):
                 await open_stream(("127.0.0.1", srv.port), srv.key, stranger)
             assert seen[-1][:3] == b"\x16\x03\x01" and len(seen) == 3
+
+
+async def test_a_low_order_reality_key_is_a_clear_error() -> None:
+    """An all-zero `public_key` (valid base64url, 32 bytes) cannot make a shared secret."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        options = StreamOptions(
+            framing=Framing.STREAM,
+            host=SERVER_NAME,
+            reality=RealityOptions(bytes(32), bytes.fromhex(SHORT_ID), SERVER_NAME),
+        )
+        with pytest.raises(TransportError, match="low order"):
+            await open_stream(listener.getsockname()[:2], "k", options)
+    finally:
+        listener.close()
