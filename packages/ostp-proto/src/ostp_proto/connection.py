@@ -36,6 +36,7 @@ from .events import (
 )
 from .frames import (
     DATAGRAM_OVERHEAD,
+    PADDING_CLAMP_OVERHEAD,
     FrameKind,
     PaddingPolicy,
     decode_frame,
@@ -1088,8 +1089,12 @@ class Connection:
             return False
         sealer = self._sealer
         assert sealer is not None
-        pad = self._padding.pad_len(len(payload), self._pad_randint)
-        frame = encode_frame(kind, stream_id, payload, pad, self._reserved())
+        padding = self._padding
+        if len(payload) + PADDING_CLAMP_OVERHEAD >= padding.mtu_hint:
+            pad = 0  # spec §6.1's final clamp: full datagrams get none (no call to find that)
+        else:
+            pad = padding.pad_len(len(payload), self._pad_randint)
+        frame = encode_frame(kind, stream_id, payload, pad, self._take_random())
         datagram = sealer.seal(nonce, frame)
         sender.next_nonce = nonce + 1
         sender.record(nonce, datagram, now, retransmittable)
