@@ -44,12 +44,14 @@ How a connection uses it (the shells and :mod:`ostp_proto.connection`):
   are never retransmitted as they are (a lost probe is too big for the path).
 * A lost probe still leaves a hole in the nonce sequence at the peer: OSTP delivers in nonce
   order (spec §7.3), and the only datagram that may carry that nonce is the probe itself
-  (re-sealing another frame under it would reuse the AEAD nonce). The connection fills the hole
-  by sending the probe's bytes once more with fragmentation allowed (``IP_PMTUDISC_DONT`` for that
-  send); where fragments are dropped too, an upstream receiver skips the hole after 500 ms
-  (spec §7.3: it held a KeepAlive, so nothing is lost), and our receiver must be able to do the
-  same without reporting lost data. Keeping ``max_plpmtu`` at the first hop's MTU means probes
-  are lost only on paths narrower than the first hop, where the search tries at most two sizes.
+  (re-sealing another frame under it would reuse the AEAD nonce). Towards an ostp-py peer that
+  accepted the extension flag ``EXT_PATH_PROBES`` the connection gives the nonce up explicitly
+  (``Abandoned``, relay tag 0x41, on stream 0, docs/protocol-deviations.md): the peer counts it
+  as received with no frame and its hole closes at once, without ``DataLost``. An upstream
+  receiver skips the hole after 500 ms by itself (spec §7.3: it held a KeepAlive, so nothing is
+  lost), so towards it one lost probe rules a size out (``max_probes`` = 1). Keeping
+  ``max_plpmtu`` at the first hop's MTU means probes are lost only on paths narrower than the
+  first hop, where the search tries at most two sizes.
 * Acknowledged and lost data datagrams are reported with :meth:`on_datagram_acked` and
   :meth:`on_datagram_lost` (their size and the time they were last sent), for black-hole
   detection and to confirm the base size from data; once per ACK frame with the newest datagram
