@@ -84,7 +84,9 @@ __all__ = [
 ]
 
 DEFAULT_PROXY_PORT = 1088  # spec §10.10 socks5_bind default 127.0.0.1:1088
-DEFAULT_MTU = 1350  # spec §10.10 (CLI default)
+DEFAULT_MTU = 65535
+"""Ceiling of path MTU discovery: on loopback datagrams grow to 64 KB, on a real path the
+first hop's MTU caps them (upstream's CLI default, 1350, fixed the datagram size; spec §10.10)."""
 DEFAULT_KEEPALIVE = 5.0  # spec §10.2
 
 
@@ -521,6 +523,8 @@ class OstpOutboundConfig(_Model):
     access_key: SecretStr
     """The shared access key; never logged."""
     mtu: Annotated[int, Field(ge=576, le=65535)] = DEFAULT_MTU
+    """Largest path MTU probed: data datagrams grow up to `mtu - 48` bytes as path MTU
+    discovery finds the path carries them (and never beyond the first hop's MTU)."""
     mux: MuxConfig | None = None
     """Sessions to the server; when absent, the top-level `mux` applies."""
     keepalive_interval: Annotated[float, Field(gt=0, le=3600)] = DEFAULT_KEEPALIVE

@@ -4,10 +4,15 @@ The system call per datagram, not the cipher, bounds a Python UDP tunnel (PERFOR
 runs of equal-size datagrams leave in one ``sendmsg`` with ``UDP_SEGMENT`` and coalesced
 buffers are split again on receive. Elsewhere (or if the kernel refuses) a plain one-datagram
 path is used; both are exercised by the tests.
+
+Datagrams leave with DF set and never fragmented (:func:`set_dont_fragment`): path MTU discovery
+(RFC 8899, :mod:`ostp_proto.pmtud`) sizes them, and a datagram too large for the first hop is
+refused with ``EMSGSIZE``, which :class:`BatchSocket` reports in :attr:`BatchSocket.refused`.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import sys
@@ -22,6 +27,60 @@ RECV_BUFFER = 65535
 _ANC_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
 _U16 = struct.Struct("=H")
 _NATIVE_INT = struct.Struct("=i")
+# linux/in.h, linux/in6.h
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+PMTUDISC_PROBE = 3  # IP_PMTUDISC_PROBE / IPV6_PMTUDISC_PROBE: DF set, the kernel's PMTU ignored
+IP_MTU = getattr(socket, "IP_MTU", 14)
+IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
+IPV4_UDP_OVERHEAD = 28
+IPV6_UDP_OVERHEAD = 48
+
+
+def set_dont_fragment(sock: socket.socket) -> bool:
+    """Send every datagram with DF set and without the kernel's path MTU cache (Linux).
+
+    ``IP_PMTUDISC_PROBE``: a datagram larger than the route's MTU is never fragmented; above the
+    interface's MTU it is refused with ``EMSGSIZE``; an ICMP "too big" does not shrink later
+    sends behind our back (path MTU discovery decides sizes). False where not supported.
+    """
+    if sys.platform != "linux":
+        return False
+    ok = False
+    levels = [(socket.IPPROTO_IP, IP_MTU_DISCOVER)]
+    if sock.family == socket.AF_INET6:
+        levels.insert(0, (socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER))  # v4-mapped use the other
+    for level, option in levels:
+        try:
+            sock.setsockopt(level, option, PMTUDISC_PROBE)
+            ok = True
+        except OSError:
+            pass
+    return ok
+
+
+def udp_overhead(family: int) -> int:
+    """IP and UDP header bytes in front of a datagram's payload."""
+    return IPV6_UDP_OVERHEAD if family == socket.AF_INET6 else IPV4_UDP_OVERHEAD
+
+
+def first_hop_payload(family: int, address: Any) -> int | None:
+    """The largest UDP payload the route towards ``address`` carries without fragmenting
+    (its first hop's MTU minus headers), or None where the system does not say (Linux only).
+
+    Asked of a throw-away connected socket, so it works for unconnected sockets too."""
+    if sys.platform != "linux":
+        return None
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(address)
+            if family == socket.AF_INET6:
+                mtu = probe.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU)
+            else:
+                mtu = probe.getsockopt(socket.IPPROTO_IP, IP_MTU)
+    except OSError:
+        return None
+    return int(mtu) - udp_overhead(family) if mtu > 0 else None
 
 
 def split_coalesced(data: bytes, ancdata: list[tuple[int, int, bytes]]) -> list[bytes]:
@@ -50,6 +109,9 @@ class BatchSocket:
             except OSError:
                 self.gro = False
         self.gso_failures = 0
+        self.refused: list[int] = []
+        """Sizes of datagrams the kernel refused as larger than the first hop (``EMSGSIZE``);
+        the owner reports them to its connection and clears the list."""
 
     # -- receive -------------------------------------------------------------------------------
 
@@ -116,17 +178,18 @@ class BatchSocket:
                 limit = min(n, i + MAX_SEGMENTS, i + MAX_GSO_BYTES // max(size, 1))
                 while j < limit and len(datagrams[j]) == size:
                     j += 1
-                if j < limit and len(datagrams[j]) < size:
-                    j += 1  # the last segment may be shorter
+                if j - i > 1 and j < limit and len(datagrams[j]) < size:
+                    # the last segment may be shorter; a lone datagram (a path MTU probe of a
+                    # size of its own) goes alone, so its EMSGSIZE names it
+                    j += 1
             try:
                 if j - i > 1:
-                    payload = b"".join(datagrams[i:j])
+                    parts = datagrams[i:j]  # gathered by the kernel: no copy into one buffer
                     cmsg = [(socket.SOL_UDP, UDP_SEGMENT, _U16.pack(size))]
                     if to is None:
-                        sock.sendmsg([payload], cmsg)
+                        sent += sock.sendmsg(parts, cmsg)
                     else:
-                        sock.sendmsg([payload], cmsg, 0, to)
-                    sent += len(payload)
+                        sent += sock.sendmsg(parts, cmsg, 0, to)
                 else:
                     if to is None:
                         sock.send(first)
@@ -135,8 +198,10 @@ class BatchSocket:
                     sent += size
             except (BlockingIOError, InterruptedError, ConnectionRefusedError):
                 pass
-            except OSError:
-                if j - i > 1:
+            except OSError as exc:
+                if j - i == 1 and exc.errno == errno.EMSGSIZE:
+                    self.refused.append(size)
+                elif j - i > 1:
                     # GSO refused (an old kernel, a device without it): fall back for good
                     self.gso_failures += 1
                     self.gso = False

@@ -183,6 +183,9 @@ class SessionStatus(_Msg):
     reconnects: int = 0
     mapped_address: str | None = None
     """The public address STUN saw, once known."""
+    datagram_size: int | None = None
+    """Largest datagram the session sends now (UDP payload bytes), as path MTU discovery
+    found the path allows."""
     transport: str | None = None
     """How the datagrams travel: a session's `udp`, `tcp`, `wss` or `reality`; an ostp
     outbound's configured `udp`, `tcp`, `wss` or `auto`."""

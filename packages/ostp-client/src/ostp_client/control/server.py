@@ -177,6 +177,7 @@ def _session_from_raw(raw: dict[str, Any], default_id: str, now: float) -> dict[
     ident = raw.get("id", raw.get("index", default_id))
     server = raw.get("server")
     mapped = raw.get("mapped_address")
+    size = _num(raw, "datagram_size")
     transport = raw.get("transport")
     return {
         "id": str(ident),
@@ -190,6 +191,7 @@ def _session_from_raw(raw: dict[str, Any], default_id: str, now: float) -> dict[
         "uptime": uptime,
         "reconnects": int(_num(raw, "reconnects", "reconnect_count") or 0),
         "mapped_address": str(mapped) if mapped is not None else None,
+        "datagram_size": int(size) if size is not None else None,
         "transport": str(transport) if transport is not None else None,
     }
 

@@ -52,6 +52,7 @@ from ostp_client.nat import (
     TurnFailed,
     TurnRefreshed,
 )
+from ostp_client.nat.stun import CHANNEL_DATA_HEADER
 from ostp_client.outbounds import OutboundContext, register_outbound
 from ostp_client.outbounds.base import (
     Address,
@@ -67,7 +68,7 @@ from ostp_client.transport import DatagramTransport, TransportError
 from ostp_client.transport.stream import RealityOptions, StreamOptions, StreamTransport, open_stream
 from ostp_client.transport.udp import NatSocket as _NatSocket
 from ostp_client.transport.udp import UdpTransport, open_udp_socket
-from ostp_client.udp import BatchSocket
+from ostp_client.udp import BatchSocket, first_hop_payload, udp_overhead
 from ostp_proto import (
     ClientConnection,
     Close,
@@ -81,11 +82,13 @@ from ostp_proto import (
     ExtensionsNegotiated,
     HandshakeCompleted,
     PaddingPolicy,
+    PmtudConfig,
     RelayMessageReceived,
     State,
     UdpAssociate,
     UdpData,
 )
+from ostp_proto.pmtud import BASE_PLPMTU
 from ostp_proto.transport import Framing
 
 __all__ = ["NatOptions", "OstpOutbound", "SessionState", "TransportMode"]
@@ -113,6 +116,7 @@ RESUME_MIN_INTERVAL = 2.0
 instead of being replaced again (a server refusing us must not cause a connection storm)."""
 
 
+TURN_OVERHEAD = CHANNEL_DATA_HEADER + 3  # RFC 8656 §12.4 header, §12.5 padding to 4 bytes
 HANDSHAKE_TIMED_OUT = "handshake timed out"  # ostp_proto's ConnectionTerminated reason prefix
 
 
@@ -483,6 +487,7 @@ class _Session:
             else self.outbound.connection_config,
         )
         self.conn = conn
+        self._fit_path(conn, time.monotonic())
         async with anyio.create_task_group() as tg:
             self._tg = tg
             if isinstance(transport, StreamTransport):
@@ -598,6 +603,29 @@ class _Session:
             if self._tg is not None:
                 self._tg.start_soon(transport.run)
 
+    def _fit_path(self, conn: ClientConnection, now: float) -> None:
+        """Tell the core what the transport's path allows: over UDP with DF, path MTU
+        discovery up to what the first hop carries (towards the TURN server when relaying,
+        less the ChannelData header); over UDP without DF the base size, which crosses every
+        path; over TCP no discovery (spec §10.6 has no IP fragmentation to avoid)."""
+        transport = self.transport
+        if not isinstance(transport, UdpTransport):
+            conn.set_path_mtu(now, None)
+            return
+        batch = transport.batch
+        family = transport.sock.family
+        ceiling: int | None = BASE_PLPMTU
+        if transport.dont_fragment:
+            turn = batch.mux.turn if isinstance(batch, _NatSocket) else None
+            if turn is not None:
+                ceiling = first_hop_payload(family, turn.server)
+                if ceiling is not None:
+                    ceiling -= TURN_OVERHEAD
+            else:
+                server = batch.server if isinstance(batch, _NatSocket) else None
+                ceiling = first_hop_payload(family, server or transport.sock.getpeername())
+        conn.set_path_mtu(now, ceiling or BASE_PLPMTU, udp_overhead(family))
+
     async def _open_stream(self, sockaddr: Any) -> StreamTransport:
         """A new TCP transport to the server (its address resolved for this attempt)."""
         outbound = self.outbound
@@ -627,7 +655,9 @@ class _Session:
                 self.mapped_address = None
             old.close()
         conn.reliable_transport = new.reliable
-        conn.path_changed(time.monotonic())
+        now = time.monotonic()
+        conn.path_changed(now)
+        self._fit_path(conn, now)
         self.transport_switches += 1
         logger.info(
             "%s session %d: transport %s -> %s (%s)",
@@ -978,10 +1008,17 @@ class _Session:
             return
         if transport.blocked or transport.failure is not None:
             return  # the datagrams wait in the core (its `writable` holds the streams back)
-        datagrams = conn.datagrams_to_send(time.monotonic())
+        now = time.monotonic()
+        datagrams = conn.datagrams_to_send(now)
         if datagrams:
             # UDP: kernel drops count as loss on the wire; the ARQ re-sends what matters.
             self.bytes_up += transport.send_batch(datagrams)
+            if isinstance(transport, UdpTransport) and transport.batch.refused:
+                # EMSGSIZE: larger than the first hop (a path MTU probe, normally)
+                refused = transport.batch.refused
+                for size in refused:
+                    conn.datagram_refused(size, now)
+                refused.clear()
         if self._send_waiters:
             self._wake_senders()
 
@@ -1107,6 +1144,8 @@ class _Session:
             "reconnects": self.reconnects,
             "streams": len(self.channels),
             "flow_control": conn.flow_control if conn is not None else None,
+            "datagram_size": conn.datagram_size if conn is not None else None,
+            "pmtud": _pmtud_state(conn),
             "receive_buffered": self.buffered,
             "receive_paused": conn.receive_paused if conn is not None else False,
             "last_error": self.last_error,
@@ -1129,6 +1168,12 @@ class _Session:
         if batch.unrelayed_drop:
             drops["ostp_unrelayed_drop"] = batch.unrelayed_drop
         return drops
+
+
+def _pmtud_state(conn: ClientConnection | None) -> str | None:
+    """Path MTU discovery's state for the status (None: off or no session)."""
+    pmtud = conn.pmtud if conn is not None else None
+    return pmtud.state.value if pmtud is not None else None
 
 
 class OstpOutbound(Outbound):
@@ -1189,6 +1234,7 @@ class OstpOutbound(Outbound):
         self.connection_config = replace(
             base,
             max_datagram_size=max(mtu - 48, 500),
+            pmtud=PmtudConfig(),
             padding=PaddingPolicy.upstream_client(mtu),
             keepalive_interval=keepalive_interval,
             idle_timeout=idle_timeout,

@@ -17,7 +17,7 @@ from typing import Any
 
 from ostp_client.nat import NatMux
 from ostp_client.tun.bypass import apply_bypass
-from ostp_client.udp import BatchSocket
+from ostp_client.udp import BatchSocket, set_dont_fragment
 
 __all__ = ["SOCKET_BUFFER", "NatSocket", "UdpTransport", "open_udp_socket"]
 
@@ -97,7 +97,13 @@ class NatSocket(BatchSocket):
         turn = self.mux.turn
         if turn is not None and turn.ready:
             wrap = turn.wrap
-            return super().send_batch([wrap(d) for d in datagrams], turn.server)
+            wrapped = [wrap(d) for d in datagrams]
+            refused = len(self.refused)
+            sent = super().send_batch(wrapped, turn.server)
+            if len(self.refused) > refused:  # report the OSTP datagrams' own sizes
+                own = {len(w): len(d) for w, d in zip(wrapped, datagrams, strict=True)}
+                self.refused[refused:] = [own.get(r, r) for r in self.refused[refused:]]
+            return sent
         if self.relay_only:
             self.unrelayed_drop += len(datagrams)
             return 0
@@ -122,6 +128,9 @@ class UdpTransport:
         self.batch = batch
         self.sock = batch.sock
         self.failure: str | None = None
+        self.dont_fragment = set_dont_fragment(batch.sock)
+        """Datagrams leave with DF set, never fragmented: path MTU discovery sizes them (and
+        :attr:`BatchSocket.refused` lists those too large for the first hop)."""
 
     def recv_batch(self, limit: int = 256) -> list[bytes]:
         # ICMP errors (the server's port closed) are skipped: the server may come back
