@@ -209,17 +209,32 @@ class Session:
             elif isinstance(ev, ConnectionTerminated):
                 return ev.reason
             elif isinstance(ev, DataLost):
-                log.warning(
-                    "session %s: the client gave up on %d datagrams; resetting its streams",
-                    self.name,
-                    ev.count,
-                )
-                for relay in list(self.relays.values()):
-                    if isinstance(relay, TcpRelay):
-                        relay.reset()
+                self._data_lost(ev)
             elif isinstance(ev, HandshakeCompleted):
                 pass
         return None
+
+    def _data_lost(self, ev: DataLost) -> None:
+        """Reset the TCP relays that may have lost client data in the hole, and only those (a
+        stream opened after the hole has all its data; a UDP association only lost datagrams,
+        which UDP may do)."""
+        relays = self.relays
+        affected = [
+            relay
+            for stream_id in sorted(ev.stream_ids)
+            if isinstance(relay := relays.get(stream_id), TcpRelay)
+        ]
+        log.warning(
+            "session %s: the client gave up on %d datagrams (nonces %d-%d); "
+            "resetting the %d stream(s) open before them",
+            self.name,
+            ev.count,
+            ev.first_nonce,
+            ev.last_nonce,
+            len(affected),
+        )
+        for relay in affected:
+            relay.reset()
 
     def _on_relay(self, stream_id: int, message: RelayMessage) -> None:
         relay = self.relays.get(stream_id)

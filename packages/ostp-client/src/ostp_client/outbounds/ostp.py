@@ -708,14 +708,7 @@ class _Session:
                     event.peer_stream_window,
                 )
             elif isinstance(event, DataLost):
-                logger.warning(
-                    "%s session %d: the server gave up on %d datagrams; resetting its %d streams",
-                    self.outbound.tag,
-                    self.index,
-                    event.count,
-                    len(self.channels),
-                )
-                self._reset_channels("data lost in the tunnel; stream reset")
+                self._data_lost(event)
             elif isinstance(event, ConnectionTerminated):
                 self.last_error = event.reason
                 logger.info("%s session %d: %s", self.outbound.tag, self.index, event.reason)
@@ -724,6 +717,32 @@ class _Session:
                 return False
         self._wake_senders()
         return True
+
+    def _data_lost(self, event: DataLost) -> None:
+        """Reset the TCP streams that may have lost data in the hole, and only those: a stream
+        opened after the hole appeared has all its data (spec §7.2; DataLost). A UDP
+        association only lost datagrams, which UDP may do."""
+        channels = self.channels
+        affected = [
+            channel
+            for stream_id in sorted(event.stream_ids)
+            if isinstance(channel := channels.get(stream_id), OstpStream)
+        ]
+        logger.warning(
+            "%s session %d: the server gave up on %d datagrams (nonces %d-%d); "
+            "resetting the %d stream(s) open before them",
+            self.outbound.tag,
+            self.index,
+            event.count,
+            event.first_nonce,
+            event.last_nonce,
+            len(affected),
+        )
+        conn = self.conn
+        for channel in affected:
+            channel.reset("data lost in the tunnel; stream reset")
+            if conn is not None and conn.established:
+                conn.send(channel.stream_id, Close())  # the server closes its remote
 
     def _handshake_timed_out(self) -> None:
         nat = self.outbound.nat
