@@ -183,6 +183,12 @@ class SessionStatus(_Msg):
     reconnects: int = 0
     mapped_address: str | None = None
     """The public address STUN saw, once known."""
+    kernel_drops: int | None = None
+    """Datagrams the kernel dropped because the session's socket buffer was full (the daemon
+    did not read fast enough); None where the system does not say."""
+    socket_buffer: int | None = None
+    """The socket's receive buffer as granted by the kernel (bytes); below what was asked for
+    when `net.core.rmem_max` caps it."""
 
 
 class MemberStatus(_Msg):

@@ -188,7 +188,14 @@ def _session_from_raw(raw: dict[str, Any], default_id: str, now: float) -> dict[
         "uptime": uptime,
         "reconnects": int(_num(raw, "reconnects", "reconnect_count") or 0),
         "mapped_address": str(mapped) if mapped is not None else None,
+        "kernel_drops": _int_or_none(raw, "kernel_drops"),
+        "socket_buffer": _int_or_none(raw, "socket_buffer"),
     }
+
+
+def _int_or_none(raw: dict[str, Any], key: str) -> int | None:
+    value = _num(raw, key)
+    return int(value) if value is not None else None
 
 
 class _Rates:

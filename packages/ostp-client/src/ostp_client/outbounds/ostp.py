@@ -33,7 +33,7 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -66,7 +66,7 @@ from ostp_client.outbounds.base import (
 )
 from ostp_client.outbounds.connect_errors import error_from_reason
 from ostp_client.tun.bypass import apply_bypass
-from ostp_client.udp import BatchSocket
+from ostp_client.udp import BatchSocket, SocketBuffers, set_buffers
 from ostp_proto import (
     ClientConnection,
     Close,
@@ -100,11 +100,34 @@ each stream's window bounds its buffer long before; an upstream server has no fl
 gives up on frames refused for about 1.5 s (spec §7.2, §16), so the cap is generous."""
 STREAM_WINDOW = 256 * 1024
 """Initial receive window per stream offered to an ostp-py server; it grows for fast readers."""
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # root may exceed net.core.rmem_max
-SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
 
 HANDSHAKE_TIMED_OUT = "handshake timed out"  # ostp_proto's ConnectionTerminated reason prefix
+
+_buffer_warning_given = False  # one warning per process, however many sessions are capped
+
+
+def _check_buffers(tag: str, buffers: SocketBuffers) -> None:
+    """Warn once if the kernel capped the socket buffers below what was asked for."""
+    global _buffer_warning_given
+    if not buffers.capped:
+        return
+    if _buffer_warning_given:
+        logger.debug("%s: socket receive buffer capped at %d bytes", tag, buffers.receive)
+        return
+    _buffer_warning_given = True
+    size = buffers.requested
+    logger.warning(
+        "%s: the kernel capped the UDP socket buffers at %.1f MiB (asked for %.1f MiB); a server "
+        "that sends unpaced (upstream's) overruns them and the kernel drops datagrams "
+        "(kernel_drops in `ostp-client ctl status`). Raise the limit as root: "
+        "sysctl -w net.core.rmem_max=%d net.core.wmem_max=%d (or give the daemon CAP_NET_ADMIN)",
+        tag,
+        buffers.receive / 2**20,
+        size / 2**20,
+        size,
+        size,
+    )
 
 
 class SessionState:
@@ -426,6 +449,10 @@ class _Session:
         self.reconnects = 0
         self.bytes_up = 0
         self.bytes_down = 0
+        self.buffers: SocketBuffers | None = None
+        """What the kernel granted for the current socket's buffers."""
+        self.earlier_drops = 0
+        """Kernel drops of this session's earlier sockets (the counter is per socket)."""
         self.last_error: str | None = None
         self.session_id: int | None = None
         self._sleep: anyio.CancelScope | None = None
@@ -501,11 +528,8 @@ class _Session:
         self.sock = sock
         sock.setblocking(False)
         apply_bypass(sock)  # with a TUN's policy routing, never route the tunnel into itself
-        for opt, force in ((socket.SO_RCVBUF, SO_RCVBUFFORCE), (socket.SO_SNDBUF, SO_SNDBUFFORCE)):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        self.buffers = set_buffers(sock, self.outbound.socket_buffer)
+        _check_buffers(self.outbound.tag, self.buffers)
         self.path = "turn" if relay else "direct"
         self.mapped_address = self.relayed_address = None
         mux: NatMux | None = None
@@ -804,6 +828,8 @@ class _Session:
             now = time.monotonic()
             self.mux.close(now)
             self.batch.send_nat(now)
+        if self.batch is not None:
+            self.earlier_drops += self.batch.kernel_drops() or 0
         if self.sock is not None:
             self.sock.close()
         self.sock = None
@@ -890,6 +916,8 @@ class _Session:
             "flow_control": conn.flow_control if conn is not None else None,
             "receive_buffered": self.buffered,
             "receive_paused": conn.receive_paused if conn is not None else False,
+            "kernel_drops": self.kernel_drops(),
+            "socket_buffer": self.buffers.receive if self.buffers is not None else None,
             "last_error": self.last_error,
             "path": self.path,
             "mapped_address": _fmt(self.mapped_address),
@@ -897,6 +925,14 @@ class _Session:
             "turn_refreshes": self.turn_refreshes,
             "nat_drops": self._nat_drops(),
         }
+
+    def kernel_drops(self) -> int | None:
+        """Datagrams the kernel dropped on this session's sockets (a full receive buffer)."""
+        batch = self.batch
+        current = batch.kernel_drops() if batch is not None else None
+        if current is None:
+            return self.earlier_drops if self.earlier_drops or batch is None else None
+        return self.earlier_drops + current
 
     def _nat_drops(self) -> dict[str, int] | None:
         mux, batch = self.mux, self.batch
@@ -932,8 +968,10 @@ class OstpOutbound(Outbound):
         extensions: bool = True,
         stream_window: int = STREAM_WINDOW,
         receive_buffer_cap: int = RECEIVE_BUFFER_CAP,
+        socket_buffer: int = SOCKET_BUFFER,
     ) -> None:
         super().__init__(tag)
+        self.socket_buffer = socket_buffer
         self.receive_buffer_cap = receive_buffer_cap
         self.batching = batching
         self.nat = nat
@@ -1080,6 +1118,7 @@ class OstpOutbound(Outbound):
                 (s["connected_since"] for s in sessions if s["connected_since"]), default=None
             ),
             "streams": len(self._active_ids),
+            "kernel_drops": _sum_known(s["kernel_drops"] for s in sessions),
             "nat_mode": self.nat.mode if self.nat is not None else None,
             "mapped_address": next(
                 (s["mapped_address"] for s in sessions if s["mapped_address"]), None
@@ -1104,7 +1143,13 @@ def _factory(cfg: OstpOutboundConfig, ctx: OutboundContext) -> Outbound:
         extensions=cfg.extensions,
         stream_window=cfg.stream_window,
         receive_buffer_cap=cfg.receive_buffer_cap,
+        socket_buffer=cfg.socket_buffer,
     )
+
+
+def _sum_known(values: Iterable[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def _nat_options(cfg: OstpOutboundConfig) -> NatOptions | None:
