@@ -111,7 +111,7 @@ def test_marks_and_calls_in_a_real_run(tmp_path: Path) -> None:
 
 class _BusyClock(types.ModuleType):
     """``time`` as Hypothesis's data module sees it on a loaded machine: every reading of
-    ``perf_counter`` comes 50 ms later than the last, as if other jobs held the CPU."""
+    ``perf_counter`` comes 500 ms later than the last, as if other jobs held the CPU."""
 
     def __init__(self) -> None:
         super().__init__("time")
@@ -122,7 +122,7 @@ class _BusyClock(types.ModuleType):
 
     def perf_counter(self) -> float:
         self.readings += 1
-        return time.perf_counter() + 0.05 * self.readings
+        return time.perf_counter() + 0.5 * self.readings
 
 
 def _property_test(profile: settings) -> Callable[[], None]:

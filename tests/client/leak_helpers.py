@@ -1,4 +1,4 @@
-"""What a daemon process holds, read from /proc: descriptors and TCP sockets in CLOSE-WAIT.
+"""What a daemon process holds, read from /proc: descriptors, TCP sockets (CLOSE-WAIT), memory.
 
 A connection whose peer closed but that the daemon never closed sits in CLOSE-WAIT and keeps
 its descriptor: both counts must come back to where they were once the clients are gone.
@@ -31,8 +31,15 @@ def _socket_inodes(pid: int | str) -> set[str]:
     return inodes
 
 
-def close_wait_sockets(pid: int | str = "self") -> list[str]:
-    """The process's TCP sockets in CLOSE-WAIT, as "local -> remote" hex text from /proc."""
+TCP_STATES = {
+    "01": "ESTABLISHED", "02": "SYN-SENT", "03": "SYN-RECV", "04": "FIN-WAIT-1",
+    "05": "FIN-WAIT-2", "06": "TIME-WAIT", "07": "CLOSE", "08": "CLOSE-WAIT",
+    "09": "LAST-ACK", "0A": "LISTEN", "0B": "CLOSING",
+}  # fmt: skip
+
+
+def tcp_sockets(pid: int | str = "self") -> list[tuple[str, str, str]]:
+    """The process's TCP sockets as (state, local, remote), addresses as hex text from /proc."""
     inodes = _socket_inodes(pid)
     found = []
     for table in ("tcp", "tcp6"):
@@ -41,9 +48,26 @@ def close_wait_sockets(pid: int | str = "self") -> list[str]:
             continue
         for line in path.read_text().splitlines()[1:]:
             fields = line.split()
-            if fields[3] == TCP_CLOSE_WAIT and fields[9] in inodes:
-                found.append(f"{fields[1]} -> {fields[2]}")
+            if fields[9] in inodes:
+                found.append((TCP_STATES.get(fields[3], fields[3]), fields[1], fields[2]))
     return found
+
+
+def close_wait_sockets(pid: int | str = "self") -> list[str]:
+    """The process's TCP sockets in CLOSE-WAIT, as "local -> remote" hex text from /proc."""
+    return [
+        f"{local} -> {remote}"
+        for state, local, remote in tcp_sockets(pid)
+        if state == TCP_STATES[TCP_CLOSE_WAIT]
+    ]
+
+
+def rss_kib(pid: int | str = "self") -> int:
+    """Resident memory of the process (VmRSS) in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
 
 
 async def settle(predicate: Callable[[], bool], time_limit: float = 20) -> bool:

@@ -9,6 +9,9 @@
 - `GET /forever`: the same kind of body that never ends (until the client goes away).
 - `GET /reset-after/<n>`: n bytes the same way, then, once the client's side acknowledged them,
   a reset (RST) instead of the FIN.
+- `GET /seeded/<seed>/<n>`: n bytes of `seeded_bytes(seed, ...)` with Content-Length: pseudo-random
+  and not periodic, so a client can check every byte without storing the body; `?rate=<bytes/s>`
+  sends it slowly; `/seeded-close/<seed>/<n>` sends it as a close-delimited HTTP/1.0 body.
 - `GET /whoami`: `{"client": ip, "host": Host, "headers": {...}}`.
 - `GET /_log`: every request seen so far (client ip, method, path, host, headers) as JSON;
   `POST /_clear` empties it. Those two are not logged.
@@ -19,8 +22,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import random
 import socket
 import struct
+import sys
 import termios
 import threading
 import time
@@ -51,11 +56,31 @@ def body_sha256(n: int) -> str:
     return digest.hexdigest()
 
 
+SEEDED_BLOCK = 65536
+
+
+def seeded_block(seed: int, index: int) -> bytes:
+    """Block ``index`` (of ``SEEDED_BLOCK`` bytes) of the body for ``seed``."""
+    return random.Random(f"{seed}/{index}").randbytes(SEEDED_BLOCK)
+
+
+def seeded_bytes(seed: int, start: int, end: int) -> bytes:
+    """Bytes ``start:end`` of the body for ``seed``."""
+    first, last = start // SEEDED_BLOCK, (end - 1) // SEEDED_BLOCK
+    data = b"".join(seeded_block(seed, i) for i in range(first, last + 1))
+    return data[start - first * SEEDED_BLOCK : end - first * SEEDED_BLOCK]
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
     log: list[dict[str, Any]]
     lock: threading.Lock
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # a client that went away (tests abort transfers on purpose)
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -106,6 +131,19 @@ class _Handler(BaseHTTPRequestHandler):
                 chunk = view[: min(left, len(BLOCK))]
                 self.wfile.write(chunk)
                 left -= len(chunk)
+        elif path.startswith("/seeded/"):
+            seed, n = (int(part) for part in path.removeprefix("/seeded/").split("/"))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            if self.command != "HEAD":
+                self._seeded(seed, n)
+        elif path.startswith("/seeded-close/"):
+            seed, n = (int(part) for part in path.removeprefix("/seeded-close/").split("/"))
+            self.close_connection = True
+            self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n")
+            self._seeded(seed, n)
         elif path.startswith("/close-delimited/"):
             self._close_delimited(int(path.removeprefix("/close-delimited/")))
         elif path == "/forever":
@@ -139,6 +177,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(404, b"not found\n", "text/plain")
 
     do_HEAD = do_GET
+
+    def _seeded(self, seed: int, n: int) -> None:
+        query = self.path.partition("?")[2]
+        rate = float(query.removeprefix("rate=")) if query.startswith("rate=") else None
+        began = time.monotonic()
+        sent = 0
+        try:
+            for index in range(-(-n // SEEDED_BLOCK)):
+                block = seeded_block(seed, index)[: n - sent]
+                for part in range(0, len(block), 16384):
+                    self.wfile.write(block[part : part + 16384])
+                    sent += len(block[part : part + 16384])
+                    if rate is not None:  # pacing a slow body, not waiting for anything
+                        ahead = sent / rate - (time.monotonic() - began)
+                        if ahead > 0:
+                            time.sleep(ahead)
+        except OSError:
+            self.close_connection = True  # the client went away
 
     def _close_delimited(self, n: int | None) -> None:
         """An HTTP/1.0 response whose body ends when the connection does (RFC 9112 §6.3)."""

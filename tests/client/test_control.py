@@ -512,3 +512,66 @@ _json = st.recursive(
 )
 def test_fuzz_entry_point_json_objects(data: dict[str, Any]) -> None:
     fuzz_control(json.dumps(data).encode())
+
+
+# --------------------------------------------------------------------------------------------
+# a client that vanishes while a subscription writes to it
+
+
+async def test_a_send_to_a_vanished_client_leaves_the_read_to_its_reader() -> None:
+    """The client is gone; a subscription's write fails while the client's task waits to read.
+
+    Closing the stream from the writing task completed the reader's pending future under it:
+    when the socket's readiness callback (already queued by the same loop turn) ran, asyncio
+    logged "Exception in callback Future.set_result(None)" with an InvalidStateError (anyio's
+    Unix streams on asyncio). The write must end the connection for the reader instead."""
+    import asyncio
+
+    from ostp_client.control.protocol import Hello
+    from ostp_client.control.server import _Client
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    directory = short_socket_dir()
+    try:
+        listener = await anyio.create_unix_listener(directory / "s.sock")
+        # The write must fail in the loop turn in which the reader's readiness callback is
+        # queued: close the peer after 0-3 turns (the write itself takes one or two).
+        for hops in [0, 1, 2, 3] * 5:
+            peer = socket.socket(socket.AF_UNIX)
+            peer.connect(str(directory / "s.sock"))
+            stream = await listener.accept()
+            client = _Client(stream)
+            ended = anyio.Event()
+
+            async def read(
+                stream: anyio.abc.SocketStream = stream, ended: anyio.Event = ended
+            ) -> None:
+                with pytest.raises(
+                    (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError)
+                ):
+                    await stream.receive()
+                ended.set()
+
+            def close_later(hops: int, peer: socket.socket = peer) -> None:
+                if hops:
+                    loop.call_soon(close_later, hops - 1)
+                else:
+                    peer.close()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                await anyio.wait_all_tasks_blocked()
+                close_later(hops)
+                await client.send(Hello())  # fails when the client is already gone
+                with anyio.fail_after(5):
+                    await ended.wait()  # and the reader learns that it is gone
+            await stream.aclose()
+        await listener.aclose()
+        await anyio.sleep(0.05)  # let any callback still queued run (and fail) before checking
+        assert not errors, [str(e.get("exception")) + " " + e.get("message", "") for e in errors]
+    finally:
+        loop.set_exception_handler(previous)
+        shutil.rmtree(directory)

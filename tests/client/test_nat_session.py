@@ -16,7 +16,8 @@ import anyio
 import pytest
 
 from ostp_client.nat.stun import MessageClass, Method, encode_message
-from ostp_client.outbounds.ostp import OstpOutbound, _NatSocket, _Session
+from ostp_client.outbounds.ostp import OstpOutbound, _Session
+from ostp_client.transport.udp import NatSocket
 from ostp_client.udp import BatchSocket
 from tests.client.coturn_helpers import Coturn, requires_coturn, running_coturn
 from tests.client.origin_server import body_sha256
@@ -124,7 +125,7 @@ async def test_binding_shows_the_sockets_own_address(
         await _connected(daemon)
         await wait_for(lambda: _session(daemon).mapped_address is not None)
         session = _session(daemon)
-        assert isinstance(session.batch, _NatSocket)  # not connected: it talks to STUN too
+        assert isinstance(session.batch, NatSocket)  # not connected: it talks to STUN too
         assert session.sock is not None
         port = session.sock.getsockname()[1]
         status = _ostp(daemon).status()

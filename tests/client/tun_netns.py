@@ -21,6 +21,7 @@ namespaces this module creates and deletes.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import secrets
 import shutil
@@ -166,6 +167,36 @@ class Namespaces:
                 check=True,
                 timeout=30,
             )
+
+    def drop_udp_to_server(self, port: int) -> None:
+        """Silently drop UDP towards ``port`` as it enters the server namespace (needs `nft`):
+        a path where UDP does not pass (a censor, a firewall) while TCP to the same port does."""
+        ruleset = (
+            "table inet ostp_udp {\n"
+            "  chain prerouting {\n"
+            "    type filter hook prerouting priority -300; policy accept;\n"
+            f"    udp dport {port} counter drop\n"
+            "  }\n"
+            "}\n"
+        )
+        subprocess.run(
+            ["ip", "netns", "exec", self.server, "nft", "-f", "-"],
+            input=ruleset,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+
+    def pass_udp_to_server(self) -> None:
+        """Undo :meth:`drop_udp_to_server`."""
+        self.exec(self.server, "nft", "delete", "table", "inet", "ostp_udp")
+
+    def udp_dropped(self) -> int:
+        """Datagrams the :meth:`drop_udp_to_server` rule dropped so far."""
+        listing = self.exec(self.server, "nft", "list", "table", "inet", "ostp_udp")
+        words = listing.split()
+        return sum(int(v) for w, v in itertools.pairwise(words) if w == "packets")
 
     def fragments_dropped(self) -> int:
         """Fragments the `drop_fragments()` rules dropped so far, both namespaces together."""

@@ -26,12 +26,26 @@ def free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_server_port() -> int:
+    """A port free for UDP and for TCP: the server listens on both (spec §10.6); a UDP port
+    whose TCP twin is some other socket's leaves the server without TCP there."""
+    for _ in range(100):
+        port = free_udp_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no port free for both UDP and TCP")
+
+
 @dataclass
 class ServerProcess:
     """`ostp-server run -c server.json` on 127.0.0.1; stop() and start() keep port and key."""
 
     workdir: Path
-    port: int = field(default_factory=free_udp_port)
+    port: int = field(default_factory=free_server_port)
     key: str = field(default_factory=lambda: secrets.token_hex(16))
     process: subprocess.Popen[bytes] | None = None
     settings: dict[str, Any] = field(default_factory=dict)

@@ -46,9 +46,12 @@ def status(step: int) -> DaemonStatus:
         mapped_address="198.51.100.7:40123",
         can_reconnect=True,
         connections=3,
+        transport="auto",
         sessions=[
-            SessionStatus(id="0", state="connected", rtt_ms=23.4, uptime=3725.0, reconnects=1),
-            SessionStatus(id="1", state="connecting", reconnects=1),
+            SessionStatus(
+                id="0", state="connected", transport="tcp", rtt_ms=23.4, uptime=3725.0, reconnects=1
+            ),
+            SessionStatus(id="1", state="connecting", transport="udp", reconnects=1),
         ],
     )
     direct = OutboundStatus(

@@ -8,6 +8,8 @@ JSON path (`outbounds[0].server`) and say what is wrong.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import ipaddress
 import json
@@ -32,6 +34,7 @@ from pydantic import (
     Tag,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
@@ -59,6 +62,7 @@ __all__ = [
     "NatTurnConfig",
     "OstpOutboundConfig",
     "OutboundConfig",
+    "RealityConfig",
     "RouteRuleConfig",
     "RoutingConfig",
     "RoutingRule",
@@ -455,6 +459,58 @@ class NatConfig(_Model):
         return [parse_host_port(text, STUN_PORT) for text in self.stun]
 
 
+_HOST_TEXT = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")
+_SERVER_NAME = re.compile(r"[A-Za-z0-9._-]{1,253}")
+REALITY_DEFAULT_SNI = "www.microsoft.com"  # spec §10.6: upstream's client default
+
+
+def _base64url_key(value: str) -> str:
+    """A 32-byte X25519 key as base64url (padding optional), as upstream writes ``pbk``."""
+    text = value.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", text):
+        raise ValueError("not base64url (A-Z a-z 0-9 - _)")
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64url") from None
+    if len(raw) != 32:
+        raise ValueError(f"an X25519 public key is 32 bytes, this one is {len(raw)}")
+    return text
+
+
+class RealityConfig(_Model):
+    """Reality on the TCP transports (spec §10.6): the stream looks like TLS 1.3 to `server_name`;
+    only a server holding the private key of `public_key` answers as OSTP."""
+
+    public_key: Annotated[str, AfterValidator(_base64url_key)]
+    """The server's X25519 public key, base64url (upstream's `pbk`)."""
+    short_id: str
+    """16 hex characters (upstream's `sid`)."""
+    server_name: str | None = None
+    """SNI of the ClientHello; one of the server's `server_names`. Default: the outbound's `sni`,
+    else `www.microsoft.com` (as upstream)."""
+
+    @field_validator("short_id")
+    @classmethod
+    def _check_short_id(cls, value: str) -> str:
+        text = value.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{16}", text):
+            raise ValueError("the short id is 16 hex characters")
+        return text
+
+    @field_validator("server_name")
+    @classmethod
+    def _check_server_name(cls, value: str | None) -> str | None:
+        if value is not None and not _SERVER_NAME.fullmatch(value):
+            raise ValueError("a host name of letters, digits, '.', '-' and '_'")
+        return value
+
+    @property
+    def public_key_bytes(self) -> bytes:
+        text = self.public_key
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
 class OstpOutboundConfig(_Model):
     """A pool of OSTP sessions to one server."""
 
@@ -492,6 +548,25 @@ class OstpOutboundConfig(_Model):
     """SO_RCVBUF/SO_SNDBUF asked for on each session's UDP socket (upstream asks for 32 MiB).
     Without CAP_NET_ADMIN the kernel caps it at `net.core.rmem_max`/`wmem_max` (the daemon
     warns once); `ctl status` shows what was granted."""
+    transport: Literal["udp", "tcp", "wss", "auto"] = "udp"
+    """How the datagrams reach the server (spec §10.6): `udp`; `tcp` (xHTTP `/stream`, UDP over
+    TCP); `wss` (WebSocket `/wss`); `auto` (UDP, and TCP while UDP does not pass). `tcp` and
+    `wss` run inside Reality when `reality` is set."""
+    transport_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    """TCP port of `tcp`, `wss` and `auto`'s fallback. Default: the server's port (ostp-py and
+    upstream servers listen on TCP on their UDP ports); upstream's client uses 443."""
+    sni: str | None = None
+    """HTTP Host of the TCP transports' request, and the Reality SNI unless `reality` names one.
+    Default: the server's IP address as text (spec §10.6)."""
+    reality: RealityConfig | None = None
+    """Reality for `tcp`, `wss` and `auto`'s fallback (unused over UDP)."""
+    auto_fallback: Literal["tcp", "wss"] = "tcp"
+    """`auto`: the TCP transport used while UDP does not pass."""
+    auto_udp_timeout: Annotated[float, Field(ge=0.5, le=60)] = 3.0
+    """`auto`: seconds a UDP handshake may take before the session uses TCP instead."""
+    auto_probe_interval: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    """`auto`: seconds between UDP handshake probes while on TCP (doubling after each failure,
+    up to 8 times this); the session moves back to UDP when one completes."""
 
     @field_validator("server")
     @classmethod
@@ -509,6 +584,25 @@ class OstpOutboundConfig(_Model):
     @field_serializer("access_key", when_used="always")
     def _reveal(self, value: SecretStr, info: SerializationInfo) -> str:
         return _secret_out(value, info)
+
+    @field_validator("sni")
+    @classmethod
+    def _check_sni(cls, value: str | None) -> str | None:
+        if value is not None and not _HOST_TEXT.fullmatch(value):
+            raise ValueError("a host name or IP address (no spaces or other characters)")
+        return value
+
+    @field_validator("transport")
+    @classmethod
+    def _check_nat(cls, value: str, info: ValidationInfo) -> str:
+        nat = info.data.get("nat")  # defined before `transport`: already validated
+        if not isinstance(nat, NatConfig) or value == "udp":
+            return value
+        if value != "auto":
+            raise ValueError(f"{value!r} cannot go with `nat` (STUN and TURN work over UDP only)")
+        if nat.mode != "direct":
+            raise ValueError("'auto' falls back to TCP, not to TURN: it needs nat mode 'direct'")
+        return value
 
     @property
     def server_address(self) -> tuple[str, int]:
@@ -1440,6 +1534,11 @@ def config_from_data(data: Any, source: str = "") -> tuple[ClientConfig, list[st
 
 
 _FLAT_PATHS = (
+    ("outbounds[0].transport_port", "transport.stealth_port"),
+    ("outbounds[0].sni", "transport.stealth_sni"),
+    ("outbounds[0].reality.public_key", "reality.pbk"),
+    ("outbounds[0].reality.short_id", "reality.sid"),
+    ("outbounds[0].reality.server_name", "reality.sni"),
     ("outbounds[0].", ""),
     ("inbounds[0].listen", "socks5_bind"),
     ("inbounds[0].port", "socks5_bind"),
@@ -1586,9 +1685,7 @@ def _convert_flat(flat: Mapping[str, Any]) -> _FlatConversion:
     tun = flat.get("tun")
     if isinstance(tun, Mapping) and tun.get("enable"):
         warnings.append("tun.enable: TUN mode is not available yet; running as a local proxy")
-    transport = flat.get("transport")
-    if isinstance(transport, Mapping) and str(transport.get("mode", "udp")).lower() != "udp":
-        warnings.append(f"transport.mode {transport.get('mode')!r} is not supported; using udp")
+    outbound.update(_flat_transport(flat, issues, warnings))
     level = "debug" if flat.get("debug") else "info"
     converted: dict[str, Any] = {
         "log": {"level": level},
@@ -1597,6 +1694,57 @@ def _convert_flat(flat: Mapping[str, Any]) -> _FlatConversion:
         "routing": {"rules": rules, "default_outbound": "proxy"},
     }
     return _FlatConversion(converted, warnings, issues, lists)
+
+
+def _flat_transport(
+    flat: Mapping[str, Any], issues: list[ConfigIssue], warnings: list[str]
+) -> dict[str, Any]:
+    """Upstream's `transport` and `reality` blocks (spec §10.10) as outbound fields."""
+    fields: dict[str, Any] = {}
+    transport = flat.get("transport")
+    if transport is None:
+        transport = {}
+    elif not isinstance(transport, Mapping):
+        issues.append(ConfigIssue("transport", "expected an object with mode, stealth_sni, ..."))
+        transport = {}
+    mode = str(transport.get("mode", "udp")).strip().lower()
+    wss = transport.get("wss") is True
+    if mode in ("uot", "tcp"):
+        fields["transport"] = "wss" if wss else "tcp"
+        port = transport.get("stealth_port")
+        if port is None:
+            warnings.append(
+                "transport.stealth_port is not set: upstream's client would use 443; "
+                "using the server's port (where ostp-py and upstream servers listen on TCP)"
+            )
+        else:
+            fields["transport_port"] = port
+    elif mode != "udp":
+        issues.append(ConfigIssue("transport.mode", f"{mode!r}: expected udp, uot or tcp"))
+    elif wss:
+        warnings.append("transport.wss applies to mode uot/tcp only (as upstream); using udp")
+    sni = transport.get("stealth_sni")
+    if isinstance(sni, str) and sni.strip():
+        fields["sni"] = sni.strip()
+    reality = flat.get("reality")
+    if isinstance(reality, Mapping) and reality.get("enabled") is True:
+        if fields.get("transport") not in ("tcp", "wss"):
+            warnings.append("reality is used with transport mode uot/tcp only (as upstream)")
+        block: dict[str, Any] = {"public_key": reality.get("pbk"), "short_id": reality.get("sid")}
+        # spec §10.6: upstream's ClientHello carries stealth_sni (which `sni` is, and the
+        # Reality SNI defaults to); reality.sni only stands in when it is missing
+        name = reality.get("sni")
+        if "sni" not in fields and isinstance(name, str) and name.strip():
+            block["server_name"] = name.strip()
+        fields["reality"] = block
+        if reality.get("fp") or reality.get("spx"):
+            warnings.append(
+                "reality.fp and reality.spx are ignored: the ClientHello is upstream's fixed one"
+                " (upstream ignores them too)"
+            )
+    elif reality is not None and not isinstance(reality, Mapping):
+        issues.append(ConfigIssue("reality", "expected an object with enabled, pbk, sid, ..."))
+    return fields
 
 
 def convert_flat_config(
@@ -1648,24 +1796,87 @@ def parse_share_link(link: str) -> ShareLink:
     return ShareLink(key, host, port, query, unquote(fragment))
 
 
-def ostp_outbound_from_share_link(link: str, tag: str = "proxy") -> OstpOutboundConfig:
+# outbound field path → the share-link key it came from (for error messages)
+_LINK_KEYS = {
+    ("sni",): "sni",
+    ("reality", "public_key"): "pbk",
+    ("reality", "short_id"): "sid",
+    ("reality", "server_name"): "sni",
+}
+
+
+def _link_transport(query: Mapping[str, str], warnings: list[str]) -> dict[str, Any]:
+    """The transport keys of a share link (spec §10.9) as outbound fields.
+
+    `type=tcp|uot` selects UDP over TCP (`wss=true`: WebSocket), to the link's own port (where
+    ostp-py and upstream servers listen on TCP; upstream's client would use 443). `pbk` and
+    `sid` (with or without `security=reality`) add Reality; `fp` and `spx` are ignored, as
+    upstream's client ignores them.
+    """
+    fields: dict[str, Any] = {}
+    mode = query.get("type", "udp").strip().lower() or "udp"
+    wss = query.get("wss", "").strip().lower() == "true"
+    if mode in ("tcp", "uot"):
+        fields["transport"] = "wss" if wss else "tcp"
+    elif mode != "udp":
+        warnings.append(f"type={mode}: unknown transport; using udp")
+    elif wss:
+        warnings.append("wss=true applies to type=tcp only (as upstream); using udp")
+    sni = query.get("sni", "").strip()
+    if sni:
+        fields["sni"] = sni
+    security = query.get("security", "").strip().lower()
+    pbk, sid = query.get("pbk", "").strip(), query.get("sid", "").strip()
+    if security == "reality" or pbk:
+        if not pbk or not sid:
+            raise ValueError("Reality needs both pbk (the server's public key) and sid")
+        fields["reality"] = {"public_key": pbk, "short_id": sid}
+        if "transport" not in fields:
+            warnings.append(
+                "Reality is used over TCP only; this link says UDP (set transport to tcp, wss"
+                " or auto to use it)"
+            )
+    elif security not in ("", "none"):
+        warnings.append(f"security={security} is ignored (only reality is known)")
+    ignored = [key for key in ("fp", "spx") if query.get(key)]
+    if ignored:
+        warnings.append(
+            f"{' and '.join(ignored)} ignored: the ClientHello is upstream's fixed one"
+            " (upstream ignores them too)"
+        )
+    if query.get("owndns"):
+        warnings.append("owndns is ignored (as upstream does)")
+    return fields
+
+
+def ostp_outbound_from_share_link(
+    link: str, tag: str = "proxy", warnings: list[str] | None = None
+) -> OstpOutboundConfig:
+    """The `ostp` outbound of a share link; ValueError names the link key that is wrong."""
     parsed = parse_share_link(link)
     host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
-    return OstpOutboundConfig(
-        tag=tag, server=f"{host}:{parsed.port}", access_key=SecretStr(parsed.access_key)
-    )
+    data: dict[str, Any] = {
+        "tag": tag,
+        "server": f"{host}:{parsed.port}",
+        "access_key": parsed.access_key,
+        **_link_transport(parsed.query, warnings if warnings is not None else []),
+    }
+    try:
+        return OstpOutboundConfig.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = _LINK_KEYS.get(tuple(str(p) for p in error["loc"]), ".".join(map(str, error["loc"])))
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise ValueError(f"{key}: {message}") from None
 
 
 def config_from_share_link(link: str) -> tuple[ClientConfig, list[str]]:
     """A complete client config for a share link: local proxy on 127.0.0.1:1088 → ostp."""
     parsed = parse_share_link(link)
-    warnings = []
-    mode = parsed.query.get("type", "udp").lower()
-    if mode in ("tcp", "uot"):
-        warnings.append(f"type={mode}: UDP-over-TCP is not supported; using udp")
+    warnings: list[str] = []
     if parsed.query.get("tun", "").lower() == "true":
         warnings.append("tun=true: TUN mode is not available yet; using the local proxy")
-    outbound = ostp_outbound_from_share_link(link)
+    outbound = ostp_outbound_from_share_link(link, warnings=warnings)
     config = ClientConfig(
         inbounds=[LocalProxyInboundConfig()],
         outbounds=[outbound, DirectOutboundConfig(), BlockOutboundConfig()],

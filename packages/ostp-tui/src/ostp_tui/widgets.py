@@ -56,6 +56,8 @@ def _session_line(session: SessionStatus) -> Text:
     # gaps end a styled run rather than start one (see Dashboard._render_header)
     text = Text("  #" + session.id + " ")
     text.append(session.state.capitalize() + "  ", style=state_style(session.state))
+    if session.transport:
+        text.append(f"{session.transport}  ")
     rtt = f"{session.rtt_ms:.1f} ms" if session.rtt_ms is not None else "-"
     text.append(f"rtt {rtt}  up {format_duration(session.uptime)}")
     if session.reconnects:

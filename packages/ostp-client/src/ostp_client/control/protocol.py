@@ -189,6 +189,9 @@ class SessionStatus(_Msg):
     socket_buffer: int | None = None
     """The socket's receive buffer as granted by the kernel (bytes); below what was asked for
     when `net.core.rmem_max` caps it."""
+    transport: str | None = None
+    """How the datagrams travel: a session's `udp`, `tcp`, `wss` or `reality`; an ostp
+    outbound's configured `udp`, `tcp`, `wss` or `auto`."""
 
 
 class MemberStatus(_Msg):

@@ -14,6 +14,7 @@ import importlib.metadata
 import logging
 import os
 import signal
+import socket
 import stat
 import sys
 import time
@@ -176,6 +177,7 @@ def _session_from_raw(raw: dict[str, Any], default_id: str, now: float) -> dict[
     ident = raw.get("id", raw.get("index", default_id))
     server = raw.get("server")
     mapped = raw.get("mapped_address")
+    transport = raw.get("transport")
     return {
         "id": str(ident),
         "state": str(raw.get("state") or "ready"),
@@ -190,6 +192,7 @@ def _session_from_raw(raw: dict[str, Any], default_id: str, now: float) -> dict[
         "mapped_address": str(mapped) if mapped is not None else None,
         "kernel_drops": _int_or_none(raw, "kernel_drops"),
         "socket_buffer": _int_or_none(raw, "socket_buffer"),
+        "transport": str(transport) if transport is not None else None,
     }
 
 
@@ -564,7 +567,22 @@ class _Client:
                     await self.stream.send(data)
             except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 self.closed = True
-                await anyio.aclose_forcefully(self.stream)
+                await self._hang_up()
+
+    async def _hang_up(self) -> None:
+        """End the connection for the task that reads it, which then closes it.
+
+        Closing it from here (a subscription's task) would complete that task's pending read
+        under it; on asyncio, anyio's Unix stream then has the socket's readiness callback,
+        already queued by the same loop turn, set the finished future again, and asyncio logs
+        "Exception in callback Future.set_result(None)" with an InvalidStateError.
+        """
+        raw = self.stream.extra(anyio.abc.SocketAttribute.raw_socket, None)  # noqa: S610 (anyio, not Django)
+        if raw is None:  # a named pipe: its reads run in threads, closing it is safe
+            await anyio.aclose_forcefully(self.stream)
+            return
+        with suppress(OSError):
+            raw.shutdown(socket.SHUT_RDWR)  # the pending read ends (EOF) on its own
 
 
 class ControlServer:

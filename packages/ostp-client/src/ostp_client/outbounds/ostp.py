@@ -25,7 +25,6 @@ it fell back (a working relayed session is never interrupted to probe).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import math
@@ -33,7 +32,7 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,7 +40,7 @@ import anyio
 import anyio.abc
 from anyio.abc import TaskStatus
 
-from ostp_client.config import OstpOutboundConfig
+from ostp_client.config import REALITY_DEFAULT_SNI, OstpOutboundConfig
 from ostp_client.nat import (
     AllocationSucceeded,
     BindingFailed,
@@ -65,8 +64,11 @@ from ostp_client.outbounds.base import (
     UdpOutboundSession,
 )
 from ostp_client.outbounds.connect_errors import error_from_reason
-from ostp_client.tun.bypass import apply_bypass
-from ostp_client.udp import BatchSocket, SocketBuffers, set_buffers
+from ostp_client.transport import DatagramTransport, TransportError
+from ostp_client.transport.stream import RealityOptions, StreamOptions, StreamTransport, open_stream
+from ostp_client.transport.udp import SOCKET_BUFFER, UdpTransport, open_udp_socket
+from ostp_client.transport.udp import NatSocket as _NatSocket
+from ostp_client.udp import BatchSocket, SocketBuffers
 from ostp_proto import (
     ClientConnection,
     Close,
@@ -85,12 +87,12 @@ from ostp_proto import (
     UdpAssociate,
     UdpData,
 )
+from ostp_proto.transport import Framing
 
-__all__ = ["NatOptions", "OstpOutbound", "SessionState"]
+__all__ = ["NatOptions", "OstpOutbound", "SessionState", "TransportMode"]
 
 logger = logging.getLogger(__name__)
 
-SOCKET_BUFFER = 32 * 1024 * 1024  # upstream asks for 32 MiB (spec §9.1, §16)
 RECONNECT_DELAY = 5.0  # spec §10.2: fixed back-off, no cap on attempts
 RECEIVE_BUFFER_CAP = 64 * 1024 * 1024
 """Bytes buffered for all streams of one session (slow local readers) above which the session
@@ -100,6 +102,16 @@ each stream's window bounds its buffer long before; an upstream server has no fl
 gives up on frames refused for about 1.5 s (spec §7.2, §16), so the cap is generous."""
 STREAM_WINDOW = 256 * 1024
 """Initial receive window per stream offered to an ostp-py server; it grows for fast readers."""
+STREAM_DATAGRAM_SIZE = 32 * 1024
+"""Data datagrams over the TCP transports, where there is no IP fragmentation to avoid: the
+per-datagram work, not the bytes, bounds a Python tunnel. Uploads over /stream on loopback
+(bench/transports_bench.py): 77 MB/s with UDP-sized datagrams, 142 with 4 KB, 209-226 with
+16 KB, 251 with 32 KB, 248 with 60,000 bytes. ``auto`` keeps the UDP size on TCP too, since its
+session may move back to UDP at any time (docs/protocol-deviations.md)."""
+STREAM_HANDSHAKE_TIMEOUT = 4.0  # spec §10.1: over TCP a single attempt with a 4,000 ms limit
+RESUME_MIN_INTERVAL = 2.0
+"""A TCP connection that dies within this many seconds of the previous one ends the session
+instead of being replaced again (a server refusing us must not cause a connection storm)."""
 
 
 HANDSHAKE_TIMED_OUT = "handshake timed out"  # ostp_proto's ConnectionTerminated reason prefix
@@ -134,6 +146,18 @@ class SessionState:
     IDLE = "idle"
     CONNECTING = "connecting"
     CONNECTED = "connected"
+
+
+class TransportMode:
+    UDP = "udp"
+    TCP = "tcp"
+    WSS = "wss"
+    AUTO = "auto"
+
+
+PROBE_BACKOFF = 8
+"""``auto``: the interval between UDP probes doubles while they fail, up to this many times
+``auto_probe_interval``."""
 
 
 class NatMode:
@@ -357,81 +381,16 @@ class OstpUdpSession(_Channel, UdpOutboundSession):
         self.reset("closed")
 
 
-class _NatSocket(BatchSocket):
-    """The session socket when it also talks STUN/TURN: a BatchSocket, unconnected.
-
-    Every datagram read goes through the NatMux, which keeps STUN answers and unwraps TURN
-    ChannelData; what it hands back is passed on only if it comes from the OSTP server (directly
-    or through the relay). OSTP datagrams leave addressed to the server, or as ChannelData to the
-    TURN server while relaying; with ``relay_only`` nothing leaves directly (before the relay is
-    ready or after it failed). GSO and GRO work on unconnected sockets as on connected ones.
-    """
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        mux: NatMux,
-        server: tuple[str, int],
-        *,
-        relay_only: bool,
-        gso: bool = True,
-        gro: bool = True,
-    ) -> None:
-        super().__init__(sock, gso=gso, gro=gro)
-        self.mux = mux
-        self.server = server
-        self.relay_only = relay_only
-        self.source_drop = 0
-        """Datagrams for the OSTP layer that came from neither the server nor the relay."""
-        self.unrelayed_drop = 0
-        """OSTP datagrams not sent because the relay they need is not (or no longer) ready."""
-
-    def recv_batch(self, limit: int = 256) -> list[bytes]:
-        """The OSTP datagrams among everything waiting (up to ``limit`` system calls)."""
-        out: list[bytes] = []
-        receive = self.mux.receive_datagram
-        host, port = self.server[0], self.server[1]
-        now = time.monotonic()
-        for part, addr in self.recv_from_batch(limit):
-            got = receive(part, addr, now)
-            if got is None:
-                continue
-            payload, peer = got
-            if peer[0] == host and peer[1] == port:
-                out.append(payload)
-            else:
-                self.source_drop += 1
-        return out
-
-    def send_batch(self, datagrams: Sequence[bytes], to: Any = None) -> int:
-        """Send OSTP datagrams in order to the server (or through the relay); the bytes sent."""
-        turn = self.mux.turn
-        if turn is not None and turn.ready:
-            wrap = turn.wrap
-            return super().send_batch([wrap(d) for d in datagrams], turn.server)
-        if self.relay_only:
-            self.unrelayed_drop += len(datagrams)
-            return 0
-        return super().send_batch(datagrams, self.server)
-
-    def send_nat(self, now: float) -> None:
-        """Send the STUN/TURN requests the mux has queued (losses are its retransmissions' job)."""
-        sock = self.sock
-        for data, to in self.mux.datagrams_to_send(now):
-            with contextlib.suppress(OSError):
-                sock.sendto(data, to)
-
-
 class _Session:
-    """One OSTP session: one UDP socket, one ClientConnection, one driving task."""
+    """One OSTP session: one datagram transport at a time, one ClientConnection, one driving
+    task (and, on TCP, the transport's writer and ``auto``'s UDP probe beside it)."""
 
     def __init__(self, outbound: OstpOutbound, index: int) -> None:
         self.outbound = outbound
         self.index = index
         self.state = SessionState.IDLE
         self.conn: ClientConnection | None = None
-        self.sock: socket.socket | None = None
-        self.batch: BatchSocket | _NatSocket | None = None
+        self.transport: DatagramTransport | None = None
         self.mux: NatMux | None = None
         self.path: str | None = None
         """How the current attempt reaches the server: ``direct`` or ``turn``."""
@@ -449,8 +408,6 @@ class _Session:
         self.reconnects = 0
         self.bytes_up = 0
         self.bytes_down = 0
-        self.buffers: SocketBuffers | None = None
-        """What the kernel granted for the current socket's buffers."""
         self.earlier_drops = 0
         """Kernel drops of this session's earlier sockets (the counter is per socket)."""
         self.last_error: str | None = None
@@ -460,6 +417,32 @@ class _Session:
         self._send_waiters: dict[int, anyio.Event] = {}
         """Streams waiting for the core to take more of their data, by stream id."""
         self.connected_event = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+        """The current attempt's task group (the TCP writer, the UDP probe)."""
+        self.transport_switches = 0
+        """Times the session moved to another transport (or a new TCP connection) while live."""
+        self._resumed_at = -math.inf
+        # transport "auto" (docs: README, "Transports"; protocol-deviations.md)
+        self._udp_blocked = False
+        """``auto``: UDP did not pass lately; attempts start on TCP and a probe looks for UDP."""
+        self._attempt_started = 0.0
+        self._auto_deadline: float | None = None
+        self._next_fallback = 0.0
+        self._probing = False
+        self._probe_interval = outbound.auto_probe_interval
+        self._switch_to: tuple[DatagramTransport, str] | None = None
+        """A transport ready to take over (a completed UDP probe), and why."""
+
+    @property
+    def sock(self) -> socket.socket | None:
+        """The socket of the current transport."""
+        return self.transport.sock if self.transport is not None else None
+
+    @property
+    def batch(self) -> BatchSocket | None:
+        """The UDP socket wrapper while the session is on UDP."""
+        transport = self.transport
+        return transport.batch if isinstance(transport, UdpTransport) else None
 
     # -- the driving loop ----------------------------------------------------------------------
 
@@ -469,13 +452,16 @@ class _Session:
             await self._supervise()
         finally:
             # Shutdown: tell the server and release the TURN allocation (no await needed).
-            if self.sock is not None:
+            if self.transport is not None:
                 self._teardown("shutting down")
 
     async def _supervise(self) -> None:
         while True:
             try:
                 await self._run_once()
+            except TransportError as exc:
+                self.last_error = f"{self.outbound.stream_options.kind}: {exc.strerror or exc}"
+                logger.warning("%s session %d: %s", self.outbound.tag, self.index, self.last_error)
             except OSError as exc:
                 self.last_error = f"socket error: {exc.strerror or exc}"
                 logger.warning("%s session %d: %s", self.outbound.tag, self.index, self.last_error)
@@ -503,6 +489,41 @@ class _Session:
         if not infos:
             raise OSError(errno.EHOSTUNREACH, f"cannot resolve {host}")
         family, _, _, _, sockaddr = infos[0]
+        handshake_now = True
+        if self._choose_transport() == TransportMode.UDP:
+            opened = await self._open_udp(family, sockaddr)
+            if opened is None:
+                return
+            handshake_now = opened
+        else:
+            try:
+                self._use(await self._open_stream(sockaddr))
+            except OSError:
+                if self.outbound.transport == TransportMode.AUTO:
+                    self._udp_blocked = False  # TCP fails too: try UDP first next time
+                raise
+        transport = self.transport
+        assert transport is not None
+        conn = ClientConnection(
+            access_key=self.outbound.access_key,
+            config=self.outbound.stream_config
+            if transport.reliable
+            else self.outbound.connection_config,
+        )
+        self.conn = conn
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            if isinstance(transport, StreamTransport):
+                tg.start_soon(transport.run)
+            try:
+                await self._drive(conn, family, sockaddr, handshake_now)
+            finally:
+                self._tg = None
+                tg.cancel_scope.cancel()
+
+    async def _open_udp(self, family: int, sockaddr: Any) -> bool | None:
+        """The UDP transport of this attempt (NAT traversal included): True if the handshake
+        starts at once, False if it waits for the TURN relay, None if the attempt failed."""
         nat = self.outbound.nat
         relay = self._choose_path(nat)
         stun: list[tuple[str, int]] = []
@@ -523,61 +544,266 @@ class _Session:
                     self._fail_attempt(
                         f"TURN server {turn_host}:{turn_port}: {exc.strerror or exc}"
                     )
-                    return
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock = sock
-        sock.setblocking(False)
-        apply_bypass(sock)  # with a TUN's policy routing, never route the tunnel into itself
-        self.buffers = set_buffers(sock, self.outbound.socket_buffer)
-        _check_buffers(self.outbound.tag, self.buffers)
+                    return None
+        sock, buffers = open_udp_socket(family, self.outbound.socket_buffer)
+        _check_buffers(self.outbound.tag, buffers)
+        batching = self.outbound.batching
         self.path = "turn" if relay else "direct"
         self.mapped_address = self.relayed_address = None
-        mux: NatMux | None = None
-        batching = self.outbound.batching
-        if stun or turn is not None:
-            # Not connected: the socket also talks to the STUN/TURN servers.
-            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
-            mux = NatMux(NatConfig(turn=turn))
-            self.mux = mux
-            server = (str(sockaddr[0]), int(sockaddr[1]))
-            self.batch = _NatSocket(
-                sock, mux, server, relay_only=turn is not None, gso=batching, gro=batching
-            )
-        else:
+        if not stun and turn is None:
+            self._use(UdpTransport(BatchSocket(sock, gso=batching, gro=batching), buffers))
             sock.connect(sockaddr)
-            self.batch = BatchSocket(sock, gso=batching, gro=batching)
-        conn = ClientConnection(
-            access_key=self.outbound.access_key, config=self.outbound.connection_config
+            return True
+        # Not connected: the socket also talks to the STUN/TURN servers.
+        mux = NatMux(NatConfig(turn=turn))
+        self.mux = mux
+        server = (str(sockaddr[0]), int(sockaddr[1]))
+        self._use(
+            UdpTransport(
+                _NatSocket(
+                    sock, mux, server, relay_only=turn is not None, gso=batching, gro=batching
+                ),
+                buffers,
+            )
         )
-        self.conn = conn
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         now = time.monotonic()
-        if mux is not None:
-            for address in stun:
-                mux.start_binding(address, now)
-            if turn is not None:
-                # The handshake starts once the relay is ready (RelayReady).
-                mux.start_turn(server, now)
-                logger.info(
-                    "%s session %d: allocating a relay on TURN server %s",
-                    self.outbound.tag,
-                    self.index,
-                    _fmt(turn.server),
-                )
+        for address in stun:
+            mux.start_binding(address, now)
         if turn is None:
+            return True
+        # The handshake starts once the relay is ready (RelayReady).
+        mux.start_turn(server, now)
+        logger.info(
+            "%s session %d: allocating a relay on TURN server %s",
+            self.outbound.tag,
+            self.index,
+            _fmt(turn.server),
+        )
+        return False
+
+    async def _drive(
+        self, conn: ClientConnection, family: int, sockaddr: Any, handshake_now: bool
+    ) -> None:
+        now = time.monotonic()
+        self._attempt_started = now
+        if handshake_now:
             conn.connect(now, time.time())
         self.flush()
+        auto = self.outbound.transport == TransportMode.AUTO
         while True:
             now = time.monotonic()
             self._read_all(conn, now)
+            transport = self.transport
+            assert transport is not None
+            if transport.failure is not None and not await self._transport_failed(
+                conn, sockaddr, transport.failure
+            ):
+                return
             timer = conn.get_timer()
             if timer is not None and timer <= now:
                 conn.handle_timer(now)
+            mux = self.mux
             if mux is not None and not self._drive_nat(mux, conn, now):
                 return
             if not self._handle_events(conn):
                 return
+            if auto and not await self._drive_auto(conn, family, sockaddr, now):
+                return
             self.flush()
-            await self._wait(sock, conn)
+            await self._wait(conn)
+
+    # -- transports ----------------------------------------------------------------------------
+
+    def _choose_transport(self) -> str:
+        mode = self.outbound.transport
+        if mode != TransportMode.AUTO:
+            return mode
+        return self.outbound.auto_fallback if self._udp_blocked else TransportMode.UDP
+
+    def _use(self, transport: DatagramTransport) -> None:
+        self.transport = transport
+        if isinstance(transport, StreamTransport):
+            transport.on_drained = self._wake
+            if self._tg is not None:
+                self._tg.start_soon(transport.run)
+
+    async def _open_stream(self, sockaddr: Any) -> StreamTransport:
+        """A new TCP transport to the server (its address resolved for this attempt)."""
+        outbound = self.outbound
+        host = str(sockaddr[0])
+        options = replace(
+            outbound.stream_options,
+            host=outbound.sni or (f"[{host}]" if ":" in host else host),  # spec §10.6
+        )
+        port = outbound.transport_port or int(sockaddr[1])
+        logger.debug(
+            "%s session %d: connecting over %s to %s",
+            outbound.tag,
+            self.index,
+            options.kind,
+            _fmt((host, port)),
+        )
+        return await open_stream((host, port), outbound.access_key, options)
+
+    def _switch(self, conn: ClientConnection, new: DatagramTransport, reason: str) -> None:
+        """Continue the session on ``new`` (roaming, spec §9.2): what was in flight is sent
+        again on it, the ARQ runs as the new path needs (no timers over TCP)."""
+        old = self.transport
+        self._use(new)
+        if old is not None and old is not new:
+            if isinstance(old, UdpTransport) and isinstance(old.batch, _NatSocket):
+                self.mux = None  # STUN answers on the old socket mean nothing now
+                self.mapped_address = None
+            self._retire(old)
+        conn.reliable_transport = new.reliable
+        conn.path_changed(time.monotonic())
+        self.transport_switches += 1
+        logger.info(
+            "%s session %d: transport %s -> %s (%s)",
+            self.outbound.tag,
+            self.index,
+            old.kind if old is not None else "none",
+            new.kind,
+            reason,
+        )
+        self.flush()
+
+    async def _transport_failed(self, conn: ClientConnection, sockaddr: Any, reason: str) -> bool:
+        """The TCP connection ended: continue the session on a new one (the server keeps it
+        for ``tcp_resume_grace``); False ends the attempt."""
+        tag, index = self.outbound.tag, self.index
+        now = time.monotonic()
+        if not conn.established or now - self._resumed_at < RESUME_MIN_INTERVAL:
+            self.last_error = reason
+            logger.info("%s session %d: %s", tag, index, reason)
+            return False
+        self._resumed_at = now
+        try:
+            new = await self._open_stream(sockaddr)
+        except OSError as exc:
+            self.last_error = f"{reason}; a new TCP connection failed: {exc.strerror or exc}"
+            logger.info("%s session %d: %s", tag, index, self.last_error)
+            return False
+        self._switch(conn, new, reason)
+        return True
+
+    async def _drive_auto(
+        self, conn: ClientConnection, family: int, sockaddr: Any, now: float
+    ) -> bool:
+        """Transport ``auto``: TCP while UDP does not pass, back to UDP once it does."""
+        outbound = self.outbound
+        transport = self.transport
+        assert transport is not None
+        tag, index = outbound.tag, self.index
+        self._auto_deadline = None
+        if transport.reliable:
+            switch = self._switch_to
+            if switch is not None:
+                self._switch_to = None
+                if conn.established:
+                    self._udp_blocked = False
+                    self._switch(conn, switch[0], switch[1])
+                else:
+                    switch[0].close()
+            elif conn.established and not self._probing and self._tg is not None:
+                self._probing = True
+                self._tg.start_soon(self._probe_udp, family, sockaddr)
+            return True
+        if not conn.established:
+            deadline = self._attempt_started + outbound.auto_udp_timeout
+            if now < deadline:
+                self._auto_deadline = deadline
+                return True
+            self.last_error = (
+                f"no handshake over UDP in {outbound.auto_udp_timeout:g} s;"
+                f" using {outbound.stream_options.kind}"
+            )
+            logger.info("%s session %d: %s", tag, index, self.last_error)
+            self._udp_blocked = True
+            self._retry_now = True  # no back-off: the UDP attempt already took its time
+            return False
+        # UDP stopped passing: nothing arrived, or nothing we sent was acknowledged (the
+        # keepalive Ping is always outstanding at least once per interval), for two keepalive
+        # intervals. The second catches a path that drops only our direction, where the
+        # server's retransmissions keep arriving.
+        sender = conn.sender
+        progress = min(conn.last_receive, sender.delivered_time if sender.outstanding else now)
+        deadline = max(progress + 2 * outbound.keepalive_interval, self._next_fallback)
+        if now < deadline:
+            self._auto_deadline = deadline
+            return True
+        reason = f"UDP stopped passing: no answer for {now - progress:.0f} s"
+        try:
+            new = await self._open_stream(sockaddr)
+        except OSError as exc:
+            self._next_fallback = time.monotonic() + outbound.keepalive_interval
+            self._warn_once(f"{reason}, and {outbound.stream_options.kind} fails too: {exc}")
+            return True
+        self._udp_blocked = True
+        self._switch(conn, new, reason)
+        return True
+
+    async def _probe_udp(self, family: int, sockaddr: Any) -> None:
+        """``auto`` on TCP: a UDP handshake every ``auto_probe_interval`` (doubling while it
+        fails); the first that completes hands its socket over to the session."""
+        base = self.outbound.auto_probe_interval
+        try:
+            while True:
+                await anyio.sleep(self._probe_interval)
+                transport = await self._probe_once(family, sockaddr)
+                if transport is not None:
+                    self._probe_interval = base
+                    self._switch_to = (transport, "a UDP handshake completed")
+                    self._wake()
+                    return
+                self._probe_interval = min(self._probe_interval * 2, PROBE_BACKOFF * base)
+                logger.debug(
+                    "%s session %d: UDP still does not pass; next probe in %.0f s",
+                    self.outbound.tag,
+                    self.index,
+                    self._probe_interval,
+                )
+        finally:
+            self._probing = False
+
+    async def _probe_once(self, family: int, sockaddr: Any) -> UdpTransport | None:
+        """A UDP handshake of its own (a throwaway session, closed at once); its socket, as a
+        transport, if it completed within ``auto_udp_timeout``."""
+        outbound = self.outbound
+        try:
+            sock, buffers = open_udp_socket(family, outbound.socket_buffer)
+        except OSError:
+            return None
+        found: UdpTransport | None = None
+        try:
+            sock.connect(sockaddr)
+            batch = BatchSocket(sock, gso=outbound.batching, gro=outbound.batching)
+            probe = ClientConnection(access_key=outbound.access_key, config=outbound.probe_config)
+            probe.connect(time.monotonic(), time.time())
+            with anyio.move_on_after(outbound.auto_udp_timeout):
+                while probe.state is not State.CLOSED:
+                    now = time.monotonic()
+                    for datagram in batch.recv_batch(64):
+                        probe.receive_datagram(datagram, now)
+                    timer = probe.get_timer()
+                    if timer is not None and timer <= now:
+                        probe.handle_timer(now)
+                    if probe.established:
+                        probe.close(now)  # the server ends the throwaway session at once
+                        batch.send_batch(probe.datagrams_to_send(now))
+                        found = UdpTransport(batch, buffers)
+                        break
+                    batch.send_batch(probe.datagrams_to_send(now))
+                    timer = probe.get_timer()
+                    with anyio.move_on_after(1.0 if timer is None else max(timer - now, 0.0)):
+                        await anyio.wait_readable(sock)
+        except OSError:
+            pass
+        finally:
+            if found is None:
+                sock.close()
+        return found
 
     def _choose_path(self, nat: NatOptions | None) -> bool:
         """True if this attempt goes through TURN (see the module docstring for ``auto``)."""
@@ -666,26 +892,31 @@ class _Session:
         logger.warning("%s session %d: %s", self.outbound.tag, self.index, message)
 
     def _read_all(self, conn: ClientConnection, now: float) -> None:
-        """Read what the socket has (bounded per round).
+        """Read what the transport has (bounded per round).
 
         ICMP errors (the server's port closed) are ignored: the server may come back; the
         timers decide.
         """
         receive = conn.receive_datagram
-        batch = self.batch
-        assert batch is not None
+        transport = self.transport
+        assert transport is not None
         conn.receive_paused = self.buffered >= self.outbound.receive_buffer_cap
-        for data in batch.recv_batch(256):
+        for data in transport.recv_batch(256):
             self.bytes_down += len(data)
             receive(data, now)
 
-    async def _wait(self, sock: socket.socket, conn: ClientConnection) -> None:
-        timer = conn.get_timer()
-        mux = self.mux
-        if mux is not None:
-            nat_timer = mux.get_timer()
-            if nat_timer is not None and (timer is None or nat_timer < timer):
-                timer = nat_timer
+    async def _wait(self, conn: ClientConnection) -> None:
+        transport = self.transport
+        assert transport is not None
+        if transport.failure is not None:
+            await anyio.lowlevel.checkpoint()
+            return
+        # A blocked TCP transport takes nothing until its writer wakes us (``_wake``): the
+        # core's timers would only make us spin meanwhile.
+        timer = None if transport.blocked else conn.get_timer()
+        for other in (self.mux.get_timer() if self.mux is not None else None, self._auto_deadline):
+            if other is not None and (timer is None or other < timer):
+                timer = other
         now = time.monotonic()
         delay = 1.0 if timer is None else max(timer - now, 0.0)
         if delay <= 0:
@@ -694,9 +925,14 @@ class _Session:
         self._sleep_until = now + delay
         with anyio.CancelScope(deadline=anyio.current_time() + delay) as scope:
             self._sleep = scope
-            await anyio.wait_readable(sock)
+            await anyio.wait_readable(transport.sock)
         self._sleep = None
         self._sleep_until = math.inf
+
+    def _wake(self) -> None:
+        """End the driving task's sleep now (the TCP writer drained, a probe completed)."""
+        if self._sleep is not None:
+            self._sleep.cancel()
 
     def _wake_if_needed(self) -> None:
         conn = self.conn
@@ -786,13 +1022,15 @@ class _Session:
             self._relay = False  # no answer through the relay either: direct next time
 
     def flush(self) -> None:
-        conn, batch = self.conn, self.batch
-        if conn is None or batch is None:
+        conn, transport = self.conn, self.transport
+        if conn is None or transport is None:
             return
+        if transport.blocked or transport.failure is not None:
+            return  # the datagrams wait in the core (its `writable` holds the streams back)
         datagrams = conn.datagrams_to_send(time.monotonic())
         if datagrams:
-            # Kernel drops count as loss on the wire; the ARQ re-sends what matters.
-            self.bytes_up += batch.send_batch(datagrams)
+            # UDP: kernel drops count as loss on the wire; the ARQ re-sends what matters.
+            self.bytes_up += transport.send_batch(datagrams)
         if self._send_waiters:
             self._wake_senders()
 
@@ -822,18 +1060,22 @@ class _Session:
         if self.conn is not None and self.conn.established:
             self.conn.close(time.monotonic())
             self.flush()
-        if self.mux is not None and isinstance(self.batch, _NatSocket):
+        batch = self.batch
+        if self.mux is not None and isinstance(batch, _NatSocket):
             # Refresh with LIFETIME 0 (RFC 8656 §7), sent once: the socket closes now, and a
             # lost one only leaves the allocation to expire on its own.
             now = time.monotonic()
             self.mux.close(now)
-            self.batch.send_nat(now)
-        if self.batch is not None:
-            self.earlier_drops += self.batch.kernel_drops() or 0
-        if self.sock is not None:
-            self.sock.close()
-        self.sock = None
-        self.batch = None
+            batch.send_nat(now)
+        transport = self.transport
+        if transport is not None:
+            if transport.reliable and self.outbound.transport == TransportMode.AUTO:
+                self._udp_blocked = False  # after a session on TCP ends, try UDP first again
+            self._retire(transport)
+        if self._switch_to is not None:
+            self._switch_to[0].close()
+            self._switch_to = None
+        self.transport = None
         self.conn = None
         self.mux = None
         self.buffered = 0
@@ -917,22 +1159,37 @@ class _Session:
             "receive_buffered": self.buffered,
             "receive_paused": conn.receive_paused if conn is not None else False,
             "kernel_drops": self.kernel_drops(),
-            "socket_buffer": self.buffers.receive if self.buffers is not None else None,
+            "socket_buffer": self._socket_buffer(),
             "last_error": self.last_error,
             "path": self.path,
             "mapped_address": _fmt(self.mapped_address),
             "relayed_address": _fmt(self.relayed_address) if self.path == "turn" else None,
             "turn_refreshes": self.turn_refreshes,
             "nat_drops": self._nat_drops(),
+            "transport": self.transport.kind if self.transport is not None else None,
+            "transport_switches": self.transport_switches,
         }
 
     def kernel_drops(self) -> int | None:
-        """Datagrams the kernel dropped on this session's sockets (a full receive buffer)."""
-        batch = self.batch
-        current = batch.kernel_drops() if batch is not None else None
+        """Datagrams the kernel dropped on this session's UDP sockets (a full receive buffer):
+        the current one's and its predecessors'; None if the system does not say."""
+        transport = self.transport
+        current = transport.kernel_drops() if isinstance(transport, UdpTransport) else None
         if current is None:
-            return self.earlier_drops if self.earlier_drops or batch is None else None
+            return self.earlier_drops if self.earlier_drops or transport is None else None
         return self.earlier_drops + current
+
+    def _socket_buffer(self) -> int | None:
+        transport = self.transport
+        if isinstance(transport, UdpTransport) and transport.buffers is not None:
+            return transport.buffers.receive
+        return None
+
+    def _retire(self, transport: DatagramTransport) -> None:
+        """Close a transport the session no longer uses, keeping its kernel drop count."""
+        if isinstance(transport, UdpTransport):
+            self.earlier_drops += transport.kernel_drops() or 0
+        transport.close()
 
     def _nat_drops(self) -> dict[str, int] | None:
         mux, batch = self.mux, self.batch
@@ -968,10 +1225,31 @@ class OstpOutbound(Outbound):
         extensions: bool = True,
         stream_window: int = STREAM_WINDOW,
         receive_buffer_cap: int = RECEIVE_BUFFER_CAP,
+        transport: str = TransportMode.UDP,
+        transport_port: int | None = None,
+        sni: str | None = None,
+        reality: RealityOptions | None = None,
+        auto_fallback: str = TransportMode.TCP,
+        auto_udp_timeout: float = 3.0,
+        auto_probe_interval: float = 30.0,
         socket_buffer: int = SOCKET_BUFFER,
     ) -> None:
         super().__init__(tag)
         self.socket_buffer = socket_buffer
+        self.keepalive_interval = keepalive_interval
+        self.transport = transport
+        self.transport_port = transport_port
+        self.sni = sni
+        self.auto_fallback = auto_fallback
+        self.auto_udp_timeout = auto_udp_timeout
+        self.auto_probe_interval = auto_probe_interval
+        stream_kind = auto_fallback if transport == TransportMode.AUTO else transport
+        self.stream_options = StreamOptions(
+            framing=Framing.WSS if stream_kind == TransportMode.WSS else Framing.STREAM,
+            host="",  # per attempt: `sni`, else the server's address
+            reality=reality,
+            connect_timeout=connect_timeout,
+        )
         self.receive_buffer_cap = receive_buffer_cap
         self.batching = batching
         self.nat = nat
@@ -992,6 +1270,21 @@ class OstpOutbound(Outbound):
             stream_window=stream_window,
             max_stream_window=max(stream_window, base.max_stream_window),
         )
+        # Over TCP: no retransmission into the stream, a single handshake attempt (spec §10.1),
+        # large datagrams unless the session may move back to UDP (`auto`).
+        stream = replace(
+            self.connection_config,
+            reliable_transport=True,
+            handshake_timeout=STREAM_HANDSHAKE_TIMEOUT,
+            handshake_attempts=1,
+        )
+        if transport != TransportMode.AUTO:
+            stream = replace(stream, max_datagram_size=STREAM_DATAGRAM_SIZE)
+        self.stream_config = stream
+        self.probe_config = replace(
+            self.connection_config, extensions=False, keepalive_interval=None
+        )
+        """``auto``'s UDP probe: a handshake, then Close at once."""
         self.sessions = [_Session(self, i) for i in range(sessions)]
         self._next_stream = 1
         self._active_ids: set[int] = set()
@@ -1120,6 +1413,7 @@ class OstpOutbound(Outbound):
             "streams": len(self._active_ids),
             "kernel_drops": _sum_known(s["kernel_drops"] for s in sessions),
             "nat_mode": self.nat.mode if self.nat is not None else None,
+            "transport": self.transport,
             "mapped_address": next(
                 (s["mapped_address"] for s in sessions if s["mapped_address"]), None
             ),
@@ -1144,6 +1438,24 @@ def _factory(cfg: OstpOutboundConfig, ctx: OutboundContext) -> Outbound:
         stream_window=cfg.stream_window,
         receive_buffer_cap=cfg.receive_buffer_cap,
         socket_buffer=cfg.socket_buffer,
+        transport=cfg.transport,
+        transport_port=cfg.transport_port,
+        sni=cfg.sni,
+        reality=_reality_options(cfg),
+        auto_fallback=cfg.auto_fallback,
+        auto_udp_timeout=cfg.auto_udp_timeout,
+        auto_probe_interval=cfg.auto_probe_interval,
+    )
+
+
+def _reality_options(cfg: OstpOutboundConfig) -> RealityOptions | None:
+    reality = cfg.reality
+    if reality is None:
+        return None
+    return RealityOptions(
+        public_key=reality.public_key_bytes,
+        short_id=bytes.fromhex(reality.short_id),
+        server_name=reality.server_name or cfg.sni or REALITY_DEFAULT_SNI,
     )
 
 
