@@ -8,6 +8,7 @@ reset (curl fails), every other stream completes byte-exact, and the session kee
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,11 +24,12 @@ import pytest
 from ostp_client.daemon import Daemon
 from ostp_client.outbounds.ostp import OstpOutbound, _Session
 from ostp_proto import DataLost
-from tests.client.origin_server import body_bytes
+from tests.client.origin_server import body_bytes, body_sha256
 from tests.client.proxy_helpers import (
     CURL,
     proxy_port,
     require_curl,
+    run_origin,
     running_daemon,
     wait_for,
 )
@@ -242,3 +244,64 @@ async def test_a_frame_the_server_gives_up_resets_only_the_streams_open_before_i
         assert before <= event.stream_ids and not after & event.stream_ids
         elapsed = await fetch_1kb(port, web, tmp_path / "small")
         print(f"1 KB fetch after the forced give-up: {elapsed * 1000:.0f} ms")
+
+
+# --------------------------------------------------------------------------------------------
+# bulk downloads from an unpaced sender (issue 13 item 3)
+
+
+BULK = 100 * 1000 * 1000
+UNPRIVILEGED_BUFFER = 8 * MB
+"""What an unprivileged client gets once ``net.core.rmem_max`` is raised as the daemon's
+warning says; the default 32 MiB needs CAP_NET_ADMIN (tests run as root in CI)."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(MB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_bulk_downloads_from_an_unpaced_server_are_byte_exact_and_never_wedge(
+    tmp_path: Path,
+) -> None:
+    """Three 100 MB downloads through the daemon (SOCKS5, curl) from a server that sends every
+    4 KB remote read at once and gives up on frames after ~1.5 s: each arrives byte for byte,
+    and after each (whatever happened) a 1 KB request through the same session completes."""
+    want = body_sha256(BULK)
+    with run_origin() as web:
+        async with upstream_server(KEY) as address:
+            config = tunnel_config(outbound(address, socket_buffer=UNPRIVILEGED_BUFFER))
+            async with running_daemon(config) as daemon:
+                await wait_for(lambda: ostp(daemon).state == "connected", 15)
+                port = proxy_port(daemon)
+                results = []
+                for run in range(3):
+                    out = tmp_path / f"bulk{run}"
+                    start = time.monotonic()
+                    code, err = await fetch(port, web.url(f"/bytes/{BULK}"), out, 240)
+                    seconds = time.monotonic() - start
+                    exact = code == 0 and out.stat().st_size == BULK and file_sha256(out) == want
+                    out.unlink(missing_ok=True)
+                    # never a wedged session: the next request works (the deadline is generous;
+                    # the figure is printed)
+                    small = tmp_path / "small"
+                    start = time.monotonic()
+                    code_small, err_small = await fetch(port, web.url("/bytes/1024"), small, 30)
+                    after = time.monotonic() - start
+                    assert code_small == 0, err_small
+                    assert small.read_bytes() == body_bytes(1024)
+                    results.append((code, err, exact, seconds, after))
+                session = ostp(daemon).sessions[0]
+                drops = session.kernel_drops()
+    for run, (code, _err, exact, seconds, after) in enumerate(results):
+        print(
+            f"run {run}: rc {code}, {'exact' if exact else 'NOT exact'}, "
+            f"{BULK / seconds / 1e6:.1f} MB/s, next 1 KB in {after * 1000:.0f} ms"
+        )
+    print(f"kernel drops: {drops}")
+    assert [exact for _, _, exact, _, _ in results] == [True] * 3, results
