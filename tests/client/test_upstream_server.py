@@ -9,6 +9,7 @@ reset (curl fails), every other stream completes byte-exact, and the session kee
 from __future__ import annotations
 
 import hashlib
+import logging
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +23,7 @@ import anyio.abc
 import pytest
 
 from ostp_client.daemon import Daemon
-from ostp_client.outbounds.ostp import OstpOutbound, _Session
+from ostp_client.outbounds.ostp import UNANSWERED_CONNECTS, OstpOutbound, _Session
 from ostp_proto import DataLost
 from tests.client.origin_server import body_bytes, body_sha256
 from tests.client.proxy_helpers import (
@@ -305,3 +306,89 @@ async def test_bulk_downloads_from_an_unpaced_server_are_byte_exact_and_never_we
         )
     print(f"kernel drops: {drops}")
     assert [exact for _, _, exact, _, _ in results] == [True] * 3, results
+
+
+# --------------------------------------------------------------------------------------------
+# session health (issue 13 item 4)
+
+
+def replacement_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "replacing the session" in r.getMessage()
+    ]
+
+
+async def test_a_session_whose_connects_go_unanswered_is_replaced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server answers keepalives but ignores every Connect of its first session: after
+    UNANSWERED_CONNECTS timed-out requests the daemon replaces the session (one warning), and
+    the next request goes to the new session and works."""
+    caplog.set_level(logging.INFO, "ostp_client")
+    async with (
+        upstream_server(KEY, "--ignore-connect", "--faulty-sessions", "1") as address,
+        origin() as web,
+        running_daemon(tunnel_config(outbound(address, connect_timeout=1.0))) as daemon,
+    ):
+        await wait_for(lambda: ostp(daemon).state == "connected", 15)
+        port = proxy_port(daemon)
+        session = ostp(daemon).sessions[0]
+        first_id = session.session_id
+        for attempt in range(UNANSWERED_CONNECTS):
+            assert session.replacements == 0 and session.session_id == first_id
+            code, _ = await fetch(port, web.url("/now/1024"), tmp_path / "failed", 30)
+            assert code != 0, f"attempt {attempt} succeeded on a server ignoring Connect"
+        await wait_for(
+            lambda: (
+                session.replacements == 1
+                and session.state == "connected"
+                and session.session_id != first_id
+            ),
+            30,
+        )
+        await fetch_1kb(port, web, tmp_path / "small")
+        assert session.replacements == 1
+    [warning] = replacement_warnings(caplog)
+    assert "Connects in a row got no answer" in warning
+
+
+async def test_the_rtt_shown_ages_out_and_a_silent_session_is_replaced(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first session's server goes silent after a few datagrams (its Pong among them):
+    the RTT shown disappears once it is older than a keepalive interval (plus the grace), the
+    session is replaced after SILENT_PING_INTERVALS unanswered intervals, and the new session
+    shows a fresh RTT."""
+    caplog.set_level(logging.INFO, "ostp_client")
+    interval = 2.0  # the RTT stops showing after 3 s, the session is replaced after 6 s
+    async with (
+        upstream_server(KEY, "--mute-after", "3", "--faulty-sessions", "1") as address,
+        running_daemon(
+            tunnel_config(outbound(address, keepalive_interval=interval, connect_timeout=2.0))
+        ) as daemon,
+    ):
+        proxy = ostp(daemon)
+        session = proxy.sessions[0]
+        await wait_for(lambda: session.state == "connected", 15)
+        first_id = session.session_id
+        assert session.status()["rtt_ms"] is not None  # the handshake's sample, fresh
+        await wait_for(lambda: session.conn is not None and session.conn.ping_rtt is not None, 15)
+        # the server is silent now: the sample ages and is no longer shown
+        await wait_for(lambda: session.status()["rtt_ms"] is None or session.replacements > 0, 15)
+        status = session.status()
+        assert session.replacements == 0, "replaced before the RTT shown aged out"
+        assert status["state"] == "connected" and status["session_id"] == first_id
+        assert proxy.status()["rtt_ms"] is None
+        await wait_for(
+            lambda: (
+                session.replacements == 1
+                and session.state == "connected"
+                and session.session_id != first_id
+            ),
+            30,
+        )
+        await wait_for(lambda: session.status()["rtt_ms"] is not None, 15)
+    [warning] = replacement_warnings(caplog)
+    assert "no answer to keepalive Pings" in warning

@@ -115,6 +115,15 @@ instead of being replaced again (a server refusing us must not cause a connectio
 
 
 HANDSHAKE_TIMED_OUT = "handshake timed out"  # ostp_proto's ConnectionTerminated reason prefix
+RTT_SHOWN_GRACE = 1.0
+"""The RTT shown is the latest sample if it is at most ``keepalive_interval`` plus this old
+(a Pong answers each keepalive Ping within a round trip); older, none is shown."""
+SILENT_PING_INTERVALS = 3
+"""A session whose keepalive Pings got no answer for this many intervals is replaced."""
+UNANSWERED_CONNECTS = 2
+"""A session on which this many Connects in a row (none answered in between) got no ConnectOk
+within ``connect_timeout`` while datagrams kept arriving is replaced. One is not enough: a
+target that swallows SYNs keeps our own server from answering for its 10 s connect timeout."""
 
 _buffer_warning_given = False  # one warning per process, however many sessions are capped
 
@@ -247,8 +256,10 @@ class OstpStream(_Channel, anyio.abc.ByteStream):
             self.readable.set()
         elif isinstance(message, ConnectOk):
             self.connected.set()
+            self.session.connect_answered()
         elif isinstance(message, Error):
             if not self.connected.is_set():
+                self.session.connect_answered()
                 self.error = _error_from_text(message.message)
                 self.connected.set()
             elif self._reset is None:
@@ -401,6 +412,13 @@ class _Session:
         """``auto``: the next attempt goes through TURN."""
         self._relay_since = 0.0
         self._retry_now = False
+        self._replacing: str | None = None
+        """Why the current connection is being replaced by a fresh handshake (session health)."""
+        self._unanswered = 0
+        """Connects in a row that timed out while datagrams arrived (no answer in between)."""
+        self.replacements = 0
+        self._paused_at = -math.inf
+        """The last time the session refused Data (its Pongs were refused too)."""
         self._warned: set[str] = set()
         self.channels: dict[int, _Channel] = {}
         self.buffered = 0
@@ -484,6 +502,8 @@ class _Session:
 
     async def _run_once(self) -> None:
         self._set_state(SessionState.CONNECTING)
+        self._replacing = None
+        self._unanswered = 0
         host, port = self.outbound.server
         infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         if not infos:
@@ -608,6 +628,12 @@ class _Session:
                 return
             if not self._handle_events(conn):
                 return
+            health = self._health_deadline(conn)
+            if health is not None and now >= health:
+                self.replace(
+                    f"no answer to keepalive Pings for {now - self._rtt_sampled_at(conn):.0f} s"
+                )
+                continue  # the core is closed now: its event ends the attempt
             if auto and not await self._drive_auto(conn, family, sockaddr, now):
                 return
             self.flush()
@@ -900,7 +926,9 @@ class _Session:
         receive = conn.receive_datagram
         transport = self.transport
         assert transport is not None
-        conn.receive_paused = self.buffered >= self.outbound.receive_buffer_cap
+        paused = conn.receive_paused = self.buffered >= self.outbound.receive_buffer_cap
+        if paused:
+            self._paused_at = now
         for data in transport.recv_batch(256):
             self.bytes_down += len(data)
             receive(data, now)
@@ -914,7 +942,11 @@ class _Session:
         # A blocked TCP transport takes nothing until its writer wakes us (``_wake``): the
         # core's timers would only make us spin meanwhile.
         timer = None if transport.blocked else conn.get_timer()
-        for other in (self.mux.get_timer() if self.mux is not None else None, self._auto_deadline):
+        for other in (
+            self.mux.get_timer() if self.mux is not None else None,
+            self._auto_deadline,
+            self._health_deadline(conn),
+        ):
             if other is not None and (timer is None or other < timer):
                 timer = other
         now = time.monotonic()
@@ -970,13 +1002,68 @@ class _Session:
             elif isinstance(event, DataLost):
                 self._data_lost(event)
             elif isinstance(event, ConnectionTerminated):
-                self.last_error = event.reason
+                self.last_error = self._replacing or event.reason
                 logger.info("%s session %d: %s", self.outbound.tag, self.index, event.reason)
                 if event.reason.startswith(HANDSHAKE_TIMED_OUT):
                     self._handshake_timed_out()
                 return False
         self._wake_senders()
         return True
+
+    # -- session health (issue 13 item 4) --------------------------------------------------------
+
+    def _rtt_sampled_at(self, conn: ClientConnection) -> float:
+        at = conn.rtt_sampled_at
+        return at if at is not None else self._attempt_started
+
+    def _health_deadline(self, conn: ClientConnection) -> float | None:
+        """When the keepalive Pings will have gone unanswered for too long; None while the
+        session is not established or itself refuses Data (``receive_paused``: the Pongs wait
+        for our readers, not for the server)."""
+        if not conn.established or conn.receive_paused:
+            return None
+        interval = self.outbound.keepalive_interval
+        since = max(self._rtt_sampled_at(conn), self._paused_at)
+        return since + SILENT_PING_INTERVALS * interval
+
+    def connect_answered(self) -> None:
+        """A Connect got its ConnectOk or Error: the server answers relay requests."""
+        self._unanswered = 0
+
+    def connect_unanswered(self, sent_at: float) -> None:
+        """A Connect sent at ``sent_at`` got no answer within ``connect_timeout``. If datagrams
+        arrived after it (the session is alive) and no Connect was answered meanwhile, the
+        session may be wedged (an answer stuck behind a hole, a server that ignores Connect):
+        after :data:`UNANSWERED_CONNECTS` in a row it is replaced by a fresh handshake."""
+        conn = self.conn
+        if conn is None or not conn.established or conn.last_receive <= sent_at:
+            return  # nothing arrived since: the idle and keepalive checks decide
+        self._unanswered += 1
+        if self._unanswered >= UNANSWERED_CONNECTS:
+            self.replace(
+                f"{self._unanswered} Connects in a row got no answer in "
+                f"{self.outbound.connect_timeout:g} s while the server kept sending"
+            )
+
+    def replace(self, reason: str) -> None:
+        """Give up this connection for a fresh handshake at once (no back-off): its streams
+        are reset (the local side sees a reset, never a short success); new streams wait for
+        the new session. One warning says why."""
+        conn = self.conn
+        if conn is None or self._replacing is not None or conn.state is State.CLOSED:
+            return
+        self._replacing = f"session replaced: {reason}"
+        self.replacements += 1
+        logger.warning(
+            "%s session %d: replacing the session with a fresh handshake: %s",
+            self.outbound.tag,
+            self.index,
+            reason,
+        )
+        self._retry_now = True
+        conn.close(time.monotonic())
+        self.flush()
+        self._wake()
 
     def _data_lost(self, event: DataLost) -> None:
         """Reset the TCP streams that may have lost data in the hole, and only those: a stream
@@ -1144,7 +1231,9 @@ class _Session:
         conn = self.conn
         rtt = None
         if conn is not None and conn.established:
-            rtt = conn.ping_rtt if conn.ping_rtt is not None else conn.handshake_rtt
+            age = time.monotonic() - self._rtt_sampled_at(conn)
+            if age <= self.outbound.keepalive_interval + RTT_SHOWN_GRACE:
+                rtt = conn.ping_rtt if conn.ping_rtt is not None else conn.handshake_rtt
         return {
             "index": self.index,
             "state": self.state,
@@ -1154,6 +1243,7 @@ class _Session:
             "bytes_down": self.bytes_down,
             "connected_since": self.connected_at if self.state == SessionState.CONNECTED else None,
             "reconnects": self.reconnects,
+            "replacements": self.replacements,
             "streams": len(self.channels),
             "flow_control": conn.flow_control if conn is not None else None,
             "receive_buffered": self.buffered,
@@ -1373,10 +1463,12 @@ class OstpOutbound(Outbound):
         session = await self._pick_session()
         stream = OstpStream(session, self._allocate_stream_id(), ctx)
         session.bind(stream.stream_id, stream)
+        sent_at = time.monotonic()
         session.send_message(stream.stream_id, Connect(str(target)))
         with anyio.move_on_after(self.connect_timeout):
             await stream.connected.wait()
         if not stream.connected.is_set():
+            session.connect_unanswered(sent_at)
             # Not Close: upstream's client sends nothing for a failed connect (spec §10.4),
             # but the stream id must not receive late data into a new connection.
             await stream.aclose()
