@@ -22,6 +22,8 @@ import anyio
 import anyio.abc
 import pytest
 
+from ostp_client.control.protocol import SessionStatus
+from ostp_client.control.server import _session_from_raw
 from ostp_client.daemon import Daemon
 from ostp_client.outbounds.ostp import UNANSWERED_CONNECTS, OstpOutbound, _Session
 from ostp_proto import DataLost
@@ -350,6 +352,8 @@ async def test_a_session_whose_connects_go_unanswered_is_replaced(
         )
         await fetch_1kb(port, web, tmp_path / "small")
         assert session.replacements == 1
+        shown = SessionStatus(**_session_from_raw(session.status(), "0", time.time()))
+        assert shown.replacements == 1  # what `ctl status --json` reports
     [warning] = replacement_warnings(caplog)
     assert "Connects in a row got no answer" in warning
 

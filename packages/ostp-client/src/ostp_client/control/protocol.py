@@ -181,6 +181,9 @@ class SessionStatus(_Msg):
     uptime: float | None = None
     """Seconds since the session became connected; None when not connected."""
     reconnects: int = 0
+    replacements: int = 0
+    """Times the session was replaced by a fresh handshake because it stopped answering
+    (keepalive Pings or Connects unanswered)."""
     mapped_address: str | None = None
     """The public address STUN saw, once known."""
     kernel_drops: int | None = None

@@ -189,6 +189,7 @@ def _session_from_raw(raw: dict[str, Any], default_id: str, now: float) -> dict[
         "rate_down": _num(raw, "rate_down") or 0.0,
         "uptime": uptime,
         "reconnects": int(_num(raw, "reconnects", "reconnect_count") or 0),
+        "replacements": int(_num(raw, "replacements") or 0),
         "mapped_address": str(mapped) if mapped is not None else None,
         "kernel_drops": _int_or_none(raw, "kernel_drops"),
         "socket_buffer": _int_or_none(raw, "socket_buffer"),
