@@ -548,6 +548,10 @@ class OstpOutboundConfig(_Model):
     """Bytes all streams of a session may buffer for slow local readers before the session
     refuses Data (it is sent again later). Matters with upstream servers, which have no flow
     control and give up on frames refused for about 1.5 s."""
+    socket_buffer: Annotated[int, Field(ge=64 * 1024, le=1024 * 1024 * 1024)] = 32 * 1024 * 1024
+    """SO_RCVBUF/SO_SNDBUF asked for on each session's UDP socket (upstream asks for 32 MiB).
+    Without CAP_NET_ADMIN the kernel caps it at `net.core.rmem_max`/`wmem_max` (the daemon
+    warns once); `ctl status` shows what was granted."""
     transport: Literal["udp", "tcp", "wss", "auto"] = "udp"
     """How the datagrams reach the server (spec §10.6): `udp`; `tcp` (xHTTP `/stream`, UDP over
     TCP); `wss` (WebSocket `/wss`); `auto` (UDP, and TCP while UDP does not pass). `tcp` and

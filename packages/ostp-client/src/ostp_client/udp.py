@@ -13,18 +13,24 @@ refused with ``EMSGSIZE``, which :class:`BatchSocket` reports in :attr:`BatchSoc
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 UDP_SEGMENT = 103  # linux/udp.h
 UDP_GRO = 104  # linux/udp.h
+SO_RXQ_OVFL = 40  # asm-generic/socket.h: the socket's drop count comes with each datagram
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # CAP_NET_ADMIN may pass rmem_max
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 MAX_SEGMENTS = 64  # the kernel allows up to 128 (UDP_MAX_SEGMENTS); half keeps bursts short
 MAX_GSO_BYTES = 65000  # one sendmsg carries at most 64 KiB of payload
 RECV_BUFFER = 65535
-_ANC_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
+# room for two items: the GRO segment size and the drop counter
+_ANC_SPACE = 2 * socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
 _U16 = struct.Struct("=H")
 _NATIVE_INT = struct.Struct("=i")
 # linux/in.h, linux/in6.h
@@ -83,6 +89,9 @@ def first_hop_payload(family: int, address: Any) -> int | None:
     return int(mtu) - udp_overhead(family) if mtu > 0 else None
 
 
+_U32 = struct.Struct("=I")
+
+
 def split_coalesced(data: bytes, ancdata: list[tuple[int, int, bytes]]) -> list[bytes]:
     """The datagrams of one GRO read: cut every ``gso_size`` bytes when the kernel says so."""
     segment = 0
@@ -112,6 +121,33 @@ class BatchSocket:
         self.refused: list[int] = []
         """Sizes of datagrams the kernel refused as larger than the first hop (``EMSGSIZE``);
         the owner reports them to its connection and clears the list."""
+        self.drops_reported = 0
+        """The kernel's count of datagrams it dropped for this socket (a full receive buffer),
+        as last reported with a datagram (``SO_RXQ_OVFL``); see :meth:`kernel_drops`."""
+        self._rxq_ovfl = False
+        if self.gro:  # only the recvmsg path sees ancillary data
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+                self._rxq_ovfl = True
+            except OSError:
+                pass
+
+    def kernel_drops(self) -> int | None:
+        """Datagrams the kernel dropped for this socket so far (None: cannot be known here).
+
+        The counter that comes with each datagram lags until the next one arrives; the
+        socket's line in ``/proc/net/udp`` is current, so it is preferred when readable.
+        Called for status only, never per datagram.
+        """
+        current = proc_udp_drops(self.sock)
+        if current is not None:
+            return max(current, self.drops_reported)
+        return self.drops_reported if self._rxq_ovfl else None
+
+    def _note_drops(self, ancdata: list[tuple[int, int, bytes]]) -> None:
+        for level, kind, value in ancdata:
+            if kind == SO_RXQ_OVFL and level == socket.SOL_SOCKET:
+                self.drops_reported = _U32.unpack(value[:4])[0]
 
     # -- receive -------------------------------------------------------------------------------
 
@@ -130,6 +166,7 @@ class BatchSocket:
                     continue
             return out
         recvmsg = sock.recvmsg
+        ancdata: list[tuple[int, int, bytes]] = []
         for _ in range(limit):
             try:
                 data, ancdata, _flags, _addr = recvmsg(RECV_BUFFER, _ANC_SPACE)
@@ -138,6 +175,8 @@ class BatchSocket:
             except ConnectionRefusedError:
                 continue
             out.extend(split_coalesced(data, ancdata))
+        if ancdata:
+            self._note_drops(ancdata)  # once per batch: the last datagram's count is newest
         return out
 
     def recv_from_batch(self, limit: int = 256) -> list[tuple[bytes, Any]]:
@@ -145,6 +184,7 @@ class BatchSocket:
         out: list[tuple[bytes, Any]] = []
         sock = self.sock
         gro = self.gro
+        ancdata: list[tuple[int, int, bytes]] = []
         for _ in range(limit):
             try:
                 if gro:
@@ -157,6 +197,8 @@ class BatchSocket:
             except ConnectionRefusedError:
                 continue
             out.extend((part, addr) for part in split_coalesced(data, ancdata))
+        if ancdata:
+            self._note_drops(ancdata)
         return out
 
     # -- send ----------------------------------------------------------------------------------
@@ -208,3 +250,62 @@ class BatchSocket:
                     continue
             i = j
         return sent
+
+
+# -- socket buffers and kernel drops ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SocketBuffers:
+    """What the kernel granted for one socket's buffers (bytes of payload room)."""
+
+    requested: int
+    receive: int
+    send: int
+    forced: bool
+    """True if ``SO_RCVBUFFORCE`` was allowed (CAP_NET_ADMIN): the request was not capped."""
+
+    @property
+    def capped(self) -> bool:
+        return self.receive < self.requested
+
+
+def set_buffers(sock: socket.socket, size: int) -> SocketBuffers:
+    """Ask for ``size`` bytes of receive and send buffer; what was granted.
+
+    With CAP_NET_ADMIN the ``*FORCE`` options pass ``net.core.rmem_max``/``wmem_max``;
+    otherwise the kernel silently caps the request at them (4 MiB on many systems), and an
+    unpaced sender then overruns the socket.
+    """
+    forced = True
+    for opt, force in ((socket.SO_RCVBUF, SO_RCVBUFFORCE), (socket.SO_SNDBUF, SO_SNDBUFFORCE)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            forced = False
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+    receive = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    send = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    if sys.platform == "linux":  # socket(7): the kernel doubles the value for its bookkeeping
+        receive //= 2
+        send //= 2
+    return SocketBuffers(size, receive, send, forced)
+
+
+def proc_udp_drops(sock: socket.socket) -> int | None:
+    """The ``drops`` column of ``sock``'s line in ``/proc/net/udp{,6}`` (Linux), or None."""
+    if sys.platform != "linux":
+        return None
+    try:
+        inode = str(os.fstat(sock.fileno()).st_ino)
+        name = "/proc/net/udp6" if sock.family == socket.AF_INET6 else "/proc/net/udp"
+        with open(name, encoding="ascii") as table:
+            next(table, None)  # the header
+            for line in table:
+                fields = line.split()
+                # sl local rem st queues tr retrnsmt uid timeout inode ref pointer drops
+                if len(fields) >= 13 and fields[9] == inode:
+                    return int(fields[12])
+    except (OSError, ValueError):
+        return None
+    return None

@@ -1222,6 +1222,9 @@ class ClientConnection(Connection):
         self._next_keepalive: float | None = None
         self.ping_rtt: float | None = None
         self.handshake_rtt: float | None = None
+        self.rtt_sampled_at: float | None = None
+        """When the latest of ``handshake_rtt``/``ping_rtt`` was measured: a Pong answering
+        the keepalive Ping renews it every ``keepalive_interval`` on a live session."""
 
     def connect(self, now: float, unix_time: float) -> None:
         """Start the handshake: message 1 is ready in :meth:`datagrams_to_send`."""
@@ -1270,6 +1273,7 @@ class ClientConnection(Connection):
             self._attempts = []
             rtt = now - attempt.sent_at
             self.handshake_rtt = rtt
+            self.rtt_sampled_at = now
             self.sender.rtt.sample(rtt, now)
             self._events.append(HandshakeCompleted(sid, rtt))
             if self.config.extensions:
@@ -1302,6 +1306,7 @@ class ClientConnection(Connection):
         rtt = (now + self._unix_offset) * 1000 - message.timestamp
         if 0 <= rtt < 600_000:
             self.ping_rtt = rtt / 1000
+            self.rtt_sampled_at = now
 
     def _on_keepalive_trailer(self, stream_id: int, payload: bytes) -> None:
         if self._fc != _FC_PENDING or stream_id != 0:

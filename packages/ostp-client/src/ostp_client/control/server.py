@@ -190,10 +190,18 @@ def _session_from_raw(raw: dict[str, Any], default_id: str, now: float) -> dict[
         "rate_down": _num(raw, "rate_down") or 0.0,
         "uptime": uptime,
         "reconnects": int(_num(raw, "reconnects", "reconnect_count") or 0),
+        "replacements": int(_num(raw, "replacements") or 0),
         "mapped_address": str(mapped) if mapped is not None else None,
         "datagram_size": int(size) if size is not None else None,
+        "kernel_drops": _int_or_none(raw, "kernel_drops"),
+        "socket_buffer": _int_or_none(raw, "socket_buffer"),
         "transport": str(transport) if transport is not None else None,
     }
+
+
+def _int_or_none(raw: dict[str, Any], key: str) -> int | None:
+    value = _num(raw, key)
+    return int(value) if value is not None else None
 
 
 class _Rates:
