@@ -1052,6 +1052,14 @@ class _Session:
         for our readers, not for the server)."""
         if not conn.established or conn.receive_paused:
             return None
+        transport = self.transport
+        if self.outbound.transport == TransportMode.AUTO and (
+            transport is None or not transport.reliable
+        ):
+            # transport auto over UDP: its own check (nothing acknowledged for two keepalive
+            # intervals) moves the session to TCP first, keeping its streams; replacing it
+            # here would race that move and reset them. Over TCP this check applies.
+            return None
         interval = self.outbound.keepalive_interval
         since = max(self._rtt_sampled_at(conn), self._paused_at)
         return since + SILENT_PING_INTERVALS * interval
