@@ -41,10 +41,13 @@ def wait_tcp(port: int, limit: float = 15.0) -> None:
 
 
 @contextmanager
-def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A child process with stdout and stderr appended to ``log``; terminated on exit."""
+def process(
+    args: list[str], log: Path, stdout: int | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process with stderr (and stdout, unless ``stdout`` says otherwise, e.g.
+    ``subprocess.PIPE``) appended to ``log``; terminated on exit."""
     with log.open("ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=out)
+        proc = subprocess.Popen(args, stdout=out if stdout is None else stdout, stderr=out)
     try:
         yield proc
     finally:

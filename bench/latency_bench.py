@@ -30,48 +30,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-CURL = shutil.which("curl") or "/usr/bin/curl"
+sys.path.insert(0, str(ROOT))
+
+from bench._common import BIN, CURL, RESULTS, cpu_seconds, free_port, process, wait_tcp  # noqa: E402
+
 ORIGIN = ROOT / "tests" / "client" / "origin_server.py"
 HUGE = 50 * 1024**3  # a body no background download finishes during a measurement
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_tcp(port: int, limit: float = 15.0) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-@contextmanager
-def process(args: list[str], log: Path, **kw: Any) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as out:
-        proc = subprocess.Popen(args, stdout=kw.pop("stdout", out), stderr=out, **kw)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
 def curl_args(proxy_port: int) -> list[str]:
@@ -249,7 +213,7 @@ def main() -> None:
             f"client+server CPU {res['cpu_s_per_GiB']:.2f} s/GiB"
         )
     print(f"  load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    out = ROOT / "bench" / "results"
+    out = RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / "latency_bench.json").write_text(json.dumps(results, indent=2))
     shutil.rmtree(tmp, ignore_errors=True)
