@@ -7,8 +7,8 @@ test in ``tests/client/test_resolver.py`` calls it too. Garbage may only raise
 
 from __future__ import annotations
 
-from ostp_client.resolver import addresses_in
-from ostp_client.tun.dns import TYPE_A, TYPE_AAAA, DnsFormatError, parse_response
+from ostp_client.dns.codec import TYPE_A, TYPE_AAAA, DnsFormatError, parse_response
+from ostp_client.dns.resolver import addresses_in
 
 
 def test_one_input(data: bytes) -> None:

@@ -35,9 +35,9 @@ from ostp_client.control.protocol import (
     parse_server_message,
 )
 from ostp_client.control.server import ControlServer, LogRing
+from ostp_client.flow import Address
 from ostp_client.inbounds.base import StartError
-from ostp_client.inbounds.socks5 import encode_address
-from ostp_client.outbounds.base import Address
+from ostp_client.inbounds.proxy.socks5 import encode_address
 from ostp_client.outbounds.block import BlockOutbound
 from ostp_client.outbounds.direct import DirectOutbound
 from tests.client.proxy_helpers import Origin, proxy_port, run_origin, wait_for

@@ -1,6 +1,6 @@
-"""The stub resolver (`ostp_client.resolver`) against a tiny DNS responder on 127.0.0.1.
+"""The stub resolver (`ostp_client.dns.resolver`) against a tiny DNS responder on 127.0.0.1.
 
-The responder builds its answers by hand (struct), independently of `ostp_client.tun.dns`.
+The responder builds its answers by hand (struct), independently of `ostp_client.dns.codec`.
 """
 
 from __future__ import annotations
@@ -21,17 +21,8 @@ from fuzz.dns_response import test_one_input as fuzz_dns_response
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import ostp_client.resolver as resolver_module
-from ostp_client.outbounds.base import Address, ConnContext, HostUnreachable
-from ostp_client.outbounds.direct import DirectOutbound, DirectUdpSession
-from ostp_client.resolver import (
-    DnsCache,
-    ResolveError,
-    StubResolver,
-    addresses_in,
-    read_nameservers,
-)
-from ostp_client.tun.dns import (
+import ostp_client.dns.resolver as resolver_module
+from ostp_client.dns.codec import (
     TYPE_A,
     TYPE_AAAA,
     DnsFormatError,
@@ -39,6 +30,15 @@ from ostp_client.tun.dns import (
     parse_query,
     parse_response,
 )
+from ostp_client.dns.resolver import (
+    DnsCache,
+    ResolveError,
+    StubResolver,
+    addresses_in,
+    read_nameservers,
+)
+from ostp_client.flow import Address, ConnContext, HostUnreachable
+from ostp_client.outbounds.direct import DirectOutbound, DirectUdpSession
 from tests.conftest import is_root, require
 
 A, AAAA, CNAME = 1, 28, 5

@@ -22,7 +22,7 @@ from ostp_client.config import (
     config_from_data,
     load_config,
 )
-from ostp_client.outbounds.base import Address
+from ostp_client.flow import Address
 from ostp_client.router import Router, RoutingError, compile_rule_set, load_rule_sets
 from ostp_client.rule_set import (
     DomainMatcher,

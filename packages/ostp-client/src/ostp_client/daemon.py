@@ -55,7 +55,7 @@ from ostp_client.config import (
 from ostp_client.connections import ConnectionRegistry, Dispatcher
 from ostp_client.inbounds import Inbound, build_inbound
 from ostp_client.inbounds.base import StartError, os_reason
-from ostp_client.inbounds.local_proxy import LocalProxyInbound
+from ostp_client.inbounds.proxy.local_proxy import LocalProxyInbound
 from ostp_client.outbounds import Outbound, OutboundContext, OutboundError, build_outbound
 from ostp_client.outbounds.group import (
     GroupOutbound,

@@ -51,7 +51,7 @@ from ostp_client.config import (
     RoutingConfig,
     parse_port_range,
 )
-from ostp_client.outbounds.base import Address, Network
+from ostp_client.flow import Address, Network
 from ostp_client.process_info import ProcessInfo
 from ostp_client.rule_set import (
     DomainMatcher,

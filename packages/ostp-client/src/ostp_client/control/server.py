@@ -67,8 +67,8 @@ from ostp_client.control.protocol import (
     parse_server_message,
 )
 from ostp_client.daemon import ReloadError
+from ostp_client.flow import OutboundError
 from ostp_client.inbounds.base import StartError, os_reason
-from ostp_client.outbounds.base import OutboundError
 from ostp_client.outbounds.group import GroupOutbound, SelectorOutbound, url_test
 from ostp_client.sdnotify import get_notifier
 from ostp_client.serving import run_contained, serve_listener

@@ -3,7 +3,7 @@
 `anyio.connect_tcp` creates and connects its sockets in one step, so an option that must be
 set before the SYN leaves (``SO_MARK``: the SYN is already routed) cannot be applied through
 it. This connects itself: RFC 8305 ordering and staggering over the resolved addresses, each
-socket marked (`ostp_client.tun.bypass.apply_bypass`) and bound before its ``connect()``.
+socket marked (`ostp_client.net.bypass.apply_bypass`) and bound before its ``connect()``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from ostp_client.tun.bypass import apply_bypass
+from ostp_client.net.bypass import apply_bypass
 
 __all__ = ["CONNECTION_ATTEMPT_DELAY", "connect_tcp", "interleave"]
 

@@ -32,14 +32,14 @@ from ostp_client.connections import (
     relay_streams,
     reset_on_close,
 )
-from ostp_client.inbounds.base import ProxySettings, check_user
-from ostp_client.outbounds.base import (
+from ostp_client.flow import (
     Address,
     Blocked,
     ConnContext,
     ConnectTimeout,
     OutboundError,
 )
+from ostp_client.inbounds.base import ProxySettings, check_user
 
 __all__ = [
     "HttpProxyError",

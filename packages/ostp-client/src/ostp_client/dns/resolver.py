@@ -5,12 +5,12 @@ resolver's DNS queries included (glibc's sockets carry no mark), and with ``fake
 answers them with fake addresses: a name routed to `direct` would loop back into the tunnel.
 So while a mark is in effect, `direct` resolves names here instead: the ``nameserver`` lines of
 resolv.conf, A and AAAA asked in parallel over UDP sockets given
-`ostp_client.tun.bypass.apply_bypass` before they send, a random 16-bit id per query and a
+`ostp_client.net.bypass.apply_bypass` before they send, a random 16-bit id per query and a
 kernel-chosen (randomised) source port per socket, answers accepted only from the server asked,
 with the id and question echoed (RFC 5452 §9.1), CNAME chains followed within the answer, one
 retry per server, and a small cache that keeps records no longer than their TTL.
 
-The wire format is `ostp_client.tun.dns`'s. No TCP fallback: a truncated answer counts as a
+The wire format is `ostp_client.dns.codec`'s. No TCP fallback: a truncated answer counts as a
 failure of that server. Names are asked as given (no ``search`` list, no /etc/hosts), except
 ``localhost`` (RFC 6761 §6.3).
 """
@@ -28,8 +28,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
-from ostp_client.tun.bypass import apply_bypass
-from ostp_client.tun.dns import (
+from ostp_client.dns.codec import (
     RCODE_NXDOMAIN,
     TYPE_A,
     TYPE_AAAA,
@@ -39,6 +38,7 @@ from ostp_client.tun.dns import (
     build_query,
     parse_response,
 )
+from ostp_client.net.bypass import apply_bypass
 
 __all__ = [
     "DnsCache",

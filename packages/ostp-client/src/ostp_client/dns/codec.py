@@ -7,7 +7,7 @@ name, so domain rules apply to TUN traffic.
 
 `parse_query` and `parse_response` face the network: bad input raises `DnsFormatError` only.
 `build_query` and `parse_response` also serve the `direct` outbound's stub resolver
-(`ostp_client.resolver`).
+(`ostp_client.dns.resolver`).
 """
 
 from __future__ import annotations

@@ -20,8 +20,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 
 from ostp_client.connections import EXPECTED_STREAM_ERRORS, Dispatcher, relay_streams
-from ostp_client.inbounds.base import ProxySettings, check_user
-from ostp_client.outbounds.base import (
+from ostp_client.flow import (
     Address,
     Blocked,
     ConnContext,
@@ -33,6 +32,7 @@ from ostp_client.outbounds.base import (
     OutboundError,
     UdpOutboundSession,
 )
+from ostp_client.inbounds.base import ProxySettings, check_user
 
 __all__ = [
     "ATYP_DOMAIN",
