@@ -21,7 +21,7 @@ import anyio
 import anyio.abc
 from anyio.abc import TaskStatus
 
-from ostp_client.config import parse_host_port
+from ostp_client.hostport import parse_host_port
 
 __all__ = [
     "Address",

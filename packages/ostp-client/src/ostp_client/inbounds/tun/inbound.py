@@ -31,7 +31,7 @@ import anyio
 import anyio.abc
 from anyio.abc import TaskStatus
 
-from ostp_client.config import TunInboundConfig, parse_host_port
+from ostp_client.config import TunInboundConfig
 from ostp_client.connections import (
     EXPECTED_STREAM_ERRORS,
     READ_SIZE,
@@ -50,6 +50,7 @@ from ostp_client.dns.codec import (
     parse_query,
 )
 from ostp_client.flow import Address, ConnContext, OutboundError, UdpOutboundSession
+from ostp_client.hostport import parse_host_port
 from ostp_client.inbounds import register_inbound
 from ostp_client.inbounds.base import Inbound
 from ostp_client.inbounds.tun.device import TunDevice
