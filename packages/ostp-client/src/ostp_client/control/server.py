@@ -66,15 +66,15 @@ from ostp_client.control.protocol import (
     level_at_least,
     parse_server_message,
 )
-from ostp_client.daemon import ReloadError
 from ostp_client.flow import OutboundError
 from ostp_client.inbounds.base import StartError, os_reason
 from ostp_client.outbounds.group import GroupOutbound, SelectorOutbound, url_test
+from ostp_client.reload import ReloadError
 from ostp_client.sdnotify import get_notifier
 from ostp_client.serving import run_contained, serve_listener
 
 if TYPE_CHECKING:
-    from ostp_client.daemon import Daemon
+    from ostp_client.running import RunningDaemon
 
 __all__ = [
     "ControlServer",
@@ -230,7 +230,7 @@ def _daemon_version() -> str:
 # reload
 
 
-async def reload_config(daemon: Daemon, path: str | None) -> ReloadResult:
+async def reload_config(daemon: RunningDaemon, path: str | None) -> ReloadResult:
     """Validate the config at `path` and apply it to the running daemon (`Daemon.reload`).
 
     Outbounds, inbounds, routing, `mux` and `log.level` are applied live; `control` (and the
@@ -587,7 +587,7 @@ class ControlServer:
 
     def __init__(
         self,
-        daemon: Daemon,
+        daemon: RunningDaemon,
         path: str | None = None,
         *,
         config_path: str | None = None,
@@ -1156,7 +1156,7 @@ def _inode(path: str) -> tuple[int, int] | None:
 
 
 async def serve_control(
-    daemon: Daemon,
+    daemon: RunningDaemon,
     config_path: str | None = None,
     handle_sighup: bool = True,
     *,
