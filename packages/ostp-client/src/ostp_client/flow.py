@@ -21,6 +21,7 @@ import anyio
 import anyio.abc
 from anyio.abc import TaskStatus
 
+from ostp_client.errors import OstpClientError
 from ostp_client.hostport import parse_host_port
 
 __all__ = [
@@ -141,7 +142,7 @@ class ConnContext:
         }
 
 
-class OutboundError(Exception):
+class OutboundError(OstpClientError):
     """A connection could not be made through an outbound. The message is for logs."""
 
 

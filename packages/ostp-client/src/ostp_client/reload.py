@@ -20,6 +20,7 @@ from ostp_client.config import (
     TunInboundConfig,
 )
 from ostp_client.connections import Dispatcher
+from ostp_client.errors import OstpClientError
 from ostp_client.inbounds import Inbound, build_inbound
 from ostp_client.inbounds.proxy.local_proxy import LocalProxyInbound
 from ostp_client.outbounds import Outbound, OutboundContext, OutboundError, build_outbound
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 
-class ReloadError(Exception):
+class ReloadError(OstpClientError):
     """A new config could not be applied; nothing changed (the message says why)."""
 
 

@@ -48,6 +48,7 @@ from ostp_client.config.models import (
     UserConfig,
     one_or_many,
 )
+from ostp_client.errors import OstpClientError
 
 # --------------------------------------------------------------------------------------------
 # errors
@@ -61,7 +62,7 @@ class ConfigIssue:
 
 
 @dataclass(eq=False)
-class ConfigError(Exception):
+class ConfigError(OstpClientError):
     """An invalid configuration; `issues` say where and what."""
 
     issues: list[ConfigIssue]

@@ -46,6 +46,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ostp_client.errors import OstpClientError
+
 __all__ = [
     "LEVELS",
     "MAX_LINE",
@@ -335,7 +337,7 @@ class SubscribeResult(_Msg):
 # codec
 
 
-class ProtocolError(Exception):
+class ProtocolError(OstpClientError):
     """A message from the peer that is not valid control protocol."""
 
 

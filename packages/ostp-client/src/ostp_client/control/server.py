@@ -66,6 +66,7 @@ from ostp_client.control.protocol import (
     level_at_least,
     parse_server_message,
 )
+from ostp_client.errors import OstpClientError
 from ostp_client.flow import OutboundError
 from ostp_client.inbounds.base import StartError, os_reason
 from ostp_client.outbounds.group import GroupOutbound, SelectorOutbound, url_test
@@ -94,7 +95,7 @@ SAMPLE_INTERVAL = 1.0
 MIN_INTERVAL_MS = 50
 
 
-class RequestFailed(Exception):
+class RequestFailed(OstpClientError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code

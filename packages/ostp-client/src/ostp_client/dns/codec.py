@@ -18,6 +18,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ostp_client.errors import OstpClientError
+
 __all__ = [
     "CLASS_IN",
     "RCODE_NXDOMAIN",
@@ -56,7 +58,7 @@ _MAX_LABEL = 63
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class DnsFormatError(ValueError):
+class DnsFormatError(OstpClientError, ValueError):
     """Not a DNS query this module can read."""
 
 

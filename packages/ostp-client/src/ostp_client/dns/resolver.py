@@ -38,6 +38,7 @@ from ostp_client.dns.codec import (
     build_query,
     parse_response,
 )
+from ostp_client.errors import OstpClientError
 from ostp_client.net.bypass import apply_bypass
 
 __all__ = [
@@ -60,7 +61,7 @@ MAX_TTL = 3600
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class ResolveError(OSError):
+class ResolveError(OstpClientError, OSError):
     """A name could not be resolved (NXDOMAIN, no address, no server answered)."""
 
 
@@ -143,7 +144,7 @@ class DnsCache:
             self._entries.popitem(last=False)
 
 
-class _Failed(Exception):
+class _Failed(OstpClientError):
     """This server gave no usable answer (timeout, SERVFAIL, truncated...)."""
 
 

@@ -27,6 +27,8 @@ import sys
 from collections.abc import Iterable
 from typing import Protocol
 
+from ostp_client.errors import OstpClientError
+
 __all__ = [
     "BypassError",
     "apply_bypass",
@@ -58,7 +60,7 @@ _tunnel_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 _unicast_if: tuple[int | None, int | None] | None = None
 
 
-class BypassError(OSError):
+class BypassError(OstpClientError, OSError):
     """A socket could not be given the routing mark (it would loop into the TUN)."""
 
 

@@ -26,6 +26,7 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from ostp_client.errors import OstpClientError
 from ostp_client.inbounds.tun.device import TunDevice
 
 __all__ = [
@@ -163,7 +164,7 @@ class LinuxTun(TunDevice):
 # addresses and routes
 
 
-class IpCommandError(OSError):
+class IpCommandError(OstpClientError, OSError):
     """An ``ip`` command failed; the message has its stderr."""
 
 

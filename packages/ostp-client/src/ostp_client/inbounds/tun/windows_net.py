@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ostp_client.errors import OstpClientError
 from ostp_client.net import bypass
 
 __all__ = [
@@ -94,7 +95,7 @@ PROBES: dict[int, IPAddress] = {
 STATE_VERSION = 1
 
 
-class IpHelperError(OSError):
+class IpHelperError(OstpClientError, OSError):
     """An IP Helper call failed (``errno`` holds its Win32 error code)."""
 
 

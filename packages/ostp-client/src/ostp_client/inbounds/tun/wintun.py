@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
+from ostp_client.errors import OstpClientError
 from ostp_client.inbounds.tun.device import TunDevice
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ WAIT_TIMEOUT_MS = 250
 """The worker thread wakes this often, so that cancellation is noticed."""
 
 
-class WintunError(OSError):
+class WintunError(OstpClientError, OSError):
     """wintun.dll is missing or one of its calls failed."""
 
 
