@@ -158,38 +158,35 @@ def _installed(handler: logging.Handler) -> Iterator[None]:
 # daemon data → protocol models
 
 
-def _num(raw: dict[str, Any], *keys: str) -> float | None:
-    for key in keys:
-        value = raw.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+def _num(raw: dict[str, Any], key: str) -> float | None:
+    value = raw.get(key)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
     return None
 
 
 def _session_from_raw(raw: dict[str, Any], default_id: str, now: float) -> dict[str, Any]:
-    """Lenient mapping of an outbound's `status()` dict (missing keys are fine)."""
-    uptime = _num(raw, "uptime")
-    since = _num(raw, "connected_since", "connected_at")
-    if uptime is None and since is not None:
-        uptime = max(0.0, now - since)
-    rtt = _num(raw, "rtt_ms")
-    if rtt is None and (seconds := _num(raw, "rtt")) is not None:
-        rtt = seconds * 1000
-    ident = raw.get("id", raw.get("index", default_id))
+    """Lenient mapping of an outbound's or a session's `status()` dict (missing keys are fine).
+
+    The keys are those `Outbound.status()` implementations write: `index` (a session),
+    `state`, `server`, `rtt_ms`, `bytes_up`, `bytes_down`, `connected_since` (Unix time),
+    `reconnects`, `mapped_address`, `transport`. Rates are the server's own samples.
+    """
+    since = _num(raw, "connected_since")
     server = raw.get("server")
     mapped = raw.get("mapped_address")
     transport = raw.get("transport")
     return {
-        "id": str(ident),
+        "id": str(raw.get("index", default_id)),
         "state": str(raw.get("state") or "ready"),
         "server": str(server) if server is not None else None,
-        "rtt_ms": rtt,
-        "bytes_up": int(_num(raw, "bytes_up", "bytes_sent") or 0),
-        "bytes_down": int(_num(raw, "bytes_down", "bytes_received") or 0),
-        "rate_up": _num(raw, "rate_up") or 0.0,
-        "rate_down": _num(raw, "rate_down") or 0.0,
-        "uptime": uptime,
-        "reconnects": int(_num(raw, "reconnects", "reconnect_count") or 0),
+        "rtt_ms": _num(raw, "rtt_ms"),
+        "bytes_up": int(_num(raw, "bytes_up") or 0),
+        "bytes_down": int(_num(raw, "bytes_down") or 0),
+        "rate_up": 0.0,
+        "rate_down": 0.0,
+        "uptime": max(0.0, now - since) if since is not None else None,
+        "reconnects": int(_num(raw, "reconnects") or 0),
         "mapped_address": str(mapped) if mapped is not None else None,
         "transport": str(transport) if transport is not None else None,
     }
@@ -716,10 +713,9 @@ class ControlServer:
                 raw = {"state": "error"}
             fields = _session_from_raw(raw, tag, now)
             fields["id"] = tag
-            if not any(k in raw for k in ("bytes_up", "bytes_sent")):
+            if "bytes_up" not in raw:
                 fields["bytes_up"], fields["bytes_down"] = totals.get(tag, (0, 0))
-            if not any(k in raw for k in ("rate_up",)):
-                fields["rate_up"], fields["rate_down"] = self.rates.get(tag)
+            fields["rate_up"], fields["rate_down"] = self.rates.get(tag)
             sessions = []
             for index, item in enumerate(raw.get("sessions") or ()):
                 if not isinstance(item, dict):
@@ -727,9 +723,8 @@ class ControlServer:
                 session = _session_from_raw(item, str(index), now)
                 if session["server"] is None:
                     session["server"] = fields["server"]
-                if "rate_up" not in item:
-                    key = f"{tag}/{session['id']}"
-                    session["rate_up"], session["rate_down"] = self.rates.get(key)
+                key = f"{tag}/{session['id']}"
+                session["rate_up"], session["rate_down"] = self.rates.get(key)
                 sessions.append(SessionStatus(**session))
             members = [
                 MemberStatus.model_validate(item)
