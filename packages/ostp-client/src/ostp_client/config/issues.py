@@ -49,6 +49,7 @@ from ostp_client.config.models import (
     one_or_many,
 )
 from ostp_client.errors import OstpClientError
+from ostp_client.hostport import format_host_port
 
 # --------------------------------------------------------------------------------------------
 # errors
@@ -468,10 +469,6 @@ def _listens_overlap(a: str, b: str) -> bool:
     )
 
 
-def _endpoint(listen: str, port: int) -> str:
-    return f"[{listen}]:{port}" if ":" in listen else f"{listen}:{port}"
-
-
 def check_listeners(parts: _Parts) -> list[ConfigIssue]:
     """Two inbounds on the same address and port (a fixed port; 0 picks a free one)."""
     issues: list[ConfigIssue] = []
@@ -484,8 +481,8 @@ def check_listeners(parts: _Parts) -> list[ConfigIssue]:
                 issues.append(
                     ConfigIssue(
                         f"inbounds[{index}].port",
-                        f"{_endpoint(entry.listen, entry.port)} collides with inbounds"
-                        f"[{other_index}] on {_endpoint(other.listen, other.port)}"
+                        f"{format_host_port(entry.listen, entry.port)} collides with inbounds"
+                        f"[{other_index}] on {format_host_port(other.listen, other.port)}"
                         " (one address and port per inbound)",
                     )
                 )
