@@ -3,16 +3,30 @@
 With a TUN inbound's ``auto_route`` every unmarked packet enters the tunnel, the system
 resolver's DNS queries included (glibc's sockets carry no mark), and with ``fake_ip`` the TUN
 answers them with fake addresses: a name routed to `direct` would loop back into the tunnel.
-So while a mark is in effect, `direct` resolves names here instead: the ``nameserver`` lines of
-resolv.conf, A and AAAA asked in parallel over UDP sockets given
+So while a mark is in effect, `direct` resolves names here instead, as glibc would with
+``hosts: files dns``: the hosts file first, then the ``nameserver`` lines of resolv.conf with
+its ``search`` list and ``ndots``; A and AAAA asked in parallel over UDP sockets given
 `ostp_client.net.bypass.apply_bypass` before they send, a random 16-bit id per query and a
 kernel-chosen (randomised) source port per socket, answers accepted only from the server asked,
-with the id and question echoed (RFC 5452 §9.1), CNAME chains followed within the answer, one
-retry per server, and a small cache that keeps records no longer than their TTL.
+with the id and question echoed (RFC 5452 §9.1), a truncated answer asked again over TCP
+(RFC 7766 §5) on a marked socket, CNAME chains followed within the answer, one retry per
+server, and a small cache that keeps records no longer than their TTL. ``localhost`` is
+answered here (RFC 6761 §6.3); names are encoded with IDNA 2008 (UTS #46).
 
-The wire format is `ostp_client.dns.codec`'s. No TCP fallback: a truncated answer counts as a
-failure of that server. Names are asked as given (no ``search`` list, no /etc/hosts), except
-``localhost`` (RFC 6761 §6.3).
+What is dnspython's and what is ours:
+
+- dnspython does the message work: building queries, parsing answers (anything malformed is a
+  dropped reply), matching a reply to its query (id, flags, question), following CNAME chains
+  (`resolve_chaining`), and IDNA (through the ``idna`` package).
+- The sockets are ours: they must be marked or bound to the physical interface before the
+  first packet (`apply_bypass`) and driven by anyio. ``dns.query.udp``/``tcp`` take a
+  pre-made socket but block a thread per query; ``dns.asyncquery`` makes its own sockets
+  through its own backend, with no hook between socket() and connect(). The UDP exchange and
+  the TCP framing (a two-byte length, RFC 1035 §4.2.2) are a few lines each.
+- The hosts file is ours: dnspython does not read it (its maintainers declined, as it is not
+  DNS), and ``dns.resolver.Resolver`` would read resolv.conf but refuses a file without a
+  nameserver, where we fall back to the system resolver; so resolv.conf's three keywords
+  (``nameserver``, ``search``/``domain``, ``options ndots``) are read here too.
 """
 
 from __future__ import annotations
@@ -21,42 +35,55 @@ import ipaddress
 import logging
 import secrets
 import socket
+import struct
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import anyio.abc
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
 
-from ostp_client.dns.codec import (
-    RCODE_NXDOMAIN,
-    TYPE_A,
-    TYPE_AAAA,
-    TYPE_CNAME,
-    DnsFormatError,
-    DnsResponse,
-    build_query,
-    parse_response,
-)
 from ostp_client.errors import OstpClientError
 from ostp_client.net.bypass import apply_bypass
+from ostp_client.net.tcp import connect_marked
 
 __all__ = [
+    "TYPE_A",
+    "TYPE_AAAA",
     "DnsCache",
+    "ResolvConf",
     "ResolveError",
     "StubResolver",
     "addresses_in",
+    "candidate_names",
+    "make_query",
+    "read_hosts",
     "read_nameservers",
+    "read_resolv_conf",
+    "read_response",
 ]
 
 logger = logging.getLogger(__name__)
 
 RESOLV_CONF = "/etc/resolv.conf"
+HOSTS_FILE = "/etc/hosts"
 DNS_PORT = 53
 MAXNS = 3  # resolv.conf(5): at most three nameservers are used
-MAX_CNAME_CHAIN = 16
-NEGATIVE_TTL = 30  # seconds an NXDOMAIN is kept (no SOA is read for RFC 2308 §5)
+MAXDNSRCH = 6  # resolv.conf(5): at most six search domains
+NEGATIVE_TTL = 30  # seconds an NXDOMAIN or NODATA is kept
 MAX_TTL = 3600
+MAX_TCP_RESPONSE = 65535
+TYPE_A = int(dns.rdatatype.A)
+TYPE_AAAA = int(dns.rdatatype.AAAA)
+_IDNA = dns.name.IDNA_2008_Practical
+_TCP_LENGTH = struct.Struct("!H")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -85,26 +112,120 @@ def read_nameservers(path: str | Path = RESOLV_CONF) -> list[str]:
     return servers[:MAXNS]
 
 
-def addresses_in(response: DnsResponse, name: str, qtype: int) -> tuple[list[IPAddress], int]:
-    """The ``qtype`` addresses of ``name`` in the answer, CNAMEs followed, and the smallest TTL
-    along the chain (0 when there is nothing)."""
-    current = name
-    ttls: list[int] = []
-    seen = {current}
-    for _ in range(MAX_CNAME_CHAIN):
-        alias = next(
-            (r for r in response.answers if r.rtype == TYPE_CNAME and r.name == current), None
+@dataclass(frozen=True, slots=True)
+class ResolvConf:
+    """What the stub resolver reads of a resolv.conf."""
+
+    nameservers: list[str]
+    search: list[str]
+    ndots: int = 1
+
+
+def read_resolv_conf(path: str | Path = RESOLV_CONF) -> ResolvConf:
+    """``nameserver`` (via `read_nameservers`), the last ``search``/``domain`` line and
+    ``options ndots:n`` (resolv.conf(5)); empty when unreadable."""
+    search: list[str] = []
+    ndots = 1
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields or fields[0].startswith(("#", ";")):
+            continue
+        if fields[0] in ("search", "domain"):
+            search = [d.strip(".").lower() for d in fields[1:] if d.strip(".")][:MAXDNSRCH]
+        elif fields[0] == "options":
+            for option in fields[1:]:
+                key, _, value = option.partition(":")
+                if key == "ndots" and value.isdigit():
+                    ndots = min(int(value), 15)
+    return ResolvConf(read_nameservers(path), search, ndots)
+
+
+def read_hosts(path: str | Path = HOSTS_FILE) -> dict[str, list[IPAddress]]:
+    """name (lower-case, no trailing dot) → its addresses in file order; {} when unreadable."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return {}
+    table: dict[str, list[IPAddress]] = {}
+    for line in text.splitlines():
+        fields = line.partition("#")[0].split()
+        if len(fields) < 2:
+            continue
+        try:
+            address = ipaddress.ip_address(fields[0].partition("%")[0])
+        except ValueError:
+            continue
+        for name in fields[1:]:
+            entry = table.setdefault(name.rstrip(".").lower(), [])
+            if address not in entry:
+                entry.append(address)
+    return table
+
+
+def candidate_names(name: str, search: Sequence[str], ndots: int) -> list[str]:
+    """The names to ask for ``name``, in order (resolv.conf(5) ``search`` and ``ndots``).
+
+    A name ending in a dot is absolute: asked as it is only.
+    """
+    if name.endswith("."):
+        return [name.rstrip(".")]
+    expanded = [f"{name}.{domain}" for domain in search]
+    if name.count(".") >= ndots:
+        return [name, *expanded]
+    return [*expanded, name]
+
+
+def make_query(name: str, qtype: int) -> dns.message.QueryMessage:
+    """A recursive query for ``name`` (IDNA-encoded); `ResolveError` for a name DNS cannot
+    carry (RFC 1035 §2.3.4 limits, an empty label, a name IDNA refuses)."""
+    try:
+        qname = dns.name.from_text(name, origin=dns.name.root, idna_codec=_IDNA)
+        return dns.message.make_query(
+            qname, dns.rdatatype.RdataType(qtype), use_edns=False, id=secrets.randbits(16)
         )
-        if alias is None or alias.target is None or alias.target in seen:
-            break
-        ttls.append(alias.ttl)
-        current = alias.target
-        seen.add(current)
-    records = [r for r in response.answers if r.rtype == qtype and r.name == current]
-    addresses = [r.address for r in records if r.address is not None]
+    except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
+        raise ResolveError(f"{name}: not a name DNS can carry ({exc})") from None
+
+
+def read_response(query: dns.message.Message, data: bytes) -> dns.message.Message | None:
+    """The reply in ``data`` when it answers ``query`` (id, flags, question), else None."""
+    try:
+        response = dns.message.from_wire(data, ignore_trailing=True)
+    except Exception:  # anything dnspython cannot read is a malformed reply, dropped
+        return None
+    try:
+        return response if query.is_response(response) else None
+    except Exception:
+        return None
+
+
+def addresses_in(response: dns.message.Message, qtype: int) -> tuple[list[IPAddress], int]:
+    """The ``qtype`` addresses of the question's name, CNAMEs followed, and the smallest TTL
+    along the chain (0 when there is nothing; a TTL with the top bit set counts as 0,
+    RFC 2181 §8)."""
+    if not isinstance(response, dns.message.QueryMessage):
+        return [], 0
+    try:
+        chain = response.resolve_chaining()
+    except (dns.exception.DNSException, KeyError):  # no question, a loop too long, ...
+        return [], 0
+    answer = chain.answer
+    if answer is None or int(answer.rdtype) != qtype:
+        return [], 0
+    addresses: list[IPAddress] = []
+    for rdata in answer:
+        try:
+            addresses.append(ipaddress.ip_address(str(getattr(rdata, "address", ""))))
+        except (AttributeError, ValueError):
+            continue
     if not addresses:
         return [], 0
-    return addresses, min([*ttls, *(r.ttl for r in records)])
+    ttls = [rrset.ttl for rrset in (*chain.cnames, answer)]
+    return addresses, min(0 if ttl & 0x80000000 else ttl for ttl in ttls)
 
 
 class DnsCache:
@@ -145,16 +266,17 @@ class DnsCache:
 
 
 class _Failed(OstpClientError):
-    """This server gave no usable answer (timeout, SERVFAIL, truncated...)."""
+    """This server gave no usable answer (timeout, SERVFAIL, no TCP after truncation...)."""
 
 
 class StubResolver:
-    """Resolve names over marked UDP sockets (see the module docstring).
+    """Resolve names over marked sockets (see the module docstring).
 
-    ``nameservers`` given explicitly win; else resolv.conf (``resolv_conf``) is read at every
-    lookup that misses the cache, and with no nameserver there, the system resolver is used.
-    ``port`` is for tests. Counters: ``dropped_replies`` (wrong source, id, question or
-    malformed), ``timeouts``, ``server_failures``.
+    ``nameservers`` given explicitly win (with ``search``/``ndots``); else resolv.conf
+    (``resolv_conf``) is read at every lookup that misses the cache, and with no nameserver
+    there, the system resolver is used. ``hosts_file`` is read before asking DNS (None: not
+    read). ``port`` is for tests. Counters: ``dropped_replies`` (wrong source, id, question or
+    malformed), ``timeouts``, ``server_failures``, ``tcp_fallbacks``.
     """
 
     def __init__(
@@ -162,6 +284,9 @@ class StubResolver:
         nameservers: Sequence[str] | None = None,
         *,
         resolv_conf: str | Path = RESOLV_CONF,
+        hosts_file: str | Path | None = HOSTS_FILE,
+        search: Sequence[str] = (),
+        ndots: int = 1,
         timeout: float = 2.0,
         attempts: int = 2,
         port: int = DNS_PORT,
@@ -169,16 +294,24 @@ class StubResolver:
     ) -> None:
         self.nameservers = list(nameservers) if nameservers is not None else None
         self.resolv_conf = resolv_conf
+        self.hosts_file = hosts_file
+        self.search = [d.strip(".").lower() for d in search]
+        self.ndots = ndots
         self.timeout = timeout
         self.attempts = attempts
         self.port = port
         self.cache = cache if cache is not None else DnsCache()
-        self.counters = {"dropped_replies": 0, "timeouts": 0, "server_failures": 0}
+        self.counters = {
+            "dropped_replies": 0,
+            "timeouts": 0,
+            "server_failures": 0,
+            "tcp_fallbacks": 0,
+        }
 
-    def _servers(self) -> list[str]:
+    def _config(self) -> ResolvConf:
         if self.nameservers is not None:
-            return self.nameservers
-        return read_nameservers(self.resolv_conf)
+            return ResolvConf(self.nameservers, self.search, self.ndots)
+        return read_resolv_conf(self.resolv_conf)
 
     async def resolve(self, host: str, family: int = 0, mark: int | None = None) -> list[str]:
         """The addresses of ``host`` (IPv6 first, then IPv4; ``family`` AF_INET/AF_INET6 keeps
@@ -197,9 +330,29 @@ class StubResolver:
         if name == "localhost" or name.endswith(".localhost"):
             loopback = {TYPE_AAAA: "::1", TYPE_A: "127.0.0.1"}
             return [loopback[q] for q in qtypes]
-        servers = self._servers()
-        if not servers:
+        config = self._config()
+        if not config.nameservers:
             return await self._system(host, family)
+        if self.hosts_file is not None:
+            listed = read_hosts(self.hosts_file).get(name)
+            if listed:
+                versions = {TYPE_AAAA: 6, TYPE_A: 4}
+                found = [str(a) for q in qtypes for a in listed if a.version == versions[q]]
+                if found:
+                    return found
+        first_error: ResolveError | None = None
+        absolute = host.lower() if host.endswith(".") else name
+        for candidate in candidate_names(absolute, config.search, config.ndots):
+            try:
+                return await self._resolve_name(candidate, qtypes, config.nameservers, mark)
+            except ResolveError as exc:
+                first_error = first_error or exc
+        assert first_error is not None  # candidate_names is never empty
+        raise first_error
+
+    async def _resolve_name(
+        self, name: str, qtypes: list[int], servers: Sequence[str], mark: int | None
+    ) -> list[str]:
         results: dict[int, list[IPAddress] | BaseException] = {}
 
         async def ask(qtype: int) -> None:
@@ -217,7 +370,7 @@ class StubResolver:
         errors = [r for r in results.values() if isinstance(r, ResolveError)]
         if errors:
             raise errors[0]
-        raise ResolveError(f"{host}: no address")
+        raise ResolveError(f"{name}: no address")
 
     async def _system(self, host: str, family: int) -> list[str]:
         try:
@@ -233,23 +386,21 @@ class StubResolver:
         cached = self.cache.get(name, qtype, now)
         if cached is not None:
             return cached
-        try:
-            query_wire = build_query(0, name, qtype)
-        except ValueError as exc:
-            raise ResolveError(f"{name}: {exc}") from None
         for server in servers:
             for _ in range(self.attempts):
+                query = make_query(name, qtype)  # a fresh random id; a bad name raises here
                 try:
-                    response = await self._ask(server, query_wire, mark)
+                    response = await self._ask(server, query, mark)
                 except _Failed:
                     continue
-                if response.rcode == RCODE_NXDOMAIN:
+                rcode = response.rcode()
+                if rcode == dns.rcode.NXDOMAIN:
                     self.cache.put(name, qtype, [], NEGATIVE_TTL, anyio.current_time())
                     raise ResolveError(f"{name}: no such domain")
-                if response.rcode != 0:
+                if rcode != dns.rcode.NOERROR:
                     self.counters["server_failures"] += 1
                     break  # SERVFAIL, REFUSED...: the next server
-                addresses, ttl = addresses_in(response, name, qtype)
+                addresses, ttl = addresses_in(response, qtype)
                 # no record of this type (NODATA) is kept like NXDOMAIN, briefly
                 self.cache.put(
                     name, qtype, addresses, ttl if addresses else NEGATIVE_TTL, anyio.current_time()
@@ -257,10 +408,9 @@ class StubResolver:
                 return addresses
         raise ResolveError(f"{name}: no answer from {', '.join(servers)}")
 
-    async def _ask(self, server: str, query_wire: bytes, mark: int | None) -> DnsResponse:
-        ident = secrets.randbits(16)
-        wire = ident.to_bytes(2, "big") + query_wire[2:]
-        question = query_wire[12:]
+    async def _ask(
+        self, server: str, query: dns.message.QueryMessage, mark: int | None
+    ) -> dns.message.Message:
         address, _, _scope = server.partition("%")
         ip = ipaddress.ip_address(address)
         family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
@@ -273,9 +423,10 @@ class StubResolver:
         except BaseException:
             raw.close()
             raise
+        truncated = False
         async with sock:
             try:
-                await sock.sendto(wire, server, self.port)
+                await sock.sendto(query.to_wire(), server, self.port)
             except OSError as exc:
                 logger.debug("DNS query to %s failed: %s", server, exc)
                 self.counters["server_failures"] += 1
@@ -287,20 +438,48 @@ class StubResolver:
                     except OSError:  # ICMP port unreachable: this server is not there
                         self.counters["server_failures"] += 1
                         raise _Failed from None
-                    response = self._check(data, peer, peer_port, ip, ident, question)
+                    response = self._check(data, peer, peer_port, ip, query)
                     if response is None:
                         self.counters["dropped_replies"] += 1
                         continue
-                    if response.truncated:
-                        self.counters["server_failures"] += 1
-                        raise _Failed
-                    return response
+                    if not response.flags & dns.flags.TC:
+                        return response
+                    truncated = True  # the whole answer comes over TCP
+                    break
+        if truncated:
+            return await self._ask_tcp(server, family, query, mark)
+        self.counters["timeouts"] += 1
+        raise _Failed
+
+    async def _ask_tcp(
+        self, server: str, family: int, query: dns.message.QueryMessage, mark: int | None
+    ) -> dns.message.Message:
+        """Ask again over TCP on a marked socket (RFC 7766 §5: after a truncated answer)."""
+        self.counters["tcp_fallbacks"] += 1
+        wire = query.to_wire()
+        sockaddr = (server, self.port, 0, 0) if family == socket.AF_INET6 else (server, self.port)
+        with anyio.move_on_after(self.timeout):
+            try:
+                stream = await connect_marked(family, sockaddr, None, mark)
+                async with stream:
+                    await stream.send(_TCP_LENGTH.pack(len(wire)) + wire)
+                    head = await _receive_exactly(stream, _TCP_LENGTH.size)
+                    data = await _receive_exactly(stream, _TCP_LENGTH.unpack(head)[0])
+            except (OSError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+                logger.debug("DNS over TCP to %s failed: %s", server, exc)
+                self.counters["server_failures"] += 1
+                raise _Failed from None
+            response = read_response(query, data)
+            if response is None or response.flags & dns.flags.TC:
+                self.counters["dropped_replies"] += 1
+                raise _Failed
+            return response
         self.counters["timeouts"] += 1
         raise _Failed
 
     def _check(
-        self, data: bytes, peer: str, port: int, server: IPAddress, ident: int, question: bytes
-    ) -> DnsResponse | None:
+        self, data: bytes, peer: str, port: int, server: IPAddress, query: dns.message.Message
+    ) -> dns.message.Message | None:
         """The response when it answers our query from the server asked, else None."""
         try:
             source = ipaddress.ip_address(peer.partition("%")[0])
@@ -308,10 +487,11 @@ class StubResolver:
             return None
         if source != server or port != self.port:
             return None
-        try:
-            response = parse_response(data)
-        except DnsFormatError:
-            return None
-        if response.id != ident or response.question.lower() != question.lower():
-            return None
-        return response
+        return read_response(query, data)
+
+
+async def _receive_exactly(stream: anyio.abc.ByteStream, size: int) -> bytes:
+    buffer = bytearray()
+    while len(buffer) < size:
+        buffer += await stream.receive(size - len(buffer))
+    return bytes(buffer)
