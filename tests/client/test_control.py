@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ostp_client.control.client import ControlClient, ControlError
+from ostp_client.control.logs import LogRing
 from ostp_client.control.protocol import (
     MAX_LINE,
     PROTOCOL_VERSION,
@@ -34,7 +35,7 @@ from ostp_client.control.protocol import (
     RouteTable,
     parse_server_message,
 )
-from ostp_client.control.server import ControlServer, LogRing
+from ostp_client.control.server import ControlServer
 from ostp_client.flow import Address
 from ostp_client.inbounds.base import StartError
 from ostp_client.inbounds.proxy.socks5 import encode_address
