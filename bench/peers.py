@@ -126,7 +126,20 @@ def _exe(program: str) -> str:
 # ------------------------------------------------------------------------------- the tunnels
 
 
-def start_ostp(stack: ExitStack, tmp: Path) -> Running:
+BASELINE: Path | None = None  # --baseline: a checkout whose ostp packages run as "ostp-base"
+
+
+def _ostp_command(program: str, baseline: Path | None) -> list[str]:
+    """How to start ``ostp-client`` or ``ostp-server``: this checkout's, or the baseline's
+    (its sources first on ``PYTHONPATH``; ``env`` execs, so the PID measured is Python's)."""
+    if baseline is None:
+        return [_exe(program)]
+    sources = ":".join(str(p) for p in sorted((baseline / "packages").glob("*/src")))
+    module = program.replace("-", "_")
+    return ["env", f"PYTHONPATH={sources}", sys.executable, "-m", module]
+
+
+def start_ostp(stack: ExitStack, tmp: Path, baseline: Path | None = None) -> Running:
     server_port, socks_port = free_port(socket.SOCK_DGRAM), free_port()
     key = secrets.token_hex(16)
     server_config: dict[str, Any] = {"listen": f"127.0.0.1:{server_port}", "access_keys": [key]}
@@ -138,17 +151,23 @@ def start_ostp(stack: ExitStack, tmp: Path) -> Running:
     ostp_client_config(tmp / "ostp-client.json", socks_port, server_port, key, mtu)
     server = stack.enter_context(
         process(
-            [_exe("ostp-server"), "run", "-c", str(tmp / "ostp-server.json")],
+            [*_ostp_command("ostp-server", baseline), "run", "-c", str(tmp / "ostp-server.json")],
             tmp / "ostp-server.log",
         )
     )
     client = stack.enter_context(
         process(
-            [_exe("ostp-client"), "run", "-c", str(tmp / "ostp-client.json")],
+            [*_ostp_command("ostp-client", baseline), "run", "-c", str(tmp / "ostp-client.json")],
             tmp / "ostp-client.log",
         )
     )
     return Running(socks_port, client, server)
+
+
+def start_ostp_base(stack: ExitStack, tmp: Path) -> Running:
+    own = tmp / "ostp-base"  # its own config and log files
+    own.mkdir(exist_ok=True)
+    return start_ostp(stack, own, BASELINE)
 
 
 def start_ss_libev(stack: ExitStack, tmp: Path) -> Running:
@@ -237,6 +256,13 @@ def start_pproxy(stack: ExitStack, tmp: Path) -> Running:
 def tunnels() -> list[Tunnel]:
     return [
         Tunnel("ostp", "ostp-client + ostp-server", ["ostp-client", "ostp-server"], "", start_ostp),
+        Tunnel(
+            "ostp-base",
+            f"ostp-client + ostp-server of {BASELINE}",
+            ["ostp-client", "ostp-server"],
+            "--baseline DIR (a checkout of the commit to compare with)",
+            start_ostp_base,
+        ),
         Tunnel(
             "ss-libev",
             f"shadowsocks-libev ss-local/ss-server, {CIPHER} (C)",
@@ -412,6 +438,7 @@ def _function(frame: str) -> str:
 IDLE_LEAVES = (
     "Condition.wait (threading.py)",
     "_worker (concurrent/futures/thread.py)",
+    "DaemonThreadPool._work (ostp_client/executor.py)",  # its idle workers wait in a queue
     "EpollSelector.select (selectors.py)",
 )
 
@@ -527,12 +554,22 @@ def main() -> int:
     parser.add_argument(
         "--ostp-datagram",
         type=int,
-        help="largest ostp datagram both ways (default: server 4200, client 1302); 1452 is "
-        "what fits a 1500-byte IPv6 path",
+        help="largest ostp datagram both ways (default: path MTU discovery, up to 64 KB on "
+        "loopback; a --baseline before it: server 4200, client 1302); 1452 is what fits a "
+        "1500-byte IPv6 path",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. a git worktree of main) run as the tunnel ostp-base, "
+        "in the same rounds as ours",
     )
     args = parser.parse_args()
-    global OSTP_DATAGRAM
+    global OSTP_DATAGRAM, BASELINE
     OSTP_DATAGRAM = args.ostp_datagram
+    BASELINE = args.baseline.resolve() if args.baseline is not None else None
+    if BASELINE is not None and "ostp-base" not in args.tunnels.split(","):
+        args.tunnels += ",ostp-base"
 
     wanted = args.tunnels.split(",")
     chosen = [t for t in tunnels() if t.name in wanted]
@@ -643,7 +680,14 @@ def print_table(record: dict[str, Any]) -> None:
     )
     print("CPU s/GiB counts both tunnel processes (client + server), not curl or the origin.")
     size = record.get("ostp_datagram")
-    sizes = f"{size} bytes both ways" if size else "4,200 bytes down, 1,302 up (the defaults)"
+    sizes = (
+        f"{size} bytes both ways"
+        if size
+        else (
+            "the defaults (path MTU discovery: up to 64 KB on loopback; before it 4,200 down, "
+            "1,302 up)"
+        )
+    )
     print(f"ostp datagrams (UDP payload): {sizes}")
     head = (
         f"{'tunnel':48} {'dir':8} {'MB/s':>7} {'CPU s/GiB':>10} {'client':>7} {'server':>7} "

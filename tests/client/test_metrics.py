@@ -179,7 +179,7 @@ def test_client_and_server_metrics_count_a_transfer(origin: Origin, tmp_path: Pa
     assert value(after, "ostp_client_inbound_accepted_total", inbound="proxy-in") >= 1
     assert (
         value(after, "ostp_client_session_datagrams_received_total", outbound="proxy", session="0")
-        > TRANSFER / 5000
+        > TRANSFER / 65507  # none larger than UDP allows (on loopback they grow to ~64 KB)
     )
     assert (
         "ostp_client_session_retransmissions_total",

@@ -198,6 +198,7 @@ def test_auto_uses_tcp_while_udp_is_dropped_and_moves_between_them(
     setup.wait_session(lambda s: s["state"] == "connected", 60)
     session = setup.session()
     assert session["transport"] == "tcp", setup.logs()
+    assert session["datagram_size"] == 65535 - 48  # over TCP: the ceiling, no discovery
     setup.download(20 * MB, tmp_path / "one")
     assert setup.session()["transport"] == "tcp"
     assert ns.udp_dropped() > 0  # the UDP handshake and the probes were really sent
@@ -211,6 +212,8 @@ def test_auto_uses_tcp_while_udp_is_dropped_and_moves_between_them(
     assert after["reconnects"] == before["reconnects"]  # the same session, roamed
     setup.download(20 * MB, tmp_path / "two")
     assert setup.session()["transport"] == "udp"
+    # on UDP path MTU discovery started over and found the veth's 1,500 bytes (less 28)
+    setup.wait_session(lambda s: s["datagram_size"] == 1500 - 28, 30)
 
     # 3. UDP stops in the middle of a download: the transfer survives the move to TCP
     out = tmp_path / "three"
@@ -224,6 +227,7 @@ def test_auto_uses_tcp_while_udp_is_dropped_and_moves_between_them(
     check_download(proc, 40 * MB, out, setup)
     final = setup.session()
     assert final["transport"] == "tcp", setup.logs()
+    assert final["datagram_size"] == 65535 - 48
     assert final["reconnects"] == before["reconnects"]
     log = setup.daemon_log.read_text()
     assert "transport tcp -> udp (a UDP handshake completed)" in log

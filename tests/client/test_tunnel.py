@@ -121,6 +121,20 @@ async def test_50mb_down_and_20mb_up_byte_exact(
         assert _ostp(daemon).status()["bytes_down"] > 50 * MB
 
 
+async def test_on_loopback_datagrams_climb_to_64_kb(
+    origin: Origin, server: ServerProcess, tmp_path: Path
+) -> None:
+    """Path MTU discovery starts at 1,232 bytes and, on loopback (MTU 65536), probes its way up
+    to the ceiling, so loopback transfers keep their large datagrams."""
+    async with running_daemon(tunnel_config(server.outbound())) as daemon:
+        await _connected(daemon)
+        session = _ostp(daemon).sessions[0]
+        await wait_for(lambda: session.status()["datagram_size"] >= 60_000, 15)
+        assert session.status()["pmtud"] == "search_complete"
+        await _download(proxy_port(daemon), origin, "socks5", 20 * MB, tmp_path / "body")
+        assert session.conn is not None and session.conn.datagram_size >= 60_000
+
+
 async def test_200_transfers_at_once(origin: Origin, server: ServerProcess) -> None:
     count = 200
     args = ["--parallel", "--parallel-max", str(count), "-w", "%{http_code} %{size_download}\n"]

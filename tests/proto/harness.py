@@ -49,12 +49,19 @@ class Link:
     queue: list[tuple[float, int, bytes]] = field(default_factory=list)
     sent: int = 0
     blackhole: bool = False
+    mtu: int | None = None
+    """Largest datagram the path carries (UDP payload bytes); larger ones vanish, as behind a
+    link that drops IP fragments."""
+    too_big: int = 0
     _seq: int = 0
 
     def push(self, data: bytes, now: float) -> None:
         self.sent += 1
         f = self.faults
         if self.blackhole:
+            return
+        if self.mtu is not None and len(data) > self.mtu:
+            self.too_big += 1
             return
         if self.sent <= f.drop_first or self.rng.random() < f.loss:
             return

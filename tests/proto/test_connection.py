@@ -121,6 +121,23 @@ def test_keepalive_pings_measure_rtt() -> None:
     assert pair.cpeer.terminated is None and pair.speer.terminated is None
 
 
+def test_rtt_sampled_at_follows_the_pongs_and_stops_with_them() -> None:
+    """``rtt_sampled_at`` is renewed by every Pong (keepalive every 5 s) and ages once the
+    server stops answering: what the client's health check and status rely on."""
+    pair = Pair(latency=0.02)
+    pair.handshake()
+    assert pair.client.rtt_sampled_at is not None
+    assert pair.client.rtt_sampled_at <= pair.now
+    pair.run_until(lambda: pair.now > 11.0, 12.0)
+    sampled = pair.client.rtt_sampled_at
+    assert sampled is not None and pair.now - sampled <= 5.0 + 0.1
+    pair.s2c.blackhole = True
+    pair.run_until(lambda: pair.now > 22.0, 23.0)
+    assert pair.client.rtt_sampled_at is not None
+    assert pair.client.rtt_sampled_at <= sampled + 5.0 + 0.1  # no sample since the blackhole
+    assert pair.now - pair.client.rtt_sampled_at > 10.0
+
+
 def test_relay_messages_cross_in_order() -> None:
     pair = Pair(c2s=Faults(loss=0.2, reorder=0.3), s2c=Faults(loss=0.2), seed=3)
     pair.handshake()

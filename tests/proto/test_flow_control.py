@@ -39,6 +39,7 @@ from ostp_proto import (
     parse_extension_hello,
 )
 from ostp_proto.connection import SERVER_DEFAULTS, ServerConnection
+from ostp_proto.relay import SUPPORTED_EXTENSIONS
 
 from .harness import Faults, Pair
 
@@ -187,10 +188,10 @@ def test_two_ostp_py_peers_negotiate_flow_control() -> None:
     _negotiated(pair)
     server = _server(pair)
     assert pair.client.flow_control and server.flow_control
-    assert pair.client.peer_extensions == ExtensionHello(1, EXT_FLOW_CONTROL, 256 * 1024)
-    assert server.peer_extensions == ExtensionHello(1, EXT_FLOW_CONTROL, 256 * 1024)
+    assert pair.client.peer_extensions == ExtensionHello(1, SUPPORTED_EXTENSIONS, 256 * 1024)
+    assert server.peer_extensions == ExtensionHello(1, SUPPORTED_EXTENSIONS, 256 * 1024)
     [event] = [e for e in pair.speer.events if isinstance(e, ExtensionsNegotiated)]
-    assert event == ExtensionsNegotiated(EXT_FLOW_CONTROL, 256 * 1024)
+    assert event == ExtensionsNegotiated(SUPPORTED_EXTENSIONS, 256 * 1024)
 
 
 def test_windows_announced_in_the_hello_are_the_initial_credit() -> None:

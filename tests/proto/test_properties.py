@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import random
 
 import pytest
@@ -22,6 +23,7 @@ from ostp_proto import (
     Pong,
     Profile,
     RelayMessage,
+    RelayMessageReceived,
     RemoteProtocolError,
     UdpAssociate,
     UdpData,
@@ -46,6 +48,7 @@ from ostp_proto.obfuscation import (
     parse_handshake_datagram,
     unmask_data_header,
 )
+from ostp_proto.relay import RelayTag
 
 from .harness import Faults, Pair
 
@@ -487,3 +490,86 @@ def test_interleaved_streams_arrive_in_order_per_stream(
     assert {s: bytes(b) for s, b in pair.cpeer.received.items() if b} == {
         s: d for s, d in expect_down.items() if d
     }
+
+
+@given(key=st.binary(max_size=100), sample=st.binary(min_size=32, max_size=32))
+def test_header_mask_from_precomputed_states_is_hmac_sha256(key: bytes, sample: bytes) -> None:
+    from ostp_proto.obfuscation import _HeaderMask
+
+    assert _HeaderMask(key)(sample) == hmac.digest(key, sample, "sha256")
+
+
+@given(
+    btl_bw=st.floats(min_value=0, max_value=1e10),
+    cwnd=st.integers(min_value=1, max_value=1 << 30),
+    srtt=st.floats(min_value=0, max_value=2),
+    startup=st.booleans(),
+    next_send=st.floats(min_value=0, max_value=100),
+    now=st.floats(min_value=0, max_value=100),
+    size=st.integers(min_value=1, max_value=65507),
+)
+def test_record_paces_as_congestion_controller_on_sent(
+    btl_bw: float,
+    cwnd: int,
+    srtt: float,
+    startup: bool,
+    next_send: float,
+    now: float,
+    size: int,
+) -> None:
+    """Sender.record has CongestionController.on_sent inlined: both give the same pacing."""
+    from ostp_proto.arq import Sender
+
+    sender = Sender(mss=1200, initial_rtt=0.1, max_in_flight=8192, min_rto=0.2, max_rto=5)
+    sender.rtt.srtt = srtt
+    cc = sender.cc
+    cc.btl_bw, cc.cwnd, cc.startup, cc.next_send = btl_bw, cwnd, startup, next_send
+    sender.record(0, bytes(size), now, True)
+    sender.cc.next_send, inlined = next_send, cc.next_send
+    cc.on_sent(size, now, srtt)
+    assert inlined == cc.next_send
+
+
+_HANDSHAKEN: list[Pair] = []
+_DATA = bytes([RelayTag.DATA])
+
+
+def _established_client() -> Pair:
+    if not _HANDSHAKEN:
+        pair = Pair()
+        pair.handshake()
+        _HANDSHAKEN.append(pair)
+    return _HANDSHAKEN[0]
+
+
+@given(
+    payload=st.one_of(
+        st.binary(max_size=40),
+        st.builds(lambda body, extra: _DATA + body + extra, st.binary(max_size=40), st.binary()),
+        st.builds(  # declared lengths around the real one: whole, short by a byte, ...
+            lambda body, delta: _DATA + max(len(body) + delta, 0).to_bytes(2, "big") + body,
+            st.binary(max_size=300),
+            st.integers(min_value=-3, max_value=3),
+        ),
+    )
+)
+def test_delivered_data_decodes_as_decode_relay_does(payload: bytes) -> None:
+    """_deliver decodes Data in place on its hot path: the same message as decode_relay, and
+    what decode_relay refuses is dropped and counted the same way."""
+    client = _established_client().client
+    while client.next_event() is not None:
+        pass
+    try:
+        expected: RelayMessage | None = decode_relay(payload)
+    except RemoteProtocolError:
+        expected = None
+    drops = client.stats.relay_decode_drop
+    client._deliver([(FrameKind.DATA, 7, payload)], 1.0)
+    got = [e for e in iter(client.next_event, None) if isinstance(e, RelayMessageReceived)]
+    if expected is None:
+        assert client.stats.relay_decode_drop == drops + 1
+        assert got == []
+    elif isinstance(expected, Data):
+        assert got == [RelayMessageReceived(7, expected)]
+        message = got[0].message
+        assert isinstance(message, Data) and type(message.data) is bytes

@@ -147,6 +147,23 @@ async def test_large_server_datagrams() -> None:
             assert await t.read(sid, len(payload)) == payload
 
 
+async def test_on_loopback_the_servers_datagrams_climb_to_64_kb() -> None:
+    """Path MTU discovery on the server's side: datagrams start at 1,232 bytes and probes take
+    them up to what loopback carries, so downloads keep their large datagrams (asserted on the
+    session's state and on what the client received, not on speed)."""
+    payload = os.urandom(8 * 1024 * 1024)
+    async with server() as srv, tcp_echo() as port, tunnel(srv.addresses[0], KEY) as t:
+        sid = await t.open(f"127.0.0.1:{port}")
+        session = next(iter(srv.sessions.values()))
+        await poll_until(lambda: session.conn.datagram_size >= 60_000, limit=30)
+        pmtud = session.conn.pmtud
+        assert pmtud is not None and pmtud.state.value == "search_complete"
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(t.write, sid, payload)
+            assert await t.read(sid, len(payload), limit=50) == payload
+        assert session.conn.datagram_size >= 60_000
+
+
 @pytest.mark.parametrize("extensions", [True, False])
 async def test_slow_remote_bounds_memory_then_stream_is_reset(extensions: bool) -> None:
     """A remote that never reads: queued bytes stay bounded; the stream is reset when stalled.

@@ -192,6 +192,9 @@ class Faults:
     """After this many datagrams a machine sends nothing more (it still takes input)."""
     ignore_connect: bool = False
     """Connect is ignored (no ConnectOk, no Error); Ping is still answered."""
+    sessions: int | None = None
+    """A server's faults apply to its first this many sessions only (None: to all): a client
+    that replaces a faulty session then meets a healthy one."""
 
 
 # -------------------------------------------------------------------------------- congestion
@@ -726,7 +729,7 @@ class UpstreamServer:
                 padding=PaddingPolicy.upstream_server(),
                 mtu_hint=SERVER_MTU_HINT,
                 randomness=r,
-                faults=self.faults,
+                faults=self._faults_for_new_session(),
                 now=now,
             )
             old = self.sessions.get(sid)
@@ -744,6 +747,12 @@ class UpstreamServer:
             self._out.append((datagram, address))
             return True
         return False
+
+    def _faults_for_new_session(self) -> Faults:
+        faults = self.faults
+        if faults.sessions is not None and self.stats.handshakes >= faults.sessions:
+            return Faults()
+        return faults
 
     def _after_machine(self, session: Session, now: float) -> None:
         machine = session.machine
@@ -765,7 +774,7 @@ class UpstreamServer:
         if isinstance(message, Ping):
             machine.send_relay(stream_id, Pong(message.timestamp), now)
         elif isinstance(message, Connect):
-            if self.faults.ignore_connect:
+            if machine.faults.ignore_connect:
                 self.stats.connects_ignored += 1
                 return
             if stream_id in session.streams:

@@ -64,6 +64,8 @@ def _status_text(status: DaemonStatus) -> str:
                 f"{format_bytes(o.rate_up)}/s",
                 f"{format_bytes(o.rate_down)}/s",
                 o.reconnects,
+                _drops_text(o.kernel_drops),
+                "-",
                 o.mapped_address or "-",
             ]
         )
@@ -81,6 +83,8 @@ def _status_text(status: DaemonStatus) -> str:
                     f"{format_bytes(s.rate_up)}/s",
                     f"{format_bytes(s.rate_down)}/s",
                     s.reconnects,
+                    _drops_text(s.kernel_drops),
+                    format_bytes(s.socket_buffer) if s.socket_buffer is not None else "-",
                     s.mapped_address or "-",
                 ]
             )
@@ -96,6 +100,8 @@ def _status_text(status: DaemonStatus) -> str:
         "UP/s",
         "DOWN/s",
         "RECONN",
+        "KDROPS",
+        "SOCKBUF",
         "MAPPED",
     ]
     inbound_rows = [[i.tag, i.type, ", ".join(i.listen), i.accepted] for i in status.inbounds]
@@ -105,6 +111,10 @@ def _status_text(status: DaemonStatus) -> str:
         parts.append(_groups_text(groups))
     parts.append(format_table(["INBOUND", "TYPE", "LISTEN", "ACCEPTED"], inbound_rows))
     return "\n\n".join(parts)
+
+
+def _drops_text(drops: int | None) -> str:
+    return "-" if drops is None else str(drops)
 
 
 def _delay_text(delay_ms: float | None, error: str | None, alive: bool | None) -> str:

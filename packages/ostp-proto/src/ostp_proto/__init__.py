@@ -27,9 +27,12 @@ from .events import (
 )
 from .frames import FrameKind, PaddingPolicy, Profile
 from .keys import Secrets, derive_secrets, split_transport_keys
+from .pmtud import PathMtuDiscovery, PmtudConfig, PmtudState
 from .relay import (
     EXT_FLOW_CONTROL,
+    EXT_PATH_PROBES,
     MIN_STREAM_WINDOW,
+    Abandoned,
     Close,
     Connect,
     ConnectOk,
@@ -51,8 +54,10 @@ from .relay import (
 
 __all__ = [
     "EXT_FLOW_CONTROL",
+    "EXT_PATH_PROBES",
     "MIN_STREAM_WINDOW",
     "SERVER_DEFAULTS",
+    "Abandoned",
     "AcceptorStats",
     "ClientConnection",
     "Close",
@@ -73,7 +78,10 @@ __all__ = [
     "KeepAlive",
     "LocalProtocolError",
     "PaddingPolicy",
+    "PathMtuDiscovery",
     "Ping",
+    "PmtudConfig",
+    "PmtudState",
     "Pong",
     "Profile",
     "ProtocolError",

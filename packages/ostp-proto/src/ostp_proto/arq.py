@@ -40,6 +40,7 @@ PACKET_THRESHOLD = 3  # RFC 9002 §6.1.1
 TIME_THRESHOLD = 9 / 8  # RFC 9002 §6.1.2
 GRANULARITY = 0.001  # RFC 9002 kGranularity
 PEER_ACK_ALLOWANCE = 0.015  # upstream ACKs after 5 ms on a 10 ms tick (spec §7.1)
+PACING_BURST = 0.002  # pacing lets 2 ms worth of datagrams leave back to back
 
 _RANGE = struct.Struct(">QQ")
 _U64 = struct.Struct(">Q")
@@ -182,7 +183,9 @@ class CongestionController:
         "startup",
     )
 
-    def __init__(self, mss: int, initial_window: int, max_window: int) -> None:
+    def __init__(
+        self, mss: int, initial_window: int, max_window: int, max_mss: int | None = None
+    ) -> None:
         self.mss = mss
         self.cwnd = initial_window * mss
         self.min_cwnd = 4 * mss
@@ -193,7 +196,13 @@ class CongestionController:
         self._round_end = 0.0
         self._bw_samples: deque[tuple[float, float]] = deque()  # (time, rate), max-monotonic
         self.next_send = 0.0
-        self._max_window = max_window * mss
+        self._max_window = max_window * max(mss, max_mss or 0)
+
+    def set_mss(self, mss: int) -> None:
+        """The datagram size changed (path MTU discovery): the floor follows it."""
+        self.mss = mss
+        self.min_cwnd = 4 * mss
+        self.cwnd = max(self.cwnd, self.min_cwnd)
 
     def on_ack(self, acked_bytes: int, rate: float | None, rtt: RttEstimator, now: float) -> None:
         if rate is not None and rate > 0:
@@ -242,8 +251,8 @@ class CongestionController:
         return size / (rate * gain)
 
     def on_sent(self, size: int, now: float, srtt: float) -> None:
-        burst = 0.002  # allow 2 ms worth of datagrams to leave back to back
-        self.next_send = max(self.next_send, now - burst) + self.pacing_delay(size, srtt)
+        """Pace the next datagram (``Sender.record`` has this inlined: keep them equal)."""
+        self.next_send = max(self.next_send, now - PACING_BURST) + self.pacing_delay(size, srtt)
 
 
 class Sender:
@@ -258,6 +267,7 @@ class Sender:
         min_rto: float,
         max_rto: float,
         control_history: int = 4096,
+        max_mss: int | None = None,
     ) -> None:
         self.next_nonce = 0
         self.outstanding: OrderedDict[int, SentDatagram] = OrderedDict()  # by last transmission
@@ -268,7 +278,9 @@ class Sender:
         self.max_in_flight = max_in_flight
         self.bytes_in_flight = 0
         self.rtt = RttEstimator(initial_rtt)
-        self.cc = CongestionController(mss, initial_window=32, max_window=max_in_flight)
+        self.cc = CongestionController(
+            mss, initial_window=32, max_window=max_in_flight, max_mss=max_mss
+        )
         self.min_rto = min_rto
         self.max_rto = max_rto
         self.pto_count = 0
@@ -284,16 +296,30 @@ class Sender:
         self.reliable = False
         """The path is a reliable stream (TCP): no probe timer, no loss from ACK gaps."""
         self.stats = SenderStats()
+        self.newest_acked: SentDatagram | None = None
+        """The most recently sent datagram the last ACK acknowledged (for path MTU discovery;
+        the owner reads and clears it)."""
+        self.loss_log: list[tuple[int, float]] | None = None
+        """If a list: ``(size, sent time)`` of every datagram declared lost is appended (for
+        path MTU discovery's black-hole detection; the owner drains it)."""
 
     # -- sending ---------------------------------------------------------------------------
 
     def window_open(self, now: float) -> bool:
         """True when congestion window, pacing and the in-flight span allow a new datagram."""
-        if self.bytes_in_flight >= self.cc.cwnd:
+        cc = self.cc
+        if self.bytes_in_flight >= cc.cwnd:
             return False
-        if self._order and self.next_nonce - self._oldest() >= self.max_in_flight:
+        order = self._order
+        # order[0] is at most the oldest outstanding nonce (acknowledged ones leave lazily),
+        # so only a span that looks full needs the exact (pruning) look
+        if (
+            order
+            and self.next_nonce - order[0] >= self.max_in_flight
+            and self.next_nonce - self._oldest() >= self.max_in_flight
+        ):
             return False
-        return self.cc.next_send <= now
+        return cc.next_send <= now
 
     def _oldest(self) -> int:
         order = self._order
@@ -314,8 +340,13 @@ class Sender:
             )
             self.outstanding[nonce] = entry
             self._order.append(nonce)
-            self.bytes_in_flight += entry.size
-            self.cc.on_sent(entry.size, now, self.rtt.srtt)
+            size = entry.size
+            self.bytes_in_flight += size
+            # CongestionController.on_sent inlined (once per datagram sent)
+            cc = self.cc
+            rate = max(cc.btl_bw, cc.cwnd / max(self.rtt.srtt, 1e-4))
+            pace = size / (rate * (2.0 if cc.startup else 1.25))
+            cc.next_send = max(cc.next_send, now - PACING_BURST) + pace
         else:
             control = self._control
             control[nonce] = datagram
@@ -432,6 +463,7 @@ class Sender:
                         newest = entry
         if newest is None:
             return
+        self.newest_acked = newest
         self.pto_count = 0
         rate: float | None = None
         if newest.retries == 0:
@@ -500,6 +532,8 @@ class Sender:
         entry.in_flight = False
         self.bytes_in_flight -= entry.size
         self._lost.append(entry.nonce)
+        if self.loss_log is not None:
+            self.loss_log.append((entry.size, entry.sent_time))
 
     def on_path_changed(self) -> None:
         """The peer moved: what was in flight went to the old path; re-send it without back-off."""

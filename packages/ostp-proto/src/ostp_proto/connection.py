@@ -12,12 +12,14 @@ import enum
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .arq import (
     ACK_DELAY,
     GAP_SKIP_AFTER,
     NACK_REPEAT,
+    PACKET_THRESHOLD,
+    TIME_THRESHOLD,
     Receiver,
     Sender,
     decode_ack,
@@ -34,6 +36,7 @@ from .events import (
 )
 from .frames import (
     DATAGRAM_OVERHEAD,
+    PADDING_CLAMP_OVERHEAD,
     FrameKind,
     PaddingPolicy,
     decode_frame,
@@ -48,11 +51,14 @@ from .obfuscation import (
     build_handshake_datagram,
     parse_handshake_datagram,
 )
+from .pmtud import PathMtuDiscovery, PmtudConfig
 from .relay import (
     EXT_FLOW_CONTROL,
+    EXT_PATH_PROBES,
     EXTENSION_VERSION,
     MIN_STREAM_WINDOW,
     SUPPORTED_EXTENSIONS,
+    Abandoned,
     Close,
     Connect,
     Data,
@@ -66,10 +72,12 @@ from .relay import (
     UdpAssociate,
     WindowUpdate,
     decode_relay,
+    encode_abandoned,
     encode_data_header,
     encode_extension_hello,
     encode_relay,
     encode_window_update,
+    parse_abandoned,
     parse_extension_hello,
 )
 
@@ -84,6 +92,8 @@ _OPENING_TAGS = frozenset((1, 9))  # relay Connect, UdpAssociate: a stream (id) 
 _TAG_DATA = RelayTag.DATA.value
 _TAG_CLOSE = RelayTag.CLOSE.value
 _TAG_ERROR = RelayTag.ERROR.value
+_TAG_ABANDONED = RelayTag.ABANDONED.value
+PERSISTENT_PTO = 3  # probe timeouts in a row that count as a black-hole signal for PMTUD
 
 # Flow-control extension state of a connection (docs/flow-control.md)
 _FC_OFF = 0  # upstream peer, extension disabled or refused: no per-stream credit
@@ -103,7 +113,13 @@ class ConnectionConfig:
     """Tunables of one OSTP connection. Defaults suit a client on a real network."""
 
     max_datagram_size: int = 1400
-    """Largest data datagram built for stream data (UDP payload bytes)."""
+    """Largest data datagram built for stream data (UDP payload bytes). With ``pmtud`` the
+    ceiling of the search: datagrams start smaller and grow as probes show the path allows."""
+    pmtud: PmtudConfig | None = None
+    """Datagram packetization layer path MTU discovery of this side's datagrams (RFC 8899,
+    :mod:`ostp_proto.pmtud`), or None: datagrams are always up to ``max_datagram_size``. The
+    search never goes above ``max_datagram_size`` nor the shell's first hop
+    (:meth:`Connection.set_path_mtu`)."""
     padding: PaddingPolicy = field(default_factory=PaddingPolicy.upstream_client)
     """Padding of frames (spec §6.1); any padding is legal for the peer."""
     ack_delay: float = ACK_DELAY
@@ -185,6 +201,10 @@ class ConnectionStats:
     """Data messages beyond the credit this side granted (accepted; a peer bug, never ours)."""
     window_updates_sent: int = 0
     window_updates_received: int = 0
+    probes_abandoned: int = 0
+    """Lost path MTU probes whose nonces were given up towards the peer (Abandoned)."""
+    abandoned_received: int = 0
+    """Nonces the peer gave up (lost probes) that closed a hole here."""
 
 
 class _SendQueue(deque[bytes]):
@@ -266,6 +286,7 @@ class Connection:
             max_in_flight=config.max_in_flight,
             min_rto=config.min_rto,
             max_rto=config.max_rto,
+            max_mss=config.max_datagram_size,
         )
         self.receiver = Receiver(
             ack_delay=config.ack_delay,
@@ -281,12 +302,25 @@ class Connection:
         self._dropped_while_paused = False
         self.last_receive = 0.0
         self._reserved_pool = b""
+        self._pool_at = 0
         self._pad_randint: Callable[[int], int] = self._randint
-        # Capacity of stream data per datagram: overhead, relay header, then no padding
-        # for full datagrams (profiles pad payloads under 1280 bytes only).
-        self.max_stream_chunk = max(
-            config.max_datagram_size - DATAGRAM_OVERHEAD - DATA_RELAY_HEADER, 64
-        )
+        self._padding = config.padding
+        self.datagram_size = config.max_datagram_size
+        """The largest datagram built for stream data now (path MTU discovery moves it)."""
+        self.max_stream_chunk = 0
+        self._max_relay = 0
+        # path MTU discovery (RFC 8899): one probe at a time
+        self._pmtud: PathMtuDiscovery | None = None
+        self._probe_nonce = -1
+        self._probe_size = 0
+        self._probe_sent = 0.0
+        self._probe_loss_at: float | None = None  # lost then, unless acknowledged first
+        self._ext_flags = 0  # extensions in use with this peer (flags of the hello)
+        self._ext_settled = not config.extensions  # known whether the peer has any
+        self._unabandoned: list[int] = []  # lost probes' nonces while that is not known
+        self._apply_size(config.max_datagram_size)
+        if config.pmtud is not None:
+            self.set_path_mtu(0.0, config.max_datagram_size)
 
     # -- public API ------------------------------------------------------------------------
 
@@ -387,6 +421,56 @@ class Connection:
     def smoothed_rtt(self) -> float:
         return self.sender.rtt.srtt
 
+    @property
+    def pmtud(self) -> PathMtuDiscovery | None:
+        """This side's path MTU discovery, or None when it is off (fixed datagram size)."""
+        return self._pmtud
+
+    def set_path_mtu(self, now: float, ceiling: int | None, ip_overhead: int | None = None) -> None:
+        """Tell the connection what the path to the peer allows (the shell calls this).
+
+        ``ceiling``: the largest UDP payload the first hop carries (its MTU minus
+        ``ip_overhead``); path MTU discovery searches up to the smaller of it and
+        ``max_datagram_size``, starting from the base size. None: the path is a stream (TCP):
+        no discovery, datagrams of ``max_datagram_size``. Without ``config.pmtud`` the size
+        is fixed at the smaller of ``ceiling`` and ``max_datagram_size``.
+        """
+        self._forget_probe(now)
+        config = self.config
+        top = config.max_datagram_size
+        template = config.pmtud
+        self._pmtud = None
+        if ceiling is None or template is None or not template.enabled:
+            self._apply_size(top if ceiling is None else min(top, ceiling))
+            return
+        cap = min(top, ceiling, template.max_plpmtu)
+        if cap <= template.base_plpmtu:
+            self._apply_size(cap)  # no room to search above the base
+            return
+        pm_config = replace(template, max_plpmtu=cap)
+        if ip_overhead is not None:
+            pm_config = replace(pm_config, ip_overhead=ip_overhead)
+        self._pmtud = PathMtuDiscovery(pm_config)
+        self.sender.loss_log = []
+        self._apply_size(self._pmtud.max_datagram_size)
+
+    def datagram_refused(self, size: int, now: float) -> None:
+        """The shell could not send a datagram of ``size`` bytes: larger than the first hop's
+        MTU (``EMSGSIZE`` with DF set). A probe of that size fails at once; a data datagram
+        means the first hop shrank below the current size (a Packet Too Big hint)."""
+        pmtud = self._pmtud
+        if pmtud is None:
+            return
+        if self._probe_nonce >= 0 and size == self._probe_size:
+            nonce = self._probe_nonce
+            self._probe_nonce = -1
+            pmtud.on_probe_refused(size, now)
+            self._abandon(nonce)
+        elif size > pmtud.config.min_plpmtu:
+            pmtud.on_packet_too_big(size - 1, now)
+        if pmtud.max_datagram_size != self.datagram_size:
+            self._apply_size(pmtud.max_datagram_size)
+
     def next_event(self) -> Event | None:
         """The next event, or None."""
         return self._events.popleft() if self._events else None
@@ -437,6 +521,14 @@ class Connection:
         if self.state is State.ESTABLISHED:
             self._build(FrameKind.HANDSHAKE, 0, b"", now, retransmittable=False)
             self.sender.on_path_changed()
+        pmtud = self._pmtud
+        if pmtud is not None:
+            # RFC 8899 §5.2: a new path starts over at the base size
+            self._forget_probe(now)
+            if self.sender.loss_log:
+                self.sender.loss_log.clear()
+            pmtud.path_changed(now)
+            self._apply_size(pmtud.max_datagram_size)
 
     def close(self, now: float) -> None:
         """Send a Close frame once (best effort) and stop. Upstream peers simply drop state."""
@@ -466,6 +558,8 @@ class Connection:
                 None if self._receive_paused else receiver.tail_probe_deadline(),
                 sender.probe_deadline(),
                 sender.pacing_deadline(bool(self._rr or self._urgent)),
+                None if self._pmtud is None else self._pmtud.get_timer(),
+                self._probe_loss_at if self._probe_nonce >= 0 else None,
             ):
                 if t is not None:
                     deadlines.append(t)
@@ -493,8 +587,28 @@ class Connection:
             receiver.tail_probe_sent(now)
             self._build(FrameKind.KEEPALIVE, 0, b"", now, retransmittable=False)
         deadline = self.sender.probe_deadline()
+        pmtud = self._pmtud
         if deadline is not None and now >= deadline:
             self._out.extend(self.sender.on_probe_timeout(now))
+            if pmtud is not None and self.sender.pto_count == PERSISTENT_PTO:
+                # nothing acknowledged for three probe timeouts: full-size datagrams may be
+                # falling into a black hole (RFC 8899 §4.3); a dead path loses nothing by it
+                pmtud.on_persistent_timeout(now)
+                if pmtud.max_datagram_size != self.datagram_size:
+                    self._apply_size(pmtud.max_datagram_size)
+        if pmtud is not None:
+            lost_at = self._probe_loss_at
+            if lost_at is not None and self._probe_nonce >= 0 and now >= lost_at:
+                self._probe_lost(now)
+            deadline = pmtud.get_timer()
+            if deadline is not None and now >= deadline:
+                nonce = self._probe_nonce
+                pmtud.handle_timer(now)
+                if nonce >= 0 and pmtud.probe_in_flight is None:
+                    self._probe_nonce = -1  # no answer for PROBE_TIMER: lost
+                    self._abandon(nonce)
+                if pmtud.max_datagram_size != self.datagram_size:
+                    self._apply_size(pmtud.max_datagram_size)
 
     def datagrams_to_send(self, now: float) -> list[bytes]:
         """Datagrams to put on the wire now, in order."""
@@ -512,6 +626,21 @@ class Connection:
                 ack = receiver.build_ack(now)
                 if ack is not None:
                     self._build(FrameKind.ACK, 0, ack, now, retransmittable=False)
+            pmtud = self._pmtud
+            if (
+                pmtud is not None
+                and self.stats.datagrams_received  # the peer's address is proven
+                and not self.sender.reliable
+            ):
+                if self._probe_nonce >= 0 and pmtud.probe_in_flight is None:
+                    # the search moved on without it (fallback, Packet Too Big, base confirmed
+                    # by data): it may still arrive, but nobody waits for it any more
+                    self._abandon(self._probe_nonce)
+                    self._probe_nonce = -1
+                if self._probe_nonce < 0:
+                    size = pmtud.probe_size_to_send(now)
+                    if size is not None:
+                        self._send_probe(size, now)
             if self.sender.has_lost:
                 self._out.extend(self.sender.retransmissions(now))
             if self._rr or self._urgent:
@@ -579,14 +708,21 @@ class Connection:
             floor = floors.get(stream_id)
             if floor is None or nonce <= floor or (payload and payload[0] in _OPENING_TAGS):
                 floors[stream_id] = nonce - 1
+            if not stream_id and payload and payload[0] == _TAG_ABANDONED:
+                # on arrival, not in order: the hole it closes may be what holds it back
+                self._on_abandoned(payload, now)
             self._deliver(receiver.accept(nonce, (kind, stream_id, payload), True, now), now)
             if receiver.holes:
                 self._check_gap(now)
         elif kind == FrameKind.ACK:
             try:
-                self.sender.on_ack(decode_ack(payload), now)
+                ranges = decode_ack(payload)
             except RemoteProtocolError:
                 self.stats.frame_decode_drop += 1
+            else:
+                self.sender.on_ack(ranges, now)
+                if self._pmtud is not None:
+                    self._pmtud_on_ack(ranges, now)
             # A new hole's first NACK waits two RTTs: a sender that reads loss from our ACKs
             # (ours: an RTT and 9/8 of one) has re-sent by then, so NACKs add nothing to its
             # work; upstream still holds the frame for ~1.5 s.
@@ -611,6 +747,138 @@ class Connection:
 
     # -- internals -------------------------------------------------------------------------
 
+    # -- path MTU discovery (RFC 8899) ------------------------------------------------------
+
+    def _apply_size(self, size: int) -> None:
+        """Build datagrams of at most ``size`` bytes from now on (queued Data is cut to fit
+        when it is sent)."""
+        self.datagram_size = size
+        self.max_stream_chunk = chunk = max(size - DATAGRAM_OVERHEAD - DATA_RELAY_HEADER, 64)
+        self._max_relay = chunk + DATA_RELAY_HEADER
+        padding = self.config.padding
+        if self._pmtud is not None and padding.mtu_hint > size - 2:
+            # spec §6.1: padded datagrams stay within mtu_hint + 2 bytes
+            padding = replace(padding, mtu_hint=max(size - 2, 0))
+        self._padding = padding
+        self.sender.cc.set_mss(size)
+
+    def _send_probe(self, size: int, now: float) -> None:
+        """A KeepAlive frame (ack-eliciting, no stream data, spec §6) padded to ``size`` bytes.
+
+        Never retransmitted and not in the congestion window: a lost probe is too big for the
+        path, and its loss says nothing about congestion (RFC 8899 §4.1)."""
+        sender = self.sender
+        nonce = sender.next_nonce
+        if nonce > MAX_NONCE:
+            return
+        sealer = self._sealer
+        assert sealer is not None
+        pad = max(size - DATAGRAM_OVERHEAD, 0)
+        frame = encode_frame(FrameKind.KEEPALIVE, 0, b"", pad, self._reserved())
+        sender.next_nonce = nonce + 1
+        sender.stats.datagrams_sent += 1
+        self._probe_nonce = nonce
+        self._probe_size = size
+        self._probe_sent = now
+        self._probe_loss_at = None
+        self._out.append(sealer.seal(nonce, frame))
+        # A small ack-eliciting datagram right behind it: the peer's ACK then shows within a
+        # round trip whether the probe arrived, even on an idle connection, and before an
+        # upstream receiver skips its hole (500 ms, spec §7.3), which would acknowledge it.
+        self._build(FrameKind.KEEPALIVE, 0, b"", now, retransmittable=False)
+
+    def _pmtud_on_ack(self, ranges: list[tuple[int, int]], now: float) -> None:
+        """Probe acknowledged or lost (RFC 9002 §6.1 thresholds); feedback for black holes."""
+        pmtud = self._pmtud
+        assert pmtud is not None
+        sender = self.sender
+        nonce = self._probe_nonce
+        if nonce >= 0:
+            largest = -1
+            for start, end in ranges:
+                if start <= nonce <= end:
+                    self._probe_nonce = -1
+                    pmtud.on_probe_acked(self._probe_size, now)
+                    break
+                largest = max(largest, end)
+            else:
+                if largest > nonce:
+                    # RFC 9002 §6.1: lost once 3 later nonces or 9/8 RTT later ones arrived
+                    rtt = sender.rtt
+                    lost_at = self._probe_sent + TIME_THRESHOLD * max(rtt.srtt, rtt.latest)
+                    if largest - nonce >= PACKET_THRESHOLD or now >= lost_at:
+                        self._probe_lost(now)
+                    else:
+                        self._probe_loss_at = lost_at
+        newest = sender.newest_acked
+        if newest is not None:
+            sender.newest_acked = None
+            pmtud.on_datagram_acked(newest.size, newest.sent_time, now)
+        losses = sender.loss_log
+        if losses:
+            for size, sent_time in losses:
+                pmtud.on_datagram_lost(size, sent_time, now)
+            losses.clear()
+        if pmtud.max_datagram_size != self.datagram_size:
+            self._apply_size(pmtud.max_datagram_size)
+
+    def _probe_lost(self, now: float) -> None:
+        nonce = self._probe_nonce
+        self._probe_nonce = -1
+        self._probe_loss_at = None
+        if self._pmtud is not None:
+            self._pmtud.on_probe_lost(self._probe_size, now)
+        self._abandon(nonce)
+
+    def _forget_probe(self, now: float) -> None:
+        """The probe in flight no longer counts (new path): its nonce may be a hole."""
+        if self._probe_nonce >= 0:
+            self._probe_lost(now)
+
+    def _abandon(self, nonce: int) -> None:
+        """Give up a probe's nonce towards the peer: with the extension it closes the hole at
+        once (Abandoned); an upstream receiver skips it after 500 ms by itself (spec §7.3)."""
+        if self._ext_flags & EXT_PATH_PROBES:
+            self.stats.probes_abandoned += 1
+            self._urgent.append((0, encode_abandoned(nonce)))
+        elif not self._ext_settled and len(self._unabandoned) < 64:
+            self._unabandoned.append(nonce)  # sent once the peer's extensions are known
+
+    def _settle_extensions(self, flags: int) -> None:
+        """The peer's extensions are known (``flags``; 0 for none)."""
+        self._ext_flags = flags
+        self._ext_settled = True
+        pmtud = self._pmtud
+        if pmtud is not None and not flags & EXT_PATH_PROBES:
+            # Each lost probe stalls an upstream receiver for 500 ms (spec §7.3): one loss
+            # rules a size out (a random one only delays the search to the next raise).
+            pmtud.config = replace(pmtud.config, max_probes=1)
+        pending = self._unabandoned
+        if pending:
+            self._unabandoned = []
+            for nonce in pending:
+                self._abandon(nonce)
+
+    def _on_abandoned(self, payload: bytes, now: float) -> None:
+        """The peer gave up a nonce (a lost probe): count it as received with no frame.
+
+        Taken whenever this side offers the extension, even before the peer's answer is
+        delivered: that answer may wait behind the very hole this closes, and only a peer that
+        accepted the extension sends the message at all (an upstream peer never does)."""
+        if not self.config.extensions:
+            return
+        nonce = parse_abandoned(payload)
+        receiver = self.receiver
+        if (
+            nonce is None
+            or nonce < receiver.expected
+            or nonce in receiver.buffer
+            or nonce > receiver.expected + receiver.max_reorder
+        ):
+            return
+        self.stats.abandoned_received += 1
+        self._deliver(receiver.accept(nonce, None, False, now), now)
+
     def _hole_bound(self) -> float | None:
         skip = self.config.gap_skip_after
         return None if skip is None else skip + self.sender.rtt.srtt
@@ -630,12 +898,15 @@ class Connection:
             self._deliver(frames, now)
 
     def _take_random(self) -> int:
-        """Two random bytes as an int, from a pool refilled 4 KiB at a time (no syscall each)."""
+        """Two random bytes as an int, from a pool refilled 4 KiB at a time (no syscall each,
+        and no copy of the rest of the pool: an index walks it)."""
+        at = self._pool_at
+        if at >= len(self._reserved_pool) - 1:
+            self._reserved_pool = self._random(4096)
+            at = 0
+        self._pool_at = at + 2
         pool = self._reserved_pool
-        if len(pool) < 2:
-            pool = self._random(4096)
-        self._reserved_pool = pool[2:]
-        return int.from_bytes(pool[:2], "big")
+        return (pool[at] << 8) | pool[at + 1]
 
     def _randint(self, n: int) -> int:
         return self._take_random() % (n + 1) if n > 0 else 0
@@ -667,10 +938,13 @@ class Connection:
         rr = self._rr
         flows = self._flows
         end_tags = self._end_tags
+        max_relay = self._max_relay
         while rr and sender.window_open(now):
             stream_id = rr[0]
             queue = queues[stream_id]
             relay = queue[0]
+            if len(relay) > max_relay and relay[0] == _TAG_DATA:
+                relay = self._split_queued(queue, max_relay)
             forget = False
             if flows:
                 tag = relay[0]
@@ -702,6 +976,20 @@ class Connection:
             if not self._build(FrameKind.DATA, stream_id, relay, now, retransmittable=True):
                 return
 
+    def _split_queued(self, queue: _SendQueue, max_relay: int) -> bytes:
+        """Cut the Data message at the head of ``queue`` to ``max_relay`` bytes (it was queued
+        while datagrams were larger); the rest stays at the head as a Data message of its own."""
+        relay = queue[0]
+        head = (
+            encode_data_header(max_relay - DATA_RELAY_HEADER) + relay[DATA_RELAY_HEADER:max_relay]
+        )
+        rest = encode_data_header(len(relay) - max_relay) + relay[max_relay:]
+        queue[0] = head
+        queue.insert(1, rest)
+        queue.size += DATA_RELAY_HEADER
+        self.send_buffer_bytes += DATA_RELAY_HEADER
+        return head
+
     def _flush_urgent(self, now: float) -> bool:
         """WindowUpdates go before any queued message: a peer may be waiting for them."""
         urgent = self._urgent
@@ -710,7 +998,8 @@ class Connection:
             stream_id, relay = urgent.popleft()
             if not self._build(FrameKind.DATA, stream_id, relay, now, retransmittable=True):
                 return False
-            self.stats.window_updates_sent += 1
+            if relay[0] != _TAG_ABANDONED:
+                self.stats.window_updates_sent += 1
         return not urgent
 
     # -- flow control (docs/flow-control.md) --------------------------------------------
@@ -800,8 +1089,12 @@ class Connection:
             return False
         sealer = self._sealer
         assert sealer is not None
-        pad = self.config.padding.pad_len(len(payload), self._pad_randint)
-        frame = encode_frame(kind, stream_id, payload, pad, self._reserved())
+        padding = self._padding
+        if len(payload) + PADDING_CLAMP_OVERHEAD >= padding.mtu_hint:
+            pad = 0  # spec §6.1's final clamp: full datagrams get none (no call to find that)
+        else:
+            pad = padding.pad_len(len(payload), self._pad_randint)
+        frame = encode_frame(kind, stream_id, payload, pad, self._take_random())
         datagram = sealer.seal(nonce, frame)
         sender.next_nonce = nonce + 1
         sender.record(nonce, datagram, now, retransmittable)
@@ -812,20 +1105,28 @@ class Connection:
         events = self._events
         flows = self._flows
         for _kind, stream_id, payload in frames:
+            # The hot path first: a whole Data message decoded in place (decode_relay's rules:
+            # tag, u16 length, the bytes; anything after them ignored), no isinstance chain.
+            if (
+                len(payload) >= 3
+                and payload[0] == _TAG_DATA
+                and (end := 3 + ((payload[1] << 8) | payload[2])) <= len(payload)
+            ):
+                data = payload[3:end]
+                if flows:
+                    flow = flows.get(stream_id)
+                    if flow is not None:
+                        flow.received += len(data)
+                        if flow.received > flow.granted:
+                            self.stats.flow_violation += 1
+                events.append(RelayMessageReceived(stream_id, Data(data)))
+                continue
             try:
                 message = decode_relay(payload)
             except RemoteProtocolError:
                 self.stats.relay_decode_drop += 1
                 continue
-            if type(message) is Data:  # the hot path first, without isinstance chains
-                if flows:
-                    flow = flows.get(stream_id)
-                    if flow is not None:
-                        flow.received += len(message.data)
-                        if flow.received > flow.granted:
-                            self.stats.flow_violation += 1
-                events.append(RelayMessageReceived(stream_id, message))
-            elif isinstance(message, Ping):
+            if isinstance(message, Ping):
                 self._enqueue(stream_id, encode_relay(Pong(message.timestamp)))
             elif isinstance(message, Pong):
                 self._on_pong(message, now)
@@ -838,6 +1139,10 @@ class Connection:
                     self.stats.relay_decode_drop += 1
                     continue
                 self._on_window_update(stream_id, message.max_offset)
+            elif isinstance(message, Abandoned):
+                if not self.config.extensions:
+                    self.stats.relay_decode_drop += 1  # as for WindowUpdate
+                # else acted on when it arrived (_on_abandoned)
             else:
                 if isinstance(message, Close):  # the stream is over (its id may come back)
                     self._stream_floor.pop(stream_id, None)
@@ -917,6 +1222,9 @@ class ClientConnection(Connection):
         self._next_keepalive: float | None = None
         self.ping_rtt: float | None = None
         self.handshake_rtt: float | None = None
+        self.rtt_sampled_at: float | None = None
+        """When the latest of ``handshake_rtt``/``ping_rtt`` was measured: a Pong answering
+        the keepalive Ping renews it every ``keepalive_interval`` on a live session."""
 
     def connect(self, now: float, unix_time: float) -> None:
         """Start the handshake: message 1 is ready in :meth:`datagrams_to_send`."""
@@ -965,6 +1273,7 @@ class ClientConnection(Connection):
             self._attempts = []
             rtt = now - attempt.sent_at
             self.handshake_rtt = rtt
+            self.rtt_sampled_at = now
             self.sender.rtt.sample(rtt, now)
             self._events.append(HandshakeCompleted(sid, rtt))
             if self.config.extensions:
@@ -993,9 +1302,11 @@ class ClientConnection(Connection):
     def _on_pong(self, message: Pong, now: float) -> None:
         if self._fc == _FC_PENDING:
             self._drop_flows()  # the server answered our Ping, not our hello: upstream
+            self._settle_extensions(0)
         rtt = (now + self._unix_offset) * 1000 - message.timestamp
         if 0 <= rtt < 600_000:
             self.ping_rtt = rtt / 1000
+            self.rtt_sampled_at = now
 
     def _on_keepalive_trailer(self, stream_id: int, payload: bytes) -> None:
         if self._fc != _FC_PENDING or stream_id != 0:
@@ -1011,6 +1322,7 @@ class ClientConnection(Connection):
             self._enable_flows(hello.stream_window)
         else:
             self._drop_flows()
+        self._settle_extensions(flags)
         self._events.append(ExtensionsNegotiated(flags, hello.stream_window))
 
     def _on_stream_boundary(self, stream_id: int, message: RelayMessage) -> None:
@@ -1097,11 +1409,14 @@ class ServerConnection(Connection):
         self._enqueue(0, encode_extension_hello(answer))  # before the Pong to the Ping behind
         if flags & EXT_FLOW_CONTROL:
             self._enable_flows(hello.stream_window)
+        self._settle_extensions(flags)
         self._events.append(ExtensionsNegotiated(flags, hello.stream_window))
 
     def _on_stream_boundary(self, stream_id: int, message: RelayMessage) -> None:
         if isinstance(message, (Connect, UdpAssociate)):
             self._hello_closed = True
+            if not self._ext_settled:
+                self._settle_extensions(0)
             if self._fc and isinstance(message, Connect):
                 self._open_flow(stream_id)
         elif self._flows and isinstance(message, Close):

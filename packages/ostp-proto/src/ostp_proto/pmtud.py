@@ -25,7 +25,7 @@ failed after ``max_probes`` probes of it are lost. A Packet Too Big report (ICMP
 ``IP_RECVERR``, or ``EMSGSIZE`` from ``send`` when a probe exceeds the first hop's MTU) is taken
 as a hint: the size it names is probed next, never used unconfirmed (RFC 8899 §4.6).
 
-How a connection uses it (the shell and :mod:`ostp_proto.connection`; not wired in yet):
+How a connection uses it (the shells and :mod:`ostp_proto.connection`):
 
 * Sockets send with DF set and without the kernel's own PMTU limit (``IP_MTU_DISCOVER`` =
   ``IP_PMTUDISC_PROBE``; ``IPV6_MTU_DISCOVER`` = ``IPV6_PMTUDISC_PROBE``), so an oversized
@@ -44,12 +44,14 @@ How a connection uses it (the shell and :mod:`ostp_proto.connection`; not wired 
   are never retransmitted as they are (a lost probe is too big for the path).
 * A lost probe still leaves a hole in the nonce sequence at the peer: OSTP delivers in nonce
   order (spec §7.3), and the only datagram that may carry that nonce is the probe itself
-  (re-sealing another frame under it would reuse the AEAD nonce). The connection fills the hole
-  by sending the probe's bytes once more with fragmentation allowed (``IP_PMTUDISC_DONT`` for that
-  send); where fragments are dropped too, an upstream receiver skips the hole after 500 ms
-  (spec §7.3: it held a KeepAlive, so nothing is lost), and our receiver must be able to do the
-  same without reporting lost data. Keeping ``max_plpmtu`` at the first hop's MTU means probes
-  are lost only on paths narrower than the first hop, where the search tries at most two sizes.
+  (re-sealing another frame under it would reuse the AEAD nonce). Towards an ostp-py peer that
+  accepted the extension flag ``EXT_PATH_PROBES`` the connection gives the nonce up explicitly
+  (``Abandoned``, relay tag 0x41, on stream 0, docs/protocol-deviations.md): the peer counts it
+  as received with no frame and its hole closes at once, without ``DataLost``. An upstream
+  receiver skips the hole after 500 ms by itself (spec §7.3: it held a KeepAlive, so nothing is
+  lost), so towards it one lost probe rules a size out (``max_probes`` = 1). Keeping
+  ``max_plpmtu`` at the first hop's MTU means probes are lost only on paths narrower than the
+  first hop, where the search tries at most two sizes.
 * Acknowledged and lost data datagrams are reported with :meth:`on_datagram_acked` and
   :meth:`on_datagram_lost` (their size and the time they were last sent), for black-hole
   detection and to confirm the base size from data; once per ACK frame with the newest datagram
@@ -266,6 +268,15 @@ class PathMtuDiscovery:
         if self._next_candidate() is None:
             self._complete(now)
 
+    def on_probe_refused(self, size: int, now: float) -> None:
+        """The probe of ``size`` bytes could not even leave (``EMSGSIZE``: above the first hop's
+        MTU). Unlike a loss this is certain at once: the size fails without further probes."""
+        if size != self._probe_size:
+            self.stats.stale_probe_reports += 1
+            return
+        self._probe_count = self.config.max_probes - 1
+        self.on_probe_lost(size, now)
+
     def on_datagram_acked(self, size: int, sent_time: float, now: float) -> None:
         """A datagram (not a probe) of ``size`` bytes, last sent at ``sent_time``, was acked."""
         if size > self.config.base_plpmtu:
@@ -276,6 +287,9 @@ class PathMtuDiscovery:
             return
         if self._suspect_since is not None and sent_time >= self._suspect_since:
             self._small_acked_since_suspect = True
+            if self._suspect_losses >= self.config.black_hole_threshold:
+                self._black_hole(self._plpmtu, now)  # the losses were reported first
+                return
         if size == self.config.base_plpmtu and self._state is PmtudState.BASE:
             # RFC 8899 §5.2: data of the base size confirms it as well as a probe
             self._confirm_base(size, now)
@@ -298,6 +312,16 @@ class PathMtuDiscovery:
             self._suspect_losses >= self.config.black_hole_threshold
             and self._small_acked_since_suspect
         ):
+            self._black_hole(self._plpmtu, now)
+
+    def on_persistent_timeout(self, now: float) -> None:
+        """Nothing was acknowledged for several probe timeouts in a row.
+
+        With only full-size datagrams in flight (a bulk transfer) no small datagram may be
+        acknowledged to tell a black hole from congestion; falling back costs a dead path
+        nothing, and the search comes back to the largest size that still passes.
+        """
+        if self._plpmtu > self.config.base_plpmtu and self._state is not PmtudState.DISABLED:
             self._black_hole(self._plpmtu, now)
 
     def on_packet_too_big(self, size: int, now: float) -> None:
@@ -378,6 +402,8 @@ class PathMtuDiscovery:
     def _confirm_base(self, size: int, now: float) -> None:
         self._plpmtu = size
         self._probe_count = 0
+        if self._probe_size is not None and self._probe_size <= size:
+            self._probe_size = None  # a base probe still out (data confirmed it first)
         self._timer_at = None
         # straight to the ceiling unless a black hole or a PTB already ruled it out
         self._start_search(now, try_max=self._high > self.config.max_plpmtu)

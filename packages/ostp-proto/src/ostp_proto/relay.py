@@ -32,6 +32,8 @@ class RelayTag(enum.IntEnum):
     WINDOW_UPDATE = 0x40
     """ostp-py extension, only towards a peer that negotiated it. Upstream uses 1-10; 0x40
     leaves 11-63 free for upstream's own growth, so the two cannot collide for a long time."""
+    ABANDONED = 0x41
+    """ostp-py extension (path MTU probes), only towards a peer that negotiated it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,15 @@ class WindowUpdate:
     max_offset: int
 
 
+@dataclass(frozen=True, slots=True)
+class Abandoned:
+    """Extension: the sender gave up the datagram it sent under ``nonce`` (a lost path MTU
+    probe, which carried no stream data). The receiver counts that nonce as received with no
+    frame, so the hole it left closes without any data being reported lost."""
+
+    nonce: int
+
+
 RelayMessage: TypeAlias = (
     Connect
     | Data
@@ -114,6 +125,7 @@ RelayMessage: TypeAlias = (
     | UdpAssociate
     | UdpData
     | WindowUpdate
+    | Abandoned
 )
 
 _EMPTY_TAGS: dict[type, bytes] = {
@@ -158,6 +170,8 @@ def encode_relay(message: RelayMessage) -> bytes:
         return _field(RelayTag.PONG, message.timestamp.to_bytes(8, "big"))
     if isinstance(message, WindowUpdate):
         return encode_window_update(message.max_offset)
+    if isinstance(message, Abandoned):
+        return encode_abandoned(message.nonce)
     if isinstance(message, UdpData):
         address = message.address.encode()
         if len(address) > MAX_FIELD or len(message.data) > MAX_FIELD:
@@ -218,6 +232,11 @@ def decode_relay(payload: bytes) -> RelayMessage:
         if len(body) != 8:
             raise RemoteProtocolError("window update offset must be 8 bytes")
         return WindowUpdate(int.from_bytes(body, "big"))
+    if tag == RelayTag.ABANDONED:
+        nonce = parse_abandoned(payload)
+        if nonce is None:
+            raise RemoteProtocolError("abandoned nonce must be 8 bytes")
+        return Abandoned(nonce)
     raise RemoteProtocolError(f"unknown relay tag {tag}")
 
 
@@ -227,7 +246,10 @@ EXTENSION_MAGIC = b"OSTPX"
 EXTENSION_VERSION = 1
 EXT_FLOW_CONTROL = 0x1
 """Flag: per-stream flow control (WindowUpdate, credit per stream)."""
-SUPPORTED_EXTENSIONS = EXT_FLOW_CONTROL
+EXT_PATH_PROBES = 0x2
+"""Flag: path MTU probes are abandoned explicitly (Abandoned, tag 0x41): a lost probe's nonce
+counts as received, so its hole closes without reporting data lost."""
+SUPPORTED_EXTENSIONS = EXT_FLOW_CONTROL | EXT_PATH_PROBES
 MIN_STREAM_WINDOW = 64 * 1024
 """Smallest initial stream window a hello may announce; a client sends at most this much per
 stream before the server's answer arrives, so it never exceeds the server's initial credit."""
@@ -268,3 +290,15 @@ def parse_extension_hello(payload: bytes) -> ExtensionHello | None:
 def encode_window_update(max_offset: int) -> bytes:
     """WindowUpdate encoded like Ping: tag, ``len:u16`` = 8, offset u64 (hot path helper)."""
     return b"\x40\x00\x08" + _U64.pack(max_offset)
+
+
+def encode_abandoned(nonce: int) -> bytes:
+    """Abandoned encoded like Ping: tag 0x41, ``len:u16`` = 8, the nonce as u64."""
+    return b"\x41\x00\x08" + _U64.pack(nonce)
+
+
+def parse_abandoned(payload: bytes) -> int | None:
+    """The nonce of an Abandoned relay payload, or None if it is not exactly that."""
+    if len(payload) < 11 or payload[0] != RelayTag.ABANDONED or payload[1:3] != b"\x00\x08":
+        return None
+    return int(_U64.unpack_from(payload, 3)[0])

@@ -227,10 +227,11 @@ class ServerConfig(BaseModel):
     """Open TCP streams and UDP associations per session (each holds a file descriptor)."""
     udp_idle_timeout: float = Field(default=120.0, gt=0)
     """Seconds after which a UDP association without traffic is closed."""
-    max_datagram_size: int = Field(default=4200, ge=256, le=65000)
-    """Size of the data datagrams the server builds. The default is upstream's (it sends each
-    4,096-byte remote read as one ~4.2 KB datagram, spec §16); on loopback it moves about twice
-    the bytes per system call of 1,400. Lower it where IP fragments are dropped."""
+    max_datagram_size: int = Field(default=65507, ge=256, le=65507)
+    """Largest data datagram the server builds (UDP payload bytes). Over UDP the ceiling of
+    path MTU discovery: datagrams start at 1,232 bytes and grow as probes show the path carries
+    them, never beyond the first hop's MTU and never fragmented (on loopback up to 64 KB; upstream
+    sends ~4.2 KB, which IP fragments on real links). Over TCP the fixed datagram size."""
     remote_buffer: int = Field(default=4 << 20, ge=65536)
     """Bytes of client data per session waiting for slow remotes before the session's
     datagrams are dropped (the client's ARQ resends them: backpressure by loss)."""

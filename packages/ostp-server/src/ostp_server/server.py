@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import heapq
 import logging
@@ -28,7 +29,8 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from ostp_proto import SERVER_DEFAULTS, ServerAcceptor, ServerConnection
+from ostp_proto import SERVER_DEFAULTS, PmtudConfig, ServerAcceptor, ServerConnection
+from ostp_proto.pmtud import BASE_PLPMTU
 
 from .config import ServerConfig, format_host_port
 from .replay_cache import REWRITE_INTERVAL, ReplayCacheFile
@@ -56,6 +58,12 @@ SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 UDP_GRO = 104  # Linux <netinet/udp.h>; see PERFORMANCE.md
 UDP_SEGMENT = 103
 GSO_MAX_SEGMENTS = 64
+# linux/in.h, linux/in6.h: DF set and the kernel's PMTU ignored, so path MTU discovery decides
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+PMTUDISC_PROBE = 3
+IP_MTU = getattr(socket, "IP_MTU", 14)
+IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
 
 
 @dataclass(slots=True)
@@ -110,6 +118,9 @@ class Listener:
     gro: bool = False
     gso: bool = False
     tcp: TcpConnection | None = None
+    no_fragments: bool = False
+    """Datagrams leave with DF set and never fragmented (``IP_PMTUDISC_PROBE``): path MTU
+    discovery sizes them. False where the system does not offer it: the base size then."""
     """Set for a TCP connection (spec §10.6): replies are framed and written to it."""
 
 
@@ -120,6 +131,42 @@ def _set_buffer(sock: socket.socket, size: int) -> None:
         except OSError:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, plain, size)  # capped at rmem_max/wmem_max
+
+
+def _set_dont_fragment(sock: socket.socket) -> bool:
+    if sys.platform != "linux":
+        return False
+    level, option = (
+        (socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER)
+        if sock.family == socket.AF_INET6
+        else (socket.IPPROTO_IP, IP_MTU_DISCOVER)
+    )
+    try:
+        sock.setsockopt(level, option, PMTUDISC_PROBE)
+    except OSError:
+        return False
+    return True
+
+
+def first_hop_payload(family: int, addr: tuple[object, ...]) -> int | None:
+    """The largest UDP payload the route to ``addr`` carries unfragmented (the first hop's MTU
+    minus IP and UDP headers), from a throw-away connected socket; None if unknown."""
+    if sys.platform != "linux":
+        return None
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(addr)
+            if family == socket.AF_INET6:
+                mtu = probe.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU)
+            else:
+                mtu = probe.getsockopt(socket.IPPROTO_IP, IP_MTU)
+    except OSError:
+        return None
+    return int(mtu) - _overhead(family) if mtu > 0 else None
+
+
+def _overhead(family: int) -> int:
+    return 48 if family == socket.AF_INET6 else 28  # IP and UDP headers
 
 
 def open_listener(host: str, port: int, buffer_size: int, *, offload: bool) -> Listener:
@@ -139,11 +186,12 @@ def open_listener(host: str, port: int, buffer_size: int, *, offload: bool) -> L
             except OSError:
                 pass
             gso = True  # probed on first use; turned off if the kernel refuses
+        no_fragments = _set_dont_fragment(sock)
     except BaseException:
         sock.close()
         raise
     bound = sock.getsockname()
-    return Listener(sock, (str(bound[0]), int(bound[1])), gro, gso)
+    return Listener(sock, (str(bound[0]), int(bound[1])), gro, gso, no_fragments=no_fragments)
 
 
 class OstpServer:
@@ -169,6 +217,7 @@ class OstpServer:
             idle_timeout=config.idle_timeout,
             max_datagram_size=config.max_datagram_size,
             extensions=config.extensions,
+            pmtud=PmtudConfig(),
         )
         self.acceptor = ServerAcceptor(config.key_strings(), config=self.conn_config)
         self.key_stats = [
@@ -427,6 +476,7 @@ class OstpServer:
                 self._by_addr[addr] = session
                 session.key_stats.bytes_up += len(data)
                 session.conn.path_changed(now)
+                self._set_path_mtu(session.conn, addr, listener, now)
                 self.stats.roam_rebinds += 1
                 log.info("session %s moved from %s to %s", session.name, _addr(old), _addr(addr))
                 touched[session] = None
@@ -460,6 +510,7 @@ class OstpServer:
             return
         session = Session(self, conn, addr, listener, ks.label, ks, now)
         conn.reliable_transport = listener.tcp is not None  # spec §10.6: do not fight TCP
+        self._set_path_mtu(conn, addr, listener, now)
         self.sessions[conn.session_id] = session
         self._by_addr[addr] = session
         self._half_open[session] = None
@@ -468,6 +519,17 @@ class OstpServer:
         self.stats.sessions_started += 1
         log.info("session %s started from %s (%s)", session.name, _addr(addr), ks.label)
         touched[session] = None
+
+    def _set_path_mtu(
+        self, conn: ServerConnection, addr: tuple[object, ...], listener: Listener, now: float
+    ) -> None:
+        """Path MTU discovery up to the first hop towards the client; off over TCP."""
+        if listener.tcp is not None:
+            conn.set_path_mtu(now, None)  # a stream: datagrams of max_datagram_size
+            return
+        family = listener.sock.family
+        ceiling = first_hop_payload(family, addr) if listener.no_fragments else None
+        conn.set_path_mtu(now, ceiling or BASE_PLPMTU, _overhead(family))
 
     def _evict_half_open(self, now: float) -> bool:
         """End the oldest session that never sent a datagram and is old enough; True if one.
@@ -526,15 +588,19 @@ class OstpServer:
 
     def flush(self, session: Session) -> None:
         """Send what the session's core has ready, then re-arm its timer."""
-        out = session.conn.datagrams_to_send(self.clock())
+        now = self.clock()
+        out = session.conn.datagrams_to_send(now)
         if out:
             listener = session.listener
+            refused: list[int] = []
             if listener.tcp is not None:
                 sent = listener.tcp.send_datagrams(out)
             elif listener.gso and len(out) > 1:
-                sent = self._send_gso(listener, out, session.addr)
+                sent = self._send_gso(listener, out, session.addr, refused)
             else:
-                sent = self._send_plain(listener.sock, out, session.addr)
+                sent = self._send_plain(listener.sock, out, session.addr, refused)
+            for size in refused:  # EMSGSIZE: above the first hop's MTU (a probe, normally)
+                session.conn.datagram_refused(size, now)
             session.key_stats.bytes_down += sent
             if session.key_stats.over_limit:
                 self._end_session(session, "traffic limit reached")
@@ -543,19 +609,33 @@ class OstpServer:
         if not session.closed:
             self._schedule(session)
 
-    def _send_plain(self, sock: socket.socket, out: list[bytes], addr: tuple[object, ...]) -> int:
+    def _send_plain(
+        self,
+        sock: socket.socket,
+        out: list[bytes],
+        addr: tuple[object, ...],
+        refused: list[int] | None = None,
+    ) -> int:
         sent = 0
         for d in out:
             try:
                 sock.sendto(d, addr)
-            except OSError:  # full buffer (EAGAIN) or unreachable: the ARQ recovers
+            except OSError as exc:  # full buffer (EAGAIN) or unreachable: the ARQ recovers
                 self.stats.send_drop += 1
+                if exc.errno == errno.EMSGSIZE and refused is not None:
+                    refused.append(len(d))
                 continue
             sent += len(d)
             self.stats.datagrams_sent += 1
         return sent
 
-    def _send_gso(self, listener: Listener, out: list[bytes], addr: tuple[object, ...]) -> int:
+    def _send_gso(
+        self,
+        listener: Listener,
+        out: list[bytes],
+        addr: tuple[object, ...],
+        refused: list[int] | None = None,
+    ) -> int:
         """Runs of equal-sized datagrams go out in one ``sendmsg`` with UDP_SEGMENT."""
         sock = listener.sock
         sent = 0
@@ -568,7 +648,7 @@ class OstpServer:
             while j < limit and len(out[j]) == size:
                 j += 1
             if j - i == 1:
-                sent += self._send_plain(sock, out[i:j], addr)
+                sent += self._send_plain(sock, out[i:j], addr, refused)
             else:
                 try:
                     sock.sendmsg(
@@ -578,7 +658,7 @@ class OstpServer:
                     self.stats.send_drop += j - i
                 except OSError:
                     listener.gso = False  # the kernel refuses GSO: plain sends from now on
-                    sent += self._send_plain(sock, out[i:j], addr)
+                    sent += self._send_plain(sock, out[i:j], addr, refused)
                 else:
                     sent += size * (j - i)
                     self.stats.datagrams_sent += j - i

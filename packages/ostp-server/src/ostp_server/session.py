@@ -102,6 +102,16 @@ def connect_failure_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def stream_failure_reason(exc: BaseException) -> str:
+    """A broken remote connection's error as Rust's ``io::Error`` displays it."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and isinstance(cause.errno, int) and cause.errno > 0:
+        return f"{os.strerror(cause.errno)} (os error {cause.errno})"
+    return str(exc) or "connection broken"
+
+
 @dataclass(slots=True)
 class SessionStats:
     remote_data_drop: int = 0
@@ -209,17 +219,32 @@ class Session:
             elif isinstance(ev, ConnectionTerminated):
                 return ev.reason
             elif isinstance(ev, DataLost):
-                log.warning(
-                    "session %s: the client gave up on %d datagrams; resetting its streams",
-                    self.name,
-                    ev.count,
-                )
-                for relay in list(self.relays.values()):
-                    if isinstance(relay, TcpRelay):
-                        relay.reset()
+                self._data_lost(ev)
             elif isinstance(ev, HandshakeCompleted):
                 pass
         return None
+
+    def _data_lost(self, ev: DataLost) -> None:
+        """Reset the TCP relays that may have lost client data in the hole, and only those (a
+        stream opened after the hole has all its data; a UDP association only lost datagrams,
+        which UDP may do)."""
+        relays = self.relays
+        affected = [
+            relay
+            for stream_id in sorted(ev.stream_ids)
+            if isinstance(relay := relays.get(stream_id), TcpRelay)
+        ]
+        log.warning(
+            "session %s: the client gave up on %d datagrams (nonces %d-%d); "
+            "resetting the %d stream(s) open before them",
+            self.name,
+            ev.count,
+            ev.first_nonce,
+            ev.last_nonce,
+            len(affected),
+        )
+        for relay in affected:
+            relay.reset()
 
     def _on_relay(self, stream_id: int, message: RelayMessage) -> None:
         relay = self.relays.get(stream_id)
@@ -384,17 +409,33 @@ class TcpRelay:
                 return
             try:
                 data = await remote.receive(REMOTE_READ_SIZE)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            except anyio.EndOfStream:
                 break
+            except (anyio.BrokenResourceError, OSError) as exc:
+                self._broken("read", exc)
+                return
             try:
                 session.send_data(stream_id, data)
             except LocalProtocolError:
                 return
             session.flush()
-        if not self.client_closed:  # remote EOF or error: spec §9.5, Close to the client
+        if not self.client_closed:  # remote EOF: spec §9.5, Close to the client
             self.client_closed = True
             session.send(stream_id, Close())
             session.flush()
+
+    def _broken(self, what: str, exc: BaseException) -> None:
+        """The remote connection failed (reset, timed out): relay Error, not Close, so the
+        client resets its side instead of ending the stream as if complete. Upstream sends
+        Close here too (spec §9.5); docs/protocol-deviations.md."""
+        if self.client_closed:
+            return
+        self.client_closed = True
+        session = self.session
+        reason = stream_failure_reason(exc)
+        log.debug("session %s stream %d: %s failed: %s", session.name, self.stream_id, what, reason)
+        session.send(self.stream_id, Error(f"{what} failed: {reason}"))
+        session.flush()
 
     async def _write_loop(self, remote: anyio.abc.SocketStream, scope: anyio.CancelScope) -> None:
         session = self.session
@@ -418,11 +459,13 @@ class TcpRelay:
                 self.last_progress = session.server.clock()
                 session.consumed(self.stream_id, size)
             # the client closed: everything it sent is written; close the remote
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        except anyio.ClosedResourceError:
             if not self.client_closed:
                 self.client_closed = True
                 session.send(self.stream_id, Close())
                 session.flush()
+        except (anyio.BrokenResourceError, OSError) as exc:
+            self._broken("write", exc)
         scope.cancel()
 
 

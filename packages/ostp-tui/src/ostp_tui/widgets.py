@@ -59,6 +59,8 @@ def _session_line(session: SessionStatus) -> Text:
     text.append(f"rtt {rtt}  up {format_duration(session.uptime)}")
     if session.reconnects:
         text.append(f"  ↻{session.reconnects}")
+    if session.kernel_drops:  # the daemon fell behind and the kernel dropped datagrams
+        text.append(f"  kernel drops {session.kernel_drops}")
     if session.mapped_address:
         text.append(f"  nat {session.mapped_address}")
     return text

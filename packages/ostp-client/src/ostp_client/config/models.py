@@ -34,7 +34,9 @@ from pydantic import (
 from ostp_client.hostport import parse_host_port
 
 DEFAULT_PROXY_PORT = 1088  # spec §10.10 socks5_bind default 127.0.0.1:1088
-DEFAULT_MTU = 1350  # spec §10.10 (CLI default)
+DEFAULT_MTU = 65535
+"""Ceiling of path MTU discovery: on loopback datagrams grow to 64 KB, on a real path the
+first hop's MTU caps them (upstream's CLI default, 1350, fixed the datagram size; spec §10.10)."""
 DEFAULT_KEEPALIVE = 5.0  # spec §10.2
 
 
@@ -426,6 +428,8 @@ class OstpOutboundConfig(_Model):
     access_key: SecretStr
     """The shared access key; never logged."""
     mtu: Annotated[int, Field(ge=576, le=65535)] = DEFAULT_MTU
+    """Largest path MTU probed: data datagrams grow up to `mtu - 48` bytes as path MTU
+    discovery finds the path carries them (and never beyond the first hop's MTU)."""
     mux: MuxConfig | None = None
     """Sessions to the server; when absent, the top-level `mux` applies."""
     keepalive_interval: Annotated[float, Field(gt=0, le=3600)] = DEFAULT_KEEPALIVE
@@ -449,6 +453,10 @@ class OstpOutboundConfig(_Model):
     """Bytes all streams of a session may buffer for slow local readers before the session
     refuses Data (it is sent again later). Matters with upstream servers, which have no flow
     control and give up on frames refused for about 1.5 s."""
+    socket_buffer: Annotated[int, Field(ge=64 * 1024, le=1024 * 1024 * 1024)] = 32 * 1024 * 1024
+    """SO_RCVBUF/SO_SNDBUF asked for on each session's UDP socket (upstream asks for 32 MiB).
+    Without CAP_NET_ADMIN the kernel caps it at `net.core.rmem_max`/`wmem_max` (the daemon
+    warns once); `ctl status` shows what was granted."""
     transport: Literal["udp", "tcp", "wss", "auto"] = "udp"
     """How the datagrams reach the server (spec §10.6): `udp`; `tcp` (xHTTP `/stream`, UDP over
     TCP); `wss` (WebSocket `/wss`); `auto` (UDP, and TCP while UDP does not pass). `tcp` and

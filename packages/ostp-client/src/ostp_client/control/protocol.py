@@ -197,8 +197,20 @@ class SessionStatus(_Msg):
     uptime: float | None = None
     """Seconds since the session became connected; None when not connected."""
     reconnects: int = 0
+    replacements: int = 0
+    """Times the session was replaced by a fresh handshake because it stopped answering
+    (keepalive Pings or Connects unanswered)."""
     mapped_address: str | None = None
     """The public address STUN saw, once known."""
+    datagram_size: int | None = None
+    """Largest datagram the session sends now (UDP payload bytes), as path MTU discovery
+    found the path allows."""
+    kernel_drops: int | None = None
+    """Datagrams the kernel dropped because the session's socket buffer was full (the daemon
+    did not read fast enough); None where the system does not say."""
+    socket_buffer: int | None = None
+    """The socket's receive buffer as granted by the kernel (bytes); below what was asked for
+    when `net.core.rmem_max` caps it."""
     transport: str | None = None
     """How the datagrams travel: a session's `udp`, `tcp`, `wss` or `reality`; an ostp
     outbound's configured `udp`, `tcp`, `wss` or `auto`."""

@@ -107,11 +107,13 @@ def _session_from_raw(raw: dict[str, Any], default_id: str, now: float) -> dict[
 
     The keys are those `Outbound.status()` implementations write: `index` (a session),
     `state`, `server`, `rtt_ms`, `bytes_up`, `bytes_down`, `connected_since` (Unix time),
-    `reconnects`, `mapped_address`, `transport`. Rates are the server's own samples.
+    `reconnects`, `replacements`, `mapped_address`, `datagram_size`, `kernel_drops`,
+    `socket_buffer`, `transport`. Rates are the server's own samples.
     """
     since = _num(raw, "connected_since")
     server = raw.get("server")
     mapped = raw.get("mapped_address")
+    size = _num(raw, "datagram_size")
     transport = raw.get("transport")
     return {
         "id": str(raw.get("index", default_id)),
@@ -124,9 +126,18 @@ def _session_from_raw(raw: dict[str, Any], default_id: str, now: float) -> dict[
         "rate_down": 0.0,
         "uptime": max(0.0, now - since) if since is not None else None,
         "reconnects": int(_num(raw, "reconnects") or 0),
+        "replacements": int(_num(raw, "replacements") or 0),
         "mapped_address": str(mapped) if mapped is not None else None,
+        "datagram_size": int(size) if size is not None else None,
+        "kernel_drops": _int_or_none(raw, "kernel_drops"),
+        "socket_buffer": _int_or_none(raw, "socket_buffer"),
         "transport": str(transport) if transport is not None else None,
     }
+
+
+def _int_or_none(raw: dict[str, Any], key: str) -> int | None:
+    value = _num(raw, key)
+    return int(value) if value is not None else None
 
 
 class _Rates:

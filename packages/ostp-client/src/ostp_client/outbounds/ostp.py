@@ -32,6 +32,7 @@ import random
 import socket
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -61,13 +62,14 @@ from ostp_client.nat import (
     TurnFailed,
     TurnRefreshed,
 )
-from ostp_client.net.batch import BatchSocket
+from ostp_client.nat.stun import CHANNEL_DATA_HEADER
+from ostp_client.net.batch import BatchSocket, SocketBuffers, first_hop_payload, udp_overhead
 from ostp_client.outbounds import OutboundContext, register_outbound
 from ostp_client.outbounds.connect_errors import error_from_reason
 from ostp_client.transport import DatagramTransport, TransportError
 from ostp_client.transport.stream import RealityOptions, StreamOptions, StreamTransport, open_stream
+from ostp_client.transport.udp import SOCKET_BUFFER, UdpTransport, open_udp_socket
 from ostp_client.transport.udp import NatSocket as _NatSocket
-from ostp_client.transport.udp import UdpTransport, open_udp_socket
 from ostp_proto import (
     ClientConnection,
     Close,
@@ -81,11 +83,13 @@ from ostp_proto import (
     ExtensionsNegotiated,
     HandshakeCompleted,
     PaddingPolicy,
+    PmtudConfig,
     RelayMessageReceived,
     State,
     UdpAssociate,
     UdpData,
 )
+from ostp_proto.pmtud import BASE_PLPMTU
 from ostp_proto.transport import Framing
 
 __all__ = ["NatOptions", "OstpOutbound", "SessionState", "TransportMode"]
@@ -113,7 +117,42 @@ RESUME_MIN_INTERVAL = 2.0
 instead of being replaced again (a server refusing us must not cause a connection storm)."""
 
 
+TURN_OVERHEAD = CHANNEL_DATA_HEADER + 3  # RFC 8656 §12.4 header, §12.5 padding to 4 bytes
 HANDSHAKE_TIMED_OUT = "handshake timed out"  # ostp_proto's ConnectionTerminated reason prefix
+RTT_SHOWN_GRACE = 1.0
+"""The RTT shown is the latest sample if it is at most ``keepalive_interval`` plus this old
+(a Pong answers each keepalive Ping within a round trip); older, none is shown."""
+SILENT_PING_INTERVALS = 3
+"""A session whose keepalive Pings got no answer for this many intervals is replaced."""
+UNANSWERED_CONNECTS = 2
+"""A session on which this many Connects in a row (none answered in between) got no ConnectOk
+within ``connect_timeout`` while datagrams kept arriving is replaced. One is not enough: a
+target that swallows SYNs keeps our own server from answering for its 10 s connect timeout."""
+
+_buffer_warning_given = False  # one warning per process, however many sessions are capped
+
+
+def _check_buffers(tag: str, buffers: SocketBuffers) -> None:
+    """Warn once if the kernel capped the socket buffers below what was asked for."""
+    global _buffer_warning_given
+    if not buffers.capped:
+        return
+    if _buffer_warning_given:
+        logger.debug("%s: socket receive buffer capped at %d bytes", tag, buffers.receive)
+        return
+    _buffer_warning_given = True
+    size = buffers.requested
+    logger.warning(
+        "%s: the kernel capped the UDP socket buffers at %.1f MiB (asked for %.1f MiB); a server "
+        "that sends unpaced (upstream's) overruns them and the kernel drops datagrams "
+        "(kernel_drops in `ostp-client ctl status`). Raise the limit as root: "
+        "sysctl -w net.core.rmem_max=%d net.core.wmem_max=%d (or give the daemon CAP_NET_ADMIN)",
+        tag,
+        buffers.receive / 2**20,
+        size / 2**20,
+        size,
+        size,
+    )
 
 
 class SessionState:
@@ -221,8 +260,10 @@ class OstpStream(_Channel, anyio.abc.ByteStream):
             self.readable.set()
         elif isinstance(message, ConnectOk):
             self.connected.set()
+            self.session.connect_answered()
         elif isinstance(message, Error):
             if not self.connected.is_set():
+                self.session.connect_answered()
                 self.error = _error_from_text(message.message)
                 self.connected.set()
             elif self._reset is None:
@@ -375,6 +416,13 @@ class _Session:
         """``auto``: the next attempt goes through TURN."""
         self._relay_since = 0.0
         self._retry_now = False
+        self._replacing: str | None = None
+        """Why the current connection is being replaced by a fresh handshake (session health)."""
+        self._unanswered = 0
+        """Connects in a row that timed out while datagrams arrived (no answer in between)."""
+        self.replacements = 0
+        self._paused_at = -math.inf
+        """The last time the session refused Data (its Pongs were refused too)."""
         self._warned: set[str] = set()
         self.channels: dict[int, _Channel] = {}
         self.buffered = 0
@@ -382,6 +430,8 @@ class _Session:
         self.reconnects = 0
         self.bytes_up = 0
         self.bytes_down = 0
+        self.earlier_drops = 0
+        """Kernel drops of this session's earlier sockets (the counter is per socket)."""
         self.last_error: str | None = None
         self.session_id: int | None = None
         self._sleep: anyio.CancelScope | None = None
@@ -456,6 +506,8 @@ class _Session:
 
     async def _run_once(self) -> None:
         self._set_state(SessionState.CONNECTING)
+        self._replacing = None
+        self._unanswered = 0
         host, port = self.outbound.server
         infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         if not infos:
@@ -483,6 +535,7 @@ class _Session:
             else self.outbound.connection_config,
         )
         self.conn = conn
+        self._fit_path(conn, time.monotonic())
         async with anyio.create_task_group() as tg:
             self._tg = tg
             if isinstance(transport, StreamTransport):
@@ -517,12 +570,13 @@ class _Session:
                         f"TURN server {turn_host}:{turn_port}: {exc.strerror or exc}"
                     )
                     return None
-        sock = open_udp_socket(family)
+        sock, buffers = open_udp_socket(family, self.outbound.socket_buffer)
+        _check_buffers(self.outbound.tag, buffers)
         batching = self.outbound.batching
         self.path = "turn" if relay else "direct"
         self.mapped_address = self.relayed_address = None
         if not stun and turn is None:
-            self._use(UdpTransport(BatchSocket(sock, gso=batching, gro=batching)))
+            self._use(UdpTransport(BatchSocket(sock, gso=batching, gro=batching), buffers))
             sock.connect(sockaddr)
             return True
         # Not connected: the socket also talks to the STUN/TURN servers.
@@ -533,7 +587,8 @@ class _Session:
             UdpTransport(
                 _NatSocket(
                     sock, mux, server, relay_only=turn is not None, gso=batching, gro=batching
-                )
+                ),
+                buffers,
             )
         )
         sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
@@ -578,6 +633,12 @@ class _Session:
                 return
             if not self._handle_events(conn):
                 return
+            health = self._health_deadline(conn)
+            if health is not None and now >= health:
+                self.replace(
+                    f"no answer to keepalive Pings for {now - self._rtt_sampled_at(conn):.0f} s"
+                )
+                continue  # the core is closed now: its event ends the attempt
             if auto and not await self._drive_auto(conn, family, sockaddr, now):
                 return
             self.flush()
@@ -597,6 +658,29 @@ class _Session:
             transport.on_drained = self._wake
             if self._tg is not None:
                 self._tg.start_soon(transport.run)
+
+    def _fit_path(self, conn: ClientConnection, now: float) -> None:
+        """Tell the core what the transport's path allows: over UDP with DF, path MTU
+        discovery up to what the first hop carries (towards the TURN server when relaying,
+        less the ChannelData header); over UDP without DF the base size, which crosses every
+        path; over TCP no discovery (spec §10.6 has no IP fragmentation to avoid)."""
+        transport = self.transport
+        if not isinstance(transport, UdpTransport):
+            conn.set_path_mtu(now, None)
+            return
+        batch = transport.batch
+        family = transport.sock.family
+        ceiling: int | None = BASE_PLPMTU
+        if transport.dont_fragment:
+            turn = batch.mux.turn if isinstance(batch, _NatSocket) else None
+            if turn is not None:
+                ceiling = first_hop_payload(family, turn.server)
+                if ceiling is not None:
+                    ceiling -= TURN_OVERHEAD
+            else:
+                server = batch.server if isinstance(batch, _NatSocket) else None
+                ceiling = first_hop_payload(family, server or transport.sock.getpeername())
+        conn.set_path_mtu(now, ceiling or BASE_PLPMTU, udp_overhead(family))
 
     async def _open_stream(self, sockaddr: Any) -> StreamTransport:
         """A new TCP transport to the server (its address resolved for this attempt)."""
@@ -625,9 +709,11 @@ class _Session:
             if isinstance(old, UdpTransport) and isinstance(old.batch, _NatSocket):
                 self.mux = None  # STUN answers on the old socket mean nothing now
                 self.mapped_address = None
-            old.close()
+            self._retire(old)
         conn.reliable_transport = new.reliable
-        conn.path_changed(time.monotonic())
+        now = time.monotonic()
+        conn.path_changed(now)
+        self._fit_path(conn, now)
         self.transport_switches += 1
         logger.info(
             "%s session %d: transport %s -> %s (%s)",
@@ -742,7 +828,7 @@ class _Session:
         transport, if it completed within ``auto_udp_timeout``."""
         outbound = self.outbound
         try:
-            sock = open_udp_socket(family)
+            sock, buffers = open_udp_socket(family, outbound.socket_buffer)
         except OSError:
             return None
         found: UdpTransport | None = None
@@ -762,7 +848,7 @@ class _Session:
                     if probe.established:
                         probe.close(now)  # the server ends the throwaway session at once
                         batch.send_batch(probe.datagrams_to_send(now))
-                        found = UdpTransport(batch)
+                        found = UdpTransport(batch, buffers)
                         break
                     batch.send_batch(probe.datagrams_to_send(now))
                     timer = probe.get_timer()
@@ -870,7 +956,9 @@ class _Session:
         receive = conn.receive_datagram
         transport = self.transport
         assert transport is not None
-        conn.receive_paused = self.buffered >= self.outbound.receive_buffer_cap
+        paused = conn.receive_paused = self.buffered >= self.outbound.receive_buffer_cap
+        if paused:
+            self._paused_at = now
         for data in transport.recv_batch(256):
             self.bytes_down += len(data)
             receive(data, now)
@@ -884,7 +972,11 @@ class _Session:
         # A blocked TCP transport takes nothing until its writer wakes us (``_wake``): the
         # core's timers would only make us spin meanwhile.
         timer = None if transport.blocked else conn.get_timer()
-        for other in (self.mux.get_timer() if self.mux is not None else None, self._auto_deadline):
+        for other in (
+            self.mux.get_timer() if self.mux is not None else None,
+            self._auto_deadline,
+            self._health_deadline(conn),
+        ):
             if other is not None and (timer is None or other < timer):
                 timer = other
         now = time.monotonic()
@@ -938,22 +1030,104 @@ class _Session:
                     event.peer_stream_window,
                 )
             elif isinstance(event, DataLost):
-                logger.warning(
-                    "%s session %d: the server gave up on %d datagrams; resetting its %d streams",
-                    self.outbound.tag,
-                    self.index,
-                    event.count,
-                    len(self.channels),
-                )
-                self._reset_channels("data lost in the tunnel; stream reset")
+                self._data_lost(event)
             elif isinstance(event, ConnectionTerminated):
-                self.last_error = event.reason
+                self.last_error = self._replacing or event.reason
                 logger.info("%s session %d: %s", self.outbound.tag, self.index, event.reason)
                 if event.reason.startswith(HANDSHAKE_TIMED_OUT):
                     self._handshake_timed_out()
                 return False
         self._wake_senders()
         return True
+
+    # -- session health (issue 13 item 4) --------------------------------------------------------
+
+    def _rtt_sampled_at(self, conn: ClientConnection) -> float:
+        at = conn.rtt_sampled_at
+        return at if at is not None else self._attempt_started
+
+    def _health_deadline(self, conn: ClientConnection) -> float | None:
+        """When the keepalive Pings will have gone unanswered for too long; None while the
+        session is not established or itself refuses Data (``receive_paused``: the Pongs wait
+        for our readers, not for the server)."""
+        if not conn.established or conn.receive_paused:
+            return None
+        transport = self.transport
+        if self.outbound.transport == TransportMode.AUTO and (
+            transport is None or not transport.reliable
+        ):
+            # transport auto over UDP: its own check (nothing acknowledged for two keepalive
+            # intervals) moves the session to TCP first, keeping its streams; replacing it
+            # here would race that move and reset them. Over TCP this check applies.
+            return None
+        interval = self.outbound.keepalive_interval
+        since = max(self._rtt_sampled_at(conn), self._paused_at)
+        return since + SILENT_PING_INTERVALS * interval
+
+    def connect_answered(self) -> None:
+        """A Connect got its ConnectOk or Error: the server answers relay requests."""
+        self._unanswered = 0
+
+    def connect_unanswered(self, sent_at: float) -> None:
+        """A Connect sent at ``sent_at`` got no answer within ``connect_timeout``. If datagrams
+        arrived after it (the session is alive) and no Connect was answered meanwhile, the
+        session may be wedged (an answer stuck behind a hole, a server that ignores Connect):
+        after :data:`UNANSWERED_CONNECTS` in a row it is replaced by a fresh handshake."""
+        conn = self.conn
+        if conn is None or not conn.established or conn.last_receive <= sent_at:
+            return  # nothing arrived since: the idle and keepalive checks decide
+        self._unanswered += 1
+        if self._unanswered >= UNANSWERED_CONNECTS:
+            self.replace(
+                f"{self._unanswered} Connects in a row got no answer in "
+                f"{self.outbound.connect_timeout:g} s while the server kept sending"
+            )
+
+    def replace(self, reason: str) -> None:
+        """Give up this connection for a fresh handshake at once (no back-off): its streams
+        are reset (the local side sees a reset, never a short success); new streams wait for
+        the new session. One warning says why."""
+        conn = self.conn
+        if conn is None or self._replacing is not None or conn.state is State.CLOSED:
+            return
+        self._replacing = f"session replaced: {reason}"
+        self.replacements += 1
+        logger.warning(
+            "%s session %d: replacing the session with a fresh handshake: %s",
+            self.outbound.tag,
+            self.index,
+            reason,
+        )
+        self._retry_now = True
+        conn.close(time.monotonic())
+        self.flush()
+        self._wake()
+
+    def _data_lost(self, event: DataLost) -> None:
+        """Reset the TCP streams that may have lost data in the hole, and only those: a stream
+        opened after the hole appeared has all its data (spec §7.2; DataLost). A UDP
+        association only lost datagrams, which UDP may do."""
+        channels = self.channels
+        affected = [
+            channel
+            for stream_id in sorted(event.stream_ids)
+            if isinstance(channel := channels.get(stream_id), OstpStream)
+        ]
+        logger.warning(
+            "%s session %d: the server gave up on %d datagrams (nonces %d-%d); "
+            "resetting the %d stream(s) open before them",
+            self.outbound.tag,
+            self.index,
+            event.count,
+            event.first_nonce,
+            event.last_nonce,
+            len(affected),
+        )
+        conn = self.conn
+        for channel in affected:
+            channel.reset("data lost in the tunnel; stream reset")
+            if conn is not None and conn.established:
+                conn.send(channel.stream_id, Close())  # the server closes its remote
 
     def _handshake_timed_out(self) -> None:
         nat = self.outbound.nat
@@ -978,10 +1152,17 @@ class _Session:
             return
         if transport.blocked or transport.failure is not None:
             return  # the datagrams wait in the core (its `writable` holds the streams back)
-        datagrams = conn.datagrams_to_send(time.monotonic())
+        now = time.monotonic()
+        datagrams = conn.datagrams_to_send(now)
         if datagrams:
             # UDP: kernel drops count as loss on the wire; the ARQ re-sends what matters.
             self.bytes_up += transport.send_batch(datagrams)
+            if isinstance(transport, UdpTransport) and transport.batch.refused:
+                # EMSGSIZE: larger than the first hop (a path MTU probe, normally)
+                refused = transport.batch.refused
+                for size in refused:
+                    conn.datagram_refused(size, now)
+                refused.clear()
         if self._send_waiters:
             self._wake_senders()
 
@@ -1022,7 +1203,7 @@ class _Session:
         if transport is not None:
             if transport.reliable and self.outbound.transport == TransportMode.AUTO:
                 self._udp_blocked = False  # after a session on TCP ends, try UDP first again
-            transport.close()
+            self._retire(transport)
         if self._switch_to is not None:
             self._switch_to[0].close()
             self._switch_to = None
@@ -1095,7 +1276,9 @@ class _Session:
         conn = self.conn
         rtt = None
         if conn is not None and conn.established:
-            rtt = conn.ping_rtt if conn.ping_rtt is not None else conn.handshake_rtt
+            age = time.monotonic() - self._rtt_sampled_at(conn)
+            if age <= self.outbound.keepalive_interval + RTT_SHOWN_GRACE:
+                rtt = conn.ping_rtt if conn.ping_rtt is not None else conn.handshake_rtt
         return {
             "index": self.index,
             "state": self.state,
@@ -1105,10 +1288,15 @@ class _Session:
             "bytes_down": self.bytes_down,
             "connected_since": self.connected_at if self.state == SessionState.CONNECTED else None,
             "reconnects": self.reconnects,
+            "replacements": self.replacements,
             "streams": len(self.channels),
             "flow_control": conn.flow_control if conn is not None else None,
+            "datagram_size": conn.datagram_size if conn is not None else None,
+            "pmtud": _pmtud_state(conn),
             "receive_buffered": self.buffered,
             "receive_paused": conn.receive_paused if conn is not None else False,
+            "kernel_drops": self.kernel_drops(),
+            "socket_buffer": self._socket_buffer(),
             "last_error": self.last_error,
             "path": self.path,
             "mapped_address": _fmt(self.mapped_address),
@@ -1118,6 +1306,27 @@ class _Session:
             "transport": self.transport.kind if self.transport is not None else None,
             "transport_switches": self.transport_switches,
         }
+
+    def kernel_drops(self) -> int | None:
+        """Datagrams the kernel dropped on this session's UDP sockets (a full receive buffer):
+        the current one's and its predecessors'; None if the system does not say."""
+        transport = self.transport
+        current = transport.kernel_drops() if isinstance(transport, UdpTransport) else None
+        if current is None:
+            return self.earlier_drops if self.earlier_drops or transport is None else None
+        return self.earlier_drops + current
+
+    def _socket_buffer(self) -> int | None:
+        transport = self.transport
+        if isinstance(transport, UdpTransport) and transport.buffers is not None:
+            return transport.buffers.receive
+        return None
+
+    def _retire(self, transport: DatagramTransport) -> None:
+        """Close a transport the session no longer uses, keeping its kernel drop count."""
+        if isinstance(transport, UdpTransport):
+            self.earlier_drops += transport.kernel_drops() or 0
+        transport.close()
 
     def _nat_drops(self) -> dict[str, int] | None:
         mux, batch = self.mux, self.batch
@@ -1129,6 +1338,12 @@ class _Session:
         if batch.unrelayed_drop:
             drops["ostp_unrelayed_drop"] = batch.unrelayed_drop
         return drops
+
+
+def _pmtud_state(conn: ClientConnection | None) -> str | None:
+    """Path MTU discovery's state for the status (None: off or no session)."""
+    pmtud = conn.pmtud if conn is not None else None
+    return pmtud.state.value if pmtud is not None else None
 
 
 class OstpOutbound(Outbound):
@@ -1160,8 +1375,10 @@ class OstpOutbound(Outbound):
         auto_fallback: str = TransportMode.TCP,
         auto_udp_timeout: float = 3.0,
         auto_probe_interval: float = 30.0,
+        socket_buffer: int = SOCKET_BUFFER,
     ) -> None:
         super().__init__(tag)
+        self.socket_buffer = socket_buffer
         self.keepalive_interval = keepalive_interval
         self.transport = transport
         self.transport_port = transport_port
@@ -1189,6 +1406,7 @@ class OstpOutbound(Outbound):
         self.connection_config = replace(
             base,
             max_datagram_size=max(mtu - 48, 500),
+            pmtud=PmtudConfig(),
             padding=PaddingPolicy.upstream_client(mtu),
             keepalive_interval=keepalive_interval,
             idle_timeout=idle_timeout,
@@ -1299,10 +1517,12 @@ class OstpOutbound(Outbound):
         session = await self._pick_session()
         stream = OstpStream(session, self._allocate_stream_id(), ctx)
         session.bind(stream.stream_id, stream)
+        sent_at = time.monotonic()
         session.send_message(stream.stream_id, Connect(str(target)))
         with anyio.move_on_after(self.connect_timeout):
             await stream.connected.wait()
         if not stream.connected.is_set():
+            session.connect_unanswered(sent_at)
             # Not Close: upstream's client sends nothing for a failed connect (spec §10.4),
             # but the stream id must not receive late data into a new connection.
             await stream.aclose()
@@ -1337,6 +1557,7 @@ class OstpOutbound(Outbound):
                 (s["connected_since"] for s in sessions if s["connected_since"]), default=None
             ),
             "streams": len(self._active_ids),
+            "kernel_drops": _sum_known(s["kernel_drops"] for s in sessions),
             "nat_mode": self.nat.mode if self.nat is not None else None,
             "transport": self.transport,
             "mapped_address": next(
@@ -1362,6 +1583,7 @@ def _factory(cfg: OstpOutboundConfig, ctx: OutboundContext) -> Outbound:
         extensions=cfg.extensions,
         stream_window=cfg.stream_window,
         receive_buffer_cap=cfg.receive_buffer_cap,
+        socket_buffer=cfg.socket_buffer,
         transport=cfg.transport,
         transport_port=cfg.transport_port,
         sni=cfg.sni,
@@ -1381,6 +1603,11 @@ def _reality_options(cfg: OstpOutboundConfig) -> RealityOptions | None:
         short_id=bytes.fromhex(reality.short_id),
         server_name=reality.server_name or cfg.sni or REALITY_DEFAULT_SNI,
     )
+
+
+def _sum_known(values: Iterable[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def _nat_options(cfg: OstpOutboundConfig) -> NatOptions | None:

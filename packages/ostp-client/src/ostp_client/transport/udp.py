@@ -16,34 +16,29 @@ from collections.abc import Sequence
 from typing import Any
 
 from ostp_client.nat import NatMux
-from ostp_client.net.batch import BatchSocket
+from ostp_client.net.batch import BatchSocket, SocketBuffers, set_buffers, set_dont_fragment
 from ostp_client.net.bypass import apply_bypass
 
 __all__ = ["SOCKET_BUFFER", "NatSocket", "UdpTransport", "open_udp_socket"]
 
 SOCKET_BUFFER = 32 * 1024 * 1024  # upstream asks for 32 MiB (spec §9.1, §16)
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # root may exceed net.core.rmem_max
-SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 
 
-def open_udp_socket(family: int) -> socket.socket:
-    """A non-blocking UDP socket of ``family`` with large buffers, routed around any TUN."""
+def open_udp_socket(
+    family: int, buffer_size: int = SOCKET_BUFFER
+) -> tuple[socket.socket, SocketBuffers]:
+    """A non-blocking UDP socket of ``family`` routed around any TUN, with ``buffer_size``
+    bytes of buffers asked for; the socket and what the kernel granted (it caps the request at
+    ``net.core.rmem_max`` without CAP_NET_ADMIN)."""
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
         apply_bypass(sock)  # with a TUN's policy routing, never route the tunnel into itself
-        for opt, force in (
-            (socket.SO_RCVBUF, SO_RCVBUFFORCE),
-            (socket.SO_SNDBUF, SO_SNDBUFFORCE),
-        ):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        buffers = set_buffers(sock, buffer_size)
     except BaseException:
         sock.close()
         raise
-    return sock
+    return sock, buffers
 
 
 class NatSocket(BatchSocket):
@@ -97,7 +92,13 @@ class NatSocket(BatchSocket):
         turn = self.mux.turn
         if turn is not None and turn.ready:
             wrap = turn.wrap
-            return super().send_batch([wrap(d) for d in datagrams], turn.server)
+            wrapped = [wrap(d) for d in datagrams]
+            refused = len(self.refused)
+            sent = super().send_batch(wrapped, turn.server)
+            if len(self.refused) > refused:  # report the OSTP datagrams' own sizes
+                own = {len(w): len(d) for w, d in zip(wrapped, datagrams, strict=True)}
+                self.refused[refused:] = [own.get(r, r) for r in self.refused[refused:]]
+            return sent
         if self.relay_only:
             self.unrelayed_drop += len(datagrams)
             return 0
@@ -118,10 +119,15 @@ class UdpTransport:
     reliable = False
     blocked = False
 
-    def __init__(self, batch: BatchSocket) -> None:
+    def __init__(self, batch: BatchSocket, buffers: SocketBuffers | None = None) -> None:
         self.batch = batch
         self.sock = batch.sock
+        self.buffers = buffers
+        """What the kernel granted for the socket's buffers (shown in the status)."""
         self.failure: str | None = None
+        self.dont_fragment = set_dont_fragment(batch.sock)
+        """Datagrams leave with DF set, never fragmented: path MTU discovery sizes them (and
+        :attr:`BatchSocket.refused` lists those too large for the first hop)."""
 
     def recv_batch(self, limit: int = 256) -> list[bytes]:
         # ICMP errors (the server's port closed) are skipped: the server may come back
@@ -129,6 +135,10 @@ class UdpTransport:
 
     def send_batch(self, datagrams: Sequence[bytes]) -> int:
         return self.batch.send_batch(datagrams)
+
+    def kernel_drops(self) -> int | None:
+        """Datagrams the kernel dropped on this socket (a full receive buffer); None: unknown."""
+        return self.batch.kernel_drops()
 
     def close(self) -> None:
         self.sock.close()
