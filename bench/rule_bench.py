@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from ostp_client.config import config_from_data
-from ostp_client.outbounds.base import Address
+from ostp_client.flow import Address
 from ostp_client.router import Router
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rule_bench.json"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from ostp_client.tun.dns import DnsFormatError, FakeIpPool, build_answer, build_error, parse_query
+from ostp_client.dns.codec import DnsFormatError, FakeIpPool, build_answer, build_error, parse_query
 
 _POOL = FakeIpPool("198.18.0.0/15", "fc00::/18", exclude=["198.18.0.0/30"], capacity=64)
 

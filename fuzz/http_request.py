@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import h11
 
-from ostp_client.inbounds.http_proxy import (
+from ostp_client.inbounds.proxy.http import (
     HOP_BY_HOP,
     HttpProxyError,
     forward_headers,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
-from ostp_client.inbounds.socks5 import (
+from ostp_client.inbounds.proxy.socks5 import (
     Socks5Error,
     encode_address,
     encode_udp_packet,

@@ -17,8 +17,8 @@ import anyio
 
 from ostp_client.config import config_from_data
 from ostp_client.daemon import Daemon
-from ostp_client.inbounds.local_proxy import LocalProxyInbound
-from ostp_client.outbounds.base import Outbound
+from ostp_client.flow import Outbound
+from ostp_client.inbounds.proxy.local_proxy import LocalProxyInbound
 from tests.conftest import require
 
 CURL = shutil.which("curl") or "/usr/bin/curl"

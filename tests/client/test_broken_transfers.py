@@ -23,7 +23,7 @@ import pytest
 
 from ostp_client.control.client import ControlClient
 from ostp_client.daemon import Daemon
-from ostp_client.outbounds.base import Address, ConnContext
+from ostp_client.flow import Address, ConnContext
 from ostp_client.outbounds.ostp import OstpOutbound, OstpStream, _Session
 from ostp_proto import Close, ConnectOk, Data, Error
 from tests.client.origin_server import BLOCK, body_sha256

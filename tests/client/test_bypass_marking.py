@@ -1,4 +1,4 @@
-"""The routing mark on the daemon's own sockets: `ostp_client.tun.bypass`, the happy-eyeballs
+"""The routing mark on the daemon's own sockets: `ostp_client.net.bypass`, the happy-eyeballs
 connector that sets it before `connect()`, and the `direct` outbound's TCP and UDP sockets.
 
 Everything talks to listeners on loopback. Reading a mark back needs nothing special, setting
@@ -19,11 +19,9 @@ from anyio.abc import SocketAttribute
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ostp_client.outbounds.base import Address, ConnContext, ConnectionRefused
-from ostp_client.outbounds.direct import DirectOutbound, DirectUdpSession, map_os_error
-from ostp_client.outbounds.happy_eyeballs import connect_tcp, interleave
-from ostp_client.tun import bypass
-from ostp_client.tun.bypass import (
+from ostp_client.flow import Address, ConnContext, ConnectionRefused
+from ostp_client.net import bypass
+from ostp_client.net.bypass import (
     SO_MARK,
     BypassError,
     apply_bypass,
@@ -31,6 +29,8 @@ from ostp_client.tun.bypass import (
     routing_mark,
     set_routing_mark,
 )
+from ostp_client.outbounds.direct import DirectOutbound, DirectUdpSession, map_os_error
+from ostp_client.outbounds.happy_eyeballs import connect_tcp, interleave
 from tests.conftest import is_root, require
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
@@ -225,8 +225,8 @@ async def test_direct_udp_sockets_carry_the_mark(process_mark: int) -> None:
 def test_tun_inbound_claims_its_mark_only_with_auto_route_on_linux() -> None:
     from ostp_client.config import TunInboundConfig, parse_config_text
     from ostp_client.connections import ConnectionRegistry, Dispatcher
+    from ostp_client.inbounds.tun.inbound import TunInbound
     from ostp_client.router import Router
-    from ostp_client.tun.inbound import TunInbound
 
     parsed, _ = parse_config_text('{"outbounds": [{"type": "direct"}]}')
     outbounds = {"direct": DirectOutbound()}
@@ -246,9 +246,9 @@ def test_tun_inbound_claims_its_mark_only_with_auto_route_on_linux() -> None:
 
 @pytest.mark.anyio
 async def test_direct_refuses_the_tuns_own_fake_addresses() -> None:
-    from ostp_client.outbounds.base import Address, ConnContext, HostUnreachable
+    from ostp_client.flow import Address, ConnContext, HostUnreachable
+    from ostp_client.net.bypass import clear_tunnel_networks, inside_tunnel, set_tunnel_networks
     from ostp_client.outbounds.direct import DirectOutbound
-    from ostp_client.tun.bypass import clear_tunnel_networks, inside_tunnel, set_tunnel_networks
 
     direct = DirectOutbound("direct", connect_timeout=2)
     set_tunnel_networks(["198.18.0.0/15", "fc00:18::/64"])

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ostp_client.inbounds.http_proxy import status_for_error
-from ostp_client.inbounds.socks5 import encode_address, reply_for_error
-from ostp_client.outbounds.base import Address
+from ostp_client.flow import Address
+from ostp_client.inbounds.proxy.http import status_for_error
+from ostp_client.inbounds.proxy.socks5 import encode_address, reply_for_error
 from ostp_client.outbounds.connect_errors import error_from_reason
 from ostp_server.session import connect_failure_reason
 from tests.client.proxy_helpers import proxy_port, running_daemon

@@ -21,8 +21,8 @@ import anyio.abc
 import pytest
 
 from ostp_client.daemon import Daemon
-from ostp_client.inbounds.socks5 import encode_address, encode_udp_packet, parse_udp_packet
-from ostp_client.outbounds.base import Address
+from ostp_client.flow import Address
+from ostp_client.inbounds.proxy.socks5 import encode_address, encode_udp_packet, parse_udp_packet
 from ostp_client.outbounds.ostp import OstpOutbound
 from tests.client.leak_helpers import close_wait_sockets, fd_count, settle
 from tests.client.proxy_helpers import (

@@ -30,12 +30,12 @@ from ostp_client.config import TunInboundConfig, parse_config_text
 from ostp_client.connections import ConnectionRegistry, Dispatcher
 from ostp_client.control.client import ControlClient
 from ostp_client.control.server import ControlServer
-from ostp_client.outbounds.base import ConnContext, UdpOutboundSession
+from ostp_client.flow import ConnContext, UdpOutboundSession
+from ostp_client.inbounds.tun.device import TunDevice
+from ostp_client.inbounds.tun.inbound import TunInbound
 from ostp_client.outbounds.direct import DirectOutbound
 from ostp_client.outbounds.ostp import OstpOutbound, _Session
 from ostp_client.router import Router
-from ostp_client.tun.device import TunDevice
-from ostp_client.tun.inbound import TunInbound
 from tests.client.proxy_helpers import (
     Origin,
     curl,

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ostp_client.control.client import ControlClient, ControlError
+from ostp_client.control.logs import LogRing
 from ostp_client.control.protocol import (
     MAX_LINE,
     PROTOCOL_VERSION,
@@ -34,10 +35,10 @@ from ostp_client.control.protocol import (
     RouteTable,
     parse_server_message,
 )
-from ostp_client.control.server import ControlServer, LogRing
+from ostp_client.control.server import ControlServer
+from ostp_client.flow import Address
 from ostp_client.inbounds.base import StartError
-from ostp_client.inbounds.socks5 import encode_address
-from ostp_client.outbounds.base import Address
+from ostp_client.inbounds.proxy.socks5 import encode_address
 from ostp_client.outbounds.block import BlockOutbound
 from ostp_client.outbounds.direct import DirectOutbound
 from tests.client.proxy_helpers import Origin, proxy_port, run_origin, wait_for

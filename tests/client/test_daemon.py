@@ -13,10 +13,10 @@ import pytest
 from anyio.abc import TaskStatus
 
 from ostp_client.cli import _os_error_in
+from ostp_client.flow import Address
 from ostp_client.inbounds.base import StartError, os_reason
-from ostp_client.inbounds.local_proxy import LocalProxyInbound
-from ostp_client.inbounds.socks5 import encode_address
-from ostp_client.outbounds.base import Address
+from ostp_client.inbounds.proxy.local_proxy import LocalProxyInbound
+from ostp_client.inbounds.proxy.socks5 import encode_address
 from ostp_client.outbounds.block import BlockOutbound
 from ostp_client.outbounds.direct import DirectOutbound
 from tests.client.origin_server import BLOCK

@@ -21,8 +21,8 @@ import anyio
 import anyio.abc
 import pytest
 
-from ostp_client.inbounds.socks5 import encode_address
-from ostp_client.outbounds.base import Address
+from ostp_client.flow import Address
+from ostp_client.inbounds.proxy.socks5 import encode_address
 from tests.client.leak_helpers import fd_count
 from tests.client.origin_server import BLOCK
 from tests.client.proxy_helpers import CURL, Origin, require_curl, run_origin

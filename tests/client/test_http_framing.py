@@ -15,8 +15,8 @@ import anyio.abc
 import h11
 import pytest
 
-from ostp_client.inbounds.http_proxy import forward_headers, transfer_coding_status
-from ostp_client.inbounds.local_proxy import LocalProxyInbound
+from ostp_client.inbounds.proxy.http import forward_headers, transfer_coding_status
+from ostp_client.inbounds.proxy.local_proxy import LocalProxyInbound
 from tests.client.proxy_helpers import base_config, proxy_port, running_daemon
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]

@@ -9,7 +9,8 @@ from fuzz.http_request import test_one_input as fuzz_http
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ostp_client.inbounds.http_proxy import (
+from ostp_client.flow import Address
+from ostp_client.inbounds.proxy.http import (
     HOP_BY_HOP,
     HttpProxyError,
     forward_headers,
@@ -17,7 +18,6 @@ from ostp_client.inbounds.http_proxy import (
     parse_authority,
     parse_proxy_authorization,
 )
-from ostp_client.outbounds.base import Address
 
 _label = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12)
 domains = st.lists(_label, min_size=1, max_size=5).map(".".join)

@@ -23,10 +23,10 @@ from typing import Any
 import anyio
 import pytest
 
-from ostp_client.control.cli import _status_text
 from ostp_client.control.client import ControlClient
+from ostp_client.ctl import _status_text
+from ostp_client.net.batch import BatchSocket, proc_udp_drops, set_buffers
 from ostp_client.outbounds.ostp import OstpOutbound
-from ostp_client.udp import BatchSocket, proc_udp_drops, set_buffers
 from tests.client.cli_process import isolated_env, program, stop
 from tests.conftest import is_root, require
 from tests.tui.live import base_config, control_daemon, short_socket_dir

@@ -28,8 +28,8 @@ import pytest
 from ostp_client.control.client import ControlClient, ControlError
 from ostp_client.control.protocol import ReloadResult
 from ostp_client.daemon import Daemon
-from ostp_client.inbounds.socks5 import encode_address
-from ostp_client.outbounds.base import Address
+from ostp_client.flow import Address
+from ostp_client.inbounds.proxy.socks5 import encode_address
 from ostp_client.outbounds.ostp import OstpOutbound
 from tests.client.origin_server import body_bytes, body_sha256
 from tests.client.proxy_helpers import (

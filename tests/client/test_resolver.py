@@ -1,6 +1,6 @@
-"""The stub resolver (`ostp_client.resolver`) against a tiny DNS responder on 127.0.0.1.
+"""The stub resolver (`ostp_client.dns.resolver`) against a tiny DNS responder on 127.0.0.1.
 
-The responder builds its answers by hand (struct), independently of `ostp_client.tun.dns`.
+The responder builds its answers by hand (struct), independently of `ostp_client.dns.codec`.
 """
 
 from __future__ import annotations
@@ -17,28 +17,29 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
+from fuzz.dns_response import QUERY as FUZZ_QUERY
 from fuzz.dns_response import test_one_input as fuzz_dns_response
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import ostp_client.resolver as resolver_module
-from ostp_client.outbounds.base import Address, ConnContext, HostUnreachable
-from ostp_client.outbounds.direct import DirectOutbound, DirectUdpSession
-from ostp_client.resolver import (
+import ostp_client.dns.resolver as resolver_module
+from ostp_client.dns.codec import parse_query
+from ostp_client.dns.resolver import (
+    TYPE_A,
+    TYPE_AAAA,
     DnsCache,
     ResolveError,
     StubResolver,
     addresses_in,
+    candidate_names,
+    make_query,
+    read_hosts,
     read_nameservers,
+    read_resolv_conf,
+    read_response,
 )
-from ostp_client.tun.dns import (
-    TYPE_A,
-    TYPE_AAAA,
-    DnsFormatError,
-    build_query,
-    parse_query,
-    parse_response,
-)
+from ostp_client.flow import Address, ConnContext, HostUnreachable
+from ostp_client.outbounds.direct import DirectOutbound, DirectUdpSession
 from tests.conftest import is_root, require
 
 A, AAAA, CNAME = 1, 28, 5
@@ -289,43 +290,185 @@ def test_read_nameservers(tmp_path: Path) -> None:
     assert read_nameservers(tmp_path / "absent") == []
 
 
-# -- the codec's new half ---------------------------------------------------------------
+@asynccontextmanager
+async def truncating_responder(r: Responder) -> AsyncIterator[tuple[Responder, list[str]]]:
+    """UDP answers carry TC and no records; the same port over TCP answers in full (RFC 7766)."""
+    tcp_queries: list[str] = []
+    for _ in range(20):  # a UDP port whose TCP twin is free
+        udp = await anyio.create_udp_socket(local_host="127.0.0.1")
+        port = udp.extra(anyio.abc.SocketAttribute.local_port)
+        try:
+            listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
+        except OSError:
+            await udp.aclose()
+            continue
+        break
+    else:
+        pytest.fail("no UDP/TCP port pair free on 127.0.0.1")
+    r.port = port
+
+    async def serve_udp() -> None:
+        async for data, (host, peer_port) in udp:
+            full = r.answer(data)
+            end = 12 + full[12:].index(b"\0") + 5  # header and question only
+            flags = struct.unpack_from("!H", full, 2)[0] | 0x0200
+            head = full[:2] + struct.pack("!HHHHH", flags, 1, 0, 0, 0)
+            await udp.sendto(head + full[12:end], host, peer_port)
+
+    async def serve_tcp(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            buffer = b""
+            while len(buffer) < 2 or len(buffer) < 2 + struct.unpack_from("!H", buffer)[0]:
+                buffer += await stream.receive()
+            query = buffer[2:]
+            tcp_queries.append(parse_query(query).name)
+            reply = r.answer(query)
+            await stream.send(struct.pack("!H", len(reply)) + reply)
+
+    async with udp, listener, anyio.create_task_group() as tg:
+        tg.start_soon(serve_udp)
+        tg.start_soon(listener.serve, serve_tcp)
+        yield r, tcp_queries
+        tg.cancel_scope.cancel()
 
 
-def test_build_query_round_trips_and_rejects_bad_names() -> None:
-    query = parse_query(build_query(0x1234, "WWW.Example.COM.", TYPE_AAAA))
-    assert (query.id, query.name, query.qtype, query.qclass, query.flags) == (
-        0x1234,
+@pytest.mark.anyio
+async def test_truncated_answer_is_asked_again_over_tcp_on_a_marked_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ostp_client.net.tcp as tcp_module
+    from ostp_client.net import bypass
+
+    marked: list[int | None] = []
+    real_bypass = bypass.apply_bypass
+
+    def spy(sock: socket.socket, mark: int | None = None) -> bool:
+        assert sock.type == socket.SOCK_STREAM
+        marked.append(mark)
+        return real_bypass(sock, None) if mark is None else True
+
+    monkeypatch.setattr(tcp_module, "apply_bypass", spy)
+    async with truncating_responder(Responder(ZONE)) as (r, tcp_queries):
+        stub = _stub(r, hosts_file=None)
+        assert await stub.resolve("www.test", socket.AF_INET, mark=0x2022) == ["192.0.2.10"]
+        assert tcp_queries == ["www.test"]
+        assert stub.counters["tcp_fallbacks"] == 1
+        assert marked == [0x2022]
+
+
+@pytest.mark.anyio
+async def test_no_tcp_server_after_truncation_is_a_failure_not_a_hang() -> None:
+    async with responder(Responder(ZONE)) as r:
+        original = r.answer
+
+        def truncated(data: bytes) -> bytes:
+            reply = bytearray(original(data))
+            reply[2] |= 0x02  # TC
+            return bytes(reply)
+
+        r.answer = truncated  # type: ignore[method-assign]
+        stub = _stub(r, timeout=0.5, attempts=1, hosts_file=None)
+        with pytest.raises(ResolveError, match="no answer"):
+            await stub.resolve("origin.test", socket.AF_INET)
+        assert stub.counters["tcp_fallbacks"] == 1
+        assert stub.counters["server_failures"] + stub.counters["timeouts"] == 1
+
+
+@pytest.mark.anyio
+async def test_hosts_file_is_read_before_dns(tmp_path: Path) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text(
+        "# comment\n192.0.2.77  printer.lan printer  # trailing\n"
+        "2001:db8::77 printer.lan\nnot-an-address ignored.lan\n192.0.2.78\n"
+    )
+    assert read_hosts(hosts)["printer"] == [ipaddress.ip_address("192.0.2.77")]
+    assert "ignored.lan" not in read_hosts(hosts)
+    assert read_hosts(tmp_path / "absent") == {}
+    async with responder(Responder(ZONE)) as r:
+        stub = _stub(r, hosts_file=hosts)
+        assert await stub.resolve("Printer.LAN.") == ["2001:db8::77", "192.0.2.77"]
+        assert await stub.resolve("printer", socket.AF_INET) == ["192.0.2.77"]
+        assert r.queries == []  # DNS was not asked
+        assert await stub.resolve("origin.test", socket.AF_INET) == ["192.0.2.10"]
+        assert r.queries == [("origin.test", A)]
+
+
+@pytest.mark.anyio
+async def test_search_list_and_ndots_from_resolv_conf(tmp_path: Path) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 127.0.0.1\nsearch cdn.test test\noptions ndots:2 rotate\n")
+    parsed = read_resolv_conf(conf)
+    assert (parsed.nameservers, parsed.search, parsed.ndots) == (
+        ["127.0.0.1"],
+        ["cdn.test", "test"],
+        2,
+    )
+    assert candidate_names("edge", ["a", "b"], 1) == ["edge.a", "edge.b", "edge"]
+    assert candidate_names("x.y.z", ["a"], 2) == ["x.y.z", "x.y.z.a"]
+    assert candidate_names("edge.", ["a"], 1) == ["edge"]
+    async with responder(Responder(ZONE)) as r:
+        stub = StubResolver(resolv_conf=conf, port=r.port, hosts_file=None)
+        # "edge" has fewer dots than ndots: edge.cdn.test is asked first (a CNAME to origin)
+        assert await stub.resolve("edge", socket.AF_INET) == ["192.0.2.10"]
+        assert r.queries == [("edge.cdn.test", A)]
+        # "origin" is not under cdn.test (NXDOMAIN), then origin.test answers
+        assert await stub.resolve("origin", socket.AF_INET) == ["192.0.2.10"]
+        assert r.queries[1:] == [("origin.cdn.test", A), ("origin.test", A)]
+        # absolute: no search
+        with pytest.raises(ResolveError):
+            await stub.resolve("origin.", socket.AF_INET)
+
+
+@pytest.mark.anyio
+async def test_unicode_names_are_asked_with_idna() -> None:
+    zone = {"xn--bcher-kva.test": [(A, 60, "192.0.2.44")]}
+    async with responder(Responder(zone)) as r:
+        stub = _stub(r, hosts_file=None)
+        assert await stub.resolve("Bücher.test", socket.AF_INET) == ["192.0.2.44"]
+        assert r.queries == [("xn--bcher-kva.test", A)]
+
+
+# -- queries and replies (dnspython) -----------------------------------------------------
+
+
+def test_make_query_encodes_and_rejects_bad_names() -> None:
+    query = parse_query(make_query("WWW.Example.COM.", TYPE_AAAA).to_wire())
+    assert (query.name, query.qtype, query.qclass, query.flags) == (
         "www.example.com",
         TYPE_AAAA,
         1,
         0x0100,
     )
-    for bad in ("a" * 64 + ".test", ".".join(["a" * 60] * 5), "a..b", "ünï.test"):
-        with pytest.raises(ValueError):
-            build_query(1, bad, TYPE_A)
+    # IDNA 2008 (UTS #46): a Unicode name is asked in its ASCII form
+    assert parse_query(make_query("Bücher.test", TYPE_A).to_wire()).name == "xn--bcher-kva.test"
+    ids = {make_query("x.test", TYPE_A).id for _ in range(16)}
+    assert len(ids) > 1
+    for bad in ("a" * 64 + ".test", ".".join(["a" * 60] * 5), "a..b", "a_\u2028.test"):
+        with pytest.raises(ResolveError):
+            make_query(bad, TYPE_A)
 
 
-def test_parse_response_rejects_and_skips() -> None:
-    reply = Responder(ZONE).answer(build_query(7, "www.test", TYPE_A))
-    response = parse_response(reply)
-    assert (response.id, response.name, response.rcode) == (7, "www.test", 0)
-    assert addresses_in(response, "www.test", TYPE_A) == ([ipaddress.ip_address("192.0.2.10")], 30)
-    with pytest.raises(DnsFormatError):
-        parse_response(build_query(7, "www.test", TYPE_A))  # a query
-    with pytest.raises(DnsFormatError):
-        parse_response(reply[:-1])  # truncated record
+def test_read_response_rejects_and_skips() -> None:
+    query = make_query("www.test", TYPE_A)
+    reply = Responder(ZONE).answer(query.to_wire())
+    response = read_response(query, reply)
+    assert response is not None and response.rcode() == 0
+    assert addresses_in(response, TYPE_A) == ([ipaddress.ip_address("192.0.2.10")], 30)
+    assert read_response(query, query.to_wire()) is None  # a query
+    assert read_response(query, reply[:-1]) is None  # truncated record
+    assert read_response(make_query("www.test", TYPE_A), reply) is None  # another id
     bad_len = reply[:-6] + struct.pack("!H", 5) + reply[-4:] + b"\0"
-    with pytest.raises(DnsFormatError):
-        parse_response(bad_len)
+    assert read_response(query, bad_len) is None
     # a CNAME loop ends; top-bit TTL counts as 0 (RFC 2181 §8)
-    head = struct.pack("!HHHHHH", 1, 0x8180, 1, 3, 0, 0) + _name("x.test") + b"\0\1\0\1"
+    loop_query = make_query("x.test", TYPE_A)
+    head = struct.pack("!HHHHHH", loop_query.id, 0x8180, 1, 3, 0, 0) + _name("x.test")
+    head += b"\0\1\0\1"
     loop = _rr(b"\xc0\x0c", CNAME, 5, _name("y.test")) + _rr(_name("y.test"), CNAME, 5, b"\xc0\x0c")
     loop += _rr(_name("y.test"), A, 0x80000000, bytes(4))
-    response = parse_response(head + loop)
-    assert response.answers[2].ttl == 0
-    assert addresses_in(response, "x.test", TYPE_A) == ([ipaddress.ip_address("0.0.0.0")], 0)
-    assert addresses_in(response, "x.test", TYPE_AAAA) == ([], 0)
+    response = read_response(loop_query, head + loop)
+    assert response is not None
+    assert addresses_in(response, TYPE_A) == ([ipaddress.ip_address("0.0.0.0")], 0)
+    assert addresses_in(response, TYPE_AAAA) == ([], 0)
 
 
 @settings(max_examples=400, deadline=None)
@@ -337,7 +480,7 @@ def test_fuzz_dns_response_random(data: bytes) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(min_size=1, max_size=40), st.integers(0, 200))
 def test_fuzz_dns_response_mutated(noise: bytes, at: int) -> None:
-    reply = Responder(ZONE).answer(build_query(7, "www.test", TYPE_A))
+    reply = Responder(ZONE).answer(FUZZ_QUERY.to_wire())
     at %= len(reply)
     fuzz_dns_response(reply[:at] + noise + reply[at + len(noise) :])
     fuzz_dns_response(reply[:at])

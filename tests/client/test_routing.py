@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ostp_client.config import RoutingConfig, RoutingRule
-from ostp_client.outbounds.base import Address
+from ostp_client.flow import Address
 from ostp_client.router import Router, RoutingError
 from tests.client.proxy_helpers import (
     Origin,

@@ -23,7 +23,7 @@ from ostp_client.config import (
     RuleSetConfig,
     config_from_data,
 )
-from ostp_client.outbounds.base import Address, Network
+from ostp_client.flow import Address, Network
 from ostp_client.router import Query, Router, compile_rule, compile_rule_set, match_rule
 from ostp_client.rule_migration import keep_old_rule_meaning, rule_meaning_changes
 from ostp_client.rule_set import RuleSetFile

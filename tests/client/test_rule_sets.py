@@ -22,7 +22,7 @@ from ostp_client.config import (
     config_from_data,
     load_config,
 )
-from ostp_client.outbounds.base import Address
+from ostp_client.flow import Address
 from ostp_client.router import Router, RoutingError, compile_rule_set, load_rule_sets
 from ostp_client.rule_set import (
     DomainMatcher,
@@ -327,7 +327,7 @@ async def test_process_name_rule_routes_curl(origin: Origin) -> None:
 
 
 def test_process_rules_refused_off_linux() -> None:
-    from ostp_client.config import _check_references, _parts_of
+    from ostp_client.config.issues import check_references, parts_of
 
     config = ClientConfig.model_validate(
         {
@@ -335,6 +335,6 @@ def test_process_rules_refused_off_linux() -> None:
             "routing": {"rules": [{"process_path": ["/usr/bin/curl"], "outbound": "d"}]},
         }
     )
-    issues = _check_references(_parts_of(config), platform="darwin")
+    issues = check_references(parts_of(config), platform="darwin")
     assert [i.path for i in issues] == ["routing.rules[0].process_path"]
     assert "Linux only" in issues[0].message

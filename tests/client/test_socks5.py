@@ -13,16 +13,7 @@ from fuzz.socks5_request import test_one_input as fuzz_socks5
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ostp_client.inbounds.socks5 import (
-    Socks5Error,
-    encode_address,
-    encode_udp_packet,
-    parse_greeting,
-    parse_request,
-    parse_udp_packet,
-    parse_userpass,
-)
-from ostp_client.outbounds.base import (
+from ostp_client.flow import (
     Address,
     Blocked,
     ConnContext,
@@ -34,6 +25,15 @@ from ostp_client.outbounds.base import (
     Outbound,
     OutboundError,
     UdpOutboundSession,
+)
+from ostp_client.inbounds.proxy.socks5 import (
+    Socks5Error,
+    encode_address,
+    encode_udp_packet,
+    parse_greeting,
+    parse_request,
+    parse_udp_packet,
+    parse_userpass,
 )
 from ostp_client.outbounds.block import BlockOutbound
 from ostp_client.outbounds.direct import DirectOutbound

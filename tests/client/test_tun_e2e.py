@@ -300,7 +300,7 @@ def test_ostp_through_ostp_server(env: Env) -> None:
 
 def test_dns_query_struct_is_valid() -> None:
     # the helper's query must be a well-formed DNS message (checked with our own parser)
-    from ostp_client.tun.dns import parse_query
+    from ostp_client.dns.codec import parse_query
 
     q = struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0) + b"\x06origin\x04test\x00\x00\x01\x00\x01"
     assert parse_query(q).name == "origin.test"

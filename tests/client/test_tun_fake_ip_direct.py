@@ -38,7 +38,7 @@ SIZE = 4096
 
 # the daemon with the stub resolver replaced by the system resolver (the behaviour before)
 _CLI_WITHOUT_STUB = (
-    "import sys; from ostp_client.resolver import StubResolver as S; "
+    "import sys; from ostp_client.dns.resolver import StubResolver as S; "
     "S.resolve = lambda self, host, family=0, mark=None: S._system(self, host, family); "
     "from ostp_client.cli import main; sys.exit(main(sys.argv[1:]))"
 )

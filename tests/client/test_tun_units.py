@@ -19,7 +19,7 @@ from ostp_client.config import (
     TunInboundConfig,
     parse_config_text,
 )
-from ostp_client.tun.dns import (
+from ostp_client.dns.codec import (
     TYPE_A,
     TYPE_AAAA,
     DnsFormatError,
@@ -28,7 +28,7 @@ from ostp_client.tun.dns import (
     build_error,
     parse_query,
 )
-from ostp_client.tun.linux import (
+from ostp_client.inbounds.tun.linux import (
     RULE_PRIORITY,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     plan_policy_routing,
@@ -36,7 +36,7 @@ from ostp_client.tun.linux import (
     undo_command,
     vnet_header_for,
 )
-from ostp_client.tun.wintun import WintunDevice, WintunError
+from ostp_client.inbounds.tun.wintun import WintunDevice, WintunError
 
 
 def _query(name: str, qtype: int = TYPE_A, ident: int = 0x1234) -> bytes:
@@ -307,7 +307,7 @@ def test_wintun_adapter_failure_is_a_clear_error() -> None:
 
 
 def test_load_wintun_without_the_dll_says_what_to_install() -> None:
-    from ostp_client.tun.wintun import load_wintun
+    from ostp_client.inbounds.tun.wintun import load_wintun
 
     with pytest.raises(WintunError, match="wintun"):
         load_wintun("/nonexistent/wintun.dll")
@@ -354,11 +354,11 @@ def test_tun_config_parses_with_defaults_and_rejects_bad_values() -> None:
 
 def test_inbound_registers_and_maps_fake_ips() -> None:
     from ostp_client.connections import ConnectionRegistry, Dispatcher
+    from ostp_client.flow import Address
     from ostp_client.inbounds import INBOUND_FACTORIES, build_inbound
-    from ostp_client.outbounds.base import Address
+    from ostp_client.inbounds.tun.inbound import TunInbound
     from ostp_client.outbounds.direct import DirectOutbound
     from ostp_client.router import Router
-    from ostp_client.tun.inbound import TunInbound
     from ostp_netstack import Endpoint
 
     config = TunInboundConfig(fake_ip=True, dns_upstream="192.0.2.53")

@@ -222,8 +222,8 @@ async def _udp_echo(sock: anyio.abc.UDPSocket) -> None:
 
 
 async def test_socks5_udp_associate_through_the_tunnel(server: ServerProcess) -> None:
-    from ostp_client.inbounds.socks5 import encode_udp_packet, parse_udp_packet
-    from ostp_client.outbounds.base import Address
+    from ostp_client.flow import Address
+    from ostp_client.inbounds.proxy.socks5 import encode_udp_packet, parse_udp_packet
     from tests.client.test_socks5 import _parse_reply_address, _socks_request
 
     async with (

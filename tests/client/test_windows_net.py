@@ -22,8 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ostp_client.tun import bypass
-from ostp_client.tun.windows_net import (
+from ostp_client.inbounds.tun.windows_net import (
     IP_ADDRESS_PREFIX,
     MIB_IPFORWARD_ROW2,
     MIB_IPINTERFACE_ROW,
@@ -35,7 +34,8 @@ from ostp_client.tun.windows_net import (
     WindowsRouteManager,
     load_iphlpapi,
 )
-from ostp_client.tun.wintun import WintunDevice
+from ostp_client.inbounds.tun.wintun import WintunDevice
+from ostp_client.net import bypass
 
 from .test_tun_units import FakeWintun
 

@@ -25,6 +25,7 @@ from ostp_client.control.client import (
     ControlError,
     open_pipe_streams,
 )
+from ostp_client.control.listeners import PipeByteStream, PipeListener, open_pipe_listener
 from ostp_client.control.protocol import (
     MAX_LINE,
     TOPICS,
@@ -33,12 +34,7 @@ from ostp_client.control.protocol import (
     Response,
     parse_server_message,
 )
-from ostp_client.control.server import (
-    ControlServer,
-    PipeByteStream,
-    PipeListener,
-    open_pipe_listener,
-)
+from ostp_client.control.server import ControlServer
 from ostp_client.inbounds.base import StartError
 from tests.client.test_control import _outbounds
 from tests.tui.live import base_config, control_daemon

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.abc
 
-from ostp_client.inbounds.socks5 import encode_address
-from ostp_client.outbounds.base import Address
+from ostp_client.flow import Address
+from ostp_client.inbounds.proxy.socks5 import encode_address
 from tests.client.origin_server import SEEDED_BLOCK, seeded_block
 from tests.client.proxy_helpers import CURL, proxy_args
 

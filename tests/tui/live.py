@@ -21,7 +21,7 @@ from ostp_client.config import config_from_data
 from ostp_client.control.client import ControlClient, ControlConnectionError
 from ostp_client.control.server import ControlServer
 from ostp_client.daemon import Daemon
-from ostp_client.outbounds.base import Outbound
+from ostp_client.flow import Outbound
 from ostp_client.outbounds.direct import DirectOutbound
 
 

@@ -78,7 +78,7 @@ COMMANDS: dict[str, Command] = {}
 """Subcommands by name, in registration order."""
 
 OPTIONAL_COMMAND_MODULES = (
-    "ostp_client.control.cli",
+    "ostp_client.ctl",
     "ostp_client.demo",
     "ostp_client.service",
     "ostp_client.dashboard",

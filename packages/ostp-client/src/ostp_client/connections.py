@@ -19,7 +19,7 @@ import anyio.abc
 import anyio.to_thread
 from anyio.abc import SocketAttribute
 
-from ostp_client.outbounds.base import Address, ConnContext, Network, Outbound
+from ostp_client.flow import Address, ConnContext, Network, Outbound
 from ostp_client.process_info import ProcessInfo
 from ostp_client.router import ProcessLookup, Router
 

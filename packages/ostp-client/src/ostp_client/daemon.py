@@ -49,14 +49,12 @@ from anyio.abc import TaskStatus
 from ostp_client.config import (
     ClientConfig,
     LocalProxyInboundConfig,
-    OstpOutboundConfig,
-    TunInboundConfig,
 )
 from ostp_client.connections import ConnectionRegistry, Dispatcher
 from ostp_client.inbounds import Inbound, build_inbound
 from ostp_client.inbounds.base import StartError, os_reason
-from ostp_client.inbounds.local_proxy import LocalProxyInbound
-from ostp_client.outbounds import Outbound, OutboundContext, OutboundError, build_outbound
+from ostp_client.inbounds.proxy.local_proxy import LocalProxyInbound
+from ostp_client.outbounds import Outbound, OutboundContext, build_outbound
 from ostp_client.outbounds.group import (
     GroupOutbound,
     HealthBook,
@@ -64,11 +62,12 @@ from ostp_client.outbounds.group import (
     default_state_dir,
 )
 from ostp_client.process_info import ProcessInfo, ProcessResolver
-from ostp_client.router import Router, RoutingError
+from ostp_client.reload import ReloadError, ReloadOutcome, ReloadPlan, plan_reload
+from ostp_client.router import Router
 from ostp_client.serving import run_contained
 from ostp_client.sysproxy import SystemProxy, SystemProxyError, SystemProxyGuard
 
-__all__ = ["RELOAD_GRACE", "Daemon", "ReloadError", "ReloadOutcome", "run_daemon"]
+__all__ = ["RELOAD_GRACE", "Daemon", "run_daemon"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,22 +81,6 @@ RULE_SET_POLL = 3.0
 SELECTIONS_FILE = "selections.json"
 
 Part = Outbound | Inbound
-
-
-class ReloadError(Exception):
-    """A new config could not be applied; nothing changed (the message says why)."""
-
-
-@dataclass(slots=True)
-class ReloadOutcome:
-    """What `Daemon.reload` did."""
-
-    applied: list[str] = field(default_factory=list)
-    """Config sections that changed and took effect: routing, log.level, outbounds, ..."""
-    needs_restart: list[str] = field(default_factory=list)
-    """Changed sections that take effect after a restart only."""
-    changes: list[str] = field(default_factory=list)
-    """One line per change, for the log and the control reply."""
 
 
 class _StartedFlag:
@@ -119,52 +102,6 @@ class _Task:
     part: Part
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
-
-
-@dataclass(slots=True)
-class _Plan:
-    """What a reload will do, built before anything changes."""
-
-    router: Router
-    outbounds: dict[str, Outbound] = field(default_factory=dict)
-    """The new table in config order: running objects where unchanged, new ones elsewhere."""
-    inbounds: dict[str, Inbound] = field(default_factory=dict)
-    fresh_outbounds: list[Outbound] = field(default_factory=list)
-    fresh_inbounds: list[Inbound] = field(default_factory=list)
-    updates: list[tuple[LocalProxyInbound, LocalProxyInbound]] = field(default_factory=list)
-    """(running inbound, one built from its new config): settings move over, listener stays."""
-    leaving: list[Inbound] = field(default_factory=list)
-    """Running inbounds that stop (removed, or replaced by one in `fresh_inbounds`)."""
-    stop_first: list[Inbound] = field(default_factory=list)
-    """Of `leaving`: those holding a port or the TUN that a fresh inbound needs."""
-
-
-def _outbound_identity(config: ClientConfig, tag: str) -> object:
-    """What an outbound is built from: its block, and for ostp the `mux` that applies."""
-    for item in config.outbounds:
-        if item.tag == tag:
-            if isinstance(item, OstpOutboundConfig):
-                return (item, config.mux_for(item))
-            return (item, None)
-    return None
-
-
-def _claim(config: Any) -> object:
-    """What a new inbound will hold exclusively: a TCP port, or the TUN (device, table, mark)."""
-    if isinstance(config, LocalProxyInboundConfig):
-        return ("tcp", config.port) if config.port else None
-    if isinstance(config, TunInboundConfig):
-        return ("tun",)
-    return None
-
-
-def _held(inbound: Inbound) -> set[object]:
-    """What a running inbound holds (the ports it is bound to, also when configured as 0)."""
-    if isinstance(inbound, LocalProxyInbound):
-        return {("tcp", address.port) for address in inbound.addresses}
-    if inbound.type == "tun":
-        return {("tun",)}
-    return set()
 
 
 def _system_proxy_target(config: ClientConfig) -> tuple[str, int] | None:
@@ -377,65 +314,19 @@ class Daemon:
             await self._stop_old_parts(old_outbounds, plan, outcome)
             return outcome
 
-    def _plan(self, old: ClientConfig, new: ClientConfig) -> _Plan:
-        """Validate `new` against the running parts and build what is new; nothing runs yet."""
-        if new.routing == old.routing and (
-            not new.routing.rule_set or new.base_dir == old.base_dir
-        ):
-            router = self.router  # nothing to change: keep the hit counters
-            router.refresh_rule_sets()  # but re-read rule-set files that changed
-        else:
-            try:
-                router = self._router(new)
-            except RoutingError as exc:
-                raise ReloadError(str(exc)) from None
-        plan = _Plan(router)
-        context = self._context(new)
-        for item in new.outbounds:
-            current = self.outbounds.get(item.tag)
-            if current is not None and _outbound_identity(old, item.tag) == _outbound_identity(
-                new, item.tag
-            ):
-                plan.outbounds[item.tag] = current
-                continue
-            try:
-                outbound = build_outbound(item, context)
-            except (LookupError, ValueError, OSError, OutboundError) as exc:
-                raise ReloadError(f"outbound {item.tag!r}: {exc}") from None
-            plan.outbounds[item.tag] = outbound
-            plan.fresh_outbounds.append(outbound)
+    def _plan(self, old: ClientConfig, new: ClientConfig) -> ReloadPlan:
+        return plan_reload(
+            old,
+            new,
+            router=self.router,
+            make_router=self._router,
+            outbounds=self.outbounds,
+            inbounds=self.inbounds,
+            context=self._context(new),
+            dispatcher=self.dispatcher,
+        )
 
-        before = {entry.tag: entry for entry in old.inbounds}
-        for entry in new.inbounds:
-            running = self.inbounds.get(entry.tag)
-            previous = before.get(entry.tag)
-            if running is not None and previous == entry:
-                plan.inbounds[entry.tag] = running
-                continue
-            if (
-                isinstance(running, LocalProxyInbound)
-                and isinstance(previous, LocalProxyInboundConfig)
-                and isinstance(entry, LocalProxyInboundConfig)
-                and (previous.listen, previous.port) == (entry.listen, entry.port)
-            ):
-                # Same address: keep the listener and its connections, take the new settings.
-                plan.updates.append((running, LocalProxyInbound(entry, self.dispatcher)))
-                plan.inbounds[entry.tag] = running
-                continue
-            try:
-                inbound = build_inbound(entry, self.dispatcher)
-            except (LookupError, ValueError, OSError) as exc:
-                raise ReloadError(f"inbound {entry.tag!r}: {exc}") from None
-            plan.inbounds[entry.tag] = inbound
-            plan.fresh_inbounds.append(inbound)
-
-        plan.leaving = [i for tag, i in self.inbounds.items() if plan.inbounds.get(tag) is not i]
-        fresh_tags = {i.tag for i in plan.fresh_inbounds}
-        claims = {_claim(entry) for entry in new.inbounds if entry.tag in fresh_tags} - {None}
-        plan.stop_first = [i for i in plan.leaving if _held(i) & claims]
-        return plan
-
-    async def _start_new_parts(self, plan: _Plan, old: ClientConfig) -> None:
+    async def _start_new_parts(self, plan: ReloadPlan, old: ClientConfig) -> None:
         """Start the new parts (bind listeners, open the TUN); on failure undo and raise."""
         started: list[Part] = []
         stopped: list[Inbound] = []
@@ -457,7 +348,7 @@ class Daemon:
                 await self._restart_inbound(inbound, configs[inbound.tag])
             raise ReloadError(f"cannot start the new configuration: {exc}") from exc
 
-    def _switch(self, old: ClientConfig, new: ClientConfig, plan: _Plan) -> ReloadOutcome:
+    def _switch(self, old: ClientConfig, new: ClientConfig, plan: ReloadPlan) -> ReloadOutcome:
         """Make the new parts current. No awaits: the router never names a missing tag."""
         changed = {
             "routing": plan.router is not self.router,
@@ -509,7 +400,7 @@ class Daemon:
         return outcome
 
     async def _stop_old_parts(
-        self, old_outbounds: dict[str, Outbound], plan: _Plan, outcome: ReloadOutcome
+        self, old_outbounds: dict[str, Outbound], plan: ReloadPlan, outcome: ReloadOutcome
     ) -> None:
         """Stop what went away; a replaced outbound first serves out its connections."""
         live_by_outbound: dict[str | None, list[int]] = {}

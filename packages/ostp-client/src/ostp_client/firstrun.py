@@ -14,12 +14,13 @@ import sys
 from pathlib import Path
 
 from ostp_client.config import ConfigError, config_from_share_link, dump_config, load_config
+from ostp_client.errors import OstpClientError
 from ostp_client.paths import LOCAL_CONFIG, config_search_path, find_config, user_config_path
 
 __all__ = ["LinkConfigError", "guide_text", "no_config_text", "write_config", "write_link_config"]
 
 
-class LinkConfigError(Exception):
+class LinkConfigError(OstpClientError):
     """The link is invalid or its config cannot be written; the message says why."""
 
     def __init__(self, message: str, status: int) -> None:

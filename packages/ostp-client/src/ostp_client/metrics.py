@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 from ostp_client.config import MetricsConfig
 
 if TYPE_CHECKING:
-    from ostp_client.daemon import Daemon
+    from ostp_client.running import RunningDaemon
 
 __all__ = ["ClientCollector", "build_registry", "serve_metrics"]
 
@@ -90,7 +90,7 @@ class _Rates:
 class ClientCollector(Collector):
     """Reads a running `Daemon` at scrape time."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: RunningDaemon) -> None:
         self.daemon = daemon
         self.rates = _Rates()
 
@@ -325,7 +325,7 @@ class ClientCollector(Collector):
         yield from families.values()
 
 
-def build_registry(daemon: Daemon) -> tuple[CollectorRegistry, ClientCollector]:
+def build_registry(daemon: RunningDaemon) -> tuple[CollectorRegistry, ClientCollector]:
     """A registry with the daemon's collector, the process' own metrics and a build info."""
     from ostp_client import __version__  # noqa: PLC0415
 
@@ -409,7 +409,7 @@ async def _serve_scraper(
 
 
 async def serve_metrics(
-    daemon: Daemon,
+    daemon: RunningDaemon,
     config: MetricsConfig,
     *,
     task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,

@@ -24,6 +24,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from ostp_client.errors import OstpClientError
+
 __all__ = [
     "ProcessInfo",
     "ProcessLookupUnsupported",
@@ -47,7 +49,7 @@ _SOCKID_PORTS = struct.Struct(">HH")
 _MSG = struct.Struct("=BBBB48sIIIII")
 
 
-class ProcessLookupUnsupported(OSError):
+class ProcessLookupUnsupported(OstpClientError, OSError):
     """This platform has no way (here) to find the owner of a socket."""
 
 

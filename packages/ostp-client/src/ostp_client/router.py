@@ -51,7 +51,8 @@ from ostp_client.config import (
     RoutingConfig,
     parse_port_range,
 )
-from ostp_client.outbounds.base import Address, Network
+from ostp_client.errors import OstpClientError
+from ostp_client.flow import Address, Network
 from ostp_client.process_info import ProcessInfo
 from ostp_client.rule_set import (
     DomainMatcher,
@@ -90,7 +91,7 @@ def _with_base(states: int, base: int) -> int:
     return out
 
 
-class RoutingError(ValueError):
+class RoutingError(OstpClientError, ValueError):
     """The routing config refers to something that does not exist, or a rule set is bad."""
 
 

@@ -35,6 +35,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import TypeAdapter, ValidationError
 
 from ostp_client.config import HeadlessRule, HeadlessRuleConfig, RuleSetConfig, strip_json_comments
+from ostp_client.errors import OstpClientError
 
 __all__ = [
     "DomainMatcher",
@@ -53,7 +54,7 @@ KEYWORD_AUTOMATON_MIN = 8
 """From this many keywords on, one Aho-Corasick pass replaces a substring test per keyword."""
 
 
-class RuleSetError(ValueError):
+class RuleSetError(OstpClientError, ValueError):
     """A rule-set file that cannot be read or is not valid; the message names the file."""
 
 

@@ -23,7 +23,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 if TYPE_CHECKING:
-    from ostp_client.daemon import Daemon
+    from ostp_client.running import RunningDaemon
 
 __all__ = ["Notifier", "daemon_status_text", "get_notifier"]
 
@@ -119,7 +119,7 @@ class Notifier:
             self._sock.close()
             self._sock = None
 
-    async def run(self, daemon: Daemon, *, task_status: TaskStatus[None]) -> None:
+    async def run(self, daemon: RunningDaemon, *, task_status: TaskStatus[None]) -> None:
         """READY=1 now (the caller knows the daemon serves), then STATUS and WATCHDOG pings
         until cancelled, STOPPING=1 at the end."""
         self.ready(daemon_status_text(daemon))
@@ -144,7 +144,7 @@ class Notifier:
             self.stopping()
 
 
-def daemon_status_text(daemon: Daemon) -> str:
+def daemon_status_text(daemon: RunningDaemon) -> str:
     """One line for `systemctl status`: each outbound's state and the live connections."""
     parts = []
     for tag, outbound in daemon.outbounds.items():

@@ -9,6 +9,7 @@ big-integer checksums of :mod:`ostp_netstack.checksum`.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import dpkt
@@ -56,86 +57,47 @@ _HEAD4 = 120
 _HEAD6 = 1024
 
 
+@dataclass(slots=True, eq=False)
 class TcpSegment:
     """A TCP segment with a verified checksum."""
 
-    __slots__ = (
-        "ack",
-        "dport",
-        "dst",
-        "flags",
-        "mss",
-        "payload",
-        "raw",
-        "seq",
-        "sport",
-        "src",
-        "version",
-        "window",
-        "wscale",
-    )
-
-    def __init__(
-        self,
-        version: int,
-        src: bytes,
-        dst: bytes,
-        sport: int,
-        dport: int,
-        seq: int,
-        ack: int,
-        flags: int,
-        window: int,
-        mss: int | None,
-        wscale: int | None,
-        payload: bytes,
-        raw: bytes,
-    ) -> None:
-        self.version = version
-        self.src = src
-        self.dst = dst
-        self.sport = sport
-        self.dport = dport
-        self.seq = seq
-        self.ack = ack
-        self.flags = flags
-        self.window = window
-        self.mss = mss
-        self.wscale = wscale
-        self.payload = payload
-        self.raw = raw
+    version: int
+    src: bytes
+    dst: bytes
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int
+    mss: int | None
+    wscale: int | None
+    payload: bytes
+    raw: bytes
 
 
+@dataclass(slots=True, eq=False)
 class UdpDatagram:
     """A UDP datagram with a verified (or absent, IPv4 only) checksum."""
 
-    __slots__ = ("dport", "dst", "payload", "sport", "src", "version")
-
-    def __init__(
-        self, version: int, src: bytes, dst: bytes, sport: int, dport: int, payload: bytes
-    ) -> None:
-        self.version = version
-        self.src = src
-        self.dst = dst
-        self.sport = sport
-        self.dport = dport
-        self.payload = payload
+    version: int
+    src: bytes
+    dst: bytes
+    sport: int
+    dport: int
+    payload: bytes
 
 
+@dataclass(slots=True, eq=False)
 class IcmpEcho:
     """An ICMP or ICMPv6 echo request."""
 
-    __slots__ = ("dst", "ident", "payload", "sequence", "src", "version")
-
-    def __init__(
-        self, version: int, src: bytes, dst: bytes, ident: int, sequence: int, payload: bytes
-    ) -> None:
-        self.version = version
-        self.src = src
-        self.dst = dst
-        self.ident = ident
-        self.sequence = sequence
-        self.payload = payload
+    version: int
+    src: bytes
+    dst: bytes
+    ident: int
+    sequence: int
+    payload: bytes
 
 
 Parsed = TcpSegment | UdpDatagram | IcmpEcho | Drop

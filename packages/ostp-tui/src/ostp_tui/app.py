@@ -35,12 +35,12 @@ from ostp_client.control.protocol import (
     LogLine,
     RouteTable,
     default_socket_path,
+    format_bytes,
     level_at_least,
 )
 from ostp_tui.source import Connector, DaemonLink, control_connector
 from ostp_tui.widgets import (
     OutboundPanel,
-    format_bytes,
     format_duration,
     format_rate,
     state_style,

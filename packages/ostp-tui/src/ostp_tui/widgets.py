@@ -9,7 +9,12 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Sparkline, Static
 
-from ostp_client.control.protocol import MemberStatus, OutboundStatus, SessionStatus
+from ostp_client.control.protocol import (
+    MemberStatus,
+    OutboundStatus,
+    SessionStatus,
+    format_bytes,
+)
 
 __all__ = ["HISTORY", "OutboundPanel", "format_duration", "format_rate", "state_style"]
 
@@ -27,14 +32,6 @@ STATE_STYLES = {
 
 def state_style(state: str) -> str:
     return STATE_STYLES.get(state.lower(), "bold")
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
 
 
 def format_rate(n: float) -> str:

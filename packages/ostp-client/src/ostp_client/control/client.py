@@ -44,6 +44,7 @@ from ostp_client.control.protocol import (
     encode,
     parse_server_message,
 )
+from ostp_client.errors import OstpClientError
 
 __all__ = [
     "ControlClient",
@@ -59,7 +60,7 @@ CONNECT_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 15.0
 
 
-class ControlError(Exception):
+class ControlError(OstpClientError):
     """The daemon answered a request with an error."""
 
     def __init__(self, code: str, message: str) -> None:
@@ -68,7 +69,7 @@ class ControlError(Exception):
         self.message = message
 
 
-class ControlConnectionError(ConnectionError):
+class ControlConnectionError(OstpClientError, ConnectionError):
     """No daemon at the socket, or the connection dropped."""
 
 

@@ -46,6 +46,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ostp_client.errors import OstpClientError
+
 __all__ = [
     "LEVELS",
     "MAX_LINE",
@@ -75,6 +77,7 @@ __all__ = [
     "SubscribeResult",
     "default_socket_path",
     "encode",
+    "format_bytes",
     "level_at_least",
     "parse_server_message",
 ]
@@ -111,6 +114,19 @@ class ErrorCode:
 
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+def format_bytes(n: float) -> str:
+    """A byte count (or rate) as people read it: `512 B`, `1.5 KiB`, ... up to GiB.
+
+    Here because both readers of `bytes_up`/`rate_up` (`ctl` and the TUI) may import this
+    module and nothing else of the client.
+    """
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
 
 
 def level_at_least(level: str, minimum: str) -> bool:
@@ -347,7 +363,7 @@ class SubscribeResult(_Msg):
 # codec
 
 
-class ProtocolError(Exception):
+class ProtocolError(OstpClientError):
     """A message from the peer that is not valid control protocol."""
 
 

@@ -8,20 +8,15 @@ not). A line that is not a valid request is answered with an error and the conne
 
 from __future__ import annotations
 
-import errno
 import functools
 import importlib.metadata
 import logging
 import os
 import signal
 import socket
-import stat
-import sys
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager, suppress
-from pathlib import Path
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -35,6 +30,8 @@ from pydantic import BaseModel, ValidationError
 from ostp_client.config import DEFAULT_TEST_URL, ConfigError, load_config
 from ostp_client.connections import is_connection_noise
 from ostp_client.control import pipes
+from ostp_client.control.listeners import open_control_listener
+from ostp_client.control.logs import LogRing, installed
 from ostp_client.control.protocol import (
     LEVELS,
     MAX_LINE,
@@ -49,11 +46,8 @@ from ostp_client.control.protocol import (
     Event,
     Hello,
     InboundStatus,
-    LogBatch,
-    LogLine,
     MemberStatus,
     OutboundStatus,
-    ProtocolError,
     ReloadResult,
     Request,
     Response,
@@ -63,24 +57,20 @@ from ostp_client.control.protocol import (
     SubscribeResult,
     default_socket_path,
     encode,
-    level_at_least,
-    parse_server_message,
 )
-from ostp_client.daemon import ReloadError
-from ostp_client.inbounds.base import StartError, os_reason
-from ostp_client.outbounds.base import OutboundError
+from ostp_client.errors import OstpClientError
+from ostp_client.flow import OutboundError
 from ostp_client.outbounds.group import GroupOutbound, SelectorOutbound, url_test
+from ostp_client.reload import ReloadError
 from ostp_client.sdnotify import get_notifier
 from ostp_client.serving import run_contained, serve_listener
 
 if TYPE_CHECKING:
-    from ostp_client.daemon import Daemon
+    from ostp_client.running import RunningDaemon
 
 __all__ = [
     "ControlServer",
-    "LogRing",
     "RequestFailed",
-    "open_control_listener",
     "reload_config",
     "serve_control",
 ]
@@ -94,7 +84,7 @@ SAMPLE_INTERVAL = 1.0
 MIN_INTERVAL_MS = 50
 
 
-class RequestFailed(Exception):
+class RequestFailed(OstpClientError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
@@ -102,94 +92,40 @@ class RequestFailed(Exception):
 
 
 # --------------------------------------------------------------------------------------------
-# logs
-
-
-class LogRing(logging.Handler):
-    """Keeps the last `capacity` log records as `LogLine`s (formatted once, when logged)."""
-
-    def __init__(self, capacity: int = 2000) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: deque[LogLine] = deque(maxlen=capacity)
-        self.seq = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            message = record.getMessage()
-            if record.exc_info and record.exc_info[1] is not None:
-                message += f" ({record.exc_info[1]!r})"
-        except Exception:  # a broken format string must not break logging
-            message = str(record.msg)
-        self.seq += 1
-        self.lines.append(
-            LogLine(
-                seq=self.seq,
-                time=record.created,
-                level=record.levelname.lower(),
-                logger=record.name,
-                message=message,
-            )
-        )
-
-    def since(self, after: int, level: str = "debug", limit: int | None = None) -> LogBatch:
-        """Lines with `seq > after` at `level` or above (the newest `limit` of them)."""
-        oldest = self.lines[0].seq if self.lines else self.seq + 1
-        dropped = max(0, oldest - after - 1) if after < self.seq else 0
-        lines = [
-            line for line in self.lines if line.seq > after and level_at_least(line.level, level)
-        ]
-        if limit is not None:
-            lines = lines[-limit:] if limit > 0 else []
-        return LogBatch(lines=lines, dropped=dropped)
-
-
-@contextmanager
-def _installed(handler: logging.Handler) -> Iterator[None]:
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-
-
-# --------------------------------------------------------------------------------------------
 # daemon data → protocol models
 
 
-def _num(raw: dict[str, Any], *keys: str) -> float | None:
-    for key in keys:
-        value = raw.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+def _num(raw: dict[str, Any], key: str) -> float | None:
+    value = raw.get(key)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
     return None
 
 
 def _session_from_raw(raw: dict[str, Any], default_id: str, now: float) -> dict[str, Any]:
-    """Lenient mapping of an outbound's `status()` dict (missing keys are fine)."""
-    uptime = _num(raw, "uptime")
-    since = _num(raw, "connected_since", "connected_at")
-    if uptime is None and since is not None:
-        uptime = max(0.0, now - since)
-    rtt = _num(raw, "rtt_ms")
-    if rtt is None and (seconds := _num(raw, "rtt")) is not None:
-        rtt = seconds * 1000
-    ident = raw.get("id", raw.get("index", default_id))
+    """Lenient mapping of an outbound's or a session's `status()` dict (missing keys are fine).
+
+    The keys are those `Outbound.status()` implementations write: `index` (a session),
+    `state`, `server`, `rtt_ms`, `bytes_up`, `bytes_down`, `connected_since` (Unix time),
+    `reconnects`, `replacements`, `mapped_address`, `datagram_size`, `kernel_drops`,
+    `socket_buffer`, `transport`. Rates are the server's own samples.
+    """
+    since = _num(raw, "connected_since")
     server = raw.get("server")
     mapped = raw.get("mapped_address")
     size = _num(raw, "datagram_size")
     transport = raw.get("transport")
     return {
-        "id": str(ident),
+        "id": str(raw.get("index", default_id)),
         "state": str(raw.get("state") or "ready"),
         "server": str(server) if server is not None else None,
-        "rtt_ms": rtt,
-        "bytes_up": int(_num(raw, "bytes_up", "bytes_sent") or 0),
-        "bytes_down": int(_num(raw, "bytes_down", "bytes_received") or 0),
-        "rate_up": _num(raw, "rate_up") or 0.0,
-        "rate_down": _num(raw, "rate_down") or 0.0,
-        "uptime": uptime,
-        "reconnects": int(_num(raw, "reconnects", "reconnect_count") or 0),
+        "rtt_ms": _num(raw, "rtt_ms"),
+        "bytes_up": int(_num(raw, "bytes_up") or 0),
+        "bytes_down": int(_num(raw, "bytes_down") or 0),
+        "rate_up": 0.0,
+        "rate_down": 0.0,
+        "uptime": max(0.0, now - since) if since is not None else None,
+        "reconnects": int(_num(raw, "reconnects") or 0),
         "replacements": int(_num(raw, "replacements") or 0),
         "mapped_address": str(mapped) if mapped is not None else None,
         "datagram_size": int(size) if size is not None else None,
@@ -240,7 +176,7 @@ def _daemon_version() -> str:
 # reload
 
 
-async def reload_config(daemon: Daemon, path: str | None) -> ReloadResult:
+async def reload_config(daemon: RunningDaemon, path: str | None) -> ReloadResult:
     """Validate the config at `path` and apply it to the running daemon (`Daemon.reload`).
 
     Outbounds, inbounds, routing, `mux` and `log.level` are applied live; `control` (and the
@@ -271,279 +207,6 @@ async def reload_config(daemon: Daemon, path: str | None) -> ReloadResult:
     return ReloadResult(
         message=message, applied=outcome.applied, needs_restart=outcome.needs_restart
     )
-
-
-# --------------------------------------------------------------------------------------------
-# listener
-
-
-def _prepare_unix_path(path: Path) -> bool:
-    """Create the socket's directory owner-only; refuse one that another user owns.
-
-    True when a socket file is already there (live or stale).
-    """
-    directory = path.parent
-    if not directory.exists():
-        directory.mkdir(mode=0o700, parents=True)
-        os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask
-    info = directory.stat()
-    if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        raise PermissionError(f"{directory} belongs to another user; not using it")
-    if (path.exists() or path.is_symlink()) and not stat.S_ISSOCK(path.lstat().st_mode):
-        raise FileExistsError(f"{path} exists and is not a socket")
-    return path.exists()
-
-
-HELLO_TIMEOUT = 2.0
-"""Seconds to wait for the Hello of a daemon found at our control socket (for its pid)."""
-
-
-def _hello_pid(line: bytes) -> int | None:
-    try:
-        message = parse_server_message(line)
-    except ProtocolError:
-        return None
-    return message.pid if isinstance(message, Hello) and message.pid > 0 else None
-
-
-def _in_use(path: str, pid: int | None) -> StartError:
-    who = f"a running daemon (pid {pid})" if pid else "another process"
-    return StartError(
-        f"control socket {path} is in use by {who}; stop it or set control.socket",
-        errno.EADDRINUSE,
-    )
-
-
-async def _refuse_if_live(path: Path) -> None:
-    """Raise `StartError` unless the socket file at `path` is stale.
-
-    Stale means nobody listens: connecting is refused (ECONNREFUSED). A daemon that answers
-    is named by its pid; any other outcome (EACCES, a full backlog...) cannot prove the
-    socket stale, so it is left alone too.
-    """
-    try:
-        stream = await anyio.connect_unix(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return
-    except OSError as exc:
-        raise StartError(
-            f"control socket {path} may be in use (connecting to it: {os_reason(exc)}); "
-            "stop the daemon that uses it or set control.socket",
-            exc.errno,
-        ) from exc
-    pid = None
-    unanswered = (
-        anyio.EndOfStream,
-        anyio.IncompleteRead,
-        anyio.DelimiterNotFound,
-        anyio.BrokenResourceError,
-        OSError,
-    )
-    async with stream:
-        with anyio.move_on_after(HELLO_TIMEOUT), suppress(*unanswered):
-            line = await BufferedByteReceiveStream(stream).receive_until(b"\n", MAX_LINE)
-            pid = _hello_pid(line)
-    raise _in_use(str(path), pid)
-
-
-async def open_control_listener(path: str) -> anyio.abc.Listener[anyio.abc.ByteStream]:
-    """Listen at `path`: a Unix socket (mode 0600 in a 0700 directory) or, on Windows, a pipe.
-
-    Raises `StartError` (one line) when it cannot, also when another daemon serves `path`;
-    a stale socket file (its daemon died) is replaced.
-    """
-    if sys.platform == "win32" or pipes.is_pipe_path(path):
-        return await open_pipe_listener(path)
-    sock_path = Path(path)
-    try:
-        exists = _prepare_unix_path(sock_path)
-    except OSError as exc:
-        raise StartError(f"control socket {path}: {os_reason(exc)}", exc.errno) from exc
-    if exists:
-        await _refuse_if_live(sock_path)
-        with suppress(FileNotFoundError):
-            os.unlink(sock_path)  # stale socket of a daemon that did not clean up
-    try:
-        return await anyio.create_unix_listener(sock_path, mode=0o600)
-    except OSError as exc:
-        raise StartError(
-            f"control socket {path} cannot listen: {os_reason(exc)}", exc.errno
-        ) from exc
-
-
-# --------------------------------------------------------------------------------------------
-# named pipes (Windows): the same protocol handling over `control.pipes`' blocking pipe ends
-
-MAX_PIPE_CLIENTS = 16
-"""Clients served at once over a pipe; more wait in the client's connect (ERROR_PIPE_BUSY)."""
-PIPE_READ_SIZE = 65536
-
-
-async def open_pipe_listener(path: str) -> PipeListener:
-    r"""Serve the pipe ``path`` (``\\.\pipe\NAME``), owner-only (see `control.pipes`).
-
-    Raises `StartError` like `open_control_listener`, naming the daemon that serves ``path``.
-    """
-    if not pipes.is_pipe_path(path):
-        raise StartError(
-            f"control socket {path}: on Windows, control.socket must be a named pipe like"
-            f" {_PIPE_EXAMPLE}"
-        )
-    try:
-        return PipeListener(pipes.create_pipe_server(path))
-    except FileExistsError as exc:
-        raise _in_use(path, await _pipe_daemon_pid(path)) from exc
-    except OSError as exc:
-        raise StartError(
-            f"control socket {path} cannot listen: {os_reason(exc)}", exc.errno
-        ) from exc
-
-
-async def _pipe_daemon_pid(path: str) -> int | None:
-    """The pid in the Hello of the daemon serving pipe ``path``; None if it says none."""
-    opened: list[pipes.PipeConnection] = []
-
-    def ask() -> int | None:
-        connection = pipes.connect_pipe(path, HELLO_TIMEOUT)
-        opened.append(connection)
-        data = b""
-        while b"\n" not in data and len(data) < MAX_LINE:
-            chunk = connection.read(PIPE_READ_SIZE)
-            if not chunk:
-                break
-            data += chunk
-        return _hello_pid(data.partition(b"\n")[0])
-
-    try:
-        with anyio.move_on_after(HELLO_TIMEOUT):
-            return await anyio.to_thread.run_sync(ask, abandon_on_cancel=True)
-    except OSError:  # not ours, gone meanwhile...
-        return None
-    finally:
-        for connection in opened:
-            connection.close()  # also ends a read the timeout abandoned
-    return None
-
-
-_PIPE_EXAMPLE = pipes.PIPE_PREFIX + "ostp-client-NAME"
-
-
-class PipeByteStream(anyio.abc.ByteStream):
-    """A connected pipe end as an anyio byte stream; its blocking calls run in worker threads.
-
-    A call that is cancelled cancels the pipe's I/O (the abandoned thread returns at once) and
-    leaves the stream broken: a control client is dropped, not resumed.
-    """
-
-    def __init__(self, connection: pipes.PipeConnection, limiter: anyio.CapacityLimiter) -> None:
-        self._connection = connection
-        self._limiter = limiter
-        self._closed = False
-        self._broken = False
-
-    async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
-        if self._closed:
-            raise anyio.ClosedResourceError
-        if self._broken:
-            raise anyio.BrokenResourceError
-        try:
-            return await anyio.to_thread.run_sync(
-                function, *args, abandon_on_cancel=True, limiter=self._limiter
-            )
-        except anyio.get_cancelled_exc_class():
-            self._broken = True
-            self._connection.cancel()
-            raise
-        except OSError as exc:
-            self._broken = True
-            raise anyio.BrokenResourceError from exc
-
-    async def receive(self, max_bytes: int = PIPE_READ_SIZE) -> bytes:
-        data: bytes = await self._call(self._connection.read, max_bytes)
-        if not data:
-            # also when another task closed the stream meanwhile (a subscription whose send
-            # failed): the reading loop ends as at EOF rather than with an error
-            raise anyio.EndOfStream
-        return data
-
-    async def send(self, item: bytes) -> None:
-        await self._call(self._connection.write, bytes(item))
-
-    async def send_eof(self) -> None:
-        raise NotImplementedError("a named pipe has no half-close")
-
-    async def aclose(self) -> None:
-        # synchronous on purpose: anyio.aclose_forcefully calls this in a cancelled scope
-        if not self._closed:
-            self._closed = True
-            self._connection.close()
-
-
-class PipeListener(anyio.abc.Listener[anyio.abc.ByteStream]):
-    """Accepts pipe clients one instance at a time, at most `max_clients` served at once."""
-
-    def __init__(self, server: pipes.PipeServer, *, max_clients: int = MAX_PIPE_CLIENTS) -> None:
-        self._server = server
-        self._slots = anyio.Semaphore(max_clients)
-        # own threads, so that idle clients' blocked reads never starve anyio's default pool
-        self._limiter = anyio.CapacityLimiter(2 * max_clients + 1)
-        self._closed = False
-
-    async def _accept(self) -> pipes.PipeConnection:
-        try:
-            connection: pipes.PipeConnection = await anyio.to_thread.run_sync(
-                self._server.accept, abandon_on_cancel=True, limiter=self._limiter
-            )
-        except anyio.get_cancelled_exc_class():
-            self._server.cancel()
-            raise
-        return connection
-
-    async def serve(
-        self,
-        handler: Callable[[anyio.abc.ByteStream], Any],
-        task_group: anyio.abc.TaskGroup | None = None,
-    ) -> None:
-        if task_group is None:
-            async with anyio.create_task_group() as tg:
-                await self._serve(handler, tg)
-        else:
-            await self._serve(handler, task_group)
-
-    async def _serve(
-        self, handler: Callable[[anyio.abc.ByteStream], Any], tg: anyio.abc.TaskGroup
-    ) -> None:
-        while not self.closed:
-            await self._slots.acquire()
-            try:
-                connection = await self._accept()
-            except OSError as exc:
-                self._slots.release()
-                if not self.closed:  # (closed: the loop ends)
-                    logger.warning("control pipe: accept failed: %s", exc)
-                    await anyio.sleep(0.5)
-                continue
-            except BaseException:
-                self._slots.release()
-                raise
-            tg.start_soon(self._run, handler, PipeByteStream(connection, self._limiter))
-
-    async def _run(
-        self, handler: Callable[[anyio.abc.ByteStream], Any], stream: PipeByteStream
-    ) -> None:
-        try:
-            await handler(stream)
-        finally:
-            self._slots.release()
-            await anyio.aclose_forcefully(stream)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    async def aclose(self) -> None:
-        self._closed = True
-        self._server.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,7 +260,7 @@ class ControlServer:
 
     def __init__(
         self,
-        daemon: Daemon,
+        daemon: RunningDaemon,
         path: str | None = None,
         *,
         config_path: str | None = None,
@@ -638,7 +301,7 @@ class ControlServer:
 
         Raises `StartError` when the socket cannot be served (e.g. another daemon has it).
         """
-        with _installed(self.logs):
+        with installed(self.logs):
             listener = await open_control_listener(self.path)  # StartError: the daemon stops
             identity = _inode(self.path)
             logger.info("control socket on %s", self.path)
@@ -725,10 +388,9 @@ class ControlServer:
                 raw = {"state": "error"}
             fields = _session_from_raw(raw, tag, now)
             fields["id"] = tag
-            if not any(k in raw for k in ("bytes_up", "bytes_sent")):
+            if "bytes_up" not in raw:
                 fields["bytes_up"], fields["bytes_down"] = totals.get(tag, (0, 0))
-            if not any(k in raw for k in ("rate_up",)):
-                fields["rate_up"], fields["rate_down"] = self.rates.get(tag)
+            fields["rate_up"], fields["rate_down"] = self.rates.get(tag)
             sessions = []
             for index, item in enumerate(raw.get("sessions") or ()):
                 if not isinstance(item, dict):
@@ -736,9 +398,8 @@ class ControlServer:
                 session = _session_from_raw(item, str(index), now)
                 if session["server"] is None:
                     session["server"] = fields["server"]
-                if "rate_up" not in item:
-                    key = f"{tag}/{session['id']}"
-                    session["rate_up"], session["rate_down"] = self.rates.get(key)
+                key = f"{tag}/{session['id']}"
+                session["rate_up"], session["rate_down"] = self.rates.get(key)
                 sessions.append(SessionStatus(**session))
             members = [
                 MemberStatus.model_validate(item)
@@ -1166,7 +827,7 @@ def _inode(path: str) -> tuple[int, int] | None:
 
 
 async def serve_control(
-    daemon: Daemon,
+    daemon: RunningDaemon,
     config_path: str | None = None,
     handle_sighup: bool = True,
     *,

@@ -15,7 +15,7 @@ from typing import Any
 from ostp_client.config import LocalProxyInboundConfig
 from ostp_client.connections import Dispatcher
 from ostp_client.inbounds.base import Inbound, ProxySettings
-from ostp_client.inbounds.local_proxy import LocalProxyInbound
+from ostp_client.inbounds.proxy.local_proxy import LocalProxyInbound
 
 __all__ = [
     "INBOUND_FACTORIES",
@@ -31,10 +31,10 @@ logger = logging.getLogger(__name__)
 
 InboundFactory = Callable[[Any, Dispatcher], Inbound]
 INBOUND_FACTORIES: dict[str, InboundFactory] = {}
-OPTIONAL_INBOUND_MODULES = ("ostp_client.tun.inbound",)
+OPTIONAL_INBOUND_MODULES = ("ostp_client.inbounds.tun.inbound",)
 # Which optional module provides a type: imported only when a config uses it, so a proxy-only
 # daemon does not load the netstack (idle memory).
-OPTIONAL_INBOUND_TYPES = {"tun": "ostp_client.tun.inbound"}
+OPTIONAL_INBOUND_TYPES = {"tun": "ostp_client.inbounds.tun.inbound"}
 
 
 def register_inbound(type_name: str, factory: InboundFactory) -> None:

@@ -11,11 +11,12 @@ import anyio
 from anyio.abc import TaskStatus
 
 from ostp_client.connections import Dispatcher
+from ostp_client.errors import OstpClientError
 
 __all__ = ["Inbound", "ProxySettings", "StartError", "check_user", "os_reason"]
 
 
-class StartError(OSError):
+class StartError(OstpClientError, OSError):
     """A part of the daemon could not start: an inbound's listener (a busy port), the TUN
     device, the control socket. The message is one line that names the part and where, e.g.
     ``inbound "proxy-in" cannot listen on 127.0.0.1:1088: address already in use``; the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ostp_client.hostport import format_host_port
 from ostp_client.nat.errors import StunParseError
 from ostp_client.nat.events import BindingFailed, BindingSucceeded, NatEvent
 from ostp_client.nat.stun import (
@@ -73,5 +74,4 @@ class BindingClient:
 
 
 def _fmt(address: Address) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_host_port(address[0], address[1])

@@ -1,7 +1,9 @@
 """Exceptions of the NAT traversal package, split as h11 does (STYLE.md)."""
 
+from ostp_client.errors import OstpClientError
 
-class NatError(Exception):
+
+class NatError(OstpClientError):
     """Base class of every error this package raises."""
 
 

@@ -14,6 +14,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ostp_client.hostport import format_host_port
 from ostp_client.nat.config import TurnConfig
 from ostp_client.nat.errors import LocalNatError, StunParseError
 from ostp_client.nat.events import (
@@ -449,5 +450,4 @@ class TurnClient:
 
 
 def _fmt(address: Address) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_host_port(address[0], address[1])

@@ -19,7 +19,7 @@ from ostp_client.config import (
     ClientConfig,
     DirectOutboundConfig,
 )
-from ostp_client.outbounds.base import (
+from ostp_client.flow import (
     Address,
     Blocked,
     ConnContext,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio.abc
 
 from ostp_client.config import BlockOutboundConfig
-from ostp_client.outbounds.base import Address, Blocked, ConnContext, Outbound, UdpOutboundSession
+from ostp_client.flow import Address, Blocked, ConnContext, Outbound, UdpOutboundSession
 
 __all__ = ["BlockOutbound"]
 

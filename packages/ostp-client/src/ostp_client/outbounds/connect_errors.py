@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from ostp_client.outbounds.base import (
+from ostp_client.flow import (
     Blocked,
     ConnectionRefused,
     ConnectTimeout,

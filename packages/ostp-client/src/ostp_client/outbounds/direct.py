@@ -3,9 +3,9 @@
 TCP goes through `anyio.connect_tcp`, which does RFC 8305 happy eyeballs when given a name with
 addresses of both families; when the sockets must carry a routing mark (the outbound's
 `routing_mark`, else the one a TUN inbound with `auto_route` set: see
-`ostp_client.tun.bypass`), through `ostp_client.outbounds.happy_eyeballs`, which sets it before
+`ostp_client.net.bypass`), through `ostp_client.outbounds.happy_eyeballs`, which sets it before
 `connect()` and does the same racing. With a mark, names are resolved by
-`ostp_client.resolver.StubResolver`, whose DNS queries carry the mark too (the system
+`ostp_client.dns.resolver.StubResolver`, whose DNS queries carry the mark too (the system
 resolver's would enter the TUN, and with ``fake_ip`` come back fake). UDP uses one unconnected
 socket per association (dual-stack IPv6 when the system has IPv6, IPv4 otherwise), marked the
 same way. OS errors are mapped to `OutboundError`s here, in one place.
@@ -24,8 +24,8 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 
 from ostp_client.config import DirectOutboundConfig
-from ostp_client.outbounds import happy_eyeballs
-from ostp_client.outbounds.base import (
+from ostp_client.dns.resolver import ResolveError, StubResolver
+from ostp_client.flow import (
     Address,
     ConnContext,
     ConnectionRefused,
@@ -37,8 +37,8 @@ from ostp_client.outbounds.base import (
     OutboundError,
     UdpOutboundSession,
 )
-from ostp_client.resolver import ResolveError, StubResolver
-from ostp_client.tun.bypass import apply_bypass, inside_tunnel, routing_mark
+from ostp_client.net.bypass import apply_bypass, inside_tunnel, routing_mark
+from ostp_client.outbounds import happy_eyeballs
 
 __all__ = ["DirectOutbound", "DirectUdpSession", "map_os_error"]
 

@@ -48,8 +48,7 @@ from ostp_client.config import (
     SelectorOutboundConfig,
     UrlTestOutboundConfig,
 )
-from ostp_client.outbounds import OutboundContext, register_outbound
-from ostp_client.outbounds.base import (
+from ostp_client.flow import (
     Address,
     ConnContext,
     ConnectTimeout,
@@ -58,6 +57,7 @@ from ostp_client.outbounds.base import (
     OutboundError,
     UdpOutboundSession,
 )
+from ostp_client.outbounds import OutboundContext, register_outbound
 
 __all__ = [
     "GroupOutbound",

@@ -3,13 +3,12 @@
 `anyio.connect_tcp` creates and connects its sockets in one step, so an option that must be
 set before the SYN leaves (``SO_MARK``: the SYN is already routed) cannot be applied through
 it. This connects itself: RFC 8305 ordering and staggering over the resolved addresses, each
-socket marked (`ostp_client.tun.bypass.apply_bypass`) and bound before its ``connect()``.
+socket marked (`ostp_client.net.bypass.apply_bypass`) and bound before its ``connect()``.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from ostp_client.tun.bypass import apply_bypass
+from ostp_client.net.tcp import connect_marked
 
 __all__ = ["CONNECTION_ATTEMPT_DELAY", "connect_tcp", "interleave"]
 
@@ -58,27 +57,7 @@ async def _resolve(host: str, port: int, family: int) -> list[_Target]:
 async def _connect_one(
     family: int, sockaddr: tuple[Any, ...], local_host: str | None, mark: int | None
 ) -> anyio.abc.SocketStream:
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        apply_bypass(sock, mark)  # before connect(): the SYN is routed by the mark
-        if local_host is not None:
-            sock.bind((local_host, 0))
-        try:
-            sock.connect(sockaddr)
-            pending = False
-        except BlockingIOError:
-            pending = True
-        if pending:
-            await anyio.wait_writable(sock)
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if error:
-                raise OSError(error, f"{os.strerror(error)}: {sockaddr[0]}")
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return await anyio.abc.SocketStream.from_socket(sock)
-    except BaseException:
-        sock.close()
-        raise
+    return await connect_marked(family, sockaddr, local_host, mark)
 
 
 async def connect_tcp(

@@ -41,6 +41,15 @@ import anyio.abc
 from anyio.abc import TaskStatus
 
 from ostp_client.config import REALITY_DEFAULT_SNI, OstpOutboundConfig
+from ostp_client.flow import (
+    Address,
+    ConnContext,
+    ConnectTimeout,
+    GeneralFailure,
+    Outbound,
+    OutboundError,
+    UdpOutboundSession,
+)
 from ostp_client.nat import (
     AllocationSucceeded,
     BindingFailed,
@@ -54,22 +63,13 @@ from ostp_client.nat import (
     TurnRefreshed,
 )
 from ostp_client.nat.stun import CHANNEL_DATA_HEADER
+from ostp_client.net.batch import BatchSocket, SocketBuffers, first_hop_payload, udp_overhead
 from ostp_client.outbounds import OutboundContext, register_outbound
-from ostp_client.outbounds.base import (
-    Address,
-    ConnContext,
-    ConnectTimeout,
-    GeneralFailure,
-    Outbound,
-    OutboundError,
-    UdpOutboundSession,
-)
 from ostp_client.outbounds.connect_errors import error_from_reason
 from ostp_client.transport import DatagramTransport, TransportError
 from ostp_client.transport.stream import RealityOptions, StreamOptions, StreamTransport, open_stream
 from ostp_client.transport.udp import SOCKET_BUFFER, UdpTransport, open_udp_socket
 from ostp_client.transport.udp import NatSocket as _NatSocket
-from ostp_client.udp import BatchSocket, SocketBuffers, first_hop_payload, udp_overhead
 from ostp_proto import (
     ClientConnection,
     Close,

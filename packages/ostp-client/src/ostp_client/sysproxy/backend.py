@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ostp_client.errors import OstpClientError
+
 Values = Mapping[str, str | None]
 """Backend key -> encoded value, ``None`` meaning absent (delete / reset on write)."""
 
@@ -36,7 +38,7 @@ WinINet only and dropped elsewhere.
 _BAD_HOST_CHARS = frozenset(" ;,'\"\t\r\n")
 
 
-class SystemProxyError(Exception):
+class SystemProxyError(OstpClientError):
     """A system proxy setting could not be read or written (message says which and why)."""
 
 

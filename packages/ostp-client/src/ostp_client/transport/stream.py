@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import anyio
 
+from ostp_client.net.bypass import apply_bypass
 from ostp_client.transport import TransportError
-from ostp_client.tun.bypass import apply_bypass
 from ostp_proto import LocalProtocolError, RemoteProtocolError
 from ostp_proto.transport import (
     DatagramStream,

@@ -5,9 +5,13 @@ unchanged), or, in fake-IP mode, A/AAAA questions are answered here with an addr
 reserved range that maps back to the name; a connection to that address is then routed by
 name, so domain rules apply to TUN traffic.
 
-`parse_query` and `parse_response` face the network: bad input raises `DnsFormatError` only.
-`build_query` and `parse_response` also serve the `direct` outbound's stub resolver
-(`ostp_client.resolver`).
+`parse_query` faces the network: bad input raises `DnsFormatError` only.
+
+Hand-written rather than dnspython (which `ostp_client.dns.resolver` uses): this runs for every
+hijacked query on the TUN's path and needs only the question and a few A/AAAA records, echoing
+the question's bytes unchanged; a fixed header, one name and `struct` do that without building
+a full message object per query, and its only failure is `DnsFormatError` (fuzzed by
+``fuzz/dns_message.py``). Sans-IO: no sockets, no clock.
 """
 
 from __future__ import annotations
@@ -18,34 +22,28 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ostp_client.errors import OstpClientError
+
 __all__ = [
     "CLASS_IN",
-    "RCODE_NXDOMAIN",
     "TYPE_A",
     "TYPE_AAAA",
-    "TYPE_CNAME",
     "DnsFormatError",
     "DnsQuery",
-    "DnsRecord",
-    "DnsResponse",
     "FakeIpPool",
     "build_answer",
     "build_error",
-    "build_query",
     "parse_query",
-    "parse_response",
 ]
 
 TYPE_A = 1
 TYPE_AAAA = 28
-TYPE_CNAME = 5
 CLASS_IN = 1
 RCODE_FORMERR = 1  # RFC 1035 §4.1.1
 RCODE_SERVFAIL = 2
 RCODE_NXDOMAIN = 3
 _QR = 0x8000
 _OPCODE_MASK = 0x7800
-_TC = 0x0200
 _RD = 0x0100
 _RA = 0x0080
 _HEADER = struct.Struct("!HHHHHH")
@@ -56,7 +54,7 @@ _MAX_LABEL = 63
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class DnsFormatError(ValueError):
+class DnsFormatError(OstpClientError, ValueError):
     """Not a DNS query this module can read."""
 
 
@@ -129,106 +127,6 @@ def parse_query(data: bytes) -> DnsQuery:
     qtype, qclass = struct.unpack_from("!HH", data, offset)
     question = data[_HEADER.size : offset + 4]
     return DnsQuery(ident, flags, name, qtype, qclass, question, qdcount)
-
-
-@dataclass(frozen=True, slots=True)
-class DnsRecord:
-    """An answer record of class IN: A/AAAA carry ``address``, CNAME ``target``."""
-
-    name: str
-    """Lower-case, without the trailing dot."""
-    rtype: int
-    ttl: int
-    address: IPAddress | None = None
-    target: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DnsResponse:
-    """A parsed response: header fields, its question as on the wire, its answer records.
-
-    Records of other types or classes are left out; authority and additional sections are not
-    read.
-    """
-
-    id: int
-    flags: int
-    name: str
-    """The question's name, lower-case, without the trailing dot."""
-    question: bytes
-    answers: tuple[DnsRecord, ...]
-
-    @property
-    def rcode(self) -> int:
-        return self.flags & 0xF
-
-    @property
-    def truncated(self) -> bool:
-        return bool(self.flags & _TC)
-
-
-def build_query(ident: int, name: str, qtype: int) -> bytes:
-    """A recursive query (RD set) for ``name``; raises ValueError for a name that cannot be
-    encoded (RFC 1035 §2.3.4 limits, non-ASCII: IDNA is the caller's business)."""
-    stripped = name.rstrip(".")
-    labels = stripped.split(".") if stripped else []
-    wire = bytearray()
-    for label in labels:
-        raw = label.encode("ascii")
-        if not 0 < len(raw) <= _MAX_LABEL:
-            raise ValueError(f"bad label in DNS name {name!r}")
-        wire += bytes([len(raw)]) + raw
-    wire += b"\0"
-    if len(wire) > _MAX_NAME:
-        raise ValueError(f"DNS name too long: {name!r}")
-    return (
-        _HEADER.pack(ident & 0xFFFF, _RD, 1, 0, 0, 0)
-        + bytes(wire)
-        + struct.pack("!HH", qtype, CLASS_IN)
-    )
-
-
-def parse_response(data: bytes) -> DnsResponse:
-    """Parse a response's header, first question and answer section; raise `DnsFormatError`."""
-    if len(data) < _HEADER.size:
-        raise DnsFormatError("shorter than a DNS header")
-    ident, flags, qdcount, ancount, _ns, _ar = _HEADER.unpack_from(data)
-    if not flags & _QR:
-        raise DnsFormatError("a query, not a response")
-    if qdcount != 1:
-        raise DnsFormatError("not exactly one question")
-    qname, offset = _read_name(data, _HEADER.size)
-    if offset + 4 > len(data):
-        raise DnsFormatError("truncated question")
-    question = data[_HEADER.size : offset + 4]
-    offset += 4
-    answers: list[DnsRecord] = []
-    for _ in range(ancount):
-        name, offset = _read_name(data, offset)
-        if offset + _RR.size > len(data):
-            raise DnsFormatError("truncated record")
-        rtype, rclass, ttl, rdlength = _RR.unpack_from(data, offset)
-        offset += _RR.size
-        end = offset + rdlength
-        if end > len(data):
-            raise DnsFormatError("record data runs past the end")
-        if ttl & 0x80000000:  # RFC 2181 §8: a TTL with the top bit set means 0
-            ttl = 0
-        if rclass == CLASS_IN:
-            rdata = data[offset:end]
-            if rtype == TYPE_A and rdlength == 4:
-                answers.append(DnsRecord(name, rtype, ttl, address=ipaddress.IPv4Address(rdata)))
-            elif rtype == TYPE_AAAA and rdlength == 16:
-                answers.append(DnsRecord(name, rtype, ttl, address=ipaddress.IPv6Address(rdata)))
-            elif rtype in (TYPE_A, TYPE_AAAA):
-                raise DnsFormatError("address record of the wrong length")
-            elif rtype == TYPE_CNAME:
-                target, after = _read_name(data, offset)
-                if after != end:
-                    raise DnsFormatError("CNAME data of the wrong length")
-                answers.append(DnsRecord(name, rtype, ttl, target=target))
-        offset = end
-    return DnsResponse(ident, flags, qname, question, tuple(answers))
 
 
 def build_answer(query: DnsQuery, addresses: Iterable[IPAddress], ttl: int = 1) -> bytes:

@@ -26,7 +26,8 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ostp_client.tun.device import TunDevice
+from ostp_client.errors import OstpClientError
+from ostp_client.inbounds.tun.device import TunDevice
 
 __all__ = [
     "RULE_PRIORITY",
@@ -163,7 +164,7 @@ class LinuxTun(TunDevice):
 # addresses and routes
 
 
-class IpCommandError(OSError):
+class IpCommandError(OstpClientError, OSError):
     """An ``ip`` command failed; the message has its stderr."""
 
 
@@ -192,7 +193,7 @@ def plan_policy_routing(
     - ``priority``: ``lookup main suppress_prefixlength 0``: the main table's specific routes
       (LAN, the device's own networks, fake-IP ranges) still apply; its default routes do not;
     - ``priority + 1``: ``not fwmark MARK lookup TABLE``: everything else unmarked goes into the
-      tunnel. The daemon's own sockets carry ``MARK`` (`ostp_client.tun.bypass`), skip this rule
+      tunnel. The daemon's own sockets carry ``MARK`` (`ostp_client.net.bypass`), skip this rule
       and reach the main table's default routes at 32766.
     """
     families = ["-4", "-6"] if ipv6 else ["-4"]

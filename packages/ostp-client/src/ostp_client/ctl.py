@@ -25,20 +25,13 @@ from ostp_client.control.protocol import (
     LogBatch,
     RouteTable,
     default_socket_path,
+    format_bytes,
 )
 
-__all__ = ["format_bytes", "format_table"]
+__all__ = ["format_table"]
 
 EXIT_REFUSED = 1
 EXIT_NO_DAEMON = 3
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

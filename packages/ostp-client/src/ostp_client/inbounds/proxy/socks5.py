@@ -20,8 +20,8 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 
 from ostp_client.connections import EXPECTED_STREAM_ERRORS, Dispatcher, relay_streams
-from ostp_client.inbounds.base import ProxySettings, check_user
-from ostp_client.outbounds.base import (
+from ostp_client.errors import OstpClientError
+from ostp_client.flow import (
     Address,
     Blocked,
     ConnContext,
@@ -33,6 +33,7 @@ from ostp_client.outbounds.base import (
     OutboundError,
     UdpOutboundSession,
 )
+from ostp_client.inbounds.base import ProxySettings, check_user
 
 __all__ = [
     "ATYP_DOMAIN",
@@ -100,7 +101,7 @@ def reply_for_error(exc: OutboundError) -> int:
     return REP_GENERAL_FAILURE
 
 
-class Socks5Error(Exception):
+class Socks5Error(OstpClientError):
     """The client sent something we cannot accept; `reply` is the code to answer with, or
     None to close without a reply (a sub-negotiation that is not RFC 1929's)."""
 

@@ -21,7 +21,8 @@ import anyio
 import anyio.abc
 from anyio.abc import TaskStatus
 
-from ostp_client.config import parse_host_port
+from ostp_client.errors import OstpClientError
+from ostp_client.hostport import format_host_port, parse_host_port
 
 __all__ = [
     "Address",
@@ -78,9 +79,7 @@ class Address:
 
     def __str__(self) -> str:
         """Socket-address text: `1.2.3.4:443`, `example.com:443`, `[2001:db8::1]:443` (§8)."""
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return format_host_port(self.host, self.port)
 
     @classmethod
     def parse(cls, text: str, default_port: int | None = None) -> Address:
@@ -141,7 +140,7 @@ class ConnContext:
         }
 
 
-class OutboundError(Exception):
+class OutboundError(OstpClientError):
     """A connection could not be made through an outbound. The message is for logs."""
 
 

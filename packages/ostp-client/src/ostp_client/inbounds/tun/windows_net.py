@@ -1,6 +1,6 @@
 """Windows: the TUN adapter's addresses, MTU and the routes ``auto_route`` installs.
 
-What Linux does with ``ip`` (`ostp_client.tun.linux.RouteManager`), done here with the IP
+What Linux does with ``ip`` (`ostp_client.inbounds.tun.linux.RouteManager`), done here with the IP
 Helper API (iphlpapi.dll through ctypes, as wireguard-windows' ``winipcfg`` does it), because its
 calls take and return structures rather than localised text to parse (``netsh`` / ``route print``
 output is translated):
@@ -21,7 +21,7 @@ Windows has no policy routing, so ``auto_route`` works by prefix length and metr
    them. The TUN's interface metric is set to the lowest too. IPv6 routes are installed even
    when the TUN has no IPv6 address, so IPv6 cannot go around the tunnel;
 3. the daemon's own sockets are pinned to the physical interface with ``IP_UNICAST_IF`` /
-   ``IPV6_UNICAST_IF`` (`ostp_client.tun.bypass.set_unicast_interface`, as sing-box does for
+   ``IPV6_UNICAST_IF`` (`ostp_client.net.bypass.set_unicast_interface`, as sing-box does for
    its outbound sockets), so a server whose address changes later is still reached directly.
 
 Every route added is first written to a small JSON state file; :meth:`WindowsRouteManager.restore`
@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ostp_client.tun import bypass
+from ostp_client.errors import OstpClientError
+from ostp_client.net import bypass
 
 __all__ = [
     "IpHelper",
@@ -94,7 +95,7 @@ PROBES: dict[int, IPAddress] = {
 STATE_VERSION = 1
 
 
-class IpHelperError(OSError):
+class IpHelperError(OstpClientError, OSError):
     """An IP Helper call failed (``errno`` holds its Win32 error code)."""
 
 
@@ -489,8 +490,8 @@ def _read_state(path: Path) -> list[Route]:
 class WindowsRouteManager:
     """Configures the Wintun adapter and installs ``auto_route``; :meth:`restore` undoes it.
 
-    The method names match `ostp_client.tun.linux.RouteManager`, so the inbound drives both the
-    same way; Linux's routing table and mark have no meaning here and are ignored.
+    The method names match `ostp_client.inbounds.tun.linux.RouteManager`, so the inbound drives
+    both the same way; Linux's routing table and mark have no meaning here and are ignored.
     """
 
     api: NetConfigApi

@@ -8,7 +8,7 @@ Wintun's API (wintun.h): `WintunCreateAdapter(name, tunnel_type, guid)` →
 drive this code with a fake DLL backed by real ctypes memory.
 
 `WintunGetAdapterLUID` names the adapter for the IP Helper API: its MTU, metric, addresses and
-the routes of ``auto_route`` are set by `ostp_client.tun.windows_net.WindowsRouteManager`
+the routes of ``auto_route`` are set by `ostp_client.inbounds.tun.windows_net.WindowsRouteManager`
 (:meth:`WintunDevice.route_manager`). When the adapter is closed (or the process dies), Windows
 removes it together with its addresses and routes.
 """
@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
-from ostp_client.tun.device import TunDevice
+from ostp_client.errors import OstpClientError
+from ostp_client.inbounds.tun.device import TunDevice
 
 if TYPE_CHECKING:
-    from ostp_client.tun.windows_net import WindowsRouteManager
+    from ostp_client.inbounds.tun.windows_net import WindowsRouteManager
 
 __all__ = ["WintunDevice", "WintunError", "load_wintun"]
 
@@ -39,7 +40,7 @@ WAIT_TIMEOUT_MS = 250
 """The worker thread wakes this often, so that cancellation is noticed."""
 
 
-class WintunError(OSError):
+class WintunError(OstpClientError, OSError):
     """wintun.dll is missing or one of its calls failed."""
 
 
@@ -122,7 +123,7 @@ class WintunDevice(TunDevice):
 
     def route_manager(self, api: Any = None, **kwargs: Any) -> WindowsRouteManager:
         """A `WindowsRouteManager` for this adapter, over ``api`` (default: iphlpapi.dll)."""
-        from ostp_client.tun.windows_net import (  # noqa: PLC0415
+        from ostp_client.inbounds.tun.windows_net import (  # noqa: PLC0415
             IpHelper,
             WindowsRouteManager,
             load_iphlpapi,

@@ -31,7 +31,7 @@ import anyio
 import anyio.abc
 from anyio.abc import TaskStatus
 
-from ostp_client.config import TunInboundConfig, parse_host_port
+from ostp_client.config import TunInboundConfig
 from ostp_client.connections import (
     EXPECTED_STREAM_ERRORS,
     READ_SIZE,
@@ -39,20 +39,7 @@ from ostp_client.connections import (
     is_connection_noise,
     reset_on_close,
 )
-from ostp_client.inbounds import register_inbound
-from ostp_client.inbounds.base import Inbound
-from ostp_client.outbounds.base import Address, ConnContext, OutboundError, UdpOutboundSession
-from ostp_client.serving import run_contained
-from ostp_client.tun.bypass import (
-    BypassError,
-    apply_bypass,
-    clear_routing_mark,
-    clear_tunnel_networks,
-    set_routing_mark,
-    set_tunnel_networks,
-)
-from ostp_client.tun.device import TunDevice
-from ostp_client.tun.dns import (
+from ostp_client.dns.codec import (
     CLASS_IN,
     TYPE_A,
     TYPE_AAAA,
@@ -62,6 +49,20 @@ from ostp_client.tun.dns import (
     build_error,
     parse_query,
 )
+from ostp_client.flow import Address, ConnContext, OutboundError, UdpOutboundSession
+from ostp_client.hostport import parse_host_port
+from ostp_client.inbounds import register_inbound
+from ostp_client.inbounds.base import Inbound
+from ostp_client.inbounds.tun.device import TunDevice
+from ostp_client.net.bypass import (
+    BypassError,
+    apply_bypass,
+    clear_routing_mark,
+    clear_tunnel_networks,
+    set_routing_mark,
+    set_tunnel_networks,
+)
+from ostp_client.serving import run_contained
 from ostp_netstack import (
     Endpoint,
     LocalProtocolError,
@@ -131,10 +132,10 @@ class _Udp:
 
 def _open_platform_device(config: TunInboundConfig) -> TunDevice:
     if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
-        from ostp_client.tun.wintun import WintunDevice  # noqa: PLC0415
+        from ostp_client.inbounds.tun.wintun import WintunDevice  # noqa: PLC0415
 
         return WintunDevice.create(config.name, mtu=config.mtu)
-    from ostp_client.tun.linux import LinuxTun  # noqa: PLC0415
+    from ostp_client.inbounds.tun.linux import LinuxTun  # noqa: PLC0415
 
     return LinuxTun(config.name, offload=config.offload)
 
@@ -202,7 +203,7 @@ class TunInbound(Inbound):
         """The OSTP servers' addresses (resolved now) and the configured `exclude_routes`.
 
         The servers' entries are only a fallback: the sessions' sockets carry the routing mark
-        (`ostp_client.tun.bypass`) and reach the server whatever its address resolves to later.
+        (`ostp_client.net.bypass`) and reach the server whatever its address resolves to later.
         The exclusions keep an outbound that does not mark its sockets out of the tunnel, at
         the addresses known at start; a name that does not resolve now is logged, not fatal.
         """
@@ -243,12 +244,12 @@ class TunInbound(Inbound):
         try:
             if self._configure_system and sys.platform in ("linux", "win32"):
                 if sys.platform == "win32":  # pragma: no cover - Windows only
-                    from ostp_client.tun.wintun import WintunDevice  # noqa: PLC0415
+                    from ostp_client.inbounds.tun.wintun import WintunDevice  # noqa: PLC0415
 
                     assert isinstance(device, WintunDevice)
                     routes = device.route_manager()  # IP Helper; see tun.windows_net
                 else:
-                    from ostp_client.tun.linux import RouteManager  # noqa: PLC0415
+                    from ostp_client.inbounds.tun.linux import RouteManager  # noqa: PLC0415
 
                     routes = RouteManager(device.name)
                 routes.configure(config.mtu, config.address)

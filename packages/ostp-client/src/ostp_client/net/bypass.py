@@ -2,13 +2,13 @@
 
 With ``auto_route`` the TUN inbound sends every packet that does *not* carry the routing mark
 to its own routing table, whose default routes lead into the device (policy routing, as
-wg-quick and sing-box do it; see `ostp_client.tun.linux.PolicyRouting`). A socket the daemon
-opens towards the outside world (the `direct` outbound, the ostp sessions' UDP sockets, DNS
+wg-quick and sing-box do it; see `ostp_client.inbounds.tun.linux.PolicyRouting`). A socket the
+daemon opens towards the outside world (the `direct` outbound, the ostp sessions' UDP sockets, DNS
 forwarded to `direct`) is given that mark with ``SO_MARK`` before it connects or sends, so the
 kernel looks it up in the main table and it never loops back into the tunnel.
 
 On Windows there is no mark: the TUN's routes are longer than the default route instead (see
-`ostp_client.tun.windows_net`), and :func:`apply_bypass` pins the socket to the physical
+`ostp_client.inbounds.tun.windows_net`), and :func:`apply_bypass` pins the socket to the physical
 interface with ``IP_UNICAST_IF`` / ``IPV6_UNICAST_IF`` (ws2ipdef.h; sing-box's outbound sockets
 do the same), whose index :func:`set_unicast_interface` set when the routes went in.
 
@@ -26,6 +26,8 @@ import struct
 import sys
 from collections.abc import Iterable
 from typing import Protocol
+
+from ostp_client.errors import OstpClientError
 
 __all__ = [
     "BypassError",
@@ -58,7 +60,7 @@ _tunnel_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 _unicast_if: tuple[int | None, int | None] | None = None
 
 
-class BypassError(OSError):
+class BypassError(OstpClientError, OSError):
     """A socket could not be given the routing mark (it would loop into the TUN)."""
 
 

@@ -10,11 +10,11 @@ from anyio.abc import SocketAttribute, TaskStatus
 
 from ostp_client.config import LocalProxyInboundConfig
 from ostp_client.connections import READ_SIZE, Dispatcher, is_connection_noise, reset_on_close
+from ostp_client.flow import Address, ConnContext
 from ostp_client.inbounds.base import Inbound, ProxySettings, StartError, os_reason
-from ostp_client.inbounds.http_proxy import handle_http
-from ostp_client.inbounds.socks5 import VERSION as SOCKS5_VERSION
-from ostp_client.inbounds.socks5 import handle_socks5
-from ostp_client.outbounds.base import Address, ConnContext
+from ostp_client.inbounds.proxy.http import handle_http
+from ostp_client.inbounds.proxy.socks5 import VERSION as SOCKS5_VERSION
+from ostp_client.inbounds.proxy.socks5 import handle_socks5
 from ostp_client.serving import serve_listener
 
 __all__ = ["LocalProxyInbound"]

@@ -32,14 +32,15 @@ from ostp_client.connections import (
     relay_streams,
     reset_on_close,
 )
-from ostp_client.inbounds.base import ProxySettings, check_user
-from ostp_client.outbounds.base import (
+from ostp_client.errors import OstpClientError
+from ostp_client.flow import (
     Address,
     Blocked,
     ConnContext,
     ConnectTimeout,
     OutboundError,
 )
+from ostp_client.inbounds.base import ProxySettings, check_user
 
 __all__ = [
     "HttpProxyError",
@@ -73,7 +74,7 @@ HOP_BY_HOP = frozenset(
 Headers = list[tuple[bytes, bytes]]
 
 
-class HttpProxyError(ValueError):
+class HttpProxyError(OstpClientError, ValueError):
     """A request the proxy cannot serve; `status` is the HTTP status to answer with."""
 
     def __init__(self, status: int, message: str) -> None:

@@ -1,0 +1,3 @@
+"""DNS: the message codec (`codec`, sans-IO) and the stub resolver (`resolver`) whose sockets
+bypass the TUN device.
+"""
