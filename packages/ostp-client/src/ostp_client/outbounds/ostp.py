@@ -444,6 +444,9 @@ class _Session:
         self.transport_switches = 0
         """Times the session moved to another transport (or a new TCP connection) while live."""
         self._resumed_at = -math.inf
+        self._switched_at = -math.inf
+        """When the session last moved to another transport: health judges the new path from
+        then on (its Pings were answered, or not, on the old one)."""
         # transport "auto" (docs: README, "Transports"; protocol-deviations.md)
         self._udp_blocked = False
         """``auto``: UDP did not pass lately; attempts start on TCP and a probe looks for UDP."""
@@ -712,6 +715,7 @@ class _Session:
             self._retire(old)
         conn.reliable_transport = new.reliable
         now = time.monotonic()
+        self._switched_at = now
         conn.path_changed(now)
         self._fit_path(conn, now)
         self.transport_switches += 1
@@ -1061,7 +1065,7 @@ class _Session:
             # here would race that move and reset them. Over TCP this check applies.
             return None
         interval = self.outbound.keepalive_interval
-        since = max(self._rtt_sampled_at(conn), self._paused_at)
+        since = max(self._rtt_sampled_at(conn), self._paused_at, self._switched_at)
         return since + SILENT_PING_INTERVALS * interval
 
     def connect_answered(self) -> None:
