@@ -24,6 +24,7 @@ from .events import (
     ExtensionsNegotiated,
     HandshakeCompleted,
     RelayMessageReceived,
+    Termination,
 )
 from .frames import FrameKind, PaddingPolicy, Profile
 from .keys import Secrets, derive_secrets, split_transport_keys
@@ -92,6 +93,7 @@ __all__ = [
     "ServerAcceptor",
     "ServerConnection",
     "State",
+    "Termination",
     "UdpAssociate",
     "UdpData",
     "WindowUpdate",

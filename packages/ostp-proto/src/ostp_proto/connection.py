@@ -33,6 +33,7 @@ from .events import (
     ExtensionsNegotiated,
     HandshakeCompleted,
     RelayMessageReceived,
+    Termination,
 )
 from .frames import (
     DATAGRAM_OVERHEAD,
@@ -536,7 +537,7 @@ class Connection:
             return
         if self.state is State.ESTABLISHED:
             self._build(FrameKind.CLOSE, 0, b"", now, retransmittable=False)
-        self._terminate("closed locally")
+        self._terminate(Termination.CLOSED_LOCALLY, "closed locally")
 
     def get_timer(self) -> float | None:
         """Absolute time at which :meth:`handle_timer` must be called, or None."""
@@ -576,7 +577,9 @@ class Connection:
         if self.state is not State.ESTABLISHED:
             return
         if now - self.last_receive >= self.config.idle_timeout:
-            self._terminate("idle timeout: no valid datagram from the peer")
+            self._terminate(
+                Termination.IDLE_TIMEOUT, "idle timeout: no valid datagram from the peer"
+            )
             return
         receiver = self.receiver
         if receiver.holes:
@@ -740,7 +743,7 @@ class Connection:
             if not verdict:
                 self._deliver(receiver.accept(nonce, None, False, now), now)
         elif kind == FrameKind.CLOSE:
-            self._terminate("closed by peer")
+            self._terminate(Termination.CLOSED_BY_PEER, "closed by peer")
         else:  # KEEPALIVE (ack-eliciting) and HANDSHAKE (no-op), spec §6
             eliciting = kind == FrameKind.KEEPALIVE
             self._deliver(receiver.accept(nonce, None, eliciting, now), now)
@@ -1085,7 +1088,10 @@ class Connection:
         sender = self.sender
         nonce = sender.next_nonce
         if nonce > MAX_NONCE:
-            self._terminate("nonce space exhausted: the session must be re-established")
+            self._terminate(
+                Termination.NONCE_EXHAUSTED,
+                "nonce space exhausted: the session must be re-established",
+            )
             return False
         sealer = self._sealer
         assert sealer is not None
@@ -1167,11 +1173,11 @@ class Connection:
         self.state = State.ESTABLISHED
         self.last_receive = now
 
-    def _terminate(self, reason: str) -> None:
+    def _terminate(self, cause: Termination, reason: str) -> None:
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
-        self._events.append(ConnectionTerminated(reason))
+        self._events.append(ConnectionTerminated(reason, cause))
 
     def _role_timer(self) -> float | None:
         return None
@@ -1341,7 +1347,10 @@ class ClientConnection(Connection):
         if self.state is State.HANDSHAKING and self._attempts:
             if now >= self._attempts[-1].sent_at + self.config.handshake_timeout:
                 if len(self._attempts) >= self.config.handshake_attempts:
-                    self._terminate(f"handshake timed out after {len(self._attempts)} attempts")
+                    self._terminate(
+                        Termination.HANDSHAKE_TIMED_OUT,
+                        f"handshake timed out after {len(self._attempts)} attempts",
+                    )
                 else:
                     self._start_attempt(now)
         elif self._next_keepalive is not None and now >= self._next_keepalive:

@@ -28,6 +28,7 @@ from ostp_client.outbounds.ostp.options import UNANSWERED_CONNECTS as UNANSWERED
 from ostp_client.outbounds.ostp.options import NatMode, NatOptions, SessionState, TransportMode
 from ostp_client.outbounds.ostp.pool import OstpOutbound, make_outbound
 from ostp_client.outbounds.ostp.session import _Session as _Session
+from ostp_client.outbounds.ostp.status import SessionStatus
 from ostp_client.outbounds.ostp.stream import OstpStream, OstpUdpSession
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "OstpStream",
     "OstpUdpSession",
     "SessionState",
+    "SessionStatus",
     "TransportMode",
 ]
 

@@ -4,6 +4,7 @@ NAT traversal options."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from ostp_client.nat import (
     TurnConfig,
@@ -32,7 +33,6 @@ instead of being replaced again (a server refusing us must not cause a connectio
 
 
 TURN_OVERHEAD = CHANNEL_DATA_HEADER + 3  # RFC 8656 §12.4 header, §12.5 padding to 4 bytes
-HANDSHAKE_TIMED_OUT = "handshake timed out"  # ostp_proto's ConnectionTerminated reason prefix
 RTT_SHOWN_GRACE = 1.0
 """The RTT shown is the latest sample if it is at most ``keepalive_interval`` plus this old
 (a Pong answers each keepalive Ping within a round trip); older, none is shown."""
@@ -44,13 +44,17 @@ within ``connect_timeout`` while datagrams kept arriving is replaced. One is not
 target that swallows SYNs keeps our own server from answering for its 10 s connect timeout."""
 
 
-class SessionState:
+class SessionState(StrEnum):
+    """A session's (and the outbound's) state; the value is what `ctl status` shows."""
+
     IDLE = "idle"
     CONNECTING = "connecting"
     CONNECTED = "connected"
 
 
-class TransportMode:
+class TransportMode(StrEnum):
+    """How a session's datagrams reach the server (the outbound's `transport`, spec §10.6)."""
+
     UDP = "udp"
     TCP = "tcp"
     WSS = "wss"
@@ -62,7 +66,9 @@ PROBE_BACKOFF = 8
 ``auto_probe_interval``."""
 
 
-class NatMode:
+class NatMode(StrEnum):
+    """The outbound's NAT traversal (`nat.mode`)."""
+
     DIRECT = "direct"
     TURN = "turn"
     AUTO = "auto"
@@ -72,8 +78,7 @@ class NatMode:
 class NatOptions:
     """The NAT traversal of one outbound, host names still unresolved."""
 
-    mode: str = NatMode.DIRECT
-    """``direct``, ``turn`` or ``auto``."""
+    mode: NatMode = NatMode.DIRECT
     stun: tuple[tuple[str, int], ...] = ()
     """STUN servers asked for the mapped address at the start of every session."""
     turn: TurnConfig | None = None

@@ -23,6 +23,7 @@ from ostp_client.flow import (
     Outbound,
     UdpOutboundSession,
 )
+from ostp_client.hostport import format_host_port
 from ostp_client.nat import (
     TurnConfig,
 )
@@ -33,6 +34,7 @@ from ostp_client.outbounds.ostp.options import (
     STREAM_DATAGRAM_SIZE,
     STREAM_HANDSHAKE_TIMEOUT,
     STREAM_WINDOW,
+    NatMode,
     NatOptions,
     SessionState,
     TransportMode,
@@ -87,10 +89,10 @@ class OstpOutbound(Outbound):
         super().__init__(tag)
         self.socket_buffer = socket_buffer
         self.keepalive_interval = keepalive_interval
-        self.transport = transport
+        self.transport = TransportMode(transport)
         self.transport_port = transport_port
         self.sni = sni
-        self.auto_fallback = auto_fallback
+        self.auto_fallback = TransportMode(auto_fallback)
         self.auto_udp_timeout = auto_udp_timeout
         self.auto_probe_interval = auto_probe_interval
         stream_kind = auto_fallback if transport == TransportMode.AUTO else transport
@@ -249,28 +251,26 @@ class OstpOutbound(Outbound):
         return udp
 
     def status(self) -> dict[str, Any]:
-        sessions = [s.status() for s in self.sessions]
-        rtts = [s["rtt_ms"] for s in sessions if s["rtt_ms"] is not None]
+        sessions = [s.snapshot() for s in self.sessions]
+        rtts = [s.rtt_ms for s in sessions if s.rtt_ms is not None]
         return {
             "tag": self.tag,
             "type": self.type,
             "state": self.state,
-            "server": f"{self.server[0]}:{self.server[1]}",
+            "server": format_host_port(*self.server),
             "rtt_ms": min(rtts) if rtts else None,
-            "bytes_up": sum(s["bytes_up"] for s in sessions),
-            "bytes_down": sum(s["bytes_down"] for s in sessions),
-            "reconnects": sum(s["reconnects"] for s in sessions),
+            "bytes_up": sum(s.bytes_up for s in sessions),
+            "bytes_down": sum(s.bytes_down for s in sessions),
+            "reconnects": sum(s.reconnects for s in sessions),
             "connected_since": min(
-                (s["connected_since"] for s in sessions if s["connected_since"]), default=None
+                (s.connected_since for s in sessions if s.connected_since), default=None
             ),
             "streams": len(self._active_ids),
-            "kernel_drops": _sum_known(s["kernel_drops"] for s in sessions),
+            "kernel_drops": _sum_known(s.kernel_drops for s in sessions),
             "nat_mode": self.nat.mode if self.nat is not None else None,
             "transport": self.transport,
-            "mapped_address": next(
-                (s["mapped_address"] for s in sessions if s["mapped_address"]), None
-            ),
-            "sessions": sessions,
+            "mapped_address": next((s.mapped_address for s in sessions if s.mapped_address), None),
+            "sessions": [s.as_dict() for s in sessions],
         }
 
 
@@ -334,7 +334,7 @@ def _nat_options(cfg: OstpOutboundConfig) -> NatOptions | None:
             channel_refresh=nat.turn.channel_refresh,
         )
     return NatOptions(
-        mode=nat.mode,
+        mode=NatMode(nat.mode),
         stun=tuple(nat.stun_addresses),
         turn=turn,
         retry_direct_after=nat.retry_direct_after,

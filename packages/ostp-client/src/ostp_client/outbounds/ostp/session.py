@@ -16,6 +16,7 @@ import anyio
 import anyio.abc
 from anyio.abc import TaskStatus
 
+from ostp_client.hostport import format_host_port
 from ostp_client.nat import (
     AllocationSucceeded,
     BindingFailed,
@@ -30,7 +31,6 @@ from ostp_client.nat import (
 )
 from ostp_client.net.batch import BatchSocket, SocketBuffers, first_hop_payload, udp_overhead
 from ostp_client.outbounds.ostp.options import (
-    HANDSHAKE_TIMED_OUT,
     PROBE_BACKOFF,
     RESUME_MIN_INTERVAL,
     RTT_SHOWN_GRACE,
@@ -42,6 +42,7 @@ from ostp_client.outbounds.ostp.options import (
     SessionState,
     TransportMode,
 )
+from ostp_client.outbounds.ostp.status import SessionStatus
 from ostp_client.outbounds.ostp.stream import OstpStream, _Channel
 from ostp_client.transport import DatagramTransport, TransportError
 from ostp_client.transport.stream import StreamOptions, StreamTransport, open_stream
@@ -58,6 +59,7 @@ from ostp_proto import (
     HandshakeCompleted,
     RelayMessageReceived,
     State,
+    Termination,
 )
 from ostp_proto.pmtud import BASE_PLPMTU
 
@@ -70,8 +72,8 @@ class SessionOwner(Protocol):
     tag: str
     server: tuple[str, int]
     access_key: str
-    transport: str
-    auto_fallback: str
+    transport: TransportMode
+    auto_fallback: TransportMode
     auto_probe_interval: float
     auto_udp_timeout: float
     batching: bool
@@ -125,10 +127,7 @@ def _check_buffers(tag: str, buffers: SocketBuffers) -> None:
 
 
 def _fmt(address: tuple[Any, ...] | None) -> str | None:
-    if address is None:
-        return None
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return format_host_port(address[0], address[1]) if address is not None else None
 
 
 async def _resolve(host: str, port: int, family: int) -> tuple[str, int]:
@@ -396,7 +395,7 @@ class _Session:
 
     # -- transports ----------------------------------------------------------------------------
 
-    def _choose_transport(self) -> str:
+    def _choose_transport(self) -> TransportMode:
         mode = self.outbound.transport
         if mode != TransportMode.AUTO:
             return mode
@@ -785,7 +784,7 @@ class _Session:
             elif isinstance(event, ConnectionTerminated):
                 self.last_error = self._replacing or event.reason
                 logger.info("%s session %d: %s", self.outbound.tag, self.index, event.reason)
-                if event.reason.startswith(HANDSHAKE_TIMED_OUT):
+                if event.cause is Termination.HANDSHAKE_TIMED_OUT:
                     self._handshake_timed_out()
                 return False
         self._wake_senders()
@@ -969,7 +968,7 @@ class _Session:
             channel.reset(reason)
         self.channels.clear()
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: SessionState) -> None:
         if state != self.state:
             logger.info("%s session %d: %s -> %s", self.outbound.tag, self.index, self.state, state)
             self.state = state
@@ -1024,39 +1023,42 @@ class _Session:
         self._wake_if_needed()
 
     def status(self) -> dict[str, Any]:
+        return self.snapshot().as_dict()
+
+    def snapshot(self) -> SessionStatus:
         conn = self.conn
         rtt = None
         if conn is not None and conn.established:
             age = time.monotonic() - self._rtt_sampled_at(conn)
             if age <= self.outbound.keepalive_interval + RTT_SHOWN_GRACE:
                 rtt = conn.ping_rtt if conn.ping_rtt is not None else conn.handshake_rtt
-        return {
-            "index": self.index,
-            "state": self.state,
-            "session_id": self.session_id if self.state == SessionState.CONNECTED else None,
-            "rtt_ms": round(rtt * 1000, 2) if rtt is not None else None,
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
-            "connected_since": self.connected_at if self.state == SessionState.CONNECTED else None,
-            "reconnects": self.reconnects,
-            "replacements": self.replacements,
-            "streams": len(self.channels),
-            "flow_control": conn.flow_control if conn is not None else None,
-            "datagram_size": conn.datagram_size if conn is not None else None,
-            "pmtud": _pmtud_state(conn),
-            "receive_buffered": self.buffered,
-            "receive_paused": conn.receive_paused if conn is not None else False,
-            "kernel_drops": self.kernel_drops(),
-            "socket_buffer": self._socket_buffer(),
-            "last_error": self.last_error,
-            "path": self.path,
-            "mapped_address": _fmt(self.mapped_address),
-            "relayed_address": _fmt(self.relayed_address) if self.path == "turn" else None,
-            "turn_refreshes": self.turn_refreshes,
-            "nat_drops": self._nat_drops(),
-            "transport": self.transport.kind if self.transport is not None else None,
-            "transport_switches": self.transport_switches,
-        }
+        return SessionStatus(
+            index=self.index,
+            state=self.state,
+            session_id=self.session_id if self.state == SessionState.CONNECTED else None,
+            rtt_ms=round(rtt * 1000, 2) if rtt is not None else None,
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            connected_since=self.connected_at if self.state == SessionState.CONNECTED else None,
+            reconnects=self.reconnects,
+            replacements=self.replacements,
+            streams=len(self.channels),
+            flow_control=conn.flow_control if conn is not None else None,
+            datagram_size=conn.datagram_size if conn is not None else None,
+            pmtud=_pmtud_state(conn),
+            receive_buffered=self.buffered,
+            receive_paused=conn.receive_paused if conn is not None else False,
+            kernel_drops=self.kernel_drops(),
+            socket_buffer=self._socket_buffer(),
+            last_error=self.last_error,
+            path=self.path,
+            mapped_address=_fmt(self.mapped_address),
+            relayed_address=_fmt(self.relayed_address) if self.path == "turn" else None,
+            turn_refreshes=self.turn_refreshes,
+            nat_drops=self._nat_drops(),
+            transport=self.transport.kind if self.transport is not None else None,
+            transport_switches=self.transport_switches,
+        )
 
     def kernel_drops(self) -> int | None:
         """Datagrams the kernel dropped on this session's UDP sockets (a full receive buffer):
