@@ -5,14 +5,13 @@ repository's docs/protocol.md (``spec §N`` in comments means its §N). Feed byt
 time in; take datagrams and events out.
 """
 
+from .acceptor import AcceptorStats, ServerAcceptor
 from .connection import (
     SERVER_DEFAULTS,
-    AcceptorStats,
     ClientConnection,
     Connection,
     ConnectionConfig,
     ConnectionStats,
-    ServerAcceptor,
     ServerConnection,
     State,
 )
