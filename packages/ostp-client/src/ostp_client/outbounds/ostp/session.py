@@ -635,47 +635,48 @@ class _Session:
         ok = True
         tag, index = self.outbound.tag, self.index
         while (event := mux.next_event()) is not None:
-            if isinstance(event, BindingSucceeded):
-                if self.mapped_address is None:  # the first answer wins
-                    self.mapped_address = event.mapped_address
-                logger.info(
-                    "%s session %d: STUN server %s maps this socket to %s",
-                    tag,
-                    index,
-                    _fmt(event.server),
-                    _fmt(event.mapped_address),
-                )
-            elif isinstance(event, BindingFailed):
-                self._warn_once(event.message)
-            elif isinstance(event, AllocationSucceeded):
-                self.relayed_address = event.relayed_address
-                if self.mapped_address is None and event.mapped_address is not None:
-                    self.mapped_address = event.mapped_address
-                logger.info(
-                    "%s session %d: TURN relayed address %s (lifetime %d s)",
-                    tag,
-                    index,
-                    _fmt(event.relayed_address),
-                    event.lifetime,
-                )
-            elif isinstance(event, RelayReady):
-                logger.info(
-                    "%s session %d: relaying to %s through TURN channel 0x%04x",
-                    tag,
-                    index,
-                    _fmt(event.peer),
-                    event.channel,
-                )
-                if conn.state is State.IDLE:
-                    conn.connect(now, time.time())
-            elif isinstance(event, TurnRefreshed):
-                self.turn_refreshes += 1
-                logger.debug("%s session %d: TURN %s refreshed", tag, index, event.what)
-            elif isinstance(event, TurnFailed):
-                self._fail_attempt(event.message)
-                ok = False
-            elif isinstance(event, TurnClosed):
-                pass
+            match event:
+                case BindingSucceeded():
+                    if self.mapped_address is None:  # the first answer wins
+                        self.mapped_address = event.mapped_address
+                    logger.info(
+                        "%s session %d: STUN server %s maps this socket to %s",
+                        tag,
+                        index,
+                        _fmt(event.server),
+                        _fmt(event.mapped_address),
+                    )
+                case BindingFailed():
+                    self._warn_once(event.message)
+                case AllocationSucceeded():
+                    self.relayed_address = event.relayed_address
+                    if self.mapped_address is None and event.mapped_address is not None:
+                        self.mapped_address = event.mapped_address
+                    logger.info(
+                        "%s session %d: TURN relayed address %s (lifetime %d s)",
+                        tag,
+                        index,
+                        _fmt(event.relayed_address),
+                        event.lifetime,
+                    )
+                case RelayReady():
+                    logger.info(
+                        "%s session %d: relaying to %s through TURN channel 0x%04x",
+                        tag,
+                        index,
+                        _fmt(event.peer),
+                        event.channel,
+                    )
+                    if conn.state is State.IDLE:
+                        conn.connect(now, time.time())
+                case TurnRefreshed():
+                    self.turn_refreshes += 1
+                    logger.debug("%s session %d: TURN %s refreshed", tag, index, event.what)
+                case TurnFailed():
+                    self._fail_attempt(event.message)
+                    ok = False
+                case TurnClosed():
+                    pass
         batch = self.batch
         if isinstance(batch, _NatSocket):
             batch.send_nat(now)
@@ -755,40 +756,45 @@ class _Session:
             self._sleep.cancel()
 
     def _handle_events(self, conn: ClientConnection) -> bool:
+        """Dispatch the core's events by type; False once the connection ended."""
         while (event := conn.next_event()) is not None:
-            if isinstance(event, RelayMessageReceived):
-                channel = self.channels.get(event.stream_id)
-                if channel is not None:
-                    channel.on_message(event.message)
-                elif isinstance(event.message, Data) and event.stream_id:
-                    # a stream we no longer know: tell the server to stop sending
-                    conn.send(event.stream_id, Close())
-            elif isinstance(event, HandshakeCompleted):
-                self.session_id = event.session_id
-                self.connected_at = time.time()
-                self.last_error = None
-                self._warned.clear()
-                self._set_state(SessionState.CONNECTED)
-                self.connected_event.set()
-                self.outbound.session_connected()
-            elif isinstance(event, ExtensionsNegotiated):
-                logger.debug(
-                    "%s session %d: flow control %s (server window %d)",
-                    self.outbound.tag,
-                    self.index,
-                    "on" if conn.flow_control else "off",
-                    event.peer_stream_window,
-                )
-            elif isinstance(event, DataLost):
-                self._data_lost(event)
-            elif isinstance(event, ConnectionTerminated):
-                self.last_error = self._replacing or event.reason
-                logger.info("%s session %d: %s", self.outbound.tag, self.index, event.reason)
-                if event.cause is Termination.HANDSHAKE_TIMED_OUT:
-                    self._handshake_timed_out()
-                return False
+            match event:
+                case RelayMessageReceived():
+                    channel = self.channels.get(event.stream_id)
+                    if channel is not None:
+                        channel.on_message(event.message)
+                    elif isinstance(event.message, Data) and event.stream_id:
+                        # a stream we no longer know: tell the server to stop sending
+                        conn.send(event.stream_id, Close())
+                case HandshakeCompleted():
+                    self._handshake_completed(event)
+                case ExtensionsNegotiated():
+                    logger.debug(
+                        "%s session %d: flow control %s (server window %d)",
+                        self.outbound.tag,
+                        self.index,
+                        "on" if conn.flow_control else "off",
+                        event.peer_stream_window,
+                    )
+                case DataLost():
+                    self._data_lost(event)
+                case ConnectionTerminated():
+                    self.last_error = self._replacing or event.reason
+                    logger.info("%s session %d: %s", self.outbound.tag, self.index, event.reason)
+                    if event.cause is Termination.HANDSHAKE_TIMED_OUT:
+                        self._handshake_timed_out()
+                    return False
         self._wake_senders()
         return True
+
+    def _handshake_completed(self, event: HandshakeCompleted) -> None:
+        self.session_id = event.session_id
+        self.connected_at = time.time()
+        self.last_error = None
+        self._warned.clear()
+        self._set_state(SessionState.CONNECTED)
+        self.connected_event.set()
+        self.outbound.session_connected()
 
     # -- session health (issue 13 item 4) --------------------------------------------------------
 

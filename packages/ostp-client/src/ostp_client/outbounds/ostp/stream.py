@@ -82,28 +82,29 @@ class OstpStream(_Channel, anyio.abc.ByteStream):
     # -- from the session --------------------------------------------------------------------
 
     def on_message(self, message: object) -> None:
-        if isinstance(message, Data):
-            if self._eof:
-                return
-            self._chunks.append(message.data)
-            self.buffered += len(message.data)
-            self.session.buffered += len(message.data)
-            self.connected.set()  # the first Data may race ahead of ConnectOk (spec §9.5)
-            self.readable.set()
-        elif isinstance(message, ConnectOk):
-            self.connected.set()
-            self.session.connect_answered()
-        elif isinstance(message, Error):
-            if not self.connected.is_set():
-                self.session.connect_answered()
-                self.error = _error_from_text(message.message)
+        match message:
+            case Data():
+                if self._eof:
+                    return
+                self._chunks.append(message.data)
+                self.buffered += len(message.data)
+                self.session.buffered += len(message.data)
+                self.connected.set()  # the first Data may race ahead of ConnectOk (spec §9.5)
+                self.readable.set()
+            case ConnectOk():
                 self.connected.set()
-            elif self._reset is None:
-                # not an orderly end (that is Close): the local side must see a reset
-                self._reset = f"the server reported an error: {message.message}"
-            self._finish()
-        elif isinstance(message, Close):
-            self._finish()
+                self.session.connect_answered()
+            case Error():
+                if not self.connected.is_set():
+                    self.session.connect_answered()
+                    self.error = _error_from_text(message.message)
+                    self.connected.set()
+                elif self._reset is None:
+                    # not an orderly end (that is Close): the local side must see a reset
+                    self._reset = f"the server reported an error: {message.message}"
+                self._finish()
+            case Close():
+                self._finish()
 
     def _finish(self) -> None:
         self._eof = True
@@ -186,19 +187,20 @@ class OstpUdpSession(_Channel, UdpOutboundSession):
         self._ended = False
 
     def on_message(self, message: object) -> None:
-        if isinstance(message, UdpData):
-            if len(self._queue) >= self.QUEUE_LIMIT:
-                return  # UDP: drop rather than grow
-            try:
-                source = Address.parse(message.address)
-            except ValueError:
-                return
-            self._queue.append((source, message.data))
-            self.readable.set()
-        elif isinstance(message, ConnectOk):
-            self.connected.set()
-        elif isinstance(message, (Close, Error)):
-            self.reset("association closed by the server")
+        match message:
+            case UdpData():
+                if len(self._queue) >= self.QUEUE_LIMIT:
+                    return  # UDP: drop rather than grow
+                try:
+                    source = Address.parse(message.address)
+                except ValueError:
+                    return
+                self._queue.append((source, message.data))
+                self.readable.set()
+            case ConnectOk():
+                self.connected.set()
+            case Close() | Error():
+                self.reset("association closed by the server")
 
     def reset(self, reason: str) -> None:
         self._ended = True
