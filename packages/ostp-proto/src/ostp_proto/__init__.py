@@ -5,14 +5,13 @@ repository's docs/protocol.md (``spec §N`` in comments means its §N). Feed byt
 time in; take datagrams and events out.
 """
 
+from .acceptor import AcceptorStats, ServerAcceptor
 from .connection import (
     SERVER_DEFAULTS,
-    AcceptorStats,
     ClientConnection,
     Connection,
     ConnectionConfig,
     ConnectionStats,
-    ServerAcceptor,
     ServerConnection,
     State,
 )
@@ -24,6 +23,7 @@ from .events import (
     ExtensionsNegotiated,
     HandshakeCompleted,
     RelayMessageReceived,
+    Termination,
 )
 from .frames import FrameKind, PaddingPolicy, Profile
 from .keys import Secrets, derive_secrets, split_transport_keys
@@ -92,6 +92,7 @@ __all__ = [
     "ServerAcceptor",
     "ServerConnection",
     "State",
+    "Termination",
     "UdpAssociate",
     "UdpData",
     "WindowUpdate",

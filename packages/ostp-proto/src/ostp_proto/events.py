@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import TypeAlias
 
 from .relay import RelayMessage
@@ -60,11 +61,24 @@ class ExtensionsNegotiated:
     """The peer's initial receive window per stream."""
 
 
+class Termination(Enum):
+    """Why a connection ended (``ConnectionTerminated.cause``), for code to act on."""
+
+    CLOSED_LOCALLY = "closed locally"
+    CLOSED_BY_PEER = "closed by peer"
+    IDLE_TIMEOUT = "idle timeout"
+    NONCE_EXHAUSTED = "nonce space exhausted"
+    HANDSHAKE_TIMED_OUT = "handshake timed out"
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionTerminated:
-    """The connection is over (``reason`` says why); nothing more will be sent or received."""
+    """The connection is over; nothing more will be sent or received."""
 
     reason: str
+    """Why, for people (logs, status)."""
+    cause: Termination
+    """Why, for code."""
 
 
 Event: TypeAlias = (

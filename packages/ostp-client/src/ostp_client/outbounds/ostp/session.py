@@ -1,55 +1,22 @@
-"""The `ostp` outbound: a pool of OSTP sessions to one server, each on its own UDP socket.
-
-Each session is an :class:`ostp_proto.ClientConnection` driven by one task: read every datagram
-the socket has, feed the core, dispatch its events to streams, send what it produced, sleep
-until its timer or the socket is readable. Streams write straight into the core and flush at
-once, so no task or queue hop sits on the data path. A session that stops for any reason is
-re-established after a fixed back-off, forever, until the daemon stops (spec §10.2); the streams
-it carried are reset cleanly.
-
-Flow control (docs/flow-control.md): every stream buffers what arrives for it and tells the core
-what its local reader took (``stream_consumed``); with an ostp-py server the server sends a
-stream no more than its window, so a slow or stopped reader holds only its own data. Towards an
-upstream server (no extension) the session keeps reading its socket and only when all its
-streams together buffer ``receive_buffer_cap`` does it refuse Data (``receive_paused``).
-A stream that sends waits for its own writability (its queue in the core, the server's credit).
-
-NAT traversal (the outbound's ``nat`` block) puts STUN Binding and TURN relaying on the same
-socket: a session that talks to a STUN or TURN server keeps its socket unconnected and sorts what
-it reads with a :class:`~ostp_client.nat.NatMux` (:class:`_NatSocket`); every other session keeps
-the connected socket with GSO/GRO batching. Mode ``auto`` starts direct and relays the next
-attempt when a handshake gets no answer; it tries direct again when the relay fails, when a
-relayed handshake gets no answer, or at the first new session ``retry_direct_after`` seconds after
-it fell back (a working relayed session is never interrupted to probe).
-"""
+"""One OSTP session: its transport, its :class:`ostp_proto.ClientConnection` and the task that
+drives it (read, feed the core, dispatch events, send, sleep until the next deadline), its
+re-establishment, transport ``auto``, NAT traversal and session health."""
 
 from __future__ import annotations
 
 import errno
 import logging
 import math
-import random
 import socket
 import time
-from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
 from anyio.abc import TaskStatus
 
-from ostp_client.config import REALITY_DEFAULT_SNI, OstpOutboundConfig
-from ostp_client.flow import (
-    Address,
-    ConnContext,
-    ConnectTimeout,
-    GeneralFailure,
-    Outbound,
-    OutboundError,
-    UdpOutboundSession,
-)
+from ostp_client.hostport import format_host_port
 from ostp_client.nat import (
     AllocationSucceeded,
     BindingFailed,
@@ -62,72 +29,76 @@ from ostp_client.nat import (
     TurnFailed,
     TurnRefreshed,
 )
-from ostp_client.nat.stun import CHANNEL_DATA_HEADER
 from ostp_client.net.batch import BatchSocket, SocketBuffers, first_hop_payload, udp_overhead
-from ostp_client.outbounds import OutboundContext, register_outbound
-from ostp_client.outbounds.connect_errors import error_from_reason
+from ostp_client.outbounds.ostp.options import (
+    PROBE_BACKOFF,
+    RESUME_MIN_INTERVAL,
+    RTT_SHOWN_GRACE,
+    SILENT_PING_INTERVALS,
+    TURN_OVERHEAD,
+    UNANSWERED_CONNECTS,
+    NatMode,
+    NatOptions,
+    SessionState,
+    TransportMode,
+)
+from ostp_client.outbounds.ostp.status import SessionStatus
+from ostp_client.outbounds.ostp.stream import OstpStream, _Channel
 from ostp_client.transport import DatagramTransport, TransportError
-from ostp_client.transport.stream import RealityOptions, StreamOptions, StreamTransport, open_stream
-from ostp_client.transport.udp import SOCKET_BUFFER, UdpTransport, open_udp_socket
+from ostp_client.transport.stream import StreamOptions, StreamTransport, open_stream
 from ostp_client.transport.udp import NatSocket as _NatSocket
+from ostp_client.transport.udp import UdpTransport, open_udp_socket
 from ostp_proto import (
     ClientConnection,
     Close,
-    Connect,
     ConnectionConfig,
     ConnectionTerminated,
-    ConnectOk,
     Data,
     DataLost,
-    Error,
     ExtensionsNegotiated,
     HandshakeCompleted,
-    PaddingPolicy,
-    PmtudConfig,
     RelayMessageReceived,
     State,
-    UdpAssociate,
-    UdpData,
+    Termination,
 )
 from ostp_proto.pmtud import BASE_PLPMTU
-from ostp_proto.transport import Framing
 
-__all__ = ["NatOptions", "OstpOutbound", "SessionState", "TransportMode"]
-
-logger = logging.getLogger(__name__)
-
-RECONNECT_DELAY = 5.0  # spec §10.2: fixed back-off, no cap on attempts
-RECEIVE_BUFFER_CAP = 64 * 1024 * 1024
-"""Bytes buffered for all streams of one session (slow local readers) above which the session
-takes no more Data: dropped unacknowledged, asked for again once the readers have caught up
-(``ClientConnection.receive_paused``); ACKs keep flowing both ways. With an ostp-py server
-each stream's window bounds its buffer long before; an upstream server has no flow control and
-gives up on frames refused for about 1.5 s (spec §7.2, §16), so the cap is generous."""
-STREAM_WINDOW = 256 * 1024
-"""Initial receive window per stream offered to an ostp-py server; it grows for fast readers."""
-STREAM_DATAGRAM_SIZE = 32 * 1024
-"""Data datagrams over the TCP transports, where there is no IP fragmentation to avoid: the
-per-datagram work, not the bytes, bounds a Python tunnel. Uploads over /stream on loopback
-(bench/transports_bench.py): 77 MB/s with UDP-sized datagrams, 142 with 4 KB, 209-226 with
-16 KB, 251 with 32 KB, 248 with 60,000 bytes. ``auto`` keeps the UDP size on TCP too, since its
-session may move back to UDP at any time (docs/protocol-deviations.md)."""
-STREAM_HANDSHAKE_TIMEOUT = 4.0  # spec §10.1: over TCP a single attempt with a 4,000 ms limit
-RESUME_MIN_INTERVAL = 2.0
-"""A TCP connection that dies within this many seconds of the previous one ends the session
-instead of being replaced again (a server refusing us must not cause a connection storm)."""
+logger = logging.getLogger("ostp_client.outbounds.ostp")  # one logger name for the whole outbound
 
 
-TURN_OVERHEAD = CHANNEL_DATA_HEADER + 3  # RFC 8656 §12.4 header, §12.5 padding to 4 bytes
-HANDSHAKE_TIMED_OUT = "handshake timed out"  # ostp_proto's ConnectionTerminated reason prefix
-RTT_SHOWN_GRACE = 1.0
-"""The RTT shown is the latest sample if it is at most ``keepalive_interval`` plus this old
-(a Pong answers each keepalive Ping within a round trip); older, none is shown."""
-SILENT_PING_INTERVALS = 3
-"""A session whose keepalive Pings got no answer for this many intervals is replaced."""
-UNANSWERED_CONNECTS = 2
-"""A session on which this many Connects in a row (none answered in between) got no ConnectOk
-within ``connect_timeout`` while datagrams kept arriving is replaced. One is not enough: a
-target that swallows SYNs keeps our own server from answering for its 10 s connect timeout."""
+class SessionOwner(Protocol):
+    """What a session reads of the outbound that owns it (`pool.OstpOutbound`)."""
+
+    tag: str
+    server: tuple[str, int]
+    access_key: str
+    transport: TransportMode
+    auto_fallback: TransportMode
+    auto_probe_interval: float
+    auto_udp_timeout: float
+    batching: bool
+    connect_timeout: float
+    keepalive_interval: float
+    reconnect_delay: float
+    receive_buffer_cap: int
+    socket_buffer: int
+    nat: NatOptions | None
+    sni: str | None
+    transport_port: int | None
+    connection_config: ConnectionConfig
+    """Over UDP."""
+    stream_config: ConnectionConfig
+    """Over the TCP transports."""
+    probe_config: ConnectionConfig
+    """``auto``'s UDP probe."""
+    stream_options: StreamOptions
+
+    def release_stream_id(self, stream_id: int) -> None: ...
+
+    def session_connected(self) -> None: ...
+
+    def state_changed(self) -> None: ...
+
 
 _buffer_warning_given = False  # one warning per process, however many sessions are capped
 
@@ -155,54 +126,8 @@ def _check_buffers(tag: str, buffers: SocketBuffers) -> None:
     )
 
 
-class SessionState:
-    IDLE = "idle"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-
-
-class TransportMode:
-    UDP = "udp"
-    TCP = "tcp"
-    WSS = "wss"
-    AUTO = "auto"
-
-
-PROBE_BACKOFF = 8
-"""``auto``: the interval between UDP probes doubles while they fail, up to this many times
-``auto_probe_interval``."""
-
-
-class NatMode:
-    DIRECT = "direct"
-    TURN = "turn"
-    AUTO = "auto"
-
-
-@dataclass(frozen=True, slots=True)
-class NatOptions:
-    """The NAT traversal of one outbound, host names still unresolved."""
-
-    mode: str = NatMode.DIRECT
-    """``direct``, ``turn`` or ``auto``."""
-    stun: tuple[tuple[str, int], ...] = ()
-    """STUN servers asked for the mapped address at the start of every session."""
-    turn: TurnConfig | None = None
-    """The TURN server (``server`` may be a host name; it is resolved for every session)."""
-    retry_direct_after: float = 600.0
-    """``auto``: seconds after a fallback to TURN before a new session tries direct again."""
-
-
 def _fmt(address: tuple[Any, ...] | None) -> str | None:
-    if address is None:
-        return None
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
-def _error_from_text(text: str) -> OutboundError:
-    """Map the server's ``connect failed: <reason>`` text to an OutboundError (spec §9.5)."""
-    return error_from_reason(text)
+    return format_host_port(address[0], address[1]) if address is not None else None
 
 
 async def _resolve(host: str, port: int, family: int) -> tuple[str, int]:
@@ -217,190 +142,11 @@ async def _resolve(host: str, port: int, family: int) -> tuple[str, int]:
     return str(sockaddr[0]), int(sockaddr[1])
 
 
-class _Channel:
-    """What a stream id is bound to inside a session: a TCP stream or a UDP association."""
-
-    def __init__(self, session: _Session, stream_id: int) -> None:
-        self.session = session
-        self.stream_id = stream_id
-        self.connected = anyio.Event()
-        self.error: OutboundError | None = None
-        self.closed = False
-        self.readable = anyio.Event()
-
-    def on_message(self, message: object) -> None:
-        raise NotImplementedError
-
-    def reset(self, reason: str) -> None:
-        raise NotImplementedError
-
-
-class OstpStream(_Channel, anyio.abc.ByteStream):
-    """A TCP connection through the tunnel (relay Connect/Data/Close on one stream id)."""
-
-    def __init__(self, session: _Session, stream_id: int, ctx: ConnContext) -> None:
-        super().__init__(session, stream_id)
-        self._chunks: deque[bytes] = deque()
-        self.buffered = 0
-        """Bytes received for the local reader and not yet taken by it."""
-        self._eof = False
-        self._reset: str | None = None
-        self.ctx = ctx
-
-    # -- from the session --------------------------------------------------------------------
-
-    def on_message(self, message: object) -> None:
-        if isinstance(message, Data):
-            if self._eof:
-                return
-            self._chunks.append(message.data)
-            self.buffered += len(message.data)
-            self.session.buffered += len(message.data)
-            self.connected.set()  # the first Data may race ahead of ConnectOk (spec §9.5)
-            self.readable.set()
-        elif isinstance(message, ConnectOk):
-            self.connected.set()
-            self.session.connect_answered()
-        elif isinstance(message, Error):
-            if not self.connected.is_set():
-                self.session.connect_answered()
-                self.error = _error_from_text(message.message)
-                self.connected.set()
-            elif self._reset is None:
-                # not an orderly end (that is Close): the local side must see a reset
-                self._reset = f"the server reported an error: {message.message}"
-            self._finish()
-        elif isinstance(message, Close):
-            self._finish()
-
-    def _finish(self) -> None:
-        self._eof = True
-        self.readable.set()
-        self.session.unbind(self.stream_id)
-
-    def reset(self, reason: str) -> None:
-        self._reset = reason
-        if not self.connected.is_set():
-            self.error = GeneralFailure(reason)
-            self.connected.set()
-        self._finish()
-
-    # -- ByteStream ------------------------------------------------------------------------
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        while not self._chunks:
-            if self._eof:
-                if self._reset is not None:
-                    raise anyio.BrokenResourceError(self._reset)
-                raise anyio.EndOfStream
-            if self.closed:
-                raise anyio.ClosedResourceError
-            self.readable = anyio.Event()
-            await self.readable.wait()
-        # Hand over everything queued at once (up to max_bytes): one local write per batch of
-        # datagrams instead of one per relay message.
-        chunks = self._chunks
-        chunk = chunks.popleft()
-        if chunks and len(chunk) < max_bytes:
-            parts = [chunk]
-            size = len(chunk)
-            while chunks and size + len(chunks[0]) <= max_bytes:
-                nxt = chunks.popleft()
-                parts.append(nxt)
-                size += len(nxt)
-            chunk = b"".join(parts)
-        if len(chunk) > max_bytes:
-            chunks.appendleft(chunk[max_bytes:])
-            chunk = chunk[:max_bytes]
-        self.buffered -= len(chunk)
-        self.session.consumed(self.stream_id, len(chunk))
-        return chunk
-
-    async def send(self, item: bytes) -> None:
-        if self.closed or self._eof:
-            raise anyio.ClosedResourceError if self.closed else anyio.BrokenResourceError
-        await self.session.send_data(self.stream_id, item)
-
-    async def send_eof(self) -> None:
-        # OSTP has no half-close: Close ends the remote connection both ways (spec §8).
-        self._close_remote()
-
-    def _close_remote(self) -> None:
-        if not self._eof:
-            self._eof = True
-            self.session.send_message(self.stream_id, Close())
-            self.session.unbind(self.stream_id)
-            self.readable.set()  # nothing comes after Close: a waiting receive() ends now
-
-    async def aclose(self) -> None:
-        if self.closed:
-            return
-        self._close_remote()
-        self.closed = True
-        self.session.buffered -= self.buffered
-        self.buffered = 0
-        self._chunks.clear()
-        self.readable.set()
-
-
-class OstpUdpSession(_Channel, UdpOutboundSession):
-    """A UDP association through the tunnel (relay UdpAssociate/UdpData on one stream id)."""
-
-    QUEUE_LIMIT = 256
-
-    def __init__(self, session: _Session, stream_id: int) -> None:
-        super().__init__(session, stream_id)
-        self._queue: deque[tuple[Address, bytes]] = deque()
-        self._ended = False
-
-    def on_message(self, message: object) -> None:
-        if isinstance(message, UdpData):
-            if len(self._queue) >= self.QUEUE_LIMIT:
-                return  # UDP: drop rather than grow
-            try:
-                source = Address.parse(message.address)
-            except ValueError:
-                return
-            self._queue.append((source, message.data))
-            self.readable.set()
-        elif isinstance(message, ConnectOk):
-            self.connected.set()
-        elif isinstance(message, (Close, Error)):
-            self.reset("association closed by the server")
-
-    def reset(self, reason: str) -> None:
-        self._ended = True
-        self.connected.set()
-        self.readable.set()
-        self.session.unbind(self.stream_id)
-
-    async def send_to(self, target: Address, data: bytes) -> None:
-        if self._ended or self.closed:
-            raise GeneralFailure("UDP association is closed")
-        self.session.send_message(self.stream_id, UdpData(str(target), data))
-
-    async def receive(self) -> tuple[Address, bytes]:
-        while not self._queue:
-            if self._ended or self.closed:
-                raise anyio.EndOfStream
-            self.readable = anyio.Event()
-            await self.readable.wait()
-        return self._queue.popleft()
-
-    async def aclose(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if not self._ended:
-            self.session.send_message(self.stream_id, Close())
-        self.reset("closed")
-
-
 class _Session:
     """One OSTP session: one datagram transport at a time, one ClientConnection, one driving
     task (and, on TCP, the transport's writer and ``auto``'s UDP probe beside it)."""
 
-    def __init__(self, outbound: OstpOutbound, index: int) -> None:
+    def __init__(self, outbound: SessionOwner, index: int) -> None:
         self.outbound = outbound
         self.index = index
         self.state = SessionState.IDLE
@@ -444,6 +190,9 @@ class _Session:
         self.transport_switches = 0
         """Times the session moved to another transport (or a new TCP connection) while live."""
         self._resumed_at = -math.inf
+        self._switched_at = -math.inf
+        """When the session last moved to another transport: health judges the new path from
+        then on (its Pings were answered, or not, on the old one)."""
         # transport "auto" (docs: README, "Transports"; protocol-deviations.md)
         self._udp_blocked = False
         """``auto``: UDP did not pass lately; attempts start on TCP and a probe looks for UDP."""
@@ -646,7 +395,7 @@ class _Session:
 
     # -- transports ----------------------------------------------------------------------------
 
-    def _choose_transport(self) -> str:
+    def _choose_transport(self) -> TransportMode:
         mode = self.outbound.transport
         if mode != TransportMode.AUTO:
             return mode
@@ -712,6 +461,7 @@ class _Session:
             self._retire(old)
         conn.reliable_transport = new.reliable
         now = time.monotonic()
+        self._switched_at = now
         conn.path_changed(now)
         self._fit_path(conn, now)
         self.transport_switches += 1
@@ -885,47 +635,48 @@ class _Session:
         ok = True
         tag, index = self.outbound.tag, self.index
         while (event := mux.next_event()) is not None:
-            if isinstance(event, BindingSucceeded):
-                if self.mapped_address is None:  # the first answer wins
-                    self.mapped_address = event.mapped_address
-                logger.info(
-                    "%s session %d: STUN server %s maps this socket to %s",
-                    tag,
-                    index,
-                    _fmt(event.server),
-                    _fmt(event.mapped_address),
-                )
-            elif isinstance(event, BindingFailed):
-                self._warn_once(event.message)
-            elif isinstance(event, AllocationSucceeded):
-                self.relayed_address = event.relayed_address
-                if self.mapped_address is None and event.mapped_address is not None:
-                    self.mapped_address = event.mapped_address
-                logger.info(
-                    "%s session %d: TURN relayed address %s (lifetime %d s)",
-                    tag,
-                    index,
-                    _fmt(event.relayed_address),
-                    event.lifetime,
-                )
-            elif isinstance(event, RelayReady):
-                logger.info(
-                    "%s session %d: relaying to %s through TURN channel 0x%04x",
-                    tag,
-                    index,
-                    _fmt(event.peer),
-                    event.channel,
-                )
-                if conn.state is State.IDLE:
-                    conn.connect(now, time.time())
-            elif isinstance(event, TurnRefreshed):
-                self.turn_refreshes += 1
-                logger.debug("%s session %d: TURN %s refreshed", tag, index, event.what)
-            elif isinstance(event, TurnFailed):
-                self._fail_attempt(event.message)
-                ok = False
-            elif isinstance(event, TurnClosed):
-                pass
+            match event:
+                case BindingSucceeded():
+                    if self.mapped_address is None:  # the first answer wins
+                        self.mapped_address = event.mapped_address
+                    logger.info(
+                        "%s session %d: STUN server %s maps this socket to %s",
+                        tag,
+                        index,
+                        _fmt(event.server),
+                        _fmt(event.mapped_address),
+                    )
+                case BindingFailed():
+                    self._warn_once(event.message)
+                case AllocationSucceeded():
+                    self.relayed_address = event.relayed_address
+                    if self.mapped_address is None and event.mapped_address is not None:
+                        self.mapped_address = event.mapped_address
+                    logger.info(
+                        "%s session %d: TURN relayed address %s (lifetime %d s)",
+                        tag,
+                        index,
+                        _fmt(event.relayed_address),
+                        event.lifetime,
+                    )
+                case RelayReady():
+                    logger.info(
+                        "%s session %d: relaying to %s through TURN channel 0x%04x",
+                        tag,
+                        index,
+                        _fmt(event.peer),
+                        event.channel,
+                    )
+                    if conn.state is State.IDLE:
+                        conn.connect(now, time.time())
+                case TurnRefreshed():
+                    self.turn_refreshes += 1
+                    logger.debug("%s session %d: TURN %s refreshed", tag, index, event.what)
+                case TurnFailed():
+                    self._fail_attempt(event.message)
+                    ok = False
+                case TurnClosed():
+                    pass
         batch = self.batch
         if isinstance(batch, _NatSocket):
             batch.send_nat(now)
@@ -1005,40 +756,45 @@ class _Session:
             self._sleep.cancel()
 
     def _handle_events(self, conn: ClientConnection) -> bool:
+        """Dispatch the core's events by type; False once the connection ended."""
         while (event := conn.next_event()) is not None:
-            if isinstance(event, RelayMessageReceived):
-                channel = self.channels.get(event.stream_id)
-                if channel is not None:
-                    channel.on_message(event.message)
-                elif isinstance(event.message, Data) and event.stream_id:
-                    # a stream we no longer know: tell the server to stop sending
-                    conn.send(event.stream_id, Close())
-            elif isinstance(event, HandshakeCompleted):
-                self.session_id = event.session_id
-                self.connected_at = time.time()
-                self.last_error = None
-                self._warned.clear()
-                self._set_state(SessionState.CONNECTED)
-                self.connected_event.set()
-                self.outbound.session_connected()
-            elif isinstance(event, ExtensionsNegotiated):
-                logger.debug(
-                    "%s session %d: flow control %s (server window %d)",
-                    self.outbound.tag,
-                    self.index,
-                    "on" if conn.flow_control else "off",
-                    event.peer_stream_window,
-                )
-            elif isinstance(event, DataLost):
-                self._data_lost(event)
-            elif isinstance(event, ConnectionTerminated):
-                self.last_error = self._replacing or event.reason
-                logger.info("%s session %d: %s", self.outbound.tag, self.index, event.reason)
-                if event.reason.startswith(HANDSHAKE_TIMED_OUT):
-                    self._handshake_timed_out()
-                return False
+            match event:
+                case RelayMessageReceived():
+                    channel = self.channels.get(event.stream_id)
+                    if channel is not None:
+                        channel.on_message(event.message)
+                    elif isinstance(event.message, Data) and event.stream_id:
+                        # a stream we no longer know: tell the server to stop sending
+                        conn.send(event.stream_id, Close())
+                case HandshakeCompleted():
+                    self._handshake_completed(event)
+                case ExtensionsNegotiated():
+                    logger.debug(
+                        "%s session %d: flow control %s (server window %d)",
+                        self.outbound.tag,
+                        self.index,
+                        "on" if conn.flow_control else "off",
+                        event.peer_stream_window,
+                    )
+                case DataLost():
+                    self._data_lost(event)
+                case ConnectionTerminated():
+                    self.last_error = self._replacing or event.reason
+                    logger.info("%s session %d: %s", self.outbound.tag, self.index, event.reason)
+                    if event.cause is Termination.HANDSHAKE_TIMED_OUT:
+                        self._handshake_timed_out()
+                    return False
         self._wake_senders()
         return True
+
+    def _handshake_completed(self, event: HandshakeCompleted) -> None:
+        self.session_id = event.session_id
+        self.connected_at = time.time()
+        self.last_error = None
+        self._warned.clear()
+        self._set_state(SessionState.CONNECTED)
+        self.connected_event.set()
+        self.outbound.session_connected()
 
     # -- session health (issue 13 item 4) --------------------------------------------------------
 
@@ -1061,7 +817,7 @@ class _Session:
             # here would race that move and reset them. Over TCP this check applies.
             return None
         interval = self.outbound.keepalive_interval
-        since = max(self._rtt_sampled_at(conn), self._paused_at)
+        since = max(self._rtt_sampled_at(conn), self._paused_at, self._switched_at)
         return since + SILENT_PING_INTERVALS * interval
 
     def connect_answered(self) -> None:
@@ -1218,7 +974,7 @@ class _Session:
             channel.reset(reason)
         self.channels.clear()
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: SessionState) -> None:
         if state != self.state:
             logger.info("%s session %d: %s -> %s", self.outbound.tag, self.index, self.state, state)
             self.state = state
@@ -1273,39 +1029,42 @@ class _Session:
         self._wake_if_needed()
 
     def status(self) -> dict[str, Any]:
+        return self.snapshot().as_dict()
+
+    def snapshot(self) -> SessionStatus:
         conn = self.conn
         rtt = None
         if conn is not None and conn.established:
             age = time.monotonic() - self._rtt_sampled_at(conn)
             if age <= self.outbound.keepalive_interval + RTT_SHOWN_GRACE:
                 rtt = conn.ping_rtt if conn.ping_rtt is not None else conn.handshake_rtt
-        return {
-            "index": self.index,
-            "state": self.state,
-            "session_id": self.session_id if self.state == SessionState.CONNECTED else None,
-            "rtt_ms": round(rtt * 1000, 2) if rtt is not None else None,
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
-            "connected_since": self.connected_at if self.state == SessionState.CONNECTED else None,
-            "reconnects": self.reconnects,
-            "replacements": self.replacements,
-            "streams": len(self.channels),
-            "flow_control": conn.flow_control if conn is not None else None,
-            "datagram_size": conn.datagram_size if conn is not None else None,
-            "pmtud": _pmtud_state(conn),
-            "receive_buffered": self.buffered,
-            "receive_paused": conn.receive_paused if conn is not None else False,
-            "kernel_drops": self.kernel_drops(),
-            "socket_buffer": self._socket_buffer(),
-            "last_error": self.last_error,
-            "path": self.path,
-            "mapped_address": _fmt(self.mapped_address),
-            "relayed_address": _fmt(self.relayed_address) if self.path == "turn" else None,
-            "turn_refreshes": self.turn_refreshes,
-            "nat_drops": self._nat_drops(),
-            "transport": self.transport.kind if self.transport is not None else None,
-            "transport_switches": self.transport_switches,
-        }
+        return SessionStatus(
+            index=self.index,
+            state=self.state,
+            session_id=self.session_id if self.state == SessionState.CONNECTED else None,
+            rtt_ms=round(rtt * 1000, 2) if rtt is not None else None,
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            connected_since=self.connected_at if self.state == SessionState.CONNECTED else None,
+            reconnects=self.reconnects,
+            replacements=self.replacements,
+            streams=len(self.channels),
+            flow_control=conn.flow_control if conn is not None else None,
+            datagram_size=conn.datagram_size if conn is not None else None,
+            pmtud=_pmtud_state(conn),
+            receive_buffered=self.buffered,
+            receive_paused=conn.receive_paused if conn is not None else False,
+            kernel_drops=self.kernel_drops(),
+            socket_buffer=self._socket_buffer(),
+            last_error=self.last_error,
+            path=self.path,
+            mapped_address=_fmt(self.mapped_address),
+            relayed_address=_fmt(self.relayed_address) if self.path == "turn" else None,
+            turn_refreshes=self.turn_refreshes,
+            nat_drops=self._nat_drops(),
+            transport=self.transport.kind if self.transport is not None else None,
+            transport_switches=self.transport_switches,
+        )
 
     def kernel_drops(self) -> int | None:
         """Datagrams the kernel dropped on this session's UDP sockets (a full receive buffer):
@@ -1344,294 +1103,3 @@ def _pmtud_state(conn: ClientConnection | None) -> str | None:
     """Path MTU discovery's state for the status (None: off or no session)."""
     pmtud = conn.pmtud if conn is not None else None
     return pmtud.state.value if pmtud is not None else None
-
-
-class OstpOutbound(Outbound):
-    """A pool of `mux.sessions` OSTP sessions to one server; streams spread over live ones."""
-
-    type = "ostp"
-
-    def __init__(
-        self,
-        tag: str,
-        *,
-        server: tuple[str, int],
-        access_key: str,
-        sessions: int = 1,
-        mtu: int = 1350,
-        keepalive_interval: float = 5.0,
-        connect_timeout: float = 5.0,
-        idle_timeout: float = 25.0,
-        reconnect_delay: float = RECONNECT_DELAY,
-        batching: bool = True,
-        nat: NatOptions | None = None,
-        extensions: bool = True,
-        stream_window: int = STREAM_WINDOW,
-        receive_buffer_cap: int = RECEIVE_BUFFER_CAP,
-        transport: str = TransportMode.UDP,
-        transport_port: int | None = None,
-        sni: str | None = None,
-        reality: RealityOptions | None = None,
-        auto_fallback: str = TransportMode.TCP,
-        auto_udp_timeout: float = 3.0,
-        auto_probe_interval: float = 30.0,
-        socket_buffer: int = SOCKET_BUFFER,
-    ) -> None:
-        super().__init__(tag)
-        self.socket_buffer = socket_buffer
-        self.keepalive_interval = keepalive_interval
-        self.transport = transport
-        self.transport_port = transport_port
-        self.sni = sni
-        self.auto_fallback = auto_fallback
-        self.auto_udp_timeout = auto_udp_timeout
-        self.auto_probe_interval = auto_probe_interval
-        stream_kind = auto_fallback if transport == TransportMode.AUTO else transport
-        self.stream_options = StreamOptions(
-            framing=Framing.WSS if stream_kind == TransportMode.WSS else Framing.STREAM,
-            host="",  # per attempt: `sni`, else the server's address
-            reality=reality,
-            connect_timeout=connect_timeout,
-        )
-        self.receive_buffer_cap = receive_buffer_cap
-        self.batching = batching
-        self.nat = nat
-        self.server = server
-        self.access_key = access_key
-        self.connect_timeout = connect_timeout
-        self.reconnect_delay = reconnect_delay
-        # Data datagrams up to the configured MTU minus IP/UDP headers; upstream's client
-        # padding profile (spec §6.1), keepalives every `keepalive_interval` (spec §10.2).
-        base = ConnectionConfig()
-        self.connection_config = replace(
-            base,
-            max_datagram_size=max(mtu - 48, 500),
-            pmtud=PmtudConfig(),
-            padding=PaddingPolicy.upstream_client(mtu),
-            keepalive_interval=keepalive_interval,
-            idle_timeout=idle_timeout,
-            extensions=extensions,
-            stream_window=stream_window,
-            max_stream_window=max(stream_window, base.max_stream_window),
-        )
-        # Over TCP: no retransmission into the stream, a single handshake attempt (spec §10.1),
-        # large datagrams unless the session may move back to UDP (`auto`).
-        stream = replace(
-            self.connection_config,
-            reliable_transport=True,
-            handshake_timeout=STREAM_HANDSHAKE_TIMEOUT,
-            handshake_attempts=1,
-        )
-        if transport != TransportMode.AUTO:
-            stream = replace(stream, max_datagram_size=STREAM_DATAGRAM_SIZE)
-        self.stream_config = stream
-        self.probe_config = replace(
-            self.connection_config, extensions=False, keepalive_interval=None
-        )
-        """``auto``'s UDP probe: a handshake, then Close at once."""
-        self.sessions = [_Session(self, i) for i in range(sessions)]
-        self._next_stream = 1
-        self._active_ids: set[int] = set()
-        self._any_connected = anyio.Event()
-        self.state = SessionState.IDLE
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with anyio.create_task_group() as tg:
-            for session in self.sessions:
-                await tg.start(session.supervise)
-            task_status.started()
-
-    async def reconnect(self) -> None:
-        """Drop every session; each is re-established at once (control socket action)."""
-        for session in self.sessions:
-            if session.conn is not None:
-                session.conn.close(time.monotonic())
-                session.flush()
-                if session._sleep is not None:
-                    session._sleep.cancel()
-
-    def state_changed(self) -> None:
-        states = {s.state for s in self.sessions}
-        if SessionState.CONNECTED in states:
-            new = SessionState.CONNECTED
-        elif SessionState.CONNECTING in states:
-            new = SessionState.CONNECTING
-        else:
-            new = SessionState.IDLE
-        changed = new != self.state
-        if changed:
-            logger.info("outbound %s: %s", self.tag, new)
-            self.state = new
-        if new != SessionState.CONNECTED and self._any_connected.is_set():
-            self._any_connected = anyio.Event()
-        if changed:
-            self.notify_state()
-
-    def last_heard(self) -> float | None:
-        heard = [
-            s.conn.last_receive
-            for s in self.sessions
-            if s.state == SessionState.CONNECTED and s.conn is not None
-        ]
-        return max(heard) if heard else None
-
-    def round_trip(self) -> float | None:
-        rtts = [
-            s.conn.smoothed_rtt
-            for s in self.sessions
-            if s.state == SessionState.CONNECTED and s.conn is not None
-        ]
-        return min(rtts) if rtts else None
-
-    def session_connected(self) -> None:
-        self._any_connected.set()
-
-    # -- streams -----------------------------------------------------------------------------
-
-    def _allocate_stream_id(self) -> int:
-        # spec §10.3: a u16 counter skipping 0 and ids still in use
-        for _ in range(65536):
-            sid = self._next_stream
-            self._next_stream = sid % 0xFFFF + 1
-            if sid not in self._active_ids:
-                self._active_ids.add(sid)
-                return sid
-        raise GeneralFailure("no free stream id (65535 streams open)")
-
-    def release_stream_id(self, stream_id: int) -> None:
-        self._active_ids.discard(stream_id)
-
-    async def _pick_session(self) -> _Session:
-        live = [s for s in self.sessions if s.state == SessionState.CONNECTED]
-        if not live:
-            with anyio.move_on_after(self.connect_timeout):
-                await self._any_connected.wait()
-            live = [s for s in self.sessions if s.state == SessionState.CONNECTED]
-            if not live:
-                raise GeneralFailure(f"tunnel {self.tag} is not connected")
-        return min(live, key=lambda s: (len(s.channels), random.random()))
-
-    async def connect_tcp(self, target: Address, ctx: ConnContext) -> anyio.abc.ByteStream:
-        session = await self._pick_session()
-        stream = OstpStream(session, self._allocate_stream_id(), ctx)
-        session.bind(stream.stream_id, stream)
-        sent_at = time.monotonic()
-        session.send_message(stream.stream_id, Connect(str(target)))
-        with anyio.move_on_after(self.connect_timeout):
-            await stream.connected.wait()
-        if not stream.connected.is_set():
-            session.connect_unanswered(sent_at)
-            # Not Close: upstream's client sends nothing for a failed connect (spec §10.4),
-            # but the stream id must not receive late data into a new connection.
-            await stream.aclose()
-            raise ConnectTimeout(f"{target}: no answer from the server in {self.connect_timeout} s")
-        if stream.error is not None:
-            session.unbind(stream.stream_id)
-            raise stream.error
-        return stream
-
-    async def open_udp(self, ctx: ConnContext) -> UdpOutboundSession:
-        session = await self._pick_session()
-        udp = OstpUdpSession(session, self._allocate_stream_id())
-        session.bind(udp.stream_id, udp)
-        session.send_message(udp.stream_id, UdpAssociate())
-        with anyio.move_on_after(self.connect_timeout):
-            await udp.connected.wait()  # upstream's client does not wait (spec §10.4)
-        return udp
-
-    def status(self) -> dict[str, Any]:
-        sessions = [s.status() for s in self.sessions]
-        rtts = [s["rtt_ms"] for s in sessions if s["rtt_ms"] is not None]
-        return {
-            "tag": self.tag,
-            "type": self.type,
-            "state": self.state,
-            "server": f"{self.server[0]}:{self.server[1]}",
-            "rtt_ms": min(rtts) if rtts else None,
-            "bytes_up": sum(s["bytes_up"] for s in sessions),
-            "bytes_down": sum(s["bytes_down"] for s in sessions),
-            "reconnects": sum(s["reconnects"] for s in sessions),
-            "connected_since": min(
-                (s["connected_since"] for s in sessions if s["connected_since"]), default=None
-            ),
-            "streams": len(self._active_ids),
-            "kernel_drops": _sum_known(s["kernel_drops"] for s in sessions),
-            "nat_mode": self.nat.mode if self.nat is not None else None,
-            "transport": self.transport,
-            "mapped_address": next(
-                (s["mapped_address"] for s in sessions if s["mapped_address"]), None
-            ),
-            "sessions": sessions,
-        }
-
-
-def _factory(cfg: OstpOutboundConfig, ctx: OutboundContext) -> Outbound:
-    mux = ctx.config.mux_for(cfg)
-    return OstpOutbound(
-        cfg.tag,
-        server=cfg.server_address,
-        access_key=cfg.access_key.get_secret_value(),
-        sessions=mux.sessions if mux.enabled else 1,
-        mtu=cfg.mtu,
-        keepalive_interval=cfg.keepalive_interval,
-        connect_timeout=cfg.connect_timeout,
-        idle_timeout=cfg.idle_timeout,
-        reconnect_delay=cfg.reconnect_delay,
-        nat=_nat_options(cfg),
-        extensions=cfg.extensions,
-        stream_window=cfg.stream_window,
-        receive_buffer_cap=cfg.receive_buffer_cap,
-        socket_buffer=cfg.socket_buffer,
-        transport=cfg.transport,
-        transport_port=cfg.transport_port,
-        sni=cfg.sni,
-        reality=_reality_options(cfg),
-        auto_fallback=cfg.auto_fallback,
-        auto_udp_timeout=cfg.auto_udp_timeout,
-        auto_probe_interval=cfg.auto_probe_interval,
-    )
-
-
-def _reality_options(cfg: OstpOutboundConfig) -> RealityOptions | None:
-    reality = cfg.reality
-    if reality is None:
-        return None
-    return RealityOptions(
-        public_key=reality.public_key_bytes,
-        short_id=bytes.fromhex(reality.short_id),
-        server_name=reality.server_name or cfg.sni or REALITY_DEFAULT_SNI,
-    )
-
-
-def _sum_known(values: Iterable[int | None]) -> int | None:
-    known = [v for v in values if v is not None]
-    return sum(known) if known else None
-
-
-def _nat_options(cfg: OstpOutboundConfig) -> NatOptions | None:
-    """The pydantic `nat` block as the session's options (host names resolved per session)."""
-    nat = cfg.nat
-    if nat is None:
-        return None
-    turn = None
-    if nat.turn is not None:
-        turn = TurnConfig(
-            server=nat.turn.server_address,
-            username=nat.turn.username,
-            password=nat.turn.password.get_secret_value(),
-            lifetime=nat.turn.lifetime,
-            refresh_fraction=nat.turn.refresh_fraction,
-            permission_refresh=nat.turn.permission_refresh,
-            channel_refresh=nat.turn.channel_refresh,
-        )
-    return NatOptions(
-        mode=nat.mode,
-        stun=tuple(nat.stun_addresses),
-        turn=turn,
-        retry_direct_after=nat.retry_direct_after,
-    )
-
-
-register_outbound("ostp", _factory)
