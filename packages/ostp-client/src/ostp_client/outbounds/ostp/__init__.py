@@ -24,7 +24,7 @@ it fell back (a working relayed session is never interrupted to probe).
 """
 
 from ostp_client.outbounds import register_outbound
-from ostp_client.outbounds.ostp.options import UNANSWERED_CONNECTS as UNANSWERED_CONNECTS
+from ostp_client.outbounds.ostp.health import UNANSWERED_CONNECTS as UNANSWERED_CONNECTS
 from ostp_client.outbounds.ostp.options import NatMode, NatOptions, SessionState, TransportMode
 from ostp_client.outbounds.ostp.pool import OstpOutbound, make_outbound
 from ostp_client.outbounds.ostp.session import _Session as _Session

@@ -36,12 +36,6 @@ TURN_OVERHEAD = CHANNEL_DATA_HEADER + 3  # RFC 8656 §12.4 header, §12.5 paddin
 RTT_SHOWN_GRACE = 1.0
 """The RTT shown is the latest sample if it is at most ``keepalive_interval`` plus this old
 (a Pong answers each keepalive Ping within a round trip); older, none is shown."""
-SILENT_PING_INTERVALS = 3
-"""A session whose keepalive Pings got no answer for this many intervals is replaced."""
-UNANSWERED_CONNECTS = 2
-"""A session on which this many Connects in a row (none answered in between) got no ConnectOk
-within ``connect_timeout`` while datagrams kept arriving is replaced. One is not enough: a
-target that swallows SYNs keeps our own server from answering for its 10 s connect timeout."""
 
 
 class SessionState(StrEnum):

@@ -30,13 +30,12 @@ from ostp_client.nat import (
     TurnRefreshed,
 )
 from ostp_client.net.batch import BatchSocket, SocketBuffers, first_hop_payload, udp_overhead
+from ostp_client.outbounds.ostp.health import SessionHealth
 from ostp_client.outbounds.ostp.options import (
     PROBE_BACKOFF,
     RESUME_MIN_INTERVAL,
     RTT_SHOWN_GRACE,
-    SILENT_PING_INTERVALS,
     TURN_OVERHEAD,
-    UNANSWERED_CONNECTS,
     NatMode,
     NatOptions,
     SessionState,
@@ -164,11 +163,8 @@ class _Session:
         self._retry_now = False
         self._replacing: str | None = None
         """Why the current connection is being replaced by a fresh handshake (session health)."""
-        self._unanswered = 0
-        """Connects in a row that timed out while datagrams arrived (no answer in between)."""
         self.replacements = 0
-        self._paused_at = -math.inf
-        """The last time the session refused Data (its Pongs were refused too)."""
+        self.health = SessionHealth()
         self._warned: set[str] = set()
         self.channels: dict[int, _Channel] = {}
         self.buffered = 0
@@ -190,9 +186,6 @@ class _Session:
         self.transport_switches = 0
         """Times the session moved to another transport (or a new TCP connection) while live."""
         self._resumed_at = -math.inf
-        self._switched_at = -math.inf
-        """When the session last moved to another transport: health judges the new path from
-        then on (its Pings were answered, or not, on the old one)."""
         # transport "auto" (docs: README, "Transports"; protocol-deviations.md)
         self._udp_blocked = False
         """``auto``: UDP did not pass lately; attempts start on TCP and a probe looks for UDP."""
@@ -256,7 +249,6 @@ class _Session:
     async def _run_once(self) -> None:
         self._set_state(SessionState.CONNECTING)
         self._replacing = None
-        self._unanswered = 0
         host, port = self.outbound.server
         infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         if not infos:
@@ -361,6 +353,7 @@ class _Session:
     ) -> None:
         now = time.monotonic()
         self._attempt_started = now
+        self.health.new_attempt(now)
         if handshake_now:
             conn.connect(now, time.time())
         self.flush()
@@ -384,9 +377,8 @@ class _Session:
                 return
             health = self._health_deadline(conn)
             if health is not None and now >= health:
-                self.replace(
-                    f"no answer to keepalive Pings for {now - self._rtt_sampled_at(conn):.0f} s"
-                )
+                silent = now - self.health.rtt_sampled_at(conn)
+                self.replace(f"no answer to keepalive Pings for {silent:.0f} s")
                 continue  # the core is closed now: its event ends the attempt
             if auto and not await self._drive_auto(conn, family, sockaddr, now):
                 return
@@ -461,7 +453,7 @@ class _Session:
             self._retire(old)
         conn.reliable_transport = new.reliable
         now = time.monotonic()
-        self._switched_at = now
+        self.health.switched_at = now
         conn.path_changed(now)
         self._fit_path(conn, now)
         self.transport_switches += 1
@@ -709,7 +701,7 @@ class _Session:
         assert transport is not None
         paused = conn.receive_paused = self.buffered >= self.outbound.receive_buffer_cap
         if paused:
-            self._paused_at = now
+            self.health.paused_at = now
         for data in transport.recv_batch(256):
             self.bytes_down += len(data)
             receive(data, now)
@@ -798,16 +790,8 @@ class _Session:
 
     # -- session health (issue 13 item 4) --------------------------------------------------------
 
-    def _rtt_sampled_at(self, conn: ClientConnection) -> float:
-        at = conn.rtt_sampled_at
-        return at if at is not None else self._attempt_started
-
     def _health_deadline(self, conn: ClientConnection) -> float | None:
-        """When the keepalive Pings will have gone unanswered for too long; None while the
-        session is not established or itself refuses Data (``receive_paused``: the Pongs wait
-        for our readers, not for the server)."""
-        if not conn.established or conn.receive_paused:
-            return None
+        """When the keepalive Pings will have gone unanswered for too long (None: not now)."""
         transport = self.transport
         if self.outbound.transport == TransportMode.AUTO and (
             transport is None or not transport.reliable
@@ -816,26 +800,18 @@ class _Session:
             # intervals) moves the session to TCP first, keeping its streams; replacing it
             # here would race that move and reset them. Over TCP this check applies.
             return None
-        interval = self.outbound.keepalive_interval
-        since = max(self._rtt_sampled_at(conn), self._paused_at, self._switched_at)
-        return since + SILENT_PING_INTERVALS * interval
+        return self.health.ping_deadline(conn, self.outbound.keepalive_interval)
 
     def connect_answered(self) -> None:
         """A Connect got its ConnectOk or Error: the server answers relay requests."""
-        self._unanswered = 0
+        self.health.connect_answered()
 
     def connect_unanswered(self, sent_at: float) -> None:
-        """A Connect sent at ``sent_at`` got no answer within ``connect_timeout``. If datagrams
-        arrived after it (the session is alive) and no Connect was answered meanwhile, the
-        session may be wedged (an answer stuck behind a hole, a server that ignores Connect):
-        after :data:`UNANSWERED_CONNECTS` in a row it is replaced by a fresh handshake."""
-        conn = self.conn
-        if conn is None or not conn.established or conn.last_receive <= sent_at:
-            return  # nothing arrived since: the idle and keepalive checks decide
-        self._unanswered += 1
-        if self._unanswered >= UNANSWERED_CONNECTS:
+        """A Connect sent at ``sent_at`` got no answer within ``connect_timeout``: after
+        :data:`~.health.UNANSWERED_CONNECTS` in a row on a live session, it is replaced."""
+        if self.health.connect_unanswered(self.conn, sent_at):
             self.replace(
-                f"{self._unanswered} Connects in a row got no answer in "
+                f"{self.health.unanswered} Connects in a row got no answer in "
                 f"{self.outbound.connect_timeout:g} s while the server kept sending"
             )
 
@@ -1035,7 +1011,7 @@ class _Session:
         conn = self.conn
         rtt = None
         if conn is not None and conn.established:
-            age = time.monotonic() - self._rtt_sampled_at(conn)
+            age = time.monotonic() - self.health.rtt_sampled_at(conn)
             if age <= self.outbound.keepalive_interval + RTT_SHOWN_GRACE:
                 rtt = conn.ping_rtt if conn.ping_rtt is not None else conn.handshake_rtt
         return SessionStatus(
