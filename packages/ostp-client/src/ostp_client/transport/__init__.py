@@ -20,10 +20,12 @@ import socket
 from collections.abc import Sequence
 from typing import Protocol
 
+from ostp_client.errors import OstpClientError
+
 __all__ = ["DatagramTransport", "TransportError"]
 
 
-class TransportError(OSError):
+class TransportError(OstpClientError, OSError):
     """A transport could not be opened (the server refused, the opening timed out, ...)."""
 
 
