@@ -42,12 +42,12 @@ def wait_tcp(port: int, limit: float = 15.0) -> None:
 
 @contextmanager
 def process(
-    args: list[str], log: Path, stdout: int | None = None
+    args: list[str], log: Path, stdout: int | None = None, cwd: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A child process with stderr (and stdout, unless ``stdout`` says otherwise, e.g.
-    ``subprocess.PIPE``) appended to ``log``; terminated on exit."""
+    ``subprocess.PIPE``) appended to ``log``, run in ``cwd``; terminated on exit."""
     with log.open("ab") as out:
-        proc = subprocess.Popen(args, stdout=out if stdout is None else stdout, stderr=out)
+        proc = subprocess.Popen(args, stdout=out if stdout is None else stdout, stderr=out, cwd=cwd)
     try:
         yield proc
     finally:
@@ -74,17 +74,19 @@ def rss_mb(pid: int) -> float:
 
 
 def ostp_client_config(
-    path: Path, port: int, server_port: int, key: str, mtu: int | None = None
+    path: Path, port: int, server_port: int, key: str, mtu: int | None = None, **extra: object
 ) -> None:
     """An ostp-client config: a local_proxy (SOCKS5/HTTP) inbound, everything to the server.
 
-    ``mtu`` (the outbound's, datagrams up to mtu - 48 bytes) stays the default when None.
+    ``mtu`` (the outbound's, datagrams up to mtu - 48 bytes) stays the default when None;
+    ``extra`` are further keys of the ostp outbound (e.g. ``socket_buffer``).
     """
     outbound: dict[str, object] = {
         "type": "ostp",
         "tag": "proxy",
         "server": f"127.0.0.1:{server_port}",
         "access_key": key,
+        **extra,
     }
     if mtu is not None:
         outbound["mtu"] = mtu

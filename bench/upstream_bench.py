@@ -30,8 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from bench._common import (  # noqa: E402
     RESULTS,
     cpu_seconds,
     free_port,
+    ostp_client_config,
     process,
     wait_tcp,
 )
@@ -138,23 +138,7 @@ def start_server(
         "--listen",
         f"127.0.0.1:{port}",
     ]
-    return _cwd_process(command, log), port
-
-
-@contextmanager
-def _cwd_process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``process`` with the repository root as working directory (``-m tests...``)."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=out, cwd=ROOT)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    return process(command, log, cwd=ROOT), port  # -m tests... from the root
 
 
 def run_config(
@@ -169,27 +153,7 @@ def run_config(
     name = f"{server_kind}-{buffer_mib}MiB"
     server_cm, server_port = start_server(server_kind, tmp, key, tmp / f"server-{name}.log")
     config = tmp / f"client-{name}.json"
-    config.write_text(
-        json.dumps(
-            {
-                "log": {"level": "warning"},
-                "inbounds": [
-                    {"type": "local_proxy", "tag": "in", "listen": "127.0.0.1", "port": proxy_port}
-                ],
-                "outbounds": [
-                    {
-                        "type": "ostp",
-                        "tag": "proxy",
-                        "server": f"127.0.0.1:{server_port}",
-                        "access_key": key,
-                        "socket_buffer": buffer_mib * MIB,
-                    }
-                ],
-                "routing": {"default_outbound": "proxy"},
-                "control": {"socket": ""},
-            }
-        )
-    )
+    ostp_client_config(config, proxy_port, server_port, key, socket_buffer=buffer_mib * MIB)
     size = args.mb * MB
     want = body_sha256(size)
     base = f"http://127.0.0.1:{origin_port}"
