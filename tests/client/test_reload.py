@@ -242,6 +242,9 @@ async def test_replaced_outbound_serves_out_its_connections(
         # outlives the reload itself on a loaded machine too (48 MB at 2 MB/s: 24 s).
         daemon.reload_grace = 0.5
         rate = "2M"
+        # curl is done, but the daemon may still hold its connection (the origin keeps it
+        # alive): wait until it is gone, or it would pass for the new transfer below.
+        await wait_for(lambda: not daemon.registry.live, 20)
         async with anyio.create_task_group() as tg:
             codes.clear()
             tg.start_soon(download)
