@@ -239,7 +239,7 @@ def test_tun_inbound_claims_its_mark_only_with_auto_route_on_linux() -> None:
         on = TunInbound(TunInboundConfig(routing_mark=9), dispatcher)
         assert on.claim_routing_mark() is (sys.platform == "linux")
         assert routing_mark() == (9 if sys.platform == "linux" else None)
-        assert on.status()["routing_mark"] == 9
+        assert on.status().routing_mark == 9
     finally:
         clear_routing_mark()
 

@@ -30,7 +30,8 @@ from ostp_client.config import TunInboundConfig, parse_config_text
 from ostp_client.connections import ConnectionRegistry, Dispatcher
 from ostp_client.control.client import ControlClient
 from ostp_client.control.server import ControlServer
-from ostp_client.flow import ConnContext, UdpOutboundSession
+from ostp_client.flow import ConnContext, OutboundReport, UdpOutboundSession
+from ostp_client.inbounds.base import InboundReport
 from ostp_client.inbounds.tun.device import TunDevice
 from ostp_client.inbounds.tun.inbound import TunInbound
 from ostp_client.outbounds.direct import DirectOutbound
@@ -188,7 +189,7 @@ async def test_a_subscription_that_fails_ends_alone(
 class _FailingStatusOutbound(DirectOutbound):
     """An outbound whose status() fails (a bug in a part must not stop the control server)."""
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> OutboundReport:
         raise RuntimeError("injected status failure")
 
 
@@ -203,7 +204,7 @@ async def test_a_failing_status_does_not_stop_the_control_server(
         # the inbounds' status is not guarded by status_model: make one fail too
         inbound = next(iter(running.daemon.inbounds.values()))
 
-        def broken() -> dict[str, object]:
+        def broken() -> InboundReport:
             raise RuntimeError("injected inbound status failure")
 
         inbound.status = broken  # type: ignore[method-assign]
@@ -371,5 +372,8 @@ async def test_a_failing_tun_flow_does_not_end_the_tun_inbound(
         await wait_for(lambda: inbound.counters["dns_queries"] == 3 and not registry.live)
         await wait_for(lambda: sum("task failed" in r.getMessage() for r in caplog.records) >= 3)
         assert inbound.counters["udp_flows"] == 3
+        await wait_for(lambda: not inbound._udp)
+        status = inbound.status()  # live flows and the total are two numbers (they were one key)
+        assert status.udp_flows == 0 and status.counters["udp_flows"] == 3
         tg.cancel_scope.cancel()
     assert registry.closed_total == 6

@@ -64,8 +64,7 @@ async def test_registry_shows_route_and_bytes(origin: Origin) -> None:
         assert conn["bytes_up"] == len(b"GET /bytes/100 HTTP/1.1\r\nHost: x\r\n\r\n")
         assert conn["bytes_down"] == len(received)
         assert conn["source"].startswith("127.0.0.1:")
-        status = daemon.status()
-        assert status["routing"]["rule_hits"] == [1, 0]
+        assert daemon.router.stats()["rule_hits"] == [1, 0]
         await stream.aclose()
         await wait_for(lambda: not daemon.registry.live)
         assert daemon.registry.closed_total == 1

@@ -130,10 +130,10 @@ async def test_binding_shows_the_sockets_own_address(
         port = session.sock.getsockname()[1]
         status = _ostp(daemon).status()
         # On loopback there is no NAT: the mapping is the socket's own address.
-        assert status["sessions"][0]["mapped_address"] == f"127.0.0.1:{port}"
-        assert status["mapped_address"] == f"127.0.0.1:{port}"
-        assert status["nat_mode"] == "direct"
-        assert status["sessions"][0]["path"] == "direct"
+        assert status.sessions[0].mapped_address == f"127.0.0.1:{port}"
+        assert status.mapped_address == f"127.0.0.1:{port}"
+        assert status.nat_mode == "direct"
+        assert status.sessions[0].path == "direct"
         await _download(daemon, origin, 2 * MB, tmp_path / "body")
 
 
@@ -148,7 +148,7 @@ async def test_sessions_without_stun_or_turn_keep_the_connected_batched_socket(
         session = _session(daemon)
         assert isinstance(session.batch, BatchSocket)
         assert session.sock is not None and session.sock.getpeername()[1] == server.port
-        assert session.status()["path"] == "direct"
+        assert session.snapshot().path == "direct"
 
 
 async def test_20mb_byte_exact_through_turn(
@@ -166,12 +166,12 @@ async def _through_turn(
         await _connected(daemon)
         session = _session(daemon)
         assert session.mux is not None and session.mux.relaying
-        status = session.status()
-        assert status["path"] == "turn"
-        assert status["relayed_address"].startswith("127.0.0.1:")
+        status = session.snapshot()
+        assert status.path == "turn"
+        assert str(status.relayed_address).startswith("127.0.0.1:")
         # TURN's XOR-MAPPED-ADDRESS shows the mapping even without STUN servers.
         assert session.sock is not None
-        assert status["mapped_address"] == f"127.0.0.1:{session.sock.getsockname()[1]}"
+        assert status.mapped_address == f"127.0.0.1:{session.sock.getsockname()[1]}"
         await _download(daemon, origin, 20 * MB, tmp_path / "body")
         assert session.mux.relaying and session.reconnects == 0
     # Shutdown released the allocation (Refresh with LIFETIME 0, RFC 8656 §7).
@@ -190,9 +190,9 @@ async def test_auto_falls_back_to_turn_when_direct_udp_is_dropped(
         async with running_daemon(_config(server, nat, port=relay.port)) as daemon:
             await _connected(daemon, limit=30)
             session = _session(daemon)
-            status = session.status()
-            assert status["path"] == "turn"
-            assert status["relayed_address"].startswith("127.0.0.2:")
+            status = session.snapshot()
+            assert status.path == "turn"
+            assert str(status.relayed_address).startswith("127.0.0.2:")
             assert session.reconnects >= 1  # the direct attempt, then the relayed one
             await _download(daemon, origin, 2 * MB, tmp_path / "body")
         assert relay.dropped > 0  # the direct handshakes really were dropped
@@ -208,10 +208,10 @@ async def test_wrong_password_is_a_clear_error_logged_once(
     async with running_daemon(_config(server, nat)) as daemon:
         await wait_for(lambda: _session(daemon).reconnects >= 2, 20)
         status = _ostp(daemon).status()
-        session_status = status["sessions"][0]
-        assert status["state"] == "connecting"
-        assert "rejected the credentials" in session_status["last_error"]
-        assert "username and password" in session_status["last_error"]
+        last_error = status.sessions[0].last_error
+        assert status.state == "connecting"
+        assert last_error is not None and "rejected the credentials" in last_error
+        assert "username and password" in last_error
     warnings = [
         r for r in caplog.records if r.levelno == logging.WARNING and "credentials" in r.message
     ]
@@ -235,7 +235,7 @@ async def test_short_lifetimes_are_refreshed_during_a_transfer(
             before = session.turn_refreshes
             await _upload(daemon, origin, os.urandom(5 * MB), tmp_path, "--limit-rate", "512K")
             assert session.turn_refreshes - before >= 6
-            assert session.reconnects == 0 and session.status()["last_error"] is None
+            assert session.reconnects == 0 and session.snapshot().last_error is None
             assert session.mux is not None and session.mux.relaying
     log = ct.log_text()
     assert log.count("REFRESH processed, success") >= 2
@@ -259,7 +259,7 @@ async def test_stale_nonce_is_handled(
 
             await wait_for(lambda: stale_retries() > 0 and session.turn_refreshes >= 4, 20)
             await _download(daemon, origin, 2 * MB, tmp_path / "body")
-            assert session.reconnects == 0 and session.status()["last_error"] is None
+            assert session.reconnects == 0 and session.snapshot().last_error is None
 
 
 def _break_last_byte(data: bytes) -> bytes:
@@ -300,12 +300,12 @@ async def test_stray_stun_looking_datagrams_do_not_disturb(
             for _ in range(3):
                 for data in bogus:
                     stray.sendto(data, target)
-        await wait_for(lambda: sum((session.status()["nat_drops"] or {}).values()) >= 15)
-        drops = session.status()["nat_drops"]
+        await wait_for(lambda: sum((session.snapshot().nat_drops or {}).values()) >= 15)
+        drops = session.snapshot().nat_drops or {}
         assert drops["stun_unknown_transaction_drop"] >= 3
         assert drops["stun_fingerprint_drop"] >= 3
         assert drops["stun_unexpected_drop"] >= 3
         assert drops["ostp_source_drop"] >= 6  # not from the server: never fed to the session
         await _download(daemon, origin, 2 * MB, tmp_path / "body")
-        assert session.reconnects == 0 and session.status()["last_error"] is None
-        assert session.status()["path"] == mode
+        assert session.reconnects == 0 and session.snapshot().last_error is None
+        assert session.snapshot().path == mode

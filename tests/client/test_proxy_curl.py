@@ -143,7 +143,7 @@ async def test_http_keep_alive_several_requests_and_hosts(origin: Origin) -> Non
         result = await curl(
             [*proxy_args("http", port), "-w", "\n%{http_code} %{num_connects}\n", *urls]
         )
-        accepted = inbound.status()["accepted"]
+        accepted = inbound.status().accepted
     assert result.returncode == 0, result.stderr
     codes = [line for line in result.stdout.split("\n") if line.startswith("200 ")]
     assert len(codes) == 4

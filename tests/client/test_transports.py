@@ -158,7 +158,7 @@ async def test_50mb_each_way_byte_exact(
         await _connected(daemon)
         session = _session(daemon)
         assert isinstance(session.transport, StreamTransport)
-        assert session.status()["transport"] == kind
+        assert session.snapshot().transport == kind
         await download(daemon, origin, 50 * MB, tmp_path / "body")
         await upload(daemon, origin, 50 * MB, tmp_path)
         conn = session.conn

@@ -373,4 +373,4 @@ def test_inbound_registers_and_maps_fake_ips() -> None:
     assert inbound._target(Endpoint(str(fake), 443)) == Address("example.test", 443)
     assert inbound._target(Endpoint("198.18.200.200", 80)) is None  # stale fake IP: refused
     assert inbound._target(Endpoint("198.18.0.1", 80)) is not None  # the TUN's own address
-    assert inbound.status()["type"] == "tun"
+    assert inbound.status().type == "tun"

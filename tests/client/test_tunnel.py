@@ -83,8 +83,8 @@ async def _connected(daemon: Any, limit: float = 15) -> None:
 
 def _attempted_again(daemon: Any) -> Callable[[], bool]:
     """A condition: the outbound has started another connection attempt since now."""
-    attempts: int = _ostp(daemon).status()["reconnects"]
-    return lambda: _ostp(daemon).status()["reconnects"] > attempts
+    attempts = _ostp(daemon).status().reconnects
+    return lambda: _ostp(daemon).status().reconnects > attempts
 
 
 async def _download(port: int, origin: Origin, mode: str, size: int, out: Path) -> None:
@@ -118,7 +118,7 @@ async def test_50mb_down_and_20mb_up_byte_exact(
         port = proxy_port(daemon)
         await _download(port, origin, mode, 50 * MB, tmp_path / "body")
         await _upload(port, origin, mode, os.urandom(20 * MB), tmp_path)
-        assert _ostp(daemon).status()["bytes_down"] > 50 * MB
+        assert _ostp(daemon).status().bytes_down > 50 * MB
 
 
 async def test_on_loopback_datagrams_climb_to_64_kb(
@@ -129,8 +129,8 @@ async def test_on_loopback_datagrams_climb_to_64_kb(
     async with running_daemon(tunnel_config(server.outbound())) as daemon:
         await _connected(daemon)
         session = _ostp(daemon).sessions[0]
-        await wait_for(lambda: session.status()["datagram_size"] >= 60_000, 15)
-        assert session.status()["pmtud"] == "search_complete"
+        await wait_for(lambda: (session.snapshot().datagram_size or 0) >= 60_000, 15)
+        assert session.snapshot().pmtud == "search_complete"
         await _download(proxy_port(daemon), origin, "socks5", 20 * MB, tmp_path / "body")
         assert session.conn is not None and session.conn.datagram_size >= 60_000
 
@@ -149,8 +149,8 @@ async def test_200_transfers_at_once(origin: Origin, server: ServerProcess) -> N
         assert result.returncode == 0, result.stderr
         lines = sorted(result.stdout.split("\n")[:-1])
         assert lines == sorted(f"200 {20000 + i}" for i in range(count))
-        sessions = _ostp(daemon).status()["sessions"]
-        assert all(s["state"] == "connected" for s in sessions) and len(sessions) == 2
+        sessions = _ostp(daemon).status().sessions
+        assert all(s.state == "connected" for s in sessions) and len(sessions) == 2
 
 
 async def test_routing_decides_tunnel_direct_or_block(
@@ -190,7 +190,7 @@ async def test_reconnects_after_the_server_returns(
             await anyio.to_thread.run_sync(server.start)
             await _connected(daemon, limit=30)
             await _download(port, origin, "socks5h", 2 * MB, tmp_path / "after")
-        assert _ostp(daemon).status()["reconnects"] >= 3
+        assert _ostp(daemon).status().reconnects >= 3
 
 
 @pytest.mark.parametrize("loss", [0.02, 0.10])
@@ -268,8 +268,8 @@ async def test_two_ostp_outbounds_to_different_servers_at_once(
             # socks5 sends the IP (default route: "proxy"), socks5h the name "localhost" ("b")
             await _download(port, origin, "socks5", 3 * MB, tmp_path / "via-a")
             await _download(port, origin, "socks5h", 5 * MB, tmp_path / "via-b")
-            assert 3 * MB < a.status()["bytes_down"] < 5 * MB
-            assert b.status()["bytes_down"] > 5 * MB
+            assert 3 * MB < a.status().bytes_down < 5 * MB
+            assert b.status().bytes_down > 5 * MB
             assert {a.server, b.server} == {("127.0.0.1", first.port), ("127.0.0.1", second.port)}
 
 

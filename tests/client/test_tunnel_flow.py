@@ -20,7 +20,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from ostp_client.outbounds.ostp import OstpOutbound, OstpStream
+from ostp_client.outbounds.ostp import OstpOutbound, OstpStream, SessionStatus
 from ostp_proto import ConnectionStats
 from tests.client.origin_server import body_bytes, body_sha256
 from tests.client.proxy_helpers import (
@@ -89,7 +89,7 @@ def _stopped_stream(outbound: OstpOutbound) -> OstpStream:
 
 @dataclass
 class Outcome:
-    session: dict[str, object]
+    session: SessionStatus
     """The session's status at the end."""
     stats: ConnectionStats
     excess: int
@@ -149,13 +149,13 @@ async def _fetches_beside_a_stopped_reader(
                 tg.cancel_scope.cancel()
             assert hashlib.sha256(rest).hexdigest() == body_sha256(size)
             assert session.conn is not None
-            (status,) = outbound.status()["sessions"]
+            (status,) = outbound.status().sessions
             return Outcome(status, dataclasses.replace(session.conn.stats), excess)
 
 
 async def test_a_stopped_reader_holds_only_its_own_stream(origin: Origin, tmp_path: Path) -> None:
     outcome = await _fetches_beside_a_stopped_reader(origin, tmp_path, 64 * MB)
-    assert outcome.session["flow_control"] is True
+    assert outcome.session.flow_control is True
     assert outcome.excess <= 0  # the stopped stream never buffered more than its window
     assert outcome.stats.paused_drop == 0 and outcome.stats.flow_violation == 0
     assert outcome.stats.window_updates_sent > 0
@@ -166,7 +166,7 @@ async def test_a_stopped_reader_with_an_upstream_like_server(
 ) -> None:
     """Without the extension the session keeps reading (no hold, no pause below the cap)."""
     outcome = await _fetches_beside_a_stopped_reader(origin, tmp_path, 24 * MB, extensions=False)
-    assert outcome.session["flow_control"] is False
+    assert outcome.session.flow_control is False
     assert outcome.stats.paused_drop == 0 and outcome.stats.relay_decode_drop == 0
     assert outcome.stats.window_updates_sent == 0
 

@@ -22,8 +22,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from ostp_client.control.protocol import SessionStatus
-from ostp_client.control.server import _session_from_raw
+from ostp_client.control.server import _session_model
 from ostp_client.daemon import Daemon
 from ostp_client.outbounds.ostp import UNANSWERED_CONNECTS, OstpOutbound, _Session
 from ostp_proto import DataLost
@@ -352,7 +351,7 @@ async def test_a_session_whose_connects_go_unanswered_is_replaced(
         )
         await fetch_1kb(port, web, tmp_path / "small")
         assert session.replacements == 1
-        shown = SessionStatus(**_session_from_raw(session.status(), "0", time.time()))
+        shown = _session_model(session.snapshot(), "127.0.0.1", time.time(), (0.0, 0.0))
         assert shown.replacements == 1  # what `ctl status --json` reports
     [warning] = replacement_warnings(caplog)
     assert "Connects in a row got no answer" in warning
@@ -377,14 +376,14 @@ async def test_the_rtt_shown_ages_out_and_a_silent_session_is_replaced(
         session = proxy.sessions[0]
         await wait_for(lambda: session.state == "connected", 15)
         first_id = session.session_id
-        assert session.status()["rtt_ms"] is not None  # the handshake's sample, fresh
+        assert session.snapshot().rtt_ms is not None  # the handshake's sample, fresh
         await wait_for(lambda: session.conn is not None and session.conn.ping_rtt is not None, 15)
         # the server is silent now: the sample ages and is no longer shown
-        await wait_for(lambda: session.status()["rtt_ms"] is None or session.replacements > 0, 15)
-        status = session.status()
+        await wait_for(lambda: session.snapshot().rtt_ms is None or session.replacements > 0, 15)
+        status = session.snapshot()
         assert session.replacements == 0, "replaced before the RTT shown aged out"
-        assert status["state"] == "connected" and status["session_id"] == first_id
-        assert proxy.status()["rtt_ms"] is None
+        assert status.state == "connected" and status.session_id == first_id
+        assert proxy.status().rtt_ms is None
         await wait_for(
             lambda: (
                 session.replacements == 1
@@ -393,6 +392,6 @@ async def test_the_rtt_shown_ages_out_and_a_silent_session_is_replaced(
             ),
             30,
         )
-        await wait_for(lambda: session.status()["rtt_ms"] is not None, 15)
+        await wait_for(lambda: session.snapshot().rtt_ms is not None, 15)
     [warning] = replacement_warnings(caplog)
     assert "no answer to keepalive Pings" in warning

@@ -23,6 +23,7 @@ from ostp_client.control.server import ControlServer
 from ostp_client.daemon import Daemon
 from ostp_client.flow import Outbound
 from ostp_client.outbounds.direct import DirectOutbound
+from ostp_client.outbounds.ostp import OstpReport, SessionState, SessionStatus
 
 
 class FakeSessionOutbound(DirectOutbound):
@@ -40,31 +41,48 @@ class FakeSessionOutbound(DirectOutbound):
         self.reconnect_calls += 1
         self.state = "connecting"
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> OstpReport:
         self.bytes_down += 1000
         state, self.state = self.state, "connected"  # connected from the next look on
-        return {
-            "tag": self.tag,
-            "type": self.type,
-            "state": state,
-            "server": "192.0.2.1:8443",
-            "rtt_ms": 12.5,
-            "bytes_up": 10,
-            "bytes_down": self.bytes_down,
-            "reconnects": self.reconnect_calls,
-            "mapped_address": "198.51.100.7:40000",
-            "sessions": [
-                {
-                    "index": 0,
-                    "state": state,
-                    "rtt_ms": 12.5,
-                    "bytes_up": 10,
-                    "bytes_down": self.bytes_down,
-                    "connected_since": 1.0,
-                    "reconnects": self.reconnect_calls,
-                }
-            ],
-        }
+        session = SessionStatus(
+            index=0,
+            state=SessionState(state),
+            session_id=7,
+            rtt_ms=12.5,
+            bytes_up=10,
+            bytes_down=self.bytes_down,
+            connected_since=1.0,
+            reconnects=self.reconnect_calls,
+            replacements=0,
+            streams=0,
+            flow_control=True,
+            datagram_size=1400,
+            pmtud=None,
+            receive_buffered=0,
+            receive_paused=False,
+            kernel_drops=None,
+            socket_buffer=None,
+            last_error=None,
+            path="direct",
+            mapped_address="198.51.100.7:40000",
+            relayed_address=None,
+            turn_refreshes=0,
+            nat_drops=None,
+            transport="udp",
+            transport_switches=0,
+        )
+        return OstpReport(
+            tag=self.tag,
+            type=self.type,
+            state=state,
+            server="192.0.2.1:8443",
+            rtt_ms=12.5,
+            bytes_up=10,
+            bytes_down=self.bytes_down,
+            reconnects=self.reconnect_calls,
+            mapped_address="198.51.100.7:40000",
+            sessions=(session,),
+        )
 
 
 def short_socket_dir() -> Path:

@@ -229,14 +229,6 @@ class Daemon:
                 self._tg = None
         logger.info("ostp-client stopped (%d connections served)", self.registry.closed_total)
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "inbounds": [i.status() for i in self.inbounds.values()],
-            "outbounds": [o.status() for o in self.outbounds.values()],
-            "routing": self.router.stats(),
-            "connections": self.registry.snapshot(),
-        }
-
     # -- parts -------------------------------------------------------------------------------
 
     async def _start(self, part: Part, kind: str) -> None:

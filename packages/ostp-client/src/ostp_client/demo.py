@@ -190,7 +190,7 @@ async def _run(
             await tg.start(daemon.run)
             outbound = daemon.outbounds["proxy"]
             deadline = time.monotonic() + 15
-            while outbound.status().get("state") != "connected":
+            while outbound.status().state != "connected":
                 if server.poll() is not None or time.monotonic() > deadline:
                     print("demo: the local ostp-server did not come up; see its log above.")
                     return EXIT_FAILURE

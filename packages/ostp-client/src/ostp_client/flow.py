@@ -36,6 +36,7 @@ __all__ = [
     "NetworkUnreachable",
     "Outbound",
     "OutboundError",
+    "OutboundReport",
     "UdpOutboundSession",
 ]
 
@@ -195,6 +196,19 @@ class UdpOutboundSession(ABC):
         await self.aclose()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboundReport:
+    """What an outbound says about itself (`Outbound.status()`). Outbounds with more to say
+    return a subclass (`OstpReport`, `GroupReport`); the control server and the metrics read
+    them by type and add what only the daemon knows (rates, live connections, checks)."""
+
+    tag: str
+    type: str
+    state: str = "ready"
+    """`ready` for outbounds without sessions; `idle`, `connecting`, `connected` for ostp;
+    `ready` or `down` for groups."""
+
+
 class Outbound(ABC):
     """Where routed connections go. One instance per configured outbound, owned by the daemon.
 
@@ -253,6 +267,6 @@ class Outbound(ABC):
         """
         task_status.started()
 
-    def status(self) -> dict[str, Any]:
-        """A small JSON-able status for the control socket (state, RTT, ... as available)."""
-        return {"tag": self.tag, "type": self.type}
+    def status(self) -> OutboundReport:
+        """What the outbound says about itself for the control socket, metrics and sd_notify."""
+        return OutboundReport(tag=self.tag, type=self.type)

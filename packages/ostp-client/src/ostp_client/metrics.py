@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
@@ -27,6 +27,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from ostp_client.config import MetricsConfig
+from ostp_client.outbounds.ostp.status import OstpReport
 
 if TYPE_CHECKING:
     from ostp_client.running import RunningDaemon
@@ -54,7 +55,6 @@ _DROP_FIELDS = (
 )
 _INBOUND_COUNTERS = {
     "accepted": ("ostp_client_inbound_accepted", "Connections accepted by an inbound"),
-    "tcp_accepted": ("ostp_client_inbound_accepted", "Connections accepted by an inbound"),
     "tcp_refused": ("ostp_client_inbound_refused", "TCP connections an inbound refused"),
     "udp_dropped": ("ostp_client_inbound_udp_dropped", "UDP datagrams an inbound dropped"),
     "dns_queries": ("ostp_client_dns_queries", "DNS queries answered by a TUN inbound"),
@@ -99,14 +99,16 @@ class ClientCollector(Collector):
 
     # -- raw numbers -------------------------------------------------------------------------
 
-    def _outbound_status(self) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+    def _ostp_reports(self) -> Iterator[tuple[str, OstpReport]]:
+        """Every outbound with sessions and its report (one broken status() is skipped)."""
         for tag, outbound in list(self.daemon.outbounds.items()):
             try:
-                raw = dict(outbound.status())
+                report = outbound.status()
             except Exception:  # one broken status() must not fail the scrape
                 logger.debug("status() of outbound %s failed", tag, exc_info=True)
-                raw = {}
-            yield tag, outbound, raw
+                continue
+            if isinstance(report, OstpReport):
+                yield tag, report
 
     def connection_bytes(self) -> dict[str, tuple[int, int, int]]:
         """Per outbound: (bytes up, bytes down, live connections), closed ones included."""
@@ -127,13 +129,10 @@ class ClientCollector(Collector):
         """Record the byte counters for the rate gauges."""
         for tag, (up, down, _live) in self.connection_bytes().items():
             self.rates.sample((tag,), now, up, down)
-        for tag, _outbound, raw in self._outbound_status():
-            for index, session in enumerate(raw.get("sessions") or ()):
-                if isinstance(session, dict):
-                    key = (tag, str(session.get("index", index)))
-                    s_up = _number(session.get("bytes_up")) or 0.0
-                    s_down = _number(session.get("bytes_down")) or 0.0
-                    self.rates.sample(key, now, s_up, s_down)
+        for tag, report in self._ostp_reports():
+            for session in report.sessions:
+                key = (tag, str(session.index))
+                self.rates.sample(key, now, session.bytes_up, session.bytes_down)
 
     # -- families ----------------------------------------------------------------------------
 
@@ -231,53 +230,38 @@ class ClientCollector(Collector):
             "Received datagrams dropped by the protocol core, by reason",
             labels=[*labels, "reason"],
         )
-        for tag, outbound, raw in self._outbound_status():
-            sessions = raw.get("sessions")
-            if not isinstance(sessions, list):
-                continue
-            up_g.add_metric([tag], 1.0 if str(raw.get("state")) == "connected" else 0.0)
-            if (rtt := _number(raw.get("rtt_ms"))) is not None:
-                rtt_g.add_metric([tag], rtt / 1000)
-            rec_c.add_metric([tag], _number(raw.get("reconnects")) or 0.0)
-            objects = getattr(outbound, "sessions", None)
-            for index, session in enumerate(sessions):
-                if not isinstance(session, dict):
-                    continue
-                name = str(session.get("index", index))
+        for tag, report in self._ostp_reports():
+            up_g.add_metric([tag], 1.0 if report.state == "connected" else 0.0)
+            if report.rtt_ms is not None:
+                rtt_g.add_metric([tag], report.rtt_ms / 1000)
+            rec_c.add_metric([tag], report.reconnects)
+            for session in report.sessions:
+                name = str(session.index)
                 lv = [tag, name]
-                s_up.add_metric(lv, 1.0 if str(session.get("state")) == "connected" else 0.0)
-                if (rtt := _number(session.get("rtt_ms"))) is not None:
-                    s_rtt.add_metric(lv, rtt / 1000)
-                s_bytes.add_metric([*lv, "up"], _number(session.get("bytes_up")) or 0.0)
-                s_bytes.add_metric([*lv, "down"], _number(session.get("bytes_down")) or 0.0)
+                s_up.add_metric(lv, 1.0 if session.state == "connected" else 0.0)
+                if session.rtt_ms is not None:
+                    s_rtt.add_metric(lv, session.rtt_ms / 1000)
+                s_bytes.add_metric([*lv, "up"], session.bytes_up)
+                s_bytes.add_metric([*lv, "down"], session.bytes_down)
                 rate_up, rate_down = self.rates.get((tag, name))
                 s_rate.add_metric([*lv, "up"], rate_up)
                 s_rate.add_metric([*lv, "down"], rate_down)
-                s_rec.add_metric(lv, _number(session.get("reconnects")) or 0.0)
-                s_streams.add_metric(lv, _number(session.get("streams")) or 0.0)
-                conn = None
-                if isinstance(objects, list) and index < len(objects):
-                    conn = getattr(objects[index], "conn", None)
-                sender = getattr(getattr(conn, "sender", None), "stats", None)
-                stats = getattr(conn, "stats", None)
+                s_rec.add_metric(lv, session.reconnects)
+                s_streams.add_metric(lv, session.streams)
+                sender, counters = session.sender, session.counters
                 if sender is not None:
-                    s_sent.add_metric(lv, float(getattr(sender, "datagrams_sent", 0)))
-                    s_retx.add_metric(
-                        [*lv, "timeout"], float(getattr(sender, "retransmissions", 0))
-                    )
-                    s_retx.add_metric(
-                        [*lv, "nack"], float(getattr(sender, "nack_retransmissions", 0))
-                    )
-                    s_pto.add_metric(lv, float(getattr(sender, "probe_timeouts", 0)))
-                if stats is not None:
-                    s_recv.add_metric(lv, float(getattr(stats, "datagrams_received", 0)))
+                    s_sent.add_metric(lv, sender.datagrams_sent)
+                    s_retx.add_metric([*lv, "timeout"], sender.retransmissions)
+                    s_retx.add_metric([*lv, "nack"], sender.nack_retransmissions)
+                    s_pto.add_metric(lv, sender.probe_timeouts)
+                if counters is not None:
+                    s_recv.add_metric(lv, counters.datagrams_received)
                     for field in _DROP_FIELDS:
-                        value = getattr(stats, field, None)
-                        if isinstance(value, int):
-                            s_drop.add_metric([*lv, field.removesuffix("_drop")], float(value))
-                for reason, count in (session.get("nat_drops") or {}).items():
-                    if isinstance(count, int):
-                        s_drop.add_metric([*lv, str(reason).removesuffix("_drop")], float(count))
+                        s_drop.add_metric(
+                            [*lv, field.removesuffix("_drop")], getattr(counters, field)
+                        )
+                for reason, count in (session.nat_drops or {}).items():
+                    s_drop.add_metric([*lv, reason.removesuffix("_drop")], float(count))
         yield from (up_g, rtt_g, rec_c, s_up, s_rtt, s_bytes, s_rate, s_rec, s_streams)
         yield from (s_sent, s_recv, s_retx, s_pto, s_drop)
 
@@ -306,22 +290,25 @@ class ClientCollector(Collector):
 
     def _inbound_families(self) -> Iterable[Metric]:
         families: dict[str, CounterMetricFamily] = {}
+
+        def add(key: str, tag: str, value: int) -> None:
+            name, help_text = _INBOUND_COUNTERS[key]
+            family = families.get(name)
+            if family is None:
+                family = families[name] = CounterMetricFamily(name, help_text, labels=["inbound"])
+            family.add_metric([tag], value)
+
         for tag, inbound in list(self.daemon.inbounds.items()):
             try:
-                raw = dict(inbound.status())
+                report = inbound.status()
             except Exception:  # one broken status() must not fail the scrape
                 logger.debug("status() of inbound %s failed", tag, exc_info=True)
                 continue
-            for key, (name, help_text) in _INBOUND_COUNTERS.items():
-                value = _number(raw.get(key))
-                if value is None:
-                    continue
-                family = families.get(name)
-                if family is None:
-                    family = families[name] = CounterMetricFamily(
-                        name, help_text, labels=["inbound"]
-                    )
-                family.add_metric([tag], value)
+            if report.accepted is not None:
+                add("accepted", tag, report.accepted)
+            for key, value in report.counters.items():
+                if key in _INBOUND_COUNTERS:
+                    add(key, tag, value)
         yield from families.values()
 
 

@@ -149,7 +149,7 @@ def daemon_status_text(daemon: RunningDaemon) -> str:
     parts = []
     for tag, outbound in daemon.outbounds.items():
         try:
-            state = outbound.status().get("state")
+            state: str | None = outbound.status().state
         except Exception:  # a broken status() must not stop the notifier
             state = None
         if state is not None:

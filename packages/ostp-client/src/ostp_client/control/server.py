@@ -8,6 +8,7 @@ not). A line that is not a valid request is answered with an error and the conne
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
 import logging
@@ -59,8 +60,10 @@ from ostp_client.control.protocol import (
     encode,
 )
 from ostp_client.errors import OstpClientError
-from ostp_client.flow import OutboundError
-from ostp_client.outbounds.group import GroupOutbound, SelectorOutbound, url_test
+from ostp_client.flow import Outbound, OutboundError, OutboundReport
+from ostp_client.outbounds.group import GroupOutbound, GroupReport, SelectorOutbound, url_test
+from ostp_client.outbounds.ostp.status import OstpReport
+from ostp_client.outbounds.ostp.status import SessionStatus as SessionReport
 from ostp_client.reload import ReloadError
 from ostp_client.sdnotify import get_notifier
 from ostp_client.serving import run_contained, serve_listener
@@ -95,49 +98,29 @@ class RequestFailed(OstpClientError):
 # daemon data → protocol models
 
 
-def _num(raw: dict[str, Any], key: str) -> float | None:
-    value = raw.get(key)
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    return None
-
-
-def _session_from_raw(raw: dict[str, Any], default_id: str, now: float) -> dict[str, Any]:
-    """Lenient mapping of an outbound's or a session's `status()` dict (missing keys are fine).
-
-    The keys are those `Outbound.status()` implementations write: `index` (a session),
-    `state`, `server`, `rtt_ms`, `bytes_up`, `bytes_down`, `connected_since` (Unix time),
-    `reconnects`, `replacements`, `mapped_address`, `datagram_size`, `kernel_drops`,
-    `socket_buffer`, `transport`. Rates are the server's own samples.
-    """
-    since = _num(raw, "connected_since")
-    server = raw.get("server")
-    mapped = raw.get("mapped_address")
-    size = _num(raw, "datagram_size")
-    transport = raw.get("transport")
-    return {
-        "id": str(raw.get("index", default_id)),
-        "state": str(raw.get("state") or "ready"),
-        "server": str(server) if server is not None else None,
-        "rtt_ms": _num(raw, "rtt_ms"),
-        "bytes_up": int(_num(raw, "bytes_up") or 0),
-        "bytes_down": int(_num(raw, "bytes_down") or 0),
-        "rate_up": 0.0,
-        "rate_down": 0.0,
-        "uptime": max(0.0, now - since) if since is not None else None,
-        "reconnects": int(_num(raw, "reconnects") or 0),
-        "replacements": int(_num(raw, "replacements") or 0),
-        "mapped_address": str(mapped) if mapped is not None else None,
-        "datagram_size": int(size) if size is not None else None,
-        "kernel_drops": _int_or_none(raw, "kernel_drops"),
-        "socket_buffer": _int_or_none(raw, "socket_buffer"),
-        "transport": str(transport) if transport is not None else None,
-    }
-
-
-def _int_or_none(raw: dict[str, Any], key: str) -> int | None:
-    value = _num(raw, key)
-    return int(value) if value is not None else None
+def _session_model(
+    session: SessionReport, server: str, now: float, rates: tuple[float, float]
+) -> SessionStatus:
+    """One ostp session as the control protocol shows it."""
+    since = session.connected_since
+    return SessionStatus(
+        id=str(session.index),
+        rate_up=rates[0],
+        rate_down=rates[1],
+        state=session.state,
+        server=server,
+        rtt_ms=session.rtt_ms,
+        bytes_up=session.bytes_up,
+        bytes_down=session.bytes_down,
+        uptime=max(0.0, now - since) if since is not None else None,
+        reconnects=session.reconnects,
+        replacements=session.replacements,
+        mapped_address=session.mapped_address,
+        datagram_size=session.datagram_size,
+        kernel_drops=session.kernel_drops,
+        socket_buffer=session.socket_buffer,
+        transport=session.transport,
+    )
 
 
 class _Rates:
@@ -379,61 +362,19 @@ class ControlServer:
         now = time.time() if now is None else now
         daemon = self.daemon
         totals, counts = self._connection_bytes()
-        outbounds: list[OutboundStatus] = []
-        for tag, outbound in daemon.outbounds.items():
-            try:
-                raw = dict(outbound.status())
-            except Exception:
-                logger.exception("status() of outbound %s failed", tag)
-                raw = {"state": "error"}
-            fields = _session_from_raw(raw, tag, now)
-            fields["id"] = tag
-            if "bytes_up" not in raw:
-                fields["bytes_up"], fields["bytes_down"] = totals.get(tag, (0, 0))
-            fields["rate_up"], fields["rate_down"] = self.rates.get(tag)
-            sessions = []
-            for index, item in enumerate(raw.get("sessions") or ()):
-                if not isinstance(item, dict):
-                    continue
-                session = _session_from_raw(item, str(index), now)
-                if session["server"] is None:
-                    session["server"] = fields["server"]
-                key = f"{tag}/{session['id']}"
-                session["rate_up"], session["rate_down"] = self.rates.get(key)
-                sessions.append(SessionStatus(**session))
-            members = [
-                MemberStatus.model_validate(item)
-                for item in raw.get("members") or ()
-                if isinstance(item, dict)
-            ]
-            selected = raw.get("selected")
-            health = daemon.health.entries.get(tag)
-            outbounds.append(
-                OutboundStatus(
-                    **fields,
-                    type=str(raw.get("type", outbound.type)),
-                    sessions=sessions,
-                    can_reconnect=callable(getattr(outbound, "reconnect", None)),
-                    connections=counts.get(tag, 0),
-                    selected=str(selected) if selected is not None else None,
-                    chain=[str(t) for t in raw.get("chain") or ()],
-                    members=members,
-                    can_select=isinstance(outbound, SelectorOutbound),
-                    last_switch=raw.get("last_switch"),
-                    delay_ms=health.delay_ms if health is not None else None,
-                )
-            )
+        outbounds = [
+            self._outbound_model(tag, outbound, totals, counts, now)
+            for tag, outbound in daemon.outbounds.items()
+        ]
         inbounds = []
         for inbound in daemon.inbounds.values():
-            raw_in: dict[str, Any] = dict(inbound.status())
-            listen = raw_in.get("listen")
-            accepted = raw_in.get("accepted")
+            report = inbound.status()
             inbounds.append(
                 InboundStatus(
-                    tag=inbound.tag,
-                    type=inbound.type,
-                    listen=[str(a) for a in listen] if isinstance(listen, list) else [],
-                    accepted=accepted if isinstance(accepted, int) else None,
+                    tag=report.tag,
+                    type=report.type,
+                    listen=list(report.listen),
+                    accepted=report.accepted,
                 )
             )
         registry = daemon.registry
@@ -452,6 +393,67 @@ class ControlServer:
             bytes_down=registry.closed_bytes_down + sum(c.bytes_down for c in live),
             time=now,
         )
+
+    def _outbound_model(
+        self,
+        tag: str,
+        outbound: Outbound,
+        totals: dict[str, tuple[int, int]],
+        counts: dict[str, int],
+        now: float,
+    ) -> OutboundStatus:
+        """One outbound's report as the control protocol shows it, with what the daemon adds:
+        rates, live connections, the last check; an ostp outbound's own datagram counters,
+        for the others the bytes of the connections routed to them."""
+        try:
+            report = outbound.status()
+        except Exception:
+            logger.exception("status() of outbound %s failed", tag)
+            report = OutboundReport(tag=tag, type=outbound.type, state="error")
+        health = self.daemon.health.entries.get(tag)
+        up, down = totals.get(tag, (0, 0))
+        rate_up, rate_down = self.rates.get(tag)
+        fields: dict[str, Any] = {
+            "id": tag,
+            "type": report.type,
+            "state": report.state,
+            "bytes_up": up,
+            "bytes_down": down,
+            "rate_up": rate_up,
+            "rate_down": rate_down,
+            "can_reconnect": callable(getattr(outbound, "reconnect", None)),
+            "connections": counts.get(tag, 0),
+            "can_select": isinstance(outbound, SelectorOutbound),
+            "delay_ms": health.delay_ms if health is not None else None,
+        }
+        match report:
+            case OstpReport():
+                since = report.connected_since
+                fields.update(
+                    server=report.server,
+                    rtt_ms=report.rtt_ms,
+                    bytes_up=report.bytes_up,
+                    bytes_down=report.bytes_down,
+                    uptime=max(0.0, now - since) if since is not None else None,
+                    reconnects=report.reconnects,
+                    mapped_address=report.mapped_address,
+                    kernel_drops=report.kernel_drops,
+                    transport=report.transport,
+                    sessions=[
+                        _session_model(
+                            item, report.server, now, self.rates.get(f"{tag}/{item.index}")
+                        )
+                        for item in report.sessions
+                    ],
+                )
+            case GroupReport():
+                fields.update(
+                    selected=report.selected,
+                    chain=list(report.chain),
+                    members=[MemberStatus(**dataclasses.asdict(m)) for m in report.members],
+                    last_switch=report.last_switch,
+                )
+        return OutboundStatus(**fields)
 
     def connections_model(self) -> ConnectionList:
         return ConnectionList(

@@ -13,7 +13,7 @@ from anyio.abc import TaskStatus
 from ostp_client.connections import Dispatcher
 from ostp_client.errors import OstpClientError
 
-__all__ = ["Inbound", "ProxySettings", "StartError", "check_user", "os_reason"]
+__all__ = ["Inbound", "InboundReport", "ProxySettings", "StartError", "check_user", "os_reason"]
 
 
 class StartError(OstpClientError, OSError):
@@ -51,8 +51,25 @@ class Inbound(ABC):
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; call `task_status.started()` once accepting."""
 
-    def status(self) -> dict[str, object]:
-        return {"tag": self.tag, "type": self.type}
+    def status(self) -> InboundReport:
+        """What the inbound says about itself for the control socket and the metrics."""
+        return InboundReport(tag=self.tag, type=self.type)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InboundReport:
+    """What an inbound says about itself (`Inbound.status()`); the TUN inbound says more
+    (`TunReport`)."""
+
+    tag: str
+    type: str
+    listen: tuple[str, ...] = ()
+    """Addresses it accepts on (`host:port`)."""
+    accepted: int | None = None
+    """Connections accepted since it started; None where it does not count them."""
+    counters: Mapping[str, int] = field(default_factory=dict)
+    """Further totals by name (the metrics export the known ones): `tcp_refused`,
+    `udp_dropped`, `dns_queries`, `dns_fake_answers`, `dns_dropped`, `udp_flows`."""
 
 
 @dataclass(slots=True)

@@ -55,14 +55,17 @@ from ostp_client.flow import (
     GeneralFailure,
     Outbound,
     OutboundError,
+    OutboundReport,
     UdpOutboundSession,
 )
 from ostp_client.outbounds import OutboundContext, register_outbound
 
 __all__ = [
     "GroupOutbound",
+    "GroupReport",
     "HealthBook",
     "MemberHealth",
+    "MemberReport",
     "SelectionStore",
     "default_state_dir",
     "url_test",
@@ -86,6 +89,34 @@ class MemberFailed(OutboundError):
 
 # --------------------------------------------------------------------------------------------
 # health
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemberReport:
+    """One member of a group as the group sees it: its state and its last check."""
+
+    tag: str
+    type: str
+    state: str
+    usable: bool
+    """Not known to be down (the group may use it)."""
+    delay_ms: float | None
+    error: str | None
+    checked_at: float | None
+    alive: bool | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupReport(OutboundReport):
+    """A group (`selector`, `urltest`, `fallback`): the member in use and every member."""
+
+    selected: str
+    chain: tuple[str, ...]
+    """The member in use through nested groups (`("inner", "proxy-b")`)."""
+    url: str | None
+    switches: int
+    last_switch: str | None
+    members: tuple[MemberReport, ...]
 
 
 @dataclass(slots=True)
@@ -558,33 +589,37 @@ class GroupOutbound(Outbound):
             return [self.selected, *outbound.chain()]
         return [self.selected]
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> GroupReport:
         members = []
         for tag in self.members:
             outbound = self.table.get(tag)
-            entry = self.health.get(tag).snapshot()
-            if isinstance(outbound, GroupOutbound) and entry["delay_ms"] is None:
-                entry["delay_ms"] = outbound.delay(outbound.selected)
+            entry = self.health.get(tag)
+            delay_ms = entry.delay_ms
+            if isinstance(outbound, GroupOutbound) and delay_ms is None:
+                delay_ms = outbound.delay(outbound.selected)
             members.append(
-                {
-                    "tag": tag,
-                    "type": outbound.type if outbound is not None else "missing",
-                    "state": str(getattr(outbound, "state", "ready")),
-                    "usable": self.usable(tag),
-                    **entry,
-                }
+                MemberReport(
+                    tag=tag,
+                    type=outbound.type if outbound is not None else "missing",
+                    state=outbound.status().state if outbound is not None else "missing",
+                    usable=self.usable(tag),
+                    delay_ms=None if delay_ms is None else round(delay_ms, 1),
+                    error=entry.error,
+                    checked_at=entry.checked_at,
+                    alive=entry.alive,
+                )
             )
-        return {
-            "tag": self.tag,
-            "type": self.type,
-            "state": "ready" if any(m["usable"] for m in members) else "down",
-            "selected": self.selected,
-            "chain": self.chain(),
-            "url": self.url,
-            "switches": self.switches,
-            "last_switch": self.last_switch,
-            "members": members,
-        }
+        return GroupReport(
+            tag=self.tag,
+            type=self.type,
+            state="ready" if any(m.usable for m in members) else "down",
+            selected=self.selected,
+            chain=tuple(self.chain()),
+            url=self.url,
+            switches=self.switches,
+            last_switch=self.last_switch,
+            members=tuple(members),
+        )
 
 
 class SelectorOutbound(GroupOutbound):

@@ -11,7 +11,13 @@ from anyio.abc import SocketAttribute, TaskStatus
 from ostp_client.config import LocalProxyInboundConfig
 from ostp_client.connections import READ_SIZE, Dispatcher, is_connection_noise, reset_on_close
 from ostp_client.flow import Address, ConnContext
-from ostp_client.inbounds.base import Inbound, ProxySettings, StartError, os_reason
+from ostp_client.inbounds.base import (
+    Inbound,
+    InboundReport,
+    ProxySettings,
+    StartError,
+    os_reason,
+)
 from ostp_client.inbounds.proxy.http import handle_http
 from ostp_client.inbounds.proxy.socks5 import VERSION as SOCKS5_VERSION
 from ostp_client.inbounds.proxy.socks5 import handle_socks5
@@ -59,12 +65,13 @@ class LocalProxyInbound(Inbound):
             task_status.started()
             await serve_listener(listener, self._handle, tg, what=f"inbound {self.tag}")
 
-    def status(self) -> dict[str, object]:
-        return {
-            **super().status(),
-            "listen": [str(a) for a in self.addresses],
-            "accepted": self.accepted,
-        }
+    def status(self) -> InboundReport:
+        return InboundReport(
+            tag=self.tag,
+            type=self.type,
+            listen=tuple(str(a) for a in self.addresses),
+            accepted=self.accepted,
+        )
 
     async def _handle(self, stream: anyio.abc.SocketStream) -> None:
         self.accepted += 1

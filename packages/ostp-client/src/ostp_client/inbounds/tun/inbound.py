@@ -24,7 +24,8 @@ import logging
 import socket
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -52,7 +53,7 @@ from ostp_client.dns.codec import (
 from ostp_client.flow import Address, ConnContext, OutboundError, UdpOutboundSession
 from ostp_client.hostport import parse_host_port
 from ostp_client.inbounds import register_inbound
-from ostp_client.inbounds.base import Inbound
+from ostp_client.inbounds.base import Inbound, InboundReport
 from ostp_client.inbounds.tun.device import TunDevice
 from ostp_client.net.bypass import (
     BypassError,
@@ -148,6 +149,24 @@ def _check_so_mark(mark: int) -> None:
             apply_bypass(probe, mark)
         except BypassError as exc:
             raise OSError(f"TUN auto_route needs SO_MARK for the daemon's sockets: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TunReport(InboundReport):
+    """A TUN inbound: its device and routing, and what flows through it now. `accepted` counts
+    the TCP connections it took; `counters["udp_flows"]` the UDP flows it ever opened."""
+
+    name: str
+    mtu: int
+    auto_route: bool
+    route_table: int
+    routing_mark: int
+    tcp_connections: int
+    """Live TCP connections."""
+    udp_flows: int
+    """Live UDP flows."""
+    netstack: Mapping[str, int]
+    """The netstack's counters that are not zero."""
 
 
 class TunInbound(Inbound):
@@ -300,22 +319,26 @@ class TunInbound(Inbound):
                 clear_tunnel_networks()
             device.close()
 
-    def status(self) -> dict[str, object]:
-        out: dict[str, object] = {
-            **super().status(),
-            "name": self.device.name if self.device else self.config.name,
-            "mtu": self.config.mtu,
-            "auto_route": self.config.auto_route,
-            "route_table": self.config.route_table,
-            "routing_mark": self.config.routing_mark,
-            "tcp_connections": len(self._tcp),
-            "udp_flows": len(self._udp),
-            **self.counters,
-        }
+    def status(self) -> TunReport:
+        counters = dict(self.counters)
+        netstack = {}
         if self.stack is not None:
             stats = dataclasses.asdict(self.stack.stats)
-            out["netstack"] = {k: v for k, v in stats.items() if isinstance(v, int) and v}
-        return out
+            netstack = {k: v for k, v in stats.items() if isinstance(v, int) and v}
+        return TunReport(
+            tag=self.tag,
+            type=self.type,
+            accepted=counters.pop("tcp_accepted"),
+            counters=counters,
+            name=self.device.name if self.device else self.config.name,
+            mtu=self.config.mtu,
+            auto_route=self.config.auto_route,
+            route_table=self.config.route_table,
+            routing_mark=self.config.routing_mark,
+            tcp_connections=len(self._tcp),
+            udp_flows=len(self._udp),
+            netstack=netstack,
+        )
 
     # -- the loop ---------------------------------------------------------------------------
 

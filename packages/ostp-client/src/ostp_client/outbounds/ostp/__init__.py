@@ -28,13 +28,14 @@ from ostp_client.outbounds.ostp.health import UNANSWERED_CONNECTS as UNANSWERED_
 from ostp_client.outbounds.ostp.options import NatMode, NatOptions, SessionState, TransportMode
 from ostp_client.outbounds.ostp.pool import OstpOutbound, make_outbound
 from ostp_client.outbounds.ostp.session import _Session as _Session
-from ostp_client.outbounds.ostp.status import SessionStatus
+from ostp_client.outbounds.ostp.status import OstpReport, SessionStatus
 from ostp_client.outbounds.ostp.stream import OstpStream, OstpUdpSession
 
 __all__ = [
     "NatMode",
     "NatOptions",
     "OstpOutbound",
+    "OstpReport",
     "OstpStream",
     "OstpUdpSession",
     "SessionState",

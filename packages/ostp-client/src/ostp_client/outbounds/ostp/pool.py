@@ -8,7 +8,6 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -40,6 +39,7 @@ from ostp_client.outbounds.ostp.options import (
     TransportMode,
 )
 from ostp_client.outbounds.ostp.session import _Session
+from ostp_client.outbounds.ostp.status import OstpReport
 from ostp_client.outbounds.ostp.stream import OstpStream, OstpUdpSession
 from ostp_client.transport.stream import RealityOptions, StreamOptions
 from ostp_client.transport.udp import SOCKET_BUFFER
@@ -250,28 +250,28 @@ class OstpOutbound(Outbound):
             await udp.connected.wait()  # upstream's client does not wait (spec §10.4)
         return udp
 
-    def status(self) -> dict[str, Any]:
-        sessions = [s.snapshot() for s in self.sessions]
+    def status(self) -> OstpReport:
+        sessions = tuple(s.snapshot() for s in self.sessions)
         rtts = [s.rtt_ms for s in sessions if s.rtt_ms is not None]
-        return {
-            "tag": self.tag,
-            "type": self.type,
-            "state": self.state,
-            "server": format_host_port(*self.server),
-            "rtt_ms": min(rtts) if rtts else None,
-            "bytes_up": sum(s.bytes_up for s in sessions),
-            "bytes_down": sum(s.bytes_down for s in sessions),
-            "reconnects": sum(s.reconnects for s in sessions),
-            "connected_since": min(
+        return OstpReport(
+            tag=self.tag,
+            type=self.type,
+            state=self.state,
+            server=format_host_port(*self.server),
+            rtt_ms=min(rtts) if rtts else None,
+            bytes_up=sum(s.bytes_up for s in sessions),
+            bytes_down=sum(s.bytes_down for s in sessions),
+            reconnects=sum(s.reconnects for s in sessions),
+            connected_since=min(
                 (s.connected_since for s in sessions if s.connected_since), default=None
             ),
-            "streams": len(self._active_ids),
-            "kernel_drops": _sum_known(s.kernel_drops for s in sessions),
-            "nat_mode": self.nat.mode if self.nat is not None else None,
-            "transport": self.transport,
-            "mapped_address": next((s.mapped_address for s in sessions if s.mapped_address), None),
-            "sessions": [s.as_dict() for s in sessions],
-        }
+            streams=len(self._active_ids),
+            kernel_drops=_sum_known(s.kernel_drops for s in sessions),
+            nat_mode=self.nat.mode if self.nat is not None else None,
+            transport=self.transport,
+            mapped_address=next((s.mapped_address for s in sessions if s.mapped_address), None),
+            sessions=sessions,
+        )
 
 
 def make_outbound(cfg: OstpOutboundConfig, ctx: OutboundContext) -> Outbound:

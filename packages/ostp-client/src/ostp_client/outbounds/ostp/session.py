@@ -1004,9 +1004,6 @@ class _Session:
         self.flush()
         self._wake_if_needed()
 
-    def status(self) -> dict[str, Any]:
-        return self.snapshot().as_dict()
-
     def snapshot(self) -> SessionStatus:
         conn = self.conn
         rtt = None
@@ -1040,6 +1037,8 @@ class _Session:
             nat_drops=self._nat_drops(),
             transport=self.transport.kind if self.transport is not None else None,
             transport_switches=self.transport_switches,
+            sender=replace(conn.sender.stats) if conn is not None else None,
+            counters=replace(conn.stats) if conn is not None else None,
         )
 
     def kernel_drops(self) -> int | None:

@@ -1,14 +1,17 @@
-"""What an `ostp` outbound reports about itself: typed here, a dict at the `Outbound.status()`
-boundary (the control server maps every outbound's dict onto `control.protocol`'s models)."""
+"""What an `ostp` outbound reports about itself (`OstpOutbound.status()`): the outbound's totals
+and one `SessionStatus` per session. The control server maps them onto `control.protocol`'s
+models, the metrics onto gauges and counters."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
+from ostp_client.flow import OutboundReport
 from ostp_client.outbounds.ostp.options import SessionState
+from ostp_proto import ConnectionStats
+from ostp_proto.arq import SenderStats
 
-__all__ = ["SessionStatus"]
+__all__ = ["OstpReport", "SessionStatus"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,30 @@ class SessionStatus:
     nat_drops: dict[str, int] | None
     transport: str | None
     transport_switches: int
+    sender: SenderStats | None = None
+    """The current connection's sender counters (a copy), None without one."""
+    counters: ConnectionStats | None = None
+    """The current connection's receive counters and drops (a copy), None without one."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OstpReport(OutboundReport):
+    """An ostp outbound: its sessions and their totals."""
+
+    server: str
+    """The configured server, `host:port`."""
+    rtt_ms: float | None = None
+    """The smallest round trip of the sessions."""
+    bytes_up: int = 0
+    """Bytes of the sessions' datagrams (up: sent to the server)."""
+    bytes_down: int = 0
+    reconnects: int = 0
+    connected_since: float | None = None
+    """Unix time of the oldest connected session's handshake."""
+    streams: int = 0
+    kernel_drops: int | None = None
+    nat_mode: str | None = None
+    transport: str | None = None
+    """The configured transport (`udp`, `tcp`, `wss`, `reality` or `auto`)."""
+    mapped_address: str | None = None
+    sessions: tuple[SessionStatus, ...] = ()
