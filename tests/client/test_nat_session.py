@@ -123,7 +123,7 @@ async def test_binding_shows_the_sockets_own_address(
     nat = {"mode": "direct", "stun": [coturn.url]}
     async with running_daemon(_config(server, nat)) as daemon:
         await _connected(daemon)
-        await wait_for(lambda: _session(daemon).mapped_address is not None)
+        await wait_for(lambda: _session(daemon).nat_path.mapped_address is not None)
         session = _session(daemon)
         assert isinstance(session.batch, NatSocket)  # not connected: it talks to STUN too
         assert session.sock is not None
@@ -232,9 +232,9 @@ async def test_short_lifetimes_are_refreshed_during_a_transfer(
         async with running_daemon(_config(server, {"mode": "turn", "turn": turn})) as daemon:
             await _connected(daemon)
             session = _session(daemon)
-            before = session.turn_refreshes
+            before = session.nat_path.turn_refreshes
             await _upload(daemon, origin, os.urandom(5 * MB), tmp_path, "--limit-rate", "512K")
-            assert session.turn_refreshes - before >= 6
+            assert session.nat_path.turn_refreshes - before >= 6
             assert session.reconnects == 0 and session.snapshot().last_error is None
             assert session.mux is not None and session.mux.relaying
     log = ct.log_text()
@@ -257,7 +257,7 @@ async def test_stale_nonce_is_handled(
                 mux = session.mux
                 return mux.turn.stale_nonce_retries if mux and mux.turn else 0
 
-            await wait_for(lambda: stale_retries() > 0 and session.turn_refreshes >= 4, 20)
+            await wait_for(lambda: stale_retries() > 0 and session.nat_path.turn_refreshes >= 4, 20)
             await _download(daemon, origin, 2 * MB, tmp_path / "body")
             assert session.reconnects == 0 and session.snapshot().last_error is None
 
@@ -276,7 +276,7 @@ async def test_stray_stun_looking_datagrams_do_not_disturb(
     async with running_daemon(_config(server, nat)) as daemon:
         await _connected(daemon)
         session = _session(daemon)
-        await wait_for(lambda: session.mapped_address is not None)
+        await wait_for(lambda: session.nat_path.mapped_address is not None)
         assert session.sock is not None
         target = ("127.0.0.1", session.sock.getsockname()[1])
         bogus = [

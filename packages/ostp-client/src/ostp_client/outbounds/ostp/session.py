@@ -1,6 +1,8 @@
 """One OSTP session: its transport, its :class:`ostp_proto.ClientConnection` and the task that
-drives it (read, feed the core, dispatch events, send, sleep until the next deadline), its
-re-establishment, transport ``auto``, NAT traversal and session health."""
+drives it (read, feed the core, dispatch events, send, sleep until the next deadline) and its
+re-establishment. What transport ``auto`` (:mod:`.auto`), the NAT path (:mod:`.natpath`) and
+session health (:mod:`.health`) decide, the session carries out; :mod:`.dial` opens its
+sockets."""
 
 from __future__ import annotations
 
@@ -17,26 +19,23 @@ import anyio.abc
 from anyio.abc import TaskStatus
 
 from ostp_client.hostport import format_host_port
-from ostp_client.nat import (
-    AllocationSucceeded,
-    BindingFailed,
-    BindingSucceeded,
-    NatConfig,
-    NatMux,
-    RelayReady,
-    TurnClosed,
-    TurnConfig,
-    TurnFailed,
-    TurnRefreshed,
+from ostp_client.nat import NatConfig, NatMux
+from ostp_client.net.batch import BatchSocket
+from ostp_client.outbounds.ostp.auto import AutoStep, AutoTransport, udp_progress
+from ostp_client.outbounds.ostp.dial import (
+    DialOptions,
+    check_buffers,
+    fit_path,
+    open_stream_to,
+    probe_udp,
+    resolve_nat,
+    udp_transport,
 )
-from ostp_client.net.batch import BatchSocket, SocketBuffers, first_hop_payload, udp_overhead
 from ostp_client.outbounds.ostp.health import SessionHealth
+from ostp_client.outbounds.ostp.natpath import EndAttempt, NatPath, StartHandshake, WarnOnce
 from ostp_client.outbounds.ostp.options import (
-    PROBE_BACKOFF,
     RESUME_MIN_INTERVAL,
     RTT_SHOWN_GRACE,
-    TURN_OVERHEAD,
-    NatMode,
     NatOptions,
     SessionState,
     TransportMode,
@@ -44,7 +43,7 @@ from ostp_client.outbounds.ostp.options import (
 from ostp_client.outbounds.ostp.status import SessionStatus
 from ostp_client.outbounds.ostp.stream import OstpStream, _Channel
 from ostp_client.transport import DatagramTransport, TransportError
-from ostp_client.transport.stream import StreamOptions, StreamTransport, open_stream
+from ostp_client.transport.stream import StreamTransport
 from ostp_client.transport.udp import NatSocket as _NatSocket
 from ostp_client.transport.udp import UdpTransport, open_udp_socket
 from ostp_proto import (
@@ -60,37 +59,26 @@ from ostp_proto import (
     State,
     Termination,
 )
-from ostp_proto.pmtud import BASE_PLPMTU
 
 logger = logging.getLogger("ostp_client.outbounds.ostp")  # one logger name for the whole outbound
 
 
-class SessionOwner(Protocol):
+class SessionOwner(DialOptions, Protocol):
     """What a session reads of the outbound that owns it (`pool.OstpOutbound`)."""
 
-    tag: str
     server: tuple[str, int]
-    access_key: str
     transport: TransportMode
     auto_fallback: TransportMode
     auto_probe_interval: float
-    auto_udp_timeout: float
-    batching: bool
     connect_timeout: float
     keepalive_interval: float
     reconnect_delay: float
     receive_buffer_cap: int
-    socket_buffer: int
     nat: NatOptions | None
-    sni: str | None
-    transport_port: int | None
     connection_config: ConnectionConfig
     """Over UDP."""
     stream_config: ConnectionConfig
     """Over the TCP transports."""
-    probe_config: ConnectionConfig
-    """``auto``'s UDP probe."""
-    stream_options: StreamOptions
 
     def release_stream_id(self, stream_id: int) -> None: ...
 
@@ -99,46 +87,8 @@ class SessionOwner(Protocol):
     def state_changed(self) -> None: ...
 
 
-_buffer_warning_given = False  # one warning per process, however many sessions are capped
-
-
-def _check_buffers(tag: str, buffers: SocketBuffers) -> None:
-    """Warn once if the kernel capped the socket buffers below what was asked for."""
-    global _buffer_warning_given
-    if not buffers.capped:
-        return
-    if _buffer_warning_given:
-        logger.debug("%s: socket receive buffer capped at %d bytes", tag, buffers.receive)
-        return
-    _buffer_warning_given = True
-    size = buffers.requested
-    logger.warning(
-        "%s: the kernel capped the UDP socket buffers at %.1f MiB (asked for %.1f MiB); a server "
-        "that sends unpaced (upstream's) overruns them and the kernel drops datagrams "
-        "(kernel_drops in `ostp-client ctl status`). Raise the limit as root: "
-        "sysctl -w net.core.rmem_max=%d net.core.wmem_max=%d (or give the daemon CAP_NET_ADMIN)",
-        tag,
-        buffers.receive / 2**20,
-        size / 2**20,
-        size,
-        size,
-    )
-
-
 def _fmt(address: tuple[Any, ...] | None) -> str | None:
     return format_host_port(address[0], address[1]) if address is not None else None
-
-
-async def _resolve(host: str, port: int, family: int) -> tuple[str, int]:
-    """The first address of ``host`` in ``family`` (literal IPs pass through)."""
-    try:
-        infos = await anyio.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
-    except socket.gaierror as exc:
-        raise OSError(errno.EHOSTUNREACH, f"cannot resolve {host}: {exc.strerror}") from None
-    if not infos:
-        raise OSError(errno.EHOSTUNREACH, f"cannot resolve {host}")
-    sockaddr = infos[0][4]
-    return str(sockaddr[0]), int(sockaddr[1])
 
 
 class _Session:
@@ -151,15 +101,9 @@ class _Session:
         self.state = SessionState.IDLE
         self.conn: ClientConnection | None = None
         self.transport: DatagramTransport | None = None
+        self.name = f"{outbound.tag} session {index}"
         self.mux: NatMux | None = None
-        self.path: str | None = None
-        """How the current attempt reaches the server: ``direct`` or ``turn``."""
-        self.mapped_address: tuple[str, int] | None = None
-        self.relayed_address: tuple[str, int] | None = None
-        self.turn_refreshes = 0
-        self._relay = False
-        """``auto``: the next attempt goes through TURN."""
-        self._relay_since = 0.0
+        self.nat_path = NatPath(outbound.nat, self.name)
         self._retry_now = False
         self._replacing: str | None = None
         """Why the current connection is being replaced by a fresh handshake (session health)."""
@@ -186,14 +130,12 @@ class _Session:
         self.transport_switches = 0
         """Times the session moved to another transport (or a new TCP connection) while live."""
         self._resumed_at = -math.inf
-        # transport "auto" (docs: README, "Transports"; protocol-deviations.md)
-        self._udp_blocked = False
-        """``auto``: UDP did not pass lately; attempts start on TCP and a probe looks for UDP."""
-        self._attempt_started = 0.0
-        self._auto_deadline: float | None = None
-        self._next_fallback = 0.0
-        self._probing = False
-        self._probe_interval = outbound.auto_probe_interval
+        self.auto = AutoTransport(
+            fallback=outbound.auto_fallback,
+            udp_timeout=outbound.auto_udp_timeout,
+            keepalive_interval=outbound.keepalive_interval,
+            probe_interval=outbound.auto_probe_interval,
+        )
         self._switch_to: tuple[DatagramTransport, str] | None = None
         """A transport ready to take over (a completed UDP probe), and why."""
 
@@ -255,17 +197,19 @@ class _Session:
             raise OSError(errno.EHOSTUNREACH, f"cannot resolve {host}")
         family, _, _, _, sockaddr = infos[0]
         handshake_now = True
-        if self._choose_transport() == TransportMode.UDP:
+        mode = self.outbound.transport
+        if mode == TransportMode.AUTO:
+            mode = self.auto.first_transport()
+        if mode == TransportMode.UDP:
             opened = await self._open_udp(family, sockaddr)
             if opened is None:
                 return
             handshake_now = opened
         else:
             try:
-                self._use(await self._open_stream(sockaddr))
+                self._use(await open_stream_to(self.outbound, sockaddr, self.name))
             except OSError:
-                if self.outbound.transport == TransportMode.AUTO:
-                    self._udp_blocked = False  # TCP fails too: try UDP first next time
+                self.auto.tcp_ended()  # ``auto``: TCP fails too, try UDP first next time
                 raise
         transport = self.transport
         assert transport is not None
@@ -276,7 +220,7 @@ class _Session:
             else self.outbound.connection_config,
         )
         self.conn = conn
-        self._fit_path(conn, time.monotonic())
+        fit_path(conn, transport, time.monotonic())
         async with anyio.create_task_group() as tg:
             self._tg = tg
             if isinstance(transport, StreamTransport):
@@ -290,69 +234,38 @@ class _Session:
     async def _open_udp(self, family: int, sockaddr: Any) -> bool | None:
         """The UDP transport of this attempt (NAT traversal included): True if the handshake
         starts at once, False if it waits for the TURN relay, None if the attempt failed."""
-        nat = self.outbound.nat
-        relay = self._choose_path(nat)
-        stun: list[tuple[str, int]] = []
-        turn: TurnConfig | None = None
-        if nat is not None:
-            # The server's address family decides the socket's; the NAT servers must match.
-            for stun_host, stun_port in nat.stun:
-                try:
-                    stun.append(await _resolve(stun_host, stun_port, family))
-                except OSError as exc:
-                    self._warn_once(f"STUN server {stun_host}:{stun_port}: {exc.strerror or exc}")
-            if relay:
-                assert nat.turn is not None
-                turn_host, turn_port = nat.turn.server
-                try:
-                    turn = replace(nat.turn, server=await _resolve(turn_host, turn_port, family))
-                except OSError as exc:
-                    self._fail_attempt(
-                        f"TURN server {turn_host}:{turn_port}: {exc.strerror or exc}"
-                    )
-                    return None
+        relay = self.nat_path.choose(time.monotonic())
+        servers = await resolve_nat(self.outbound.nat, relay, family)
+        for warning in servers.warnings:
+            self._warn_once(warning)
+        if servers.failure is not None:
+            self._fail_attempt(servers.failure)
+            return None
+        stun, turn = servers.stun, servers.turn
         sock, buffers = open_udp_socket(family, self.outbound.socket_buffer)
-        _check_buffers(self.outbound.tag, buffers)
+        check_buffers(self.outbound.tag, buffers)
+        self.nat_path.begin(relay)
+        # Not connected if it also talks to the STUN/TURN servers.
+        mux = self.mux = NatMux(NatConfig(turn=turn)) if stun or turn is not None else None
         batching = self.outbound.batching
-        self.path = "turn" if relay else "direct"
-        self.mapped_address = self.relayed_address = None
-        if not stun and turn is None:
-            self._use(UdpTransport(BatchSocket(sock, gso=batching, gro=batching), buffers))
-            sock.connect(sockaddr)
+        self._use(udp_transport(sock, buffers, sockaddr, mux, batching=batching))
+        if mux is None:
             return True
-        # Not connected: the socket also talks to the STUN/TURN servers.
-        mux = NatMux(NatConfig(turn=turn))
-        self.mux = mux
-        server = (str(sockaddr[0]), int(sockaddr[1]))
-        self._use(
-            UdpTransport(
-                _NatSocket(
-                    sock, mux, server, relay_only=turn is not None, gso=batching, gro=batching
-                ),
-                buffers,
-            )
-        )
-        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         now = time.monotonic()
         for address in stun:
             mux.start_binding(address, now)
         if turn is None:
             return True
         # The handshake starts once the relay is ready (RelayReady).
-        mux.start_turn(server, now)
-        logger.info(
-            "%s session %d: allocating a relay on TURN server %s",
-            self.outbound.tag,
-            self.index,
-            _fmt(turn.server),
-        )
+        mux.start_turn((str(sockaddr[0]), int(sockaddr[1])), now)
+        logger.info("%s: allocating a relay on TURN server %s", self.name, _fmt(turn.server))
         return False
 
     async def _drive(
         self, conn: ClientConnection, family: int, sockaddr: Any, handshake_now: bool
     ) -> None:
         now = time.monotonic()
-        self._attempt_started = now
+        self.auto.new_attempt(now)
         self.health.new_attempt(now)
         if handshake_now:
             conn.connect(now, time.time())
@@ -387,59 +300,12 @@ class _Session:
 
     # -- transports ----------------------------------------------------------------------------
 
-    def _choose_transport(self) -> TransportMode:
-        mode = self.outbound.transport
-        if mode != TransportMode.AUTO:
-            return mode
-        return self.outbound.auto_fallback if self._udp_blocked else TransportMode.UDP
-
     def _use(self, transport: DatagramTransport) -> None:
         self.transport = transport
         if isinstance(transport, StreamTransport):
             transport.on_drained = self._wake
             if self._tg is not None:
                 self._tg.start_soon(transport.run)
-
-    def _fit_path(self, conn: ClientConnection, now: float) -> None:
-        """Tell the core what the transport's path allows: over UDP with DF, path MTU
-        discovery up to what the first hop carries (towards the TURN server when relaying,
-        less the ChannelData header); over UDP without DF the base size, which crosses every
-        path; over TCP no discovery (spec §10.6 has no IP fragmentation to avoid)."""
-        transport = self.transport
-        if not isinstance(transport, UdpTransport):
-            conn.set_path_mtu(now, None)
-            return
-        batch = transport.batch
-        family = transport.sock.family
-        ceiling: int | None = BASE_PLPMTU
-        if transport.dont_fragment:
-            turn = batch.mux.turn if isinstance(batch, _NatSocket) else None
-            if turn is not None:
-                ceiling = first_hop_payload(family, turn.server)
-                if ceiling is not None:
-                    ceiling -= TURN_OVERHEAD
-            else:
-                server = batch.server if isinstance(batch, _NatSocket) else None
-                ceiling = first_hop_payload(family, server or transport.sock.getpeername())
-        conn.set_path_mtu(now, ceiling or BASE_PLPMTU, udp_overhead(family))
-
-    async def _open_stream(self, sockaddr: Any) -> StreamTransport:
-        """A new TCP transport to the server (its address resolved for this attempt)."""
-        outbound = self.outbound
-        host = str(sockaddr[0])
-        options = replace(
-            outbound.stream_options,
-            host=outbound.sni or (f"[{host}]" if ":" in host else host),  # spec §10.6
-        )
-        port = outbound.transport_port or int(sockaddr[1])
-        logger.debug(
-            "%s session %d: connecting over %s to %s",
-            outbound.tag,
-            self.index,
-            options.kind,
-            _fmt((host, port)),
-        )
-        return await open_stream((host, port), outbound.access_key, options)
 
     def _switch(self, conn: ClientConnection, new: DatagramTransport, reason: str) -> None:
         """Continue the session on ``new`` (roaming, spec §9.2): what was in flight is sent
@@ -449,13 +315,13 @@ class _Session:
         if old is not None and old is not new:
             if isinstance(old, UdpTransport) and isinstance(old.batch, _NatSocket):
                 self.mux = None  # STUN answers on the old socket mean nothing now
-                self.mapped_address = None
+                self.nat_path.mapped_address = None
             self._retire(old)
         conn.reliable_transport = new.reliable
         now = time.monotonic()
         self.health.switched_at = now
         conn.path_changed(now)
-        self._fit_path(conn, now)
+        fit_path(conn, new, now)
         self.transport_switches += 1
         logger.info(
             "%s session %d: transport %s -> %s (%s)",
@@ -478,7 +344,7 @@ class _Session:
             return False
         self._resumed_at = now
         try:
-            new = await self._open_stream(sockaddr)
+            new = await open_stream_to(self.outbound, sockaddr, self.name)
         except OSError as exc:
             self.last_error = f"{reason}; a new TCP connection failed: {exc.strerror or exc}"
             logger.info("%s session %d: %s", tag, index, self.last_error)
@@ -490,134 +356,66 @@ class _Session:
         self, conn: ClientConnection, family: int, sockaddr: Any, now: float
     ) -> bool:
         """Transport ``auto``: TCP while UDP does not pass, back to UDP once it does."""
-        outbound = self.outbound
         transport = self.transport
         assert transport is not None
-        tag, index = outbound.tag, self.index
-        self._auto_deadline = None
-        if transport.reliable:
-            switch = self._switch_to
-            if switch is not None:
+        switch = self._switch_to
+        progress = udp_progress(conn, now)
+        match self.auto.step(
+            now,
+            reliable=transport.reliable,
+            established=conn.established,
+            progress=progress,
+            probe_ready=switch is not None,
+        ):
+            case AutoStep.MOVE_TO_UDP:
+                assert switch is not None
                 self._switch_to = None
-                if conn.established:
-                    self._udp_blocked = False
-                    self._switch(conn, switch[0], switch[1])
-                else:
-                    switch[0].close()
-            elif conn.established and not self._probing and self._tg is not None:
-                self._probing = True
+                self._switch(conn, *switch)
+            case AutoStep.DROP_PROBE:
+                assert switch is not None
+                self._switch_to = None
+                switch[0].close()
+            case AutoStep.PROBE:
+                assert self._tg is not None
                 self._tg.start_soon(self._probe_udp, family, sockaddr)
-            return True
-        if not conn.established:
-            deadline = self._attempt_started + outbound.auto_udp_timeout
-            if now < deadline:
-                self._auto_deadline = deadline
-                return True
-            self.last_error = (
-                f"no handshake over UDP in {outbound.auto_udp_timeout:g} s;"
-                f" using {outbound.stream_options.kind}"
-            )
-            logger.info("%s session %d: %s", tag, index, self.last_error)
-            self._udp_blocked = True
-            self._retry_now = True  # no back-off: the UDP attempt already took its time
-            return False
-        # UDP stopped passing: nothing arrived, or nothing we sent was acknowledged (the
-        # keepalive Ping is always outstanding at least once per interval), for two keepalive
-        # intervals. The second catches a path that drops only our direction, where the
-        # server's retransmissions keep arriving.
-        sender = conn.sender
-        progress = min(conn.last_receive, sender.delivered_time if sender.outstanding else now)
-        deadline = max(progress + 2 * outbound.keepalive_interval, self._next_fallback)
-        if now < deadline:
-            self._auto_deadline = deadline
-            return True
-        reason = f"UDP stopped passing: no answer for {now - progress:.0f} s"
-        try:
-            new = await self._open_stream(sockaddr)
-        except OSError as exc:
-            self._next_fallback = time.monotonic() + outbound.keepalive_interval
-            self._warn_once(f"{reason}, and {outbound.stream_options.kind} fails too: {exc}")
-            return True
-        self._udp_blocked = True
-        self._switch(conn, new, reason)
+            case AutoStep.END_ATTEMPT:
+                self.last_error = (
+                    f"no handshake over UDP in {self.outbound.auto_udp_timeout:g} s;"
+                    f" using {self.outbound.stream_options.kind}"
+                )
+                logger.info("%s: %s", self.name, self.last_error)
+                self._retry_now = True  # no back-off: the UDP attempt already took its time
+                return False
+            case AutoStep.FALL_BACK:
+                reason = f"UDP stopped passing: no answer for {now - progress:.0f} s"
+                try:
+                    new = await open_stream_to(self.outbound, sockaddr, self.name)
+                except OSError as exc:
+                    self.auto.fallback_failed(time.monotonic())
+                    kind = self.outbound.stream_options.kind
+                    self._warn_once(f"{reason}, and {kind} fails too: {exc}")
+                    return True
+                self.auto.fell_back()
+                self._switch(conn, new, reason)
         return True
 
     async def _probe_udp(self, family: int, sockaddr: Any) -> None:
         """``auto`` on TCP: a UDP handshake every ``auto_probe_interval`` (doubling while it
         fails); the first that completes hands its socket over to the session."""
-        base = self.outbound.auto_probe_interval
+        auto = self.auto
         try:
             while True:
-                await anyio.sleep(self._probe_interval)
-                transport = await self._probe_once(family, sockaddr)
+                await anyio.sleep(auto.probe_interval)
+                transport = await probe_udp(self.outbound, family, sockaddr)
                 if transport is not None:
-                    self._probe_interval = base
+                    auto.probe_succeeded()
                     self._switch_to = (transport, "a UDP handshake completed")
                     self._wake()
                     return
-                self._probe_interval = min(self._probe_interval * 2, PROBE_BACKOFF * base)
-                logger.debug(
-                    "%s session %d: UDP still does not pass; next probe in %.0f s",
-                    self.outbound.tag,
-                    self.index,
-                    self._probe_interval,
-                )
+                wait = auto.probe_failed()
+                logger.debug("%s: UDP still does not pass; next probe in %.0f s", self.name, wait)
         finally:
-            self._probing = False
-
-    async def _probe_once(self, family: int, sockaddr: Any) -> UdpTransport | None:
-        """A UDP handshake of its own (a throwaway session, closed at once); its socket, as a
-        transport, if it completed within ``auto_udp_timeout``."""
-        outbound = self.outbound
-        try:
-            sock, buffers = open_udp_socket(family, outbound.socket_buffer)
-        except OSError:
-            return None
-        found: UdpTransport | None = None
-        try:
-            sock.connect(sockaddr)
-            batch = BatchSocket(sock, gso=outbound.batching, gro=outbound.batching)
-            probe = ClientConnection(access_key=outbound.access_key, config=outbound.probe_config)
-            probe.connect(time.monotonic(), time.time())
-            with anyio.move_on_after(outbound.auto_udp_timeout):
-                while probe.state is not State.CLOSED:
-                    now = time.monotonic()
-                    for datagram in batch.recv_batch(64):
-                        probe.receive_datagram(datagram, now)
-                    timer = probe.get_timer()
-                    if timer is not None and timer <= now:
-                        probe.handle_timer(now)
-                    if probe.established:
-                        probe.close(now)  # the server ends the throwaway session at once
-                        batch.send_batch(probe.datagrams_to_send(now))
-                        found = UdpTransport(batch, buffers)
-                        break
-                    batch.send_batch(probe.datagrams_to_send(now))
-                    timer = probe.get_timer()
-                    with anyio.move_on_after(1.0 if timer is None else max(timer - now, 0.0)):
-                        await anyio.wait_readable(sock)
-        except OSError:
-            pass
-        finally:
-            if found is None:
-                sock.close()
-        return found
-
-    def _choose_path(self, nat: NatOptions | None) -> bool:
-        """True if this attempt goes through TURN (see the module docstring for ``auto``)."""
-        if nat is None or nat.turn is None or nat.mode == NatMode.DIRECT:
-            return False
-        if nat.mode == NatMode.TURN:
-            return True
-        if self._relay and time.monotonic() - self._relay_since >= nat.retry_direct_after:
-            self._relay = False
-            logger.info(
-                "%s session %d: %.0f s on TURN; trying direct UDP again",
-                self.outbound.tag,
-                self.index,
-                nat.retry_direct_after,
-            )
-        return self._relay
+            auto.probe_ended()
 
     def _drive_nat(self, mux: NatMux, conn: ClientConnection, now: float) -> bool:
         """Timers, events and requests of the NAT machinery; False ends the attempt."""
@@ -625,50 +423,16 @@ class _Session:
         if timer is not None and timer <= now:
             mux.handle_timer(now)
         ok = True
-        tag, index = self.outbound.tag, self.index
         while (event := mux.next_event()) is not None:
-            match event:
-                case BindingSucceeded():
-                    if self.mapped_address is None:  # the first answer wins
-                        self.mapped_address = event.mapped_address
-                    logger.info(
-                        "%s session %d: STUN server %s maps this socket to %s",
-                        tag,
-                        index,
-                        _fmt(event.server),
-                        _fmt(event.mapped_address),
-                    )
-                case BindingFailed():
-                    self._warn_once(event.message)
-                case AllocationSucceeded():
-                    self.relayed_address = event.relayed_address
-                    if self.mapped_address is None and event.mapped_address is not None:
-                        self.mapped_address = event.mapped_address
-                    logger.info(
-                        "%s session %d: TURN relayed address %s (lifetime %d s)",
-                        tag,
-                        index,
-                        _fmt(event.relayed_address),
-                        event.lifetime,
-                    )
-                case RelayReady():
-                    logger.info(
-                        "%s session %d: relaying to %s through TURN channel 0x%04x",
-                        tag,
-                        index,
-                        _fmt(event.peer),
-                        event.channel,
-                    )
+            match self.nat_path.on_event(event):
+                case StartHandshake():
                     if conn.state is State.IDLE:
                         conn.connect(now, time.time())
-                case TurnRefreshed():
-                    self.turn_refreshes += 1
-                    logger.debug("%s session %d: TURN %s refreshed", tag, index, event.what)
-                case TurnFailed():
-                    self._fail_attempt(event.message)
+                case WarnOnce(message):
+                    self._warn_once(message)
+                case EndAttempt(message):
+                    self._fail_attempt(message)
                     ok = False
-                case TurnClosed():
-                    pass
         batch = self.batch
         if isinstance(batch, _NatSocket):
             batch.send_nat(now)
@@ -678,9 +442,7 @@ class _Session:
         """The relay failed: say so once, and (``auto``) try direct next time."""
         self.last_error = message
         self._warn_once(message)
-        nat = self.outbound.nat
-        if nat is not None and nat.mode == NatMode.AUTO and self._relay:
-            self._relay = False
+        self.nat_path.relay_failed()
 
     def _warn_once(self, message: str) -> None:
         # A failing server fails every attempt the same way: warn once, then log quietly.
@@ -717,7 +479,7 @@ class _Session:
         timer = None if transport.blocked else conn.get_timer()
         for other in (
             self.mux.get_timer() if self.mux is not None else None,
-            self._auto_deadline,
+            self.auto.deadline,
             self._health_deadline(conn),
         ):
             if other is not None and (timer is None or other < timer):
@@ -773,8 +535,9 @@ class _Session:
                 case ConnectionTerminated():
                     self.last_error = self._replacing or event.reason
                     logger.info("%s session %d: %s", self.outbound.tag, self.index, event.reason)
-                    if event.cause is Termination.HANDSHAKE_TIMED_OUT:
-                        self._handshake_timed_out()
+                    timed_out = event.cause is Termination.HANDSHAKE_TIMED_OUT
+                    if timed_out and self.nat_path.handshake_timed_out(time.monotonic()):
+                        self._retry_now = True  # to TURN at once: the direct try took its time
                     return False
         self._wake_senders()
         return True
@@ -861,23 +624,6 @@ class _Session:
             if conn is not None and conn.established:
                 conn.send(channel.stream_id, Close())  # the server closes its remote
 
-    def _handshake_timed_out(self) -> None:
-        nat = self.outbound.nat
-        if nat is None or nat.mode != NatMode.AUTO or nat.turn is None:
-            return
-        if self.path == "direct":
-            logger.warning(
-                "%s session %d: no answer over direct UDP; falling back to TURN server %s",
-                self.outbound.tag,
-                self.index,
-                _fmt(nat.turn.server),
-            )
-            self._relay = True
-            self._relay_since = time.monotonic()
-            self._retry_now = True  # no back-off: the direct attempt already took its time
-        else:
-            self._relay = False  # no answer through the relay either: direct next time
-
     def flush(self) -> None:
         conn, transport = self.conn, self.transport
         if conn is None or transport is None:
@@ -933,8 +679,8 @@ class _Session:
             batch.send_nat(now)
         transport = self.transport
         if transport is not None:
-            if transport.reliable and self.outbound.transport == TransportMode.AUTO:
-                self._udp_blocked = False  # after a session on TCP ends, try UDP first again
+            if transport.reliable:
+                self.auto.tcp_ended()  # ``auto``: after a session on TCP, try UDP first again
             self._retire(transport)
         if self._switch_to is not None:
             self._switch_to[0].close()
@@ -1005,7 +751,7 @@ class _Session:
         self._wake_if_needed()
 
     def snapshot(self) -> SessionStatus:
-        conn = self.conn
+        conn, nat_path = self.conn, self.nat_path
         rtt = None
         if conn is not None and conn.established:
             age = time.monotonic() - self.health.rtt_sampled_at(conn)
@@ -1030,10 +776,10 @@ class _Session:
             kernel_drops=self.kernel_drops(),
             socket_buffer=self._socket_buffer(),
             last_error=self.last_error,
-            path=self.path,
-            mapped_address=_fmt(self.mapped_address),
-            relayed_address=_fmt(self.relayed_address) if self.path == "turn" else None,
-            turn_refreshes=self.turn_refreshes,
+            path=nat_path.path,
+            mapped_address=_fmt(nat_path.mapped_address),
+            relayed_address=_fmt(nat_path.relayed_address) if nat_path.path == "turn" else None,
+            turn_refreshes=nat_path.turn_refreshes,
             nat_drops=self._nat_drops(),
             transport=self.transport.kind if self.transport is not None else None,
             transport_switches=self.transport_switches,
