@@ -11,7 +11,7 @@ from tests.proto.harness import KEY
 def test_status_keys_values_and_ipv6_server() -> None:
     outbound = OstpOutbound("proxy", server=("2001:db8::1", 9000), access_key=KEY, sessions=2)
     status = outbound.status()
-    assert status["server"] == "[2001:db8::1]:9000"  # host:port formatted by ostp_client.hostport
+    assert status["server"] == "[2001:db8::1]:9000"  # host:port formatted by ostp_proto.address
     assert status["state"] == "idle"
     wire = json.loads(json.dumps(status))  # what the control socket sends
     assert wire["state"] == "idle"

@@ -30,9 +30,10 @@ import anyio.abc
 import anyio.lowlevel
 
 from ostp_proto import SERVER_DEFAULTS, PmtudConfig, ServerAcceptor, ServerConnection
+from ostp_proto.address import format_host_port
 from ostp_proto.pmtud import BASE_PLPMTU
 
-from .config import ServerConfig, format_host_port
+from .config import ServerConfig
 from .replay_cache import REWRITE_INTERVAL, ReplayCacheFile
 from .session import Session
 from .tcp import TcpFront

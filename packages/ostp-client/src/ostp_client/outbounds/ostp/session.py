@@ -16,7 +16,6 @@ import anyio
 import anyio.abc
 from anyio.abc import TaskStatus
 
-from ostp_client.hostport import format_host_port
 from ostp_client.nat import (
     AllocationSucceeded,
     BindingFailed,
@@ -60,6 +59,7 @@ from ostp_proto import (
     State,
     Termination,
 )
+from ostp_proto.address import format_host_port
 from ostp_proto.pmtud import BASE_PLPMTU
 
 logger = logging.getLogger("ostp_client.outbounds.ostp")  # one logger name for the whole outbound
@@ -300,16 +300,16 @@ class _Session:
                 try:
                     stun.append(await _resolve(stun_host, stun_port, family))
                 except OSError as exc:
-                    self._warn_once(f"STUN server {stun_host}:{stun_port}: {exc.strerror or exc}")
+                    where = format_host_port(stun_host, stun_port)
+                    self._warn_once(f"STUN server {where}: {exc.strerror or exc}")
             if relay:
                 assert nat.turn is not None
                 turn_host, turn_port = nat.turn.server
                 try:
                     turn = replace(nat.turn, server=await _resolve(turn_host, turn_port, family))
                 except OSError as exc:
-                    self._fail_attempt(
-                        f"TURN server {turn_host}:{turn_port}: {exc.strerror or exc}"
-                    )
+                    where = format_host_port(turn_host, turn_port)
+                    self._fail_attempt(f"TURN server {where}: {exc.strerror or exc}")
                     return None
         sock, buffers = open_udp_socket(family, self.outbound.socket_buffer)
         _check_buffers(self.outbound.tag, buffers)
