@@ -1,7 +1,7 @@
 """The UDP transport: OSTP datagrams on one UDP socket (spec §10.1, §10.6 ``udp``).
 
 A session that talks only to its server keeps a connected socket with GSO/GRO batching
-(:class:`~ostp_client.net.batch.BatchSocket`). A session that also talks to STUN or TURN servers
+(:class:`ostp_sockets.BatchSocket`). A session that also talks to STUN or TURN servers
 keeps it unconnected and sorts what it reads with a :class:`~ostp_client.nat.NatMux`
 (:class:`NatSocket`). Either way losses are the ARQ's business: a full kernel buffer or an ICMP
 error counts as loss on the wire.
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ostp_client.nat import NatMux
-from ostp_client.net.batch import BatchSocket, SocketBuffers, set_buffers, set_dont_fragment
 from ostp_client.net.bypass import apply_bypass
+from ostp_sockets import BatchSocket, SocketBuffers, set_buffers, set_dont_fragment
 
 __all__ = ["SOCKET_BUFFER", "NatSocket", "UdpTransport", "open_udp_socket"]
 

@@ -28,7 +28,6 @@ from ostp_client.nat import (
     TurnFailed,
     TurnRefreshed,
 )
-from ostp_client.net.batch import BatchSocket, SocketBuffers, first_hop_payload, udp_overhead
 from ostp_client.outbounds.ostp.health import SessionHealth
 from ostp_client.outbounds.ostp.options import (
     PROBE_BACKOFF,
@@ -61,6 +60,7 @@ from ostp_proto import (
 )
 from ostp_proto.address import format_host_port
 from ostp_proto.pmtud import BASE_PLPMTU
+from ostp_sockets import BatchSocket, SocketBuffers, first_hop_payload, udp_overhead
 
 logger = logging.getLogger("ostp_client.outbounds.ostp")  # one logger name for the whole outbound
 
