@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ostp_client.nat import NatMux
@@ -70,9 +70,8 @@ class NatSocket(BatchSocket):
         self.unrelayed_drop = 0
         """OSTP datagrams not sent because the relay they need is not (or no longer) ready."""
 
-    def recv_batch(self, limit: int = 256) -> list[bytes]:
+    def recv_batch(self, limit: int = 256) -> Iterator[bytes]:
         """The OSTP datagrams among everything waiting (up to ``limit`` system calls)."""
-        out: list[bytes] = []
         receive = self.mux.receive_datagram
         host, port = self.server[0], self.server[1]
         now = time.monotonic()
@@ -82,10 +81,9 @@ class NatSocket(BatchSocket):
                 continue
             payload, peer = got
             if peer[0] == host and peer[1] == port:
-                out.append(payload)
+                yield payload
             else:
                 self.source_drop += 1
-        return out
 
     def send_batch(self, datagrams: Sequence[bytes], to: Any = None) -> int:
         """Send OSTP datagrams in order to the server (or through the relay); the bytes sent."""
@@ -129,7 +127,7 @@ class UdpTransport:
         """Datagrams leave with DF set, never fragmented: path MTU discovery sizes them (and
         :attr:`BatchSocket.refused` lists those too large for the first hop)."""
 
-    def recv_batch(self, limit: int = 256) -> list[bytes]:
+    def recv_batch(self, limit: int = 256) -> Iterator[bytes]:
         # ICMP errors (the server's port closed) are skipped: the server may come back
         return self.batch.recv_batch(limit)
 
