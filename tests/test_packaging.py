@@ -24,10 +24,11 @@ import ostp_client
 import ostp_netstack
 import ostp_proto
 import ostp_server
+import ostp_sockets
 import ostp_tui
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ["ostp-proto", "ostp-netstack", "ostp-client", "ostp-server", "ostp-tui"]
+PACKAGES = ["ostp-proto", "ostp-netstack", "ostp-sockets", "ostp-client", "ostp-server", "ostp-tui"]
 DISTRIBUTIONS = [*PACKAGES, "ostp-py"]
 IN_CI = os.environ.get("CI") == "true"
 VERSION = ostp_client.__version__
@@ -46,7 +47,7 @@ def _pyproject(name: str) -> dict[str, Any]:
 def test_one_version_everywhere() -> None:
     versions = {
         m.__name__: m.__version__
-        for m in (ostp_proto, ostp_netstack, ostp_client, ostp_server, ostp_tui)
+        for m in (ostp_proto, ostp_netstack, ostp_sockets, ostp_client, ostp_server, ostp_tui)
     }
     assert set(versions.values()) == {VERSION}, versions
     assert _pyproject("ostp-py")["version"] == VERSION

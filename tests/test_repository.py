@@ -85,7 +85,14 @@ def outside_references(root: Path = REPO) -> list[str]:
 
 
 def test_every_package_imports() -> None:
-    for name in ("ostp_proto", "ostp_netstack", "ostp_client", "ostp_server", "ostp_tui"):
+    for name in (
+        "ostp_proto",
+        "ostp_netstack",
+        "ostp_sockets",
+        "ostp_client",
+        "ostp_server",
+        "ostp_tui",
+    ):
         assert importlib.import_module(name).__name__ == name
 
 

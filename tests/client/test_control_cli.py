@@ -221,3 +221,13 @@ def test_a_second_daemon_leaves_a_live_control_socket_alone(sock_dir: Path) -> N
     finally:
         stop_process(third)
     assert third.returncode == 0
+
+
+def test_format_bytes_is_shared_by_ctl_and_the_tui() -> None:
+    from ostp_client.control.protocol import format_bytes
+    from ostp_tui import widgets
+
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(3 * 1024**4) == "3072.0 GiB"
+    assert widgets.format_rate(2048) == "2.0 KiB/s"

@@ -15,9 +15,9 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from ostp_client.net.batch import BatchSocket
 from ostp_client.outbounds.ostp import OstpOutbound, _Session
 from ostp_client.transport.udp import UdpTransport, open_udp_socket
+from ostp_sockets import BatchSocket
 from tests.proto.harness import KEY, Pair
 
 

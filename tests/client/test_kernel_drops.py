@@ -4,12 +4,12 @@ is named once, with the sysctl that raises the cap.
 An upstream server sends unpaced (spec §16): a client that falls behind loses datagrams in its
 socket buffer, invisibly unless it asks the kernel (``SO_RXQ_OVFL`` with every datagram, or the
 socket's ``drops`` in ``/proc/net/udp``). Without CAP_NET_ADMIN the 32 MiB the daemon asks
-for is silently capped at ``net.core.rmem_max``.
+for is silently capped at ``net.core.rmem_max``. The counters themselves are tested with
+ostp_sockets (tests/sockets/test_buffers.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -25,7 +25,6 @@ import pytest
 
 from ostp_client.control.client import ControlClient
 from ostp_client.ctl import _status_text
-from ostp_client.net.batch import BatchSocket, proc_udp_drops, set_buffers
 from ostp_client.outbounds.ostp import OstpOutbound
 from tests.client.cli_process import isolated_env, program, stop
 from tests.conftest import is_root, require
@@ -38,50 +37,6 @@ pytestmark = [
 
 KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 SMALL = 64 * 1024
-
-
-def _pair(buffer: int) -> tuple[socket.socket, socket.socket]:
-    """A receiver with a ``buffer``-byte receive buffer and a sender connected to it."""
-    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    set_buffers(receiver, buffer)
-    receiver.bind(("127.0.0.1", 0))
-    receiver.setblocking(False)
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sender.connect(receiver.getsockname())
-    receiver.connect(sender.getsockname())
-    return receiver, sender
-
-
-def _flood(sender: socket.socket, count: int = 2000) -> None:
-    payload = os.urandom(1200)
-    for _ in range(count):
-        with contextlib.suppress(BlockingIOError):
-            sender.send(payload)
-
-
-@pytest.mark.parametrize("gro", [True, False], ids=["gro", "plain"])
-def test_batch_socket_counts_the_kernels_drops(gro: bool) -> None:
-    receiver, sender = _pair(SMALL)
-    with receiver, sender:
-        batch = BatchSocket(receiver, gro=gro)
-        assert batch.kernel_drops() == 0
-        _flood(sender)
-        got = batch.recv_batch(4096)
-        assert 0 < len(got) < 2000  # the buffer held only some of them
-        dropped = proc_udp_drops(receiver)
-        assert dropped is not None and dropped == 2000 - len(got)
-        assert batch.kernel_drops() == dropped
-        # the counter also comes with every datagram queued after a drop (SO_RXQ_OVFL)
-        sender.send(b"one more")
-        assert batch.recv_batch() == [b"one more"]
-        assert batch.drops_reported == (dropped if gro else 0)
-
-
-def test_set_buffers_reports_what_the_kernel_granted() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        granted = set_buffers(sock, SMALL)
-        assert (granted.requested, granted.receive) == (SMALL, SMALL)
-        assert not granted.capped
 
 
 @pytest.mark.anyio

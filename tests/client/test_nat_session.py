@@ -16,9 +16,9 @@ import anyio
 import pytest
 
 from ostp_client.nat.stun import MessageClass, Method, encode_message
-from ostp_client.net.batch import BatchSocket
 from ostp_client.outbounds.ostp import OstpOutbound, _Session
 from ostp_client.transport.udp import NatSocket
+from ostp_sockets import BatchSocket
 from tests.client.coturn_helpers import Coturn, requires_coturn, running_coturn
 from tests.client.origin_server import body_sha256
 from tests.client.proxy_helpers import (

@@ -13,7 +13,7 @@ def test_status_is_typed_and_serialises_and_formats_an_ipv6_server() -> None:
     outbound = OstpOutbound("proxy", server=("2001:db8::1", 9000), access_key=KEY, sessions=2)
     status = outbound.status()
     assert isinstance(status, OstpReport)
-    assert status.server == "[2001:db8::1]:9000"  # host:port formatted by ostp_client.hostport
+    assert status.server == "[2001:db8::1]:9000"  # host:port formatted by ostp_proto.address
     assert status.state == "idle"
     assert [s.index for s in status.sessions] == [0, 1]
     wire = json.loads(json.dumps(dataclasses.asdict(status)))  # plain data all the way down

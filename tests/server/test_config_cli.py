@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 from ostp_server import ConfigError, generate_key, parse_config_text, share_links
 from ostp_server.cli import main
-from ostp_server.config import format_host_port, parse_host_port
 
 RUN_SERVER = "import sys; from ostp_server.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -244,23 +243,3 @@ def test_run_as_a_process_and_stop_gracefully(tmp_path: Path, sig: signal.Signal
 @settings(max_examples=300, deadline=None)
 def test_fuzz_entry_point(data: bytes) -> None:
     fuzz_server(data)
-
-
-@given(
-    st.one_of(
-        st.ip_addresses().map(str),
-        st.from_regex(r"[a-z0-9.-]{1,30}", fullmatch=True),
-    ),
-    st.integers(0, 65535),
-)
-def test_host_port_round_trip(host: str, port: int) -> None:
-    assert parse_host_port(format_host_port(host, port)) == (host, port)
-
-
-@given(st.text(max_size=60))
-def test_host_port_garbage_only_value_error(text: str) -> None:
-    try:
-        host, port = parse_host_port(text)
-    except ValueError:
-        return
-    assert host and 0 <= port <= 65535

@@ -43,6 +43,7 @@ from ostp_client.config import (
     dump_config,
     load_config,
 )
+from ostp_proto.address import format_host_port
 
 __all__ = [
     "COMMANDS",
@@ -469,9 +470,7 @@ def _cmd_proxy_env(args: argparse.Namespace) -> int:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "localhost": "127.0.0.1"}.get(
         inbound.listen, inbound.listen
     )
-    if ":" in host:
-        host = f"[{host}]"
-    where = f"{host}:{inbound.port}"
+    where = format_host_port(host, inbound.port)
     if inbound.users:
         print("# this proxy requires a username and password: add user:pass@ to the URLs")
     print(f'export http_proxy="http://{where}"')

@@ -22,7 +22,7 @@ import anyio.abc
 from anyio.abc import TaskStatus
 
 from ostp_client.errors import OstpClientError
-from ostp_client.hostport import format_host_port, parse_host_port
+from ostp_proto.address import format_host_port, parse_host_port
 
 __all__ = [
     "Address",

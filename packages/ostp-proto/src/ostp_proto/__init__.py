@@ -6,6 +6,7 @@ time in; take datagrams and events out.
 """
 
 from .acceptor import AcceptorStats, ServerAcceptor
+from .address import format_host_port, parse_host_port
 from .connection import (
     SERVER_DEFAULTS,
     ClientConnection,
@@ -100,7 +101,9 @@ __all__ = [
     "derive_secrets",
     "encode_extension_hello",
     "encode_relay",
+    "format_host_port",
     "parse_extension_hello",
+    "parse_host_port",
     "split_transport_keys",
 ]
 

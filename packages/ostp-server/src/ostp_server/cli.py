@@ -14,9 +14,10 @@ from typing import Any
 
 import anyio
 
+from ostp_proto.address import format_host_port
 from ostp_proto.transport import encode_key, generate_keypair
 
-from .config import ConfigError, ServerConfig, format_host_port, load_config
+from .config import ConfigError, ServerConfig, load_config
 from .server import OstpServer
 
 log = logging.getLogger("ostp_server")

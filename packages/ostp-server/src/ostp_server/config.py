@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from ostp_proto.address import parse_host_port
 from ostp_proto.transport import decode_key, encode_key, public_key
 
 __all__ = [
@@ -34,10 +35,8 @@ __all__ = [
     "RealityConfig",
     "ServerConfig",
     "User",
-    "format_host_port",
     "load_config",
     "parse_config_text",
-    "parse_host_port",
 ]
 
 DEFAULT_PORT = 50000  # upstream's default listen port (server.json template)
@@ -45,35 +44,6 @@ DEFAULT_PORT = 50000  # upstream's default listen port (server.json template)
 
 class ConfigError(ValueError):
     """The configuration file is unreadable or invalid; the message says where and why."""
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    """Split ``host:port`` or ``[v6]:port`` (spec §8 address text); raise ValueError."""
-    text = text.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or not text[end + 1 :].startswith(":"):
-            raise ValueError(f"{text!r}: expected [IPv6]:port")
-        host, port_text = text[1:end], text[end + 2 :]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ValueError(f"{text!r}: expected host:port (IPv6 in brackets)")
-    if not host:
-        raise ValueError(f"{text!r}: the host is missing")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
-    return host, int(port_text)
-
-
-def format_host_port(host: str, port: int) -> str:
-    """``host:port`` with IPv6 literals in brackets."""
-    try:
-        if ipaddress.ip_address(host).version == 6:
-            return f"[{host}]:{port}"
-    except ValueError:
-        pass
-    return f"{host}:{port}"
 
 
 class User(BaseModel):
@@ -191,10 +161,8 @@ class MetricsConfig(BaseModel):
     @field_validator("listen")
     @classmethod
     def _listen_ip(cls, value: str) -> str:
-        host, port = parse_host_port(value)
+        host, _port = parse_host_port(value)  # port 0 refused: scrapers need a known port
         ipaddress.ip_address(host)  # ValueError: not an IP address
-        if port == 0:
-            raise ValueError("the metrics port must not be 0")
         return value.strip()
 
     @property
@@ -280,7 +248,7 @@ class ServerConfig(BaseModel):
         if not v:
             raise ValueError("at least one listen address is needed")
         for item in v:
-            host, _port = parse_host_port(item)
+            host, _port = parse_host_port(item, allow_port_zero=True)  # 0: the system picks
             try:
                 ipaddress.ip_address(host)
             except ValueError:
@@ -304,7 +272,7 @@ class ServerConfig(BaseModel):
 
     @property
     def listen_addresses(self) -> list[tuple[str, int]]:
-        return [parse_host_port(item) for item in self.listen]
+        return [parse_host_port(item, allow_port_zero=True) for item in self.listen]
 
     def key_strings(self) -> list[str]:
         return [u.key.get_secret_value() for u in self.access_keys]

@@ -8,18 +8,14 @@ the client's datagram came in on. Nothing unauthenticated ever gets an answer.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import functools
 import heapq
 import logging
 import socket
-import struct
-import sys
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +26,17 @@ import anyio.abc
 import anyio.lowlevel
 
 from ostp_proto import SERVER_DEFAULTS, PmtudConfig, ServerAcceptor, ServerConnection
+from ostp_proto.address import format_host_port
 from ostp_proto.pmtud import BASE_PLPMTU
+from ostp_sockets import (
+    BatchSocket,
+    first_hop_payload,
+    set_buffers,
+    set_dont_fragment,
+    udp_overhead,
+)
 
-from .config import ServerConfig, format_host_port
+from .config import ServerConfig
 from .replay_cache import REWRITE_INTERVAL, ReplayCacheFile
 from .session import Session
 from .tcp import TcpFront
@@ -45,7 +49,6 @@ log = logging.getLogger("ostp_server")
 ROAM_BUCKET_CAPACITY = 50.0  # spec §9.2 step 3: token bucket, capacity 50
 ROAM_BUCKET_RATE = 50.0  # refilled 50 per second
 RECV_BATCH = 512  # datagrams read per wake-up before others get a turn
-RECV_SIZE = 65535
 HOUSEKEEPING_INTERVAL = 1.0
 RESTART_SKEW_ALLOWANCE = 30.0
 """Without a replay cache from the previous run, first messages whose timestamp is older than
@@ -53,17 +56,6 @@ the start time minus this are refused (they may be replays from before the resta
 whose clocks are behind by more than this are refused until ~300 s after the start."""
 TIMER_BATCH = 64  # sessions whose timers run before the loop yields and re-reads the clock
 TIMER_FLOOR = 0.001  # a timer that stays in the past after running is retried this much later
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
-UDP_GRO = 104  # Linux <netinet/udp.h>; see PERFORMANCE.md
-UDP_SEGMENT = 103
-GSO_MAX_SEGMENTS = 64
-# linux/in.h, linux/in6.h: DF set and the kernel's PMTU ignored, so path MTU discovery decides
-IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
-IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
-PMTUDISC_PROBE = 3
-IP_MTU = getattr(socket, "IP_MTU", 14)
-IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
 
 
 @dataclass(slots=True)
@@ -115,61 +107,17 @@ class Listener:
 
     sock: socket.socket
     address: tuple[str, int]
-    gro: bool = False
-    gso: bool = False
+    batch: BatchSocket | None = None
+    """A UDP listen socket's batched I/O (GSO/GRO where the kernel offers them)."""
     tcp: TcpConnection | None = None
+    """Set for a TCP connection (spec §10.6): replies are framed and written to it."""
     no_fragments: bool = False
     """Datagrams leave with DF set and never fragmented (``IP_PMTUDISC_PROBE``): path MTU
     discovery sizes them. False where the system does not offer it: the base size then."""
-    """Set for a TCP connection (spec §10.6): replies are framed and written to it."""
-
-
-def _set_buffer(sock: socket.socket, size: int) -> None:
-    for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, force, size)  # root only
-        except OSError:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, plain, size)  # capped at rmem_max/wmem_max
-
-
-def _set_dont_fragment(sock: socket.socket) -> bool:
-    if sys.platform != "linux":
-        return False
-    level, option = (
-        (socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER)
-        if sock.family == socket.AF_INET6
-        else (socket.IPPROTO_IP, IP_MTU_DISCOVER)
-    )
-    try:
-        sock.setsockopt(level, option, PMTUDISC_PROBE)
-    except OSError:
-        return False
-    return True
-
-
-def first_hop_payload(family: int, addr: tuple[object, ...]) -> int | None:
-    """The largest UDP payload the route to ``addr`` carries unfragmented (the first hop's MTU
-    minus IP and UDP headers), from a throw-away connected socket; None if unknown."""
-    if sys.platform != "linux":
-        return None
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.connect(addr)
-            if family == socket.AF_INET6:
-                mtu = probe.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU)
-            else:
-                mtu = probe.getsockopt(socket.IPPROTO_IP, IP_MTU)
-    except OSError:
-        return None
-    return int(mtu) - _overhead(family) if mtu > 0 else None
-
-
-def _overhead(family: int) -> int:
-    return 48 if family == socket.AF_INET6 else 28  # IP and UDP headers
 
 
 def open_listener(host: str, port: int, buffer_size: int, *, offload: bool) -> Listener:
+    """A UDP listen socket on ``host:port``: large buffers, DF set, GSO/GRO if ``offload``."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -177,21 +125,15 @@ def open_listener(host: str, port: int, buffer_size: int, *, offload: bool) -> L
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
         sock.setblocking(False)
-        _set_buffer(sock, buffer_size)
-        gro = gso = False
-        if offload and sys.platform == "linux":
-            try:
-                sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
-                gro = True
-            except OSError:
-                pass
-            gso = True  # probed on first use; turned off if the kernel refuses
-        no_fragments = _set_dont_fragment(sock)
+        set_buffers(sock, buffer_size)  # capped at rmem_max/wmem_max unless root
+        # many peers on one socket: no receive error may end its read loop
+        batch = BatchSocket(sock, gso=offload, gro=offload, count_drops=False, skip_errors=True)
+        no_fragments = set_dont_fragment(sock)
     except BaseException:
         sock.close()
         raise
     bound = sock.getsockname()
-    return Listener(sock, (str(bound[0]), int(bound[1])), gro, gso, no_fragments=no_fragments)
+    return Listener(sock, (str(bound[0]), int(bound[1])), batch, no_fragments=no_fragments)
 
 
 class OstpServer:
@@ -346,43 +288,15 @@ class OstpServer:
 
     # -- receive path ----------------------------------------------------------------------
 
-    def _receive(self, listener: Listener) -> Iterator[tuple[bytes, tuple[object, ...]]]:
-        sock = listener.sock
-        if listener.gro:
-            for _ in range(RECV_BATCH):
-                try:
-                    data, ancdata, _flags, addr = sock.recvmsg(RECV_SIZE, 64)
-                except BlockingIOError:
-                    return
-                except OSError:
-                    continue
-                seg = 0
-                for level, kind, value in ancdata:
-                    if level == socket.SOL_UDP and kind == UDP_GRO:
-                        seg = int.from_bytes(value[:4], sys.byteorder)
-                if seg and len(data) > seg:
-                    view = memoryview(data)
-                    for start in range(0, len(data), seg):
-                        yield bytes(view[start : start + seg]), addr
-                else:
-                    yield data, addr
-        else:
-            for _ in range(RECV_BATCH):
-                try:
-                    data, addr = sock.recvfrom(RECV_SIZE)
-                except BlockingIOError:
-                    return
-                except OSError:
-                    continue
-                yield data, addr
-
     async def _read_loop(self, listener: Listener) -> None:
+        batch = listener.batch
+        assert batch is not None
         while True:
             await anyio.wait_readable(listener.sock)
             now = self.clock()
             unix = self.unix_clock()
             touched: dict[Session, None] = {}
-            for data, addr in self._receive(listener):
+            for data, addr in batch.recv_from_batch(RECV_BATCH):
                 self._dispatch(data, addr, listener, now, unix, touched)
             for session in touched:
                 self._process(session)
@@ -529,7 +443,7 @@ class OstpServer:
             return
         family = listener.sock.family
         ceiling = first_hop_payload(family, addr) if listener.no_fragments else None
-        conn.set_path_mtu(now, ceiling or BASE_PLPMTU, _overhead(family))
+        conn.set_path_mtu(now, ceiling or BASE_PLPMTU, udp_overhead(family))
 
     def _evict_half_open(self, now: float) -> bool:
         """End the oldest session that never sent a datagram and is old enough; True if one.
@@ -592,15 +506,21 @@ class OstpServer:
         out = session.conn.datagrams_to_send(now)
         if out:
             listener = session.listener
-            refused: list[int] = []
             if listener.tcp is not None:
                 sent = listener.tcp.send_datagrams(out)
-            elif listener.gso and len(out) > 1:
-                sent = self._send_gso(listener, out, session.addr, refused)
             else:
-                sent = self._send_plain(listener.sock, out, session.addr, refused)
-            for size in refused:  # EMSGSIZE: above the first hop's MTU (a probe, normally)
-                session.conn.datagram_refused(size, now)
+                batch = listener.batch
+                assert batch is not None
+                drops = batch.send_drop
+                sent = batch.send_batch(out, session.addr)
+                dropped = batch.send_drop - drops  # a full buffer: the ARQ resends them
+                self.stats.send_drop += dropped
+                self.stats.datagrams_sent += len(out) - dropped
+                refused = batch.refused
+                if refused:  # EMSGSIZE: above the first hop's MTU (a probe, normally)
+                    for size in refused:
+                        session.conn.datagram_refused(size, now)
+                    refused.clear()
             session.key_stats.bytes_down += sent
             if session.key_stats.over_limit:
                 self._end_session(session, "traffic limit reached")
@@ -608,62 +528,6 @@ class OstpServer:
         session.after_flush()
         if not session.closed:
             self._schedule(session)
-
-    def _send_plain(
-        self,
-        sock: socket.socket,
-        out: list[bytes],
-        addr: tuple[object, ...],
-        refused: list[int] | None = None,
-    ) -> int:
-        sent = 0
-        for d in out:
-            try:
-                sock.sendto(d, addr)
-            except OSError as exc:  # full buffer (EAGAIN) or unreachable: the ARQ recovers
-                self.stats.send_drop += 1
-                if exc.errno == errno.EMSGSIZE and refused is not None:
-                    refused.append(len(d))
-                continue
-            sent += len(d)
-            self.stats.datagrams_sent += 1
-        return sent
-
-    def _send_gso(
-        self,
-        listener: Listener,
-        out: list[bytes],
-        addr: tuple[object, ...],
-        refused: list[int] | None = None,
-    ) -> int:
-        """Runs of equal-sized datagrams go out in one ``sendmsg`` with UDP_SEGMENT."""
-        sock = listener.sock
-        sent = 0
-        i = 0
-        n = len(out)
-        while i < n:
-            size = len(out[i])
-            j = i + 1
-            limit = min(n, i + GSO_MAX_SEGMENTS, i + max(1, 65000 // size))
-            while j < limit and len(out[j]) == size:
-                j += 1
-            if j - i == 1:
-                sent += self._send_plain(sock, out[i:j], addr, refused)
-            else:
-                try:
-                    sock.sendmsg(
-                        out[i:j], [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("H", size))], 0, addr
-                    )
-                except BlockingIOError:
-                    self.stats.send_drop += j - i
-                except OSError:
-                    listener.gso = False  # the kernel refuses GSO: plain sends from now on
-                    sent += self._send_plain(sock, out[i:j], addr, refused)
-                else:
-                    sent += size * (j - i)
-                    self.stats.datagrams_sent += j - i
-            i = j
-        return sent
 
     def _schedule(self, session: Session) -> None:
         t = session.conn.get_timer()

@@ -50,8 +50,7 @@ from ostp_proto import (
     UdpAssociate,
     UdpData,
 )
-
-from .config import format_host_port, parse_host_port
+from ostp_proto.address import format_host_port, parse_host_port
 
 if TYPE_CHECKING:
     from .server import KeyStats, Listener, OstpServer
@@ -382,7 +381,7 @@ class TcpRelay:
     async def _connect(self) -> anyio.abc.SocketStream | None:
         session = self.session
         try:
-            host, port = parse_host_port(self.address)
+            host, port = parse_host_port(self.address, allow_port_zero=True)  # as upstream
             with anyio.fail_after(session.server.config.connect_timeout):
                 remote = await anyio.connect_tcp(rewrite_gateway(host), port)
         except TimeoutError:
@@ -572,7 +571,7 @@ class UdpRelay:
         if cached is not None:
             return cached
         try:
-            host, port = parse_host_port(address)
+            host, port = parse_host_port(address, allow_port_zero=True)
             host = rewrite_gateway(host)
             infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         except (OSError, ValueError):

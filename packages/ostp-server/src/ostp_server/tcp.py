@@ -31,6 +31,7 @@ import anyio
 import anyio.abc
 
 from ostp_proto import LocalProtocolError, RemoteProtocolError
+from ostp_proto.address import format_host_port
 from ostp_proto.transport import (
     DatagramStream,
     RealityAcceptor,
@@ -39,7 +40,7 @@ from ostp_proto.transport import (
     StreamRefused,
 )
 
-from .config import ServerConfig, format_host_port
+from .config import ServerConfig
 
 if TYPE_CHECKING:
     from .server import Listener, OstpServer

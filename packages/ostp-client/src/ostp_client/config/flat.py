@@ -13,7 +13,7 @@ from typing import Any
 
 from ostp_client.config.issues import ConfigError, ConfigIssue
 from ostp_client.config.models import DEFAULT_MTU, DEFAULT_PROXY_PORT
-from ostp_client.hostport import parse_host_port
+from ostp_proto.address import parse_host_port
 
 
 def is_flat_config(data: Mapping[str, Any]) -> bool:

@@ -49,7 +49,7 @@ from ostp_client.config.models import (
     one_or_many,
 )
 from ostp_client.errors import OstpClientError
-from ostp_client.hostport import format_host_port
+from ostp_proto.address import format_host_port
 
 # --------------------------------------------------------------------------------------------
 # errors

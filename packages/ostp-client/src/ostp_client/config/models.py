@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from ostp_client.hostport import parse_host_port
+from ostp_proto.address import parse_host_port
 
 DEFAULT_PROXY_PORT = 1088  # spec §10.10 socks5_bind default 127.0.0.1:1088
 DEFAULT_MTU = 65535

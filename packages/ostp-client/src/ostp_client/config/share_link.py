@@ -19,7 +19,7 @@ from ostp_client.config.models import (
     OstpOutboundConfig,
     RoutingConfig,
 )
-from ostp_client.hostport import parse_host_port
+from ostp_proto.address import format_host_port, parse_host_port
 
 # --------------------------------------------------------------------------------------------
 # share links (spec §10.9)
@@ -114,10 +114,9 @@ def ostp_outbound_from_share_link(
 ) -> OstpOutboundConfig:
     """The `ostp` outbound of a share link; ValueError names the link key that is wrong."""
     parsed = parse_share_link(link)
-    host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
     data: dict[str, Any] = {
         "tag": tag,
-        "server": f"{host}:{parsed.port}",
+        "server": format_host_port(parsed.host, parsed.port),
         "access_key": parsed.access_key,
         **_link_transport(parsed.query, warnings if warnings is not None else []),
     }

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ostp_client.hostport import format_host_port
 from ostp_client.nat.errors import StunParseError
 from ostp_client.nat.events import BindingFailed, BindingSucceeded, NatEvent
 from ostp_client.nat.stun import (
@@ -17,6 +16,7 @@ from ostp_client.nat.stun import (
     encode_message,
 )
 from ostp_client.nat.transaction import Transaction, TransactionTable
+from ostp_proto.address import format_host_port
 
 Address = tuple[str, int]
 

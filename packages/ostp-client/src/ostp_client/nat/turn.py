@@ -14,7 +14,6 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ostp_client.hostport import format_host_port
 from ostp_client.nat.config import TurnConfig
 from ostp_client.nat.errors import LocalNatError, StunParseError
 from ostp_client.nat.events import (
@@ -46,6 +45,7 @@ from ostp_client.nat.stun import (
     long_term_key,
 )
 from ostp_client.nat.transaction import Transaction, TransactionTable
+from ostp_proto.address import format_host_port
 
 Address = tuple[str, int]
 

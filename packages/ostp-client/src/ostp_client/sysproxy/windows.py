@@ -17,6 +17,8 @@ import json
 import sys
 from typing import Protocol
 
+from ostp_proto.address import format_host_port
+
 from .backend import ProxyTarget, SystemProxyError, SystemProxyUnavailable, Values
 
 INTERNET_SETTINGS = r"Software\Microsoft\Windows\CurrentVersion\Internet Settings"
@@ -180,7 +182,7 @@ class WindowsBackend:
 
     def desired(self, target: ProxyTarget) -> dict[str, str | None]:
         # http= and https= only: WinINet speaks SOCKS4 for socks=, and ours is SOCKS5+HTTP.
-        hostport = f"{target.url_host}:{target.port}"
+        hostport = format_host_port(target.host, target.port)
         server = f"http={hostport};https={hostport}"
         return {
             "ProxyServer": encode(REG_SZ, server),

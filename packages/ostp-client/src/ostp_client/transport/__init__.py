@@ -17,7 +17,7 @@ A session may move between them on the same OSTP session (``auto``: roaming, spe
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from ostp_client.errors import OstpClientError
@@ -46,8 +46,11 @@ class DatagramTransport(Protocol):
         """True while output is backed up: the session takes nothing more from its core."""
         ...
 
-    def recv_batch(self, limit: int = 256) -> list[bytes]:
-        """Every whole datagram waiting (at most ``limit`` system calls); [] when none."""
+    def recv_batch(self, limit: int = 256) -> Iterable[bytes]:
+        """Every whole datagram waiting (at most ``limit`` system calls); empty when none.
+
+        UDP reads as the result is consumed (each datagram is handled while still in the
+        cache), so take it in one loop before waiting again."""
         ...
 
     def send_batch(self, datagrams: Sequence[bytes]) -> int:

@@ -1,7 +1,7 @@
 """The UDP transport: OSTP datagrams on one UDP socket (spec §10.1, §10.6 ``udp``).
 
 A session that talks only to its server keeps a connected socket with GSO/GRO batching
-(:class:`~ostp_client.net.batch.BatchSocket`). A session that also talks to STUN or TURN servers
+(:class:`ostp_sockets.BatchSocket`). A session that also talks to STUN or TURN servers
 keeps it unconnected and sorts what it reads with a :class:`~ostp_client.nat.NatMux`
 (:class:`NatSocket`). Either way losses are the ARQ's business: a full kernel buffer or an ICMP
 error counts as loss on the wire.
@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ostp_client.nat import NatMux
-from ostp_client.net.batch import BatchSocket, SocketBuffers, set_buffers, set_dont_fragment
 from ostp_client.net.bypass import apply_bypass
+from ostp_sockets import BatchSocket, SocketBuffers, set_buffers, set_dont_fragment
 
 __all__ = ["SOCKET_BUFFER", "NatSocket", "UdpTransport", "open_udp_socket"]
 
@@ -70,9 +70,8 @@ class NatSocket(BatchSocket):
         self.unrelayed_drop = 0
         """OSTP datagrams not sent because the relay they need is not (or no longer) ready."""
 
-    def recv_batch(self, limit: int = 256) -> list[bytes]:
+    def recv_batch(self, limit: int = 256) -> Iterator[bytes]:
         """The OSTP datagrams among everything waiting (up to ``limit`` system calls)."""
-        out: list[bytes] = []
         receive = self.mux.receive_datagram
         host, port = self.server[0], self.server[1]
         now = time.monotonic()
@@ -82,10 +81,9 @@ class NatSocket(BatchSocket):
                 continue
             payload, peer = got
             if peer[0] == host and peer[1] == port:
-                out.append(payload)
+                yield payload
             else:
                 self.source_drop += 1
-        return out
 
     def send_batch(self, datagrams: Sequence[bytes], to: Any = None) -> int:
         """Send OSTP datagrams in order to the server (or through the relay); the bytes sent."""
@@ -129,7 +127,7 @@ class UdpTransport:
         """Datagrams leave with DF set, never fragmented: path MTU discovery sizes them (and
         :attr:`BatchSocket.refused` lists those too large for the first hop)."""
 
-    def recv_batch(self, limit: int = 256) -> list[bytes]:
+    def recv_batch(self, limit: int = 256) -> Iterator[bytes]:
         # ICMP errors (the server's port closed) are skipped: the server may come back
         return self.batch.recv_batch(limit)
 

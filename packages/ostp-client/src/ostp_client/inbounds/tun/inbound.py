@@ -51,7 +51,6 @@ from ostp_client.dns.codec import (
     parse_query,
 )
 from ostp_client.flow import Address, ConnContext, OutboundError, UdpOutboundSession
-from ostp_client.hostport import parse_host_port
 from ostp_client.inbounds import register_inbound
 from ostp_client.inbounds.base import Inbound, InboundReport
 from ostp_client.inbounds.tun.device import TunDevice
@@ -79,6 +78,7 @@ from ostp_netstack import (
     UdpDatagramReceived,
     UdpFlowExpired,
 )
+from ostp_proto.address import parse_host_port
 
 __all__ = ["TunInbound"]
 

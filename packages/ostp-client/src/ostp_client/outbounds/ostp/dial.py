@@ -14,15 +14,15 @@ from typing import Any, Protocol
 
 import anyio
 
-from ostp_client.hostport import format_host_port
 from ostp_client.nat import NatMux, TurnConfig
-from ostp_client.net.batch import BatchSocket, SocketBuffers, first_hop_payload, udp_overhead
 from ostp_client.outbounds.ostp.options import TURN_OVERHEAD, NatOptions
 from ostp_client.transport import DatagramTransport
 from ostp_client.transport.stream import StreamOptions, StreamTransport, open_stream
 from ostp_client.transport.udp import NatSocket, UdpTransport, open_udp_socket
 from ostp_proto import ClientConnection, ConnectionConfig, State
+from ostp_proto.address import format_host_port
 from ostp_proto.pmtud import BASE_PLPMTU
+from ostp_sockets import BatchSocket, SocketBuffers, first_hop_payload, udp_overhead
 
 __all__ = [
     "DialOptions",
@@ -115,14 +115,16 @@ async def resolve_nat(nat: NatOptions | None, relay: bool, family: int) -> NatSe
         try:
             servers.stun.append(await resolve(stun_host, stun_port, family))
         except OSError as exc:
-            servers.warnings.append(f"STUN server {stun_host}:{stun_port}: {exc.strerror or exc}")
+            where = format_host_port(stun_host, stun_port)
+            servers.warnings.append(f"STUN server {where}: {exc.strerror or exc}")
     if relay:
         assert nat.turn is not None
         turn_host, turn_port = nat.turn.server
         try:
             servers.turn = replace(nat.turn, server=await resolve(turn_host, turn_port, family))
         except OSError as exc:
-            servers.failure = f"TURN server {turn_host}:{turn_port}: {exc.strerror or exc}"
+            where = format_host_port(turn_host, turn_port)
+            servers.failure = f"TURN server {where}: {exc.strerror or exc}"
     return servers
 
 

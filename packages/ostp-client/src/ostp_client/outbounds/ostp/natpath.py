@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ostp_client.hostport import format_host_port
 from ostp_client.nat import (
     AllocationSucceeded,
     BindingFailed,
@@ -26,6 +25,7 @@ from ostp_client.nat import (
     TurnRefreshed,
 )
 from ostp_client.outbounds.ostp.options import NatMode, NatOptions
+from ostp_proto.address import format_host_port
 
 __all__ = ["EndAttempt", "NatPath", "StartHandshake", "WarnOnce"]
 

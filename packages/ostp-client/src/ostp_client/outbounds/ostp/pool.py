@@ -22,7 +22,6 @@ from ostp_client.flow import (
     Outbound,
     UdpOutboundSession,
 )
-from ostp_client.hostport import format_host_port
 from ostp_client.nat import (
     TurnConfig,
 )
@@ -50,6 +49,7 @@ from ostp_proto import (
     PmtudConfig,
     UdpAssociate,
 )
+from ostp_proto.address import format_host_port
 from ostp_proto.transport import Framing
 
 logger = logging.getLogger("ostp_client.outbounds.ostp")  # one logger name for the whole outbound

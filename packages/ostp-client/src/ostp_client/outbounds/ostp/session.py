@@ -18,9 +18,7 @@ import anyio
 import anyio.abc
 from anyio.abc import TaskStatus
 
-from ostp_client.hostport import format_host_port
 from ostp_client.nat import NatConfig, NatMux
-from ostp_client.net.batch import BatchSocket
 from ostp_client.outbounds.ostp.auto import AutoStep, AutoTransport, udp_progress
 from ostp_client.outbounds.ostp.dial import (
     DialOptions,
@@ -59,6 +57,8 @@ from ostp_proto import (
     State,
     Termination,
 )
+from ostp_proto.address import format_host_port
+from ostp_sockets import BatchSocket
 
 logger = logging.getLogger("ostp_client.outbounds.ostp")  # one logger name for the whole outbound
 
