@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import socket
 
+from ostp_proto import format_sockaddr
 from ostp_proto.address import format_host_port, parse_host_port
 from ostp_server.config import ServerConfig
 from ostp_server.server import Listener, OstpServer
-from ostp_server.session import Session, udp_source_text
+from ostp_server.session import Session
 
 _SERVER = OstpServer(
     ServerConfig.model_validate({"listen": "127.0.0.1:0", "access_keys": ["fuzz-key", "k2"]}),
@@ -39,4 +40,4 @@ def test_one_input(data: bytes) -> None:
         return
     assert 0 <= port <= 65535 and host
     assert format_host_port(host, port).endswith(f":{port}")
-    assert udp_source_text((host, port)).endswith(f":{port}")
+    assert format_sockaddr((host, port)).endswith(f":{port}")

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ostp_proto import format_host_port, parse_host_port
+from ostp_proto import format_host_port, format_sockaddr, parse_host_port, sockaddr_host
 
 names = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9-]{1,10}){0,3}", fullmatch=True)
 hosts = st.one_of(
@@ -121,3 +122,32 @@ def test_parse(text: str, expected: tuple[str, int]) -> None:
 def test_parse_refuses_with_a_reason(text: str, reason: str) -> None:
     with pytest.raises(ValueError, match=re.escape(reason)):
         parse_host_port(text)
+
+
+@given(st.ip_addresses(), ports, st.booleans())
+def test_a_socket_address_is_written_as_its_peer_would_read_it(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, four_tuple: bool
+) -> None:
+    """What sockets report (2-tuples for IPv4, 4-tuples for IPv6, IPv4 peers of a dual-stack
+    socket as ``::ffff:a.b.c.d``) becomes text that parses back to the peer's own address."""
+    # the text a socket gives (inet_ntop writes mapped addresses with the IPv4 dotted)
+    text = socket.inet_ntop(socket.AF_INET6, ip.packed) if ip.version == 6 else str(ip)
+    sockaddr: tuple[object, ...] = (text, port, 0, 0) if four_tuple else (text, port)
+    host, parsed_port = parse_host_port(format_sockaddr(sockaddr))
+    assert parsed_port == port
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    assert ipaddress.ip_address(host) == (mapped or ip)
+
+
+@pytest.mark.parametrize(
+    ("sockaddr", "text"),
+    [
+        (("::ffff:192.0.2.7", 443, 0, 0), "192.0.2.7:443"),  # an IPv4 peer of a dual-stack socket
+        (("fe80::1%eth0", 53, 0, 2), "[fe80::1]:53"),  # the scope is the host's, not the peer's
+        (("2001:db8::1", 8443), "[2001:db8::1]:8443"),
+        (("127.0.0.1", 9), "127.0.0.1:9"),
+    ],
+)
+def test_socket_address_text(sockaddr: tuple[object, ...], text: str) -> None:
+    assert format_sockaddr(sockaddr) == text
+    assert sockaddr_host(sockaddr[0]) == text.rsplit(":", 1)[0].strip("[]")

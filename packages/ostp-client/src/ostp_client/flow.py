@@ -22,7 +22,7 @@ import anyio.abc
 from anyio.abc import TaskStatus
 
 from ostp_client.errors import OstpClientError
-from ostp_proto.address import format_host_port, parse_host_port
+from ostp_proto.address import format_host_port, parse_host_port, sockaddr_host
 
 __all__ = [
     "Address",
@@ -93,10 +93,7 @@ class Address:
         """From a socket address tuple; IPv4-mapped IPv6 addresses become IPv4 text."""
         if isinstance(sockaddr, str):
             raise ValueError(f"not an IP socket address: {sockaddr!r}")
-        host = str(sockaddr[0])
-        if host.startswith("::ffff:") and "." in host:
-            host = host[7:]
-        return cls(host.split("%", 1)[0], int(sockaddr[1]))
+        return cls(sockaddr_host(sockaddr[0]), int(sockaddr[1]))
 
 
 @dataclass(slots=True, eq=False)

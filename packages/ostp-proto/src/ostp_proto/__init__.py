@@ -6,7 +6,7 @@ time in; take datagrams and events out.
 """
 
 from .acceptor import AcceptorStats, ServerAcceptor
-from .address import format_host_port, parse_host_port
+from .address import format_host_port, format_sockaddr, parse_host_port, sockaddr_host
 from .connection import (
     SERVER_DEFAULTS,
     ClientConnection,
@@ -102,8 +102,10 @@ __all__ = [
     "encode_extension_hello",
     "encode_relay",
     "format_host_port",
+    "format_sockaddr",
     "parse_extension_hello",
     "parse_host_port",
+    "sockaddr_host",
     "split_transport_keys",
 ]
 

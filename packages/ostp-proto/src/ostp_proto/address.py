@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["format_host_port", "parse_host_port"]
+__all__ = ["format_host_port", "format_sockaddr", "parse_host_port", "sockaddr_host"]
 
 
 def parse_host_port(
@@ -79,3 +79,19 @@ def format_host_port(host: object, port: int) -> str:
     """
     text = str(host)
     return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
+def sockaddr_host(host: object) -> str:
+    """A socket address's host as text: an IPv4-mapped IPv6 address (``::ffff:1.2.3.4``, what a
+    dual-stack socket reports for an IPv4 peer) as IPv4, an IPv6 ``%scope`` left out."""
+    text = str(host).split("%", 1)[0]
+    if text.startswith("::ffff:") and "." in text:
+        return text[7:]
+    return text
+
+
+def format_sockaddr(address: tuple[object, ...]) -> str:
+    """A socket address (``(host, port)``, or the 4-tuple of IPv6) as ``host:port`` text, its
+    host as `sockaddr_host` writes it: how peers appear in logs, and the source of a UDP
+    datagram in a UdpData message (spec §8)."""
+    return format_host_port(sockaddr_host(address[0]), int(str(address[1])))

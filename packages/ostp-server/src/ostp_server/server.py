@@ -26,7 +26,7 @@ import anyio.abc
 import anyio.lowlevel
 
 from ostp_proto import SERVER_DEFAULTS, PmtudConfig, ServerAcceptor, ServerConnection
-from ostp_proto.address import format_host_port
+from ostp_proto.address import format_host_port, format_sockaddr
 from ostp_proto.pmtud import BASE_PLPMTU
 from ostp_sockets import (
     BatchSocket,
@@ -392,7 +392,12 @@ class OstpServer:
                 session.conn.path_changed(now)
                 self._set_path_mtu(session.conn, addr, listener, now)
                 self.stats.roam_rebinds += 1
-                log.info("session %s moved from %s to %s", session.name, _addr(old), _addr(addr))
+                log.info(
+                    "session %s moved from %s to %s",
+                    session.name,
+                    format_sockaddr(old),
+                    format_sockaddr(addr),
+                )
                 touched[session] = None
             return True
         return False
@@ -413,13 +418,17 @@ class OstpServer:
             self._end_session(old, "replaced by a new handshake from the same address")
         if len(self.sessions) >= self.config.max_sessions and not self._evict_half_open(now):
             self.stats.session_cap_drop += 1
-            log.debug("handshake from %s dropped: %d sessions", _addr(addr), len(self.sessions))
+            log.debug(
+                "handshake from %s dropped: %d sessions", format_sockaddr(addr), len(self.sessions)
+            )
             return
         ks = self.key_stats[conn.key_index]
         if ks.over_limit:
             self.stats.limit_drop += 1
             log.info(
-                "handshake from %s refused: %s is over its traffic limit", _addr(addr), ks.label
+                "handshake from %s refused: %s is over its traffic limit",
+                format_sockaddr(addr),
+                ks.label,
             )
             return
         session = Session(self, conn, addr, listener, ks.label, ks, now)
@@ -431,7 +440,7 @@ class OstpServer:
         ks.sessions += 1
         ks.active += 1
         self.stats.sessions_started += 1
-        log.info("session %s started from %s (%s)", session.name, _addr(addr), ks.label)
+        log.info("session %s started from %s (%s)", session.name, format_sockaddr(addr), ks.label)
         touched[session] = None
 
     def _set_path_mtu(
@@ -601,10 +610,6 @@ class OstpServer:
             now = self.clock()
             for session in list(self.sessions.values()):
                 session.housekeeping(now)
-
-
-def _addr(addr: tuple[object, ...]) -> str:
-    return format_host_port(str(addr[0]), int(str(addr[1])))
 
 
 async def serve(

@@ -50,7 +50,7 @@ from ostp_proto import (
     UdpAssociate,
     UdpData,
 )
-from ostp_proto.address import format_host_port, parse_host_port
+from ostp_proto.address import format_sockaddr, parse_host_port
 
 if TYPE_CHECKING:
     from .server import KeyStats, Listener, OstpServer
@@ -70,15 +70,6 @@ UDP_RECV_BATCH = 64
 
 def rewrite_gateway(host: str) -> str:
     return "127.0.0.1" if host == GATEWAY_HOST else host
-
-
-def udp_source_text(addr: tuple[object, ...]) -> str:
-    """A received datagram's source as Rust socket-address text; v4-mapped shown as IPv4."""
-    host = str(addr[0]).split("%", 1)[0]
-    port = int(str(addr[1]))
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return format_host_port(host, port)
 
 
 def connect_failure_reason(exc: BaseException) -> str:
@@ -545,7 +536,7 @@ class UdpRelay:
                 if not session.conn.writable:
                     session.stats.udp_drop += 1
                     continue
-                session.send(self.stream_id, UdpData(udp_source_text(addr), data))
+                session.send(self.stream_id, UdpData(format_sockaddr(addr), data))
                 got = True
             if got:
                 session.flush()

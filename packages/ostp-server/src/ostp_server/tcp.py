@@ -31,7 +31,7 @@ import anyio
 import anyio.abc
 
 from ostp_proto import LocalProtocolError, RemoteProtocolError
-from ostp_proto.address import format_host_port
+from ostp_proto.address import format_host_port, format_sockaddr
 from ostp_proto.transport import (
     DatagramStream,
     RealityAcceptor,
@@ -188,7 +188,7 @@ class TcpFront:
                     self.stats.connections += 1
                     if not self.limiter.allow(str(addr[0]), self.server.clock()):
                         self.stats.rate_limited += 1
-                        log.debug("tcp %s: over the connection limit", _peer(addr))
+                        log.debug("tcp %s: over the connection limit", format_sockaddr(addr))
                         conn.close()
                         continue
                     tg.start_soon(TcpConnection(self, conn, addr).run)
@@ -197,10 +197,6 @@ class TcpFront:
         key = reason.split(":", 1)[0]
         if len(self.stats.refusals) < 64 or key in self.stats.refusals:
             self.stats.refusals[key] = self.stats.refusals.get(key, 0) + 1
-
-
-def _peer(addr: tuple[object, ...]) -> str:
-    return format_host_port(str(addr[0]), int(str(addr[1])))
 
 
 # ---------------------------------------------------------------------------- connections
@@ -228,7 +224,7 @@ class TcpConnection:
 
     @property
     def name(self) -> str:
-        return _peer(self.peer)
+        return format_sockaddr(self.peer)
 
     # -- called by the server (no await) -------------------------------------------------
 

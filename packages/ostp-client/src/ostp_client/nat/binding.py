@@ -16,7 +16,7 @@ from ostp_client.nat.stun import (
     encode_message,
 )
 from ostp_client.nat.transaction import Transaction, TransactionTable
-from ostp_proto.address import format_host_port
+from ostp_proto.address import format_sockaddr
 
 Address = tuple[str, int]
 
@@ -46,7 +46,9 @@ class BindingClient:
                 text = f"{code} {reason}".strip()
             except StunParseError:
                 text = "an error response without a valid ERROR-CODE"
-            self._emit(BindingFailed(server, f"STUN server {_fmt(server)} answered {text}"))
+            self._emit(
+                BindingFailed(server, f"STUN server {format_sockaddr(server)} answered {text}")
+            )
             return True
         if message.cls != MessageClass.SUCCESS:
             return False
@@ -67,11 +69,7 @@ class BindingClient:
         self._emit(
             BindingFailed(
                 server,
-                f"STUN server {_fmt(server)} did not answer "
+                f"STUN server {format_sockaddr(server)} did not answer "
                 f"({transaction.transmissions} Binding requests over {waited:.1f} s)",
             )
         )
-
-
-def _fmt(address: Address) -> str:
-    return format_host_port(address[0], address[1])

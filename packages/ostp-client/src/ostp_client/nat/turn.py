@@ -45,7 +45,7 @@ from ostp_client.nat.stun import (
     long_term_key,
 )
 from ostp_client.nat.transaction import Transaction, TransactionTable
-from ostp_proto.address import format_host_port
+from ostp_proto.address import format_sockaddr
 
 Address = tuple[str, int]
 
@@ -273,7 +273,7 @@ class TurnClient:
                 self._fail(
                     TurnFailure.PROTOCOL,
                     f"malformed {request.purpose.value} answer from "
-                    f"TURN server {_fmt(self.server)}: {exc}",
+                    f"TURN server {format_sockaddr(self.server)}: {exc}",
                     None,
                 )
             return True
@@ -294,14 +294,14 @@ class TurnClient:
         elif request.purpose is _Purpose.ALLOCATE:
             self._fail(
                 TurnFailure.UNREACHABLE,
-                f"TURN server {_fmt(self.server)} is unreachable: no answer to "
+                f"TURN server {format_sockaddr(self.server)} is unreachable: no answer to "
                 f"{transaction.transmissions} Allocate requests over {waited:.1f} s",
                 None,
             )
         else:
             self._fail(
                 TurnFailure.ALLOCATION_LOST,
-                f"TURN server {_fmt(self.server)} stopped answering "
+                f"TURN server {format_sockaddr(self.server)} stopped answering "
                 f"({request.purpose.value} timed out after {waited:.1f} s)",
                 None,
             )
@@ -316,7 +316,7 @@ class TurnClient:
             if realm is None or nonce is None:
                 self._fail(
                     TurnFailure.PROTOCOL,
-                    f"TURN server {_fmt(self.server)} sent 401 without REALM and NONCE",
+                    f"TURN server {format_sockaddr(self.server)} sent 401 without REALM and NONCE",
                     code,
                 )
                 return
@@ -353,7 +353,7 @@ class TurnClient:
         if code == 401:
             self._fail(
                 TurnFailure.WRONG_CREDENTIALS,
-                f"TURN server {_fmt(self.server)} rejected the credentials of user "
+                f"TURN server {format_sockaddr(self.server)} rejected the credentials of user "
                 f"{self.config.username!r} ({text}): check the TURN username and password",
                 code,
             )
@@ -362,7 +362,7 @@ class TurnClient:
 
     def _fail_request(self, request: _Request, text: str, code: int) -> None:
         purpose = request.purpose
-        server = _fmt(self.server)
+        server = format_sockaddr(self.server)
         if purpose is _Purpose.ALLOCATE:
             why = _REFUSALS.get(code, "refused")
             self._fail(
@@ -380,7 +380,7 @@ class TurnClient:
                 code,
             )
         else:
-            peer = _fmt(self.peer) if self.peer else "?"
+            peer = format_sockaddr(self.peer) if self.peer else "?"
             self._fail(
                 TurnFailure.PROTOCOL,
                 f"TURN server {server} refused {purpose.value} for peer {peer} ({text})",
@@ -447,7 +447,3 @@ class TurnClient:
     def _deallocated(self, message: StunMessage, now: float) -> None:
         self.state = TurnState.CLOSED
         self._emit(TurnClosed(deallocated=True))
-
-
-def _fmt(address: Address) -> str:
-    return format_host_port(address[0], address[1])

@@ -25,7 +25,7 @@ from ostp_client.nat import (
     TurnRefreshed,
 )
 from ostp_client.outbounds.ostp.options import NatMode, NatOptions
-from ostp_proto.address import format_host_port
+from ostp_proto.address import format_sockaddr
 
 __all__ = ["EndAttempt", "NatPath", "StartHandshake", "WarnOnce"]
 
@@ -52,10 +52,6 @@ class EndAttempt:
 
 
 NatVerdict = StartHandshake | WarnOnce | EndAttempt
-
-
-def _fmt(address: tuple[str, int]) -> str:
-    return format_host_port(address[0], address[1])
 
 
 class NatPath:
@@ -115,7 +111,7 @@ class NatPath:
             logger.warning(
                 "%s: no answer over direct UDP; falling back to TURN server %s",
                 self.name,
-                _fmt(nat.turn.server),
+                format_sockaddr(nat.turn.server),
             )
             self.relay = True
             self.relay_since = now
@@ -139,8 +135,8 @@ class NatPath:
                 logger.info(
                     "%s: STUN server %s maps this socket to %s",
                     self.name,
-                    _fmt(event.server),
-                    _fmt(event.mapped_address),
+                    format_sockaddr(event.server),
+                    format_sockaddr(event.mapped_address),
                 )
             case BindingFailed():
                 return WarnOnce(event.message)
@@ -151,14 +147,14 @@ class NatPath:
                 logger.info(
                     "%s: TURN relayed address %s (lifetime %d s)",
                     self.name,
-                    _fmt(event.relayed_address),
+                    format_sockaddr(event.relayed_address),
                     event.lifetime,
                 )
             case RelayReady():
                 logger.info(
                     "%s: relaying to %s through TURN channel 0x%04x",
                     self.name,
-                    _fmt(event.peer),
+                    format_sockaddr(event.peer),
                     event.channel,
                 )
                 return StartHandshake()

@@ -57,7 +57,7 @@ from ostp_proto import (
     State,
     Termination,
 )
-from ostp_proto.address import format_host_port
+from ostp_proto.address import format_sockaddr
 from ostp_sockets import BatchSocket
 
 logger = logging.getLogger("ostp_client.outbounds.ostp")  # one logger name for the whole outbound
@@ -85,10 +85,6 @@ class SessionOwner(DialOptions, Protocol):
     def session_connected(self) -> None: ...
 
     def state_changed(self) -> None: ...
-
-
-def _fmt(address: tuple[Any, ...] | None) -> str | None:
-    return format_host_port(address[0], address[1]) if address is not None else None
 
 
 class _Session:
@@ -258,7 +254,9 @@ class _Session:
             return True
         # The handshake starts once the relay is ready (RelayReady).
         mux.start_turn((str(sockaddr[0]), int(sockaddr[1])), now)
-        logger.info("%s: allocating a relay on TURN server %s", self.name, _fmt(turn.server))
+        logger.info(
+            "%s: allocating a relay on TURN server %s", self.name, format_sockaddr(turn.server)
+        )
         return False
 
     async def _drive(
@@ -777,8 +775,8 @@ class _Session:
             socket_buffer=self._socket_buffer(),
             last_error=self.last_error,
             path=nat_path.path,
-            mapped_address=_fmt(nat_path.mapped_address),
-            relayed_address=_fmt(nat_path.relayed_address) if nat_path.path == "turn" else None,
+            mapped_address=_text(nat_path.mapped_address),
+            relayed_address=_text(nat_path.relayed_address) if nat_path.path == "turn" else None,
             turn_refreshes=nat_path.turn_refreshes,
             nat_drops=self._nat_drops(),
             transport=self.transport.kind if self.transport is not None else None,
@@ -818,6 +816,10 @@ class _Session:
         if batch.unrelayed_drop:
             drops["ostp_unrelayed_drop"] = batch.unrelayed_drop
         return drops
+
+
+def _text(address: tuple[str, int] | None) -> str | None:
+    return format_sockaddr(address) if address is not None else None
 
 
 def _pmtud_state(conn: ClientConnection | None) -> str | None:
