@@ -20,6 +20,7 @@ from .arq import (
     NACK_REPEAT,
     PACKET_THRESHOLD,
     TIME_THRESHOLD,
+    Frame,
     Receiver,
     Sender,
     decode_ack,
@@ -36,11 +37,13 @@ from .events import (
     Termination,
 )
 from .frames import (
+    DATA_FRAME_HEADER_LEN,
     DATAGRAM_OVERHEAD,
+    FRAME_HEADER_LEN,
     PADDING_CLAMP_OVERHEAD,
     FrameKind,
     PaddingPolicy,
-    decode_frame,
+    decode_frame_header,
     encode_data_frame_header,
     encode_frame,
 )
@@ -85,6 +88,8 @@ from .relay import (
 RandomBytes = Callable[[int], bytes]
 
 DATA_RELAY_HEADER = 3  # tag + u16 length (spec §8)
+# the receive path writes these two as literals (12, 15)
+assert FRAME_HEADER_LEN == 12 and DATA_FRAME_HEADER_LEN == FRAME_HEADER_LEN + DATA_RELAY_HEADER
 _ELICITING = frozenset((FrameKind.DATA, FrameKind.CLOSE, FrameKind.KEEPALIVE, FrameKind.RESUME))
 _OPENING_TAGS = frozenset((1, 9))  # relay Connect, UdpAssociate: a stream (id) starts anew
 _TAG_DATA = RelayTag.DATA.value
@@ -692,7 +697,9 @@ class Connection:
         self.stats.datagrams_received += 1
         self.stats.bytes_received += len(data)
         try:
-            kind, stream_id, payload = decode_frame(plaintext)
+            # the payload stays in place (plaintext[FRAME_HEADER_LEN:end]): Data is sliced out
+            # once, on delivery, and control frames slice their few bytes where they are read
+            kind, stream_id, end = decode_frame_header(plaintext)
         except RemoteProtocolError:
             # Authenticated but undecodable: keep the nonce sequence whole, deliver nothing.
             self.stats.frame_decode_drop += 1
@@ -714,19 +721,20 @@ class Connection:
                 self._dropped_while_paused = True
                 receiver.own_drop_at = now  # our drop, not the peer giving up
                 return
+            tag = plaintext[12] if end > 12 else -1  # the relay tag (12: FRAME_HEADER_LEN)
             floors = self._stream_floor
             floor = floors.get(stream_id)
-            if floor is None or nonce <= floor or (payload and payload[0] in _OPENING_TAGS):
+            if floor is None or nonce <= floor or tag in _OPENING_TAGS:
                 floors[stream_id] = nonce - 1
-            if not stream_id and payload and payload[0] == _TAG_ABANDONED:
+            if not stream_id and tag == _TAG_ABANDONED:
                 # on arrival, not in order: the hole it closes may be what holds it back
-                self._on_abandoned(payload, now)
-            self._deliver(receiver.accept(nonce, (kind, stream_id, payload), True, now), now)
+                self._on_abandoned(plaintext[FRAME_HEADER_LEN:end], now)
+            self._deliver(receiver.accept(nonce, (kind, stream_id, plaintext, end), True, now), now)
             if receiver.holes:
                 self._check_gap(now)
         elif kind == FrameKind.ACK:
             try:
-                ranges = decode_ack(payload)
+                ranges = decode_ack(plaintext[FRAME_HEADER_LEN:end])
             except RemoteProtocolError:
                 self.stats.frame_decode_drop += 1
             else:
@@ -741,7 +749,7 @@ class Connection:
                 self._deliver(receiver.accept(nonce, None, False, now), now)
         elif kind == FrameKind.NACK:
             try:
-                again = self.sender.on_nack(decode_nack(payload), now)
+                again = self.sender.on_nack(decode_nack(plaintext[FRAME_HEADER_LEN:end]), now)
             except RemoteProtocolError:
                 self.stats.frame_decode_drop += 1
                 again = None
@@ -1157,18 +1165,21 @@ class Connection:
             "nonce space exhausted: the session must be re-established",
         )
 
-    def _deliver(self, frames: list[tuple[int, int, bytes]], now: float) -> None:
+    def _deliver(self, frames: list[Frame], now: float) -> None:
         events = self._events
         flows = self._flows
-        for _kind, stream_id, payload in frames:
+        for _kind, stream_id, plaintext, end in frames:
             # The hot path first: a whole Data message decoded in place (decode_relay's rules:
-            # tag, u16 length, the bytes; anything after them ignored), no isinstance chain.
+            # tag, u16 length, the bytes; anything after them ignored), no isinstance chain;
+            # its bytes are the one copy taken of the plaintext.
+            # (offsets as literals, FRAME_HEADER_LEN 12 and DATA_FRAME_HEADER_LEN 15: no global
+            # lookups per datagram)
             if (
-                len(payload) >= 3
-                and payload[0] == _TAG_DATA
-                and (end := 3 + ((payload[1] << 8) | payload[2])) <= len(payload)
+                end >= 15
+                and plaintext[12] == _TAG_DATA
+                and (stop := 15 + ((plaintext[13] << 8) | plaintext[14])) <= end
             ):
-                data = payload[3:end]
+                data = plaintext[15:stop]
                 if flows:
                     flow = flows.get(stream_id)
                     if flow is not None:
@@ -1177,6 +1188,7 @@ class Connection:
                             self.stats.flow_violation += 1
                 events.append(RelayMessageReceived(stream_id, Data(data)))
                 continue
+            payload = plaintext[FRAME_HEADER_LEN:end]
             try:
                 message = decode_relay(payload)
             except RemoteProtocolError:

@@ -64,6 +64,13 @@ def encode_data_frame_header(stream_id: int, length: int, pad_len: int, reserved
 
 def decode_frame(plaintext: bytes) -> tuple[int, int, bytes]:
     """Return ``(kind, stream_id, payload)``; RemoteProtocolError on a malformed frame."""
+    kind, stream_id, end = decode_frame_header(plaintext)
+    return kind, stream_id, plaintext[FRAME_HEADER_LEN:end]
+
+
+def decode_frame_header(plaintext: bytes) -> tuple[int, int, int]:
+    """:func:`decode_frame` without the slice: ``(kind, stream_id, end)``, the payload being
+    ``plaintext[FRAME_HEADER_LEN:end]``; the same checks and errors."""
     if len(plaintext) < FRAME_HEADER_LEN:
         raise RemoteProtocolError("frame shorter than its header")
     _version, kind, _reserved, stream_id, payload_len, pad_len = _HEADER.unpack_from(plaintext)
@@ -72,7 +79,7 @@ def decode_frame(plaintext: bytes) -> tuple[int, int, bytes]:
     end = FRAME_HEADER_LEN + payload_len
     if end + pad_len > len(plaintext):
         raise RemoteProtocolError("frame lengths exceed the datagram")
-    return kind, stream_id, plaintext[FRAME_HEADER_LEN:end]
+    return kind, stream_id, end
 
 
 # ----------------------------------------------------------------------------- padding (§6.1)
