@@ -13,7 +13,8 @@ not run by CI, so the test script does not install them).
 curl moves ``--mb`` MB through each SOCKS5 front end from and to a local origin
 (``tests/client/origin_server.py``: ``GET /bytes/N`` from memory, ``PUT /upload`` counts and
 hashes the body, and the benchmark checks both), ``--rounds`` times, the tunnels taking turns in
-each round so that a change in the machine's load hits all of them alike. The table gives the
+each round (in reverse order every other round) so that a change in the machine's load hits all
+of them alike. The table gives the
 median MB/s and the median CPU seconds per GiB of the two tunnel processes (utime + stime from
 ``/proc/PID/stat``, all threads; curl and the origin are not counted), split by side. CPU per GiB
 is the figure to steer by on a shared machine; MB/s depends on what else runs.
@@ -619,9 +620,12 @@ def main() -> int:
                 assert t.running is not None
                 wait_usable(origin, t.running.socks_port)
             for r in range(args.rounds):
+                # every other round in reverse order: a tunnel measured always first (or right
+                # after the direct transfer) would meet the machine's load changes differently
+                turn = chosen if r % 2 == 0 else chosen[::-1]
                 for direction in ("download", "upload"):
                     direct[direction].append(measure(origin, None, direction, size))
-                    for t in chosen:
+                    for t in turn:
                         sample = measure(origin, t.running, direction, size)
                         t.samples.setdefault(direction, []).append(sample)
                         print(

@@ -6,9 +6,14 @@
     (send_data + datagrams_to_send; receive_datagram + next_event) with the same frame size.
 (b) An in-memory 50 MB client-to-server transfer: datagrams are moved directly between the two
     cores (no loss, no padding) with a fake clock that advances a little per step.
+(c) CPU seconds (``time.process_time``, so other load on a shared machine does not count) per
+    GiB of stream data on the send path and the receive path of the same transfer, for the
+    datagram sizes of ``--sizes`` (a real path's 1,400 bytes; 65,507, what path MTU discovery
+    reaches on loopback, where per-byte costs such as copies of the payload show).
 
 Prints a table and writes JSON to bench/results/proto_bench.json. Best of several repetitions.
-Usage: ``hatch run python bench/proto_bench.py [--mb 50] [--reps 5] [--json PATH]``.
+Usage: ``hatch run python bench/proto_bench.py [--mb 50] [--reps 5] [--sizes 1400,65507]
+[--only-gib] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -115,6 +120,9 @@ class Transfer:
     receive: float  # receive_datagram + next_event on the server
     feedback: float  # the server's ACKs back into the client, and timers
     data_datagrams: int
+    send_cpu: float  # the same three parts in CPU seconds (time.process_time)
+    receive_cpu: float
+    loop_cpu: float
     datagrams_up: int
     datagrams_down: int
     retransmissions: int
@@ -156,10 +164,14 @@ def transfer(total: int, max_datagram_size: int, step: float = 2e-6) -> Transfer
     offset = received = 0
     data_datagrams = up = down = 0
     t_send = t_recv = t_fb = 0.0
+    c_send = c_recv = 0.0
     now = 0.001
     perf = time.perf_counter
+    cpu = time.process_time
     start = perf()
+    cpu_start = cpu()
     while received < total:
+        c0 = cpu()
         t0 = perf()
         while offset < total and client.writable:
             n = min(len(chunk), total - offset)
@@ -167,6 +179,7 @@ def transfer(total: int, max_datagram_size: int, step: float = 2e-6) -> Transfer
             offset += n
         out = client.datagrams_to_send(now)
         t1 = perf()
+        c1 = cpu()
         for d in out:
             server.receive_datagram(d, now)
         while (ev := server.next_event()) is not None:
@@ -174,6 +187,7 @@ def transfer(total: int, max_datagram_size: int, step: float = 2e-6) -> Transfer
                 received += len(ev.message.data)
                 data_datagrams += 1
         t2 = perf()
+        c2 = cpu()
         up += len(out)
         back = server.datagrams_to_send(now)
         down += len(back)
@@ -193,7 +207,10 @@ def transfer(total: int, max_datagram_size: int, step: float = 2e-6) -> Transfer
         t_send += t1 - t0
         t_recv += t2 - t1
         t_fb += t3 - t2
+        c_send += c1 - c0
+        c_recv += c2 - c1
     wall = perf() - start
+    loop_cpu = cpu() - cpu_start
     assert received == total
     return Transfer(
         wall,
@@ -201,11 +218,39 @@ def transfer(total: int, max_datagram_size: int, step: float = 2e-6) -> Transfer
         t_recv,
         t_fb,
         data_datagrams,
+        c_send,
+        c_recv,
+        loop_cpu,
         up,
         down,
         client.sender.stats.retransmissions,
         total,
     )
+
+
+def cpu_per_gib(sizes: list[int], total: int, reps: int) -> dict[str, dict[str, float]]:
+    """(c): best-of-``reps`` CPU seconds per GiB of stream data, per datagram size."""
+    out: dict[str, dict[str, float]] = {}
+    for size in sizes:
+        runs = [transfer(total, size) for _ in range(reps)]
+        scale = (1 << 30) / total
+        out[str(size)] = {
+            "send": min(r.send_cpu for r in runs) * scale,
+            "receive": min(r.receive_cpu for r in runs) * scale,
+            "whole_loop": min(r.loop_cpu for r in runs) * scale,
+            "data_datagrams": float(runs[0].data_datagrams),
+        }
+    return out
+
+
+def print_gib(gib: dict[str, dict[str, float]]) -> None:
+    print("CPU seconds per GiB of stream data (best of the repetitions; time.process_time)")
+    print(f"  {'datagram':>9}  {'send':>7}  {'receive':>7}  {'whole loop':>10}  data datagrams")
+    for size, row in gib.items():
+        print(
+            f"  {size:>9}  {row['send']:7.3f}  {row['receive']:7.3f}  "
+            f"{row['whole_loop']:10.3f}  {row['data_datagrams']:,.0f}"
+        )
 
 
 # --------------------------------------------------------------------------------------- main
@@ -217,7 +262,19 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="repetitions of each measurement")
     parser.add_argument("--ops", type=int, default=20_000, help="datagrams per crypto repetition")
     parser.add_argument("--json", type=Path, default=RESULTS, help="where to write the results")
+    parser.add_argument(
+        "--sizes", default="1400,65507", help="datagram sizes of the CPU-per-GiB table (c)"
+    )
+    parser.add_argument("--gib-mb", type=float, default=32.0, help="MB per transfer of (c)")
+    parser.add_argument("--only-gib", action="store_true", help="only (c), no JSON written")
     args = parser.parse_args()
+
+    gib = cpu_per_gib(
+        [int(x) for x in args.sizes.split(",")], int(args.gib_mb * 1_000_000), args.reps
+    )
+    print_gib(gib)
+    if args.only_gib:
+        return
 
     floor = crypto_floor(args.ops, args.reps)
     bare = floor["bare_encrypt"] + floor["bare_decrypt"]
@@ -282,6 +339,7 @@ def main() -> None:
 
     result = {
         "python": platform.python_version(),
+        "cpu_seconds_per_gib": gib,
         "cryptography": cryptography_version,
         "frame_bytes": FRAME_LEN,
         "seconds_per_op": floor,

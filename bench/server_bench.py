@@ -12,6 +12,9 @@ baseline measured in the same run:
   exchange + two ChaCha20-Poly1305 operations), against ``ServerAcceptor.accept`` in memory and
   against full handshakes through the server process over UDP.
 
+Each tunnel transfer also gives the server process's CPU seconds per GiB moved (utime + stime
+from ``/proc``): the figure to compare runs by on a shared machine, where MB/s drifts with load.
+
 Usage: ``hatch run python bench/server_bench.py [--mb 100] [--sizes 1400,4096]``.
 Writes ``bench/results/server_bench.json``. Runs in well under a minute.
 """
@@ -36,6 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from ostp_proto import SERVER_DEFAULTS, ClientConnection, ConnectionConfig, ServerAcceptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import cpu_seconds
 from tests.server.tunnel import Tunnel
 
 KEY = os.urandom(16).hex()
@@ -248,14 +252,21 @@ def main() -> None:
         for size in (int(x) for x in args.sizes.split(",")):
             srv = ServerProcess(size)
             try:
+                cpu0 = cpu_seconds(srv.proc.pid)
                 up = anyio.run(tunnel_transfer, srv.port, sink_port, n, size, True)
+                cpu1 = cpu_seconds(srv.proc.pid)
                 down = anyio.run(tunnel_transfer, srv.port, source_port, n, size, False)
+                cpu2 = cpu_seconds(srv.proc.pid)
                 results[f"tunnel_up_MBps_{size}"] = up
                 results[f"tunnel_down_MBps_{size}"] = down
+                gib = n / (1 << 30)
+                results[f"server_cpu_s_per_GiB_up_{size}"] = cpu_up = (cpu1 - cpu0) / gib
+                results[f"server_cpu_s_per_GiB_down_{size}"] = cpu_down = (cpu2 - cpu1) / gib
                 print(
                     f"tunnel    datagram {size} B: up {up:.1f} MB/s "
                     f"({up / rate:.0%} of UDP blast, {up / results['tcp_up_MBps']:.1%} of TCP), "
-                    f"down {down:.1f} MB/s ({down / rate:.0%} of UDP blast)"
+                    f"down {down:.1f} MB/s ({down / rate:.0%} of UDP blast); "
+                    f"server CPU s/GiB up {cpu_up:.2f}, down {cpu_down:.2f}"
                 )
                 if size == 1400:
                     hs = anyio.run(network_handshakes, srv.port, 200)

@@ -38,7 +38,9 @@ from ostp_proto import (
     encode_relay,
     parse_extension_hello,
 )
+from ostp_proto.arq import Frame
 from ostp_proto.connection import SERVER_DEFAULTS, ServerConnection
+from ostp_proto.frames import FRAME_HEADER_LEN
 from ostp_proto.relay import SUPPORTED_EXTENSIONS
 
 from .harness import Faults, Pair
@@ -59,8 +61,10 @@ def tap(conn: Connection) -> list[tuple[int, bytes]]:
     seen: list[tuple[int, bytes]] = []
     deliver = conn._deliver
 
-    def spy(frames: list[tuple[int, int, bytes]], now: float) -> None:
-        seen.extend((stream_id, bytes(payload)) for _kind, stream_id, payload in frames)
+    def spy(frames: list[Frame], now: float) -> None:
+        seen.extend(
+            (stream_id, plain[FRAME_HEADER_LEN:end]) for _kind, stream_id, plain, end in frames
+        )
         deliver(frames, now)
 
     conn._deliver = spy  # type: ignore[method-assign]

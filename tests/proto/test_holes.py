@@ -47,10 +47,10 @@ class Run:
             r.sighted(nonce, now)
             return
         full = r.stats.reorder_buffer_drop
-        out = r.accept(nonce, (FrameKind.DATA, 1, nonce.to_bytes(4, "big")), True, now)
+        out = r.accept(nonce, (FrameKind.DATA, 1, nonce.to_bytes(4, "big"), 4), True, now)
         if r.stats.reorder_buffer_drop == full:  # else dropped for room: missing after all
             self.accepted.add(nonce)
-        self.delivered += [int.from_bytes(p, "big") for _k, _s, p in out]
+        self.delivered += [int.from_bytes(p, "big") for _k, _s, p, _e in out]
 
     def timer(self, now: float) -> None:
         r = self.receiver
@@ -59,7 +59,7 @@ class Run:
             assert now >= self.true_born(last) + BOUND - 1e-9
             assert now >= r.own_drop_at + BOUND - 1e-9
             self.expired.update(range(first, last + 1))
-            self.delivered += [int.from_bytes(p, "big") for _k, _s, p in frames]
+            self.delivered += [int.from_bytes(p, "big") for _k, _s, p, _e in frames]
         deadline = r.nack_deadline()
         if deadline is not None and now >= deadline:
             for payload in r.build_nacks(now):

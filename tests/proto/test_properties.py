@@ -40,7 +40,7 @@ from ostp_proto.arq import (
     encode_ack,
     encode_nack,
 )
-from ostp_proto.frames import FrameKind, decode_frame, encode_frame
+from ostp_proto.frames import FRAME_HEADER_LEN, FrameKind, decode_frame, encode_frame
 from ostp_proto.obfuscation import (
     DataOpener,
     DataSealer,
@@ -387,9 +387,9 @@ def test_receiver_delivers_each_frame_once_and_in_order(
             continue
         assert nonce not in received
         received.add(nonce)
-        frame = None if nonce in control else (FrameKind.DATA, 1, nonce.to_bytes(4, "big"))
+        frame = None if nonce in control else (FrameKind.DATA, 1, nonce.to_bytes(4, "big"), 4)
         out = receiver.accept(nonce, frame, frame is not None, now)
-        delivered += [int.from_bytes(p, "big") for _k, _s, p in out]
+        delivered += [int.from_bytes(p, "big") for _k, _s, p, _e in out]
         # an ACK never claims a nonce that has not arrived
         ack = receiver.build_ack(now)
         if ack is not None:
@@ -551,11 +551,14 @@ def _established_client() -> Pair:
             st.binary(max_size=300),
             st.integers(min_value=-3, max_value=3),
         ),
-    )
+    ),
+    padding=st.binary(max_size=40),
 )
-def test_delivered_data_decodes_as_decode_relay_does(payload: bytes) -> None:
-    """_deliver decodes Data in place on its hot path: the same message as decode_relay, and
-    what decode_relay refuses is dropped and counted the same way."""
+def test_delivered_data_decodes_as_decode_relay_does(payload: bytes, padding: bytes) -> None:
+    """_deliver decodes Data in place on its hot path, from the whole frame plaintext: the same
+    message as decode_relay gives for the frame's payload (never reading into the padding
+    behind it, which upstream fills with random bytes), and what decode_relay refuses is
+    dropped and counted the same way."""
     client = _established_client().client
     while client.next_event() is not None:
         pass
@@ -564,7 +567,9 @@ def test_delivered_data_decodes_as_decode_relay_does(payload: bytes) -> None:
     except RemoteProtocolError:
         expected = None
     drops = client.stats.relay_decode_drop
-    client._deliver([(FrameKind.DATA, 7, payload)], 1.0)
+    plaintext = encode_frame(FrameKind.DATA, 7, payload, len(padding))[: -len(padding) or None]
+    plaintext += padding
+    client._deliver([(FrameKind.DATA, 7, plaintext, FRAME_HEADER_LEN + len(payload))], 1.0)
     got = [e for e in iter(client.next_event, None) if isinstance(e, RelayMessageReceived)]
     if expected is None:
         assert client.stats.relay_decode_drop == drops + 1

@@ -27,6 +27,7 @@ import struct
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from .congestion import PACING_BURST, PEER_ACK_ALLOWANCE, CongestionController
 from .errors import RemoteProtocolError
@@ -43,6 +44,11 @@ GRANULARITY = 0.001  # RFC 9002 kGranularity
 
 _RANGE = struct.Struct(">QQ")
 _U64 = struct.Struct(">Q")
+
+Frame: TypeAlias = tuple[int, int, bytes, int]
+"""A decrypted frame held for in-order delivery: ``(kind, stream_id, plaintext, end)``, its
+payload being ``plaintext[12:end]`` (frames.FRAME_HEADER_LEN). The payload is not sliced out on
+arrival, so stream bytes are copied once, on delivery; the receiver never looks inside."""
 
 
 def encode_ack(ranges: list[tuple[int, int]]) -> bytes:
@@ -587,7 +593,7 @@ class Receiver:
     ) -> None:
         self.expected = 0
         self.highest = -1  # the highest nonce accepted so far
-        self.buffer: dict[int, tuple[int, int, bytes] | None] = {}
+        self.buffer: dict[int, Frame | None] = {}
         self.holes: list[Hole] = []
         self.ack_delay = ack_delay
         self.ack_frequency = ack_frequency
@@ -629,9 +635,7 @@ class Receiver:
             return 2  # counted by sighted() once it proves authentic
         return 0
 
-    def accept(
-        self, nonce: int, frame: tuple[int, int, bytes] | None, eliciting: bool, now: float
-    ) -> list[tuple[int, int, bytes]]:
+    def accept(self, nonce: int, frame: Frame | None, eliciting: bool, now: float) -> list[Frame]:
         """Take a decrypted frame; return the frames now deliverable in order (spec §7.3)."""
         if eliciting:
             if not self.ack_pending:
@@ -658,7 +662,7 @@ class Receiver:
                 self._fill(nonce)
             buffer[nonce] = frame
             return []
-        out: list[tuple[int, int, bytes]] = []
+        out: list[Frame] = []
         if frame is not None:
             out.append(frame)
         self.expected = nonce + 1
@@ -744,7 +748,7 @@ class Receiver:
             if self._sightings:  # what is left may have been passed sooner
                 hole.born = self._born(hole.end, hole.born)
 
-    def _drain(self, out: list[tuple[int, int, bytes]]) -> None:
+    def _drain(self, out: list[Frame]) -> None:
         buffer = self.buffer
         expected = self.expected
         while expected in buffer:
@@ -767,16 +771,14 @@ class Receiver:
             return None
         return max(self.holes[0].born, self.own_drop_at) + bound
 
-    def expire_holes(
-        self, now: float, bound: float
-    ) -> list[tuple[int, int, list[tuple[int, int, bytes]]]]:
+    def expire_holes(self, now: float, bound: float) -> list[tuple[int, int, list[Frame]]]:
         """Step over every hole open for ``bound`` seconds, in one pass.
 
         Returns ``(first nonce, last nonce, frames now deliverable)`` per hole, in order: the
         frames after a hole come right after it, before the next hole's entry.
         """
         holes = self.holes
-        out: list[tuple[int, int, list[tuple[int, int, bytes]]]] = []
+        out: list[tuple[int, int, list[Frame]]] = []
         # the same sums as hole_deadline(), or a rounding gap spins the caller's loop
         if self.own_drop_at + bound > now:
             return out
@@ -785,7 +787,7 @@ class Receiver:
             self.stats.gap_skips += 1
             self.stats.skipped_nonces += hole.end - hole.start + 1
             self.expected = hole.end + 1
-            frames: list[tuple[int, int, bytes]] = []
+            frames: list[Frame] = []
             self._drain(frames)
             out.append((hole.start, hole.end, frames))
         if out:

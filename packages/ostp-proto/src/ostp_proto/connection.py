@@ -20,6 +20,7 @@ from .arq import (
     NACK_REPEAT,
     PACKET_THRESHOLD,
     TIME_THRESHOLD,
+    Frame,
     Receiver,
     Sender,
     decode_ack,
@@ -36,11 +37,14 @@ from .events import (
     Termination,
 )
 from .frames import (
+    DATA_FRAME_HEADER_LEN,
     DATAGRAM_OVERHEAD,
+    FRAME_HEADER_LEN,
     PADDING_CLAMP_OVERHEAD,
     FrameKind,
     PaddingPolicy,
-    decode_frame,
+    decode_frame_header,
+    encode_data_frame_header,
     encode_frame,
 )
 from .keys import Secrets, derive_secrets, split_transport_keys
@@ -74,7 +78,6 @@ from .relay import (
     WindowUpdate,
     decode_relay,
     encode_abandoned,
-    encode_data_header,
     encode_extension_hello,
     encode_relay,
     encode_window_update,
@@ -85,6 +88,8 @@ from .relay import (
 RandomBytes = Callable[[int], bytes]
 
 DATA_RELAY_HEADER = 3  # tag + u16 length (spec §8)
+# the receive path writes these two as literals (12, 15)
+assert FRAME_HEADER_LEN == 12 and DATA_FRAME_HEADER_LEN == FRAME_HEADER_LEN + DATA_RELAY_HEADER
 _ELICITING = frozenset((FrameKind.DATA, FrameKind.CLOSE, FrameKind.KEEPALIVE, FrameKind.RESUME))
 _OPENING_TAGS = frozenset((1, 9))  # relay Connect, UdpAssociate: a stream (id) starts anew
 _TAG_DATA = RelayTag.DATA.value
@@ -205,8 +210,13 @@ class ConnectionStats:
     """Nonces the peer gave up (lost probes) that closed a hole here."""
 
 
-class _SendQueue(deque[bytes]):
-    """Encoded relay messages of one stream waiting to be sent, and their total size."""
+class _SendQueue(deque[bytes | memoryview]):
+    """Relay messages of one stream waiting to be sent, and their total size (encoded).
+
+    Stream bytes (Data) wait as a memoryview of immutable bytes, without their 3-byte relay
+    header: the frame is built around them in one copy when they are sent (``_build_data``).
+    Every other message waits encoded, as bytes.
+    """
 
     __slots__ = ("size",)
 
@@ -306,7 +316,6 @@ class Connection:
         self.datagram_size = config.max_datagram_size
         """The largest datagram built for stream data now (path MTU discovery moves it)."""
         self.max_stream_chunk = 0
-        self._max_relay = 0
         # path MTU discovery (RFC 8899): one probe at a time
         self._pmtud: PathMtuDiscovery | None = None
         self._probe_nonce = -1
@@ -492,20 +501,26 @@ class Connection:
         self._enqueue(stream_id, relay)
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
-        """Queue stream bytes as Data relay messages (the hot path: no message objects)."""
+        """Queue stream bytes as Data relay messages (the hot path: no message objects).
+
+        ``bytes`` are queued without a copy (they are immutable): the frames are built around
+        views of them when they are sent. Anything else is copied once first, so the caller
+        may reuse or change its buffer at once.
+        """
         if self.state is State.CLOSED:
             raise LocalProtocolError("connection is closed")
         if not 0 <= stream_id <= 0xFFFF:
             raise LocalProtocolError("stream id must fit in 16 bits")
         if stream_id not in self._stream_floor:
             self._stream_floor[stream_id] = self.receiver.highest
-        view = memoryview(data)
+        view = memoryview(data if type(data) is bytes else bytes(data))
         chunk = self.max_stream_chunk
-        for start in range(0, len(view), chunk):
-            piece = view[start : start + chunk]
-            self._enqueue(stream_id, encode_data_header(len(piece)) + piece)
-        if not view:
-            self._enqueue(stream_id, encode_data_header(0))
+        n = len(view)
+        if n <= chunk:
+            self._enqueue_data(stream_id, view)  # empty too: an empty Data message
+            return
+        for start in range(0, n, chunk):
+            self._enqueue_data(stream_id, view[start : start + chunk])
 
     def path_changed(self, now: float) -> None:
         """Tell the connection the peer's address changed (roaming, NAT rebinding).
@@ -682,7 +697,9 @@ class Connection:
         self.stats.datagrams_received += 1
         self.stats.bytes_received += len(data)
         try:
-            kind, stream_id, payload = decode_frame(plaintext)
+            # the payload stays in place (plaintext[FRAME_HEADER_LEN:end]): Data is sliced out
+            # once, on delivery, and control frames slice their few bytes where they are read
+            kind, stream_id, end = decode_frame_header(plaintext)
         except RemoteProtocolError:
             # Authenticated but undecodable: keep the nonce sequence whole, deliver nothing.
             self.stats.frame_decode_drop += 1
@@ -704,19 +721,20 @@ class Connection:
                 self._dropped_while_paused = True
                 receiver.own_drop_at = now  # our drop, not the peer giving up
                 return
+            tag = plaintext[12] if end > 12 else -1  # the relay tag (12: FRAME_HEADER_LEN)
             floors = self._stream_floor
             floor = floors.get(stream_id)
-            if floor is None or nonce <= floor or (payload and payload[0] in _OPENING_TAGS):
+            if floor is None or nonce <= floor or tag in _OPENING_TAGS:
                 floors[stream_id] = nonce - 1
-            if not stream_id and payload and payload[0] == _TAG_ABANDONED:
+            if not stream_id and tag == _TAG_ABANDONED:
                 # on arrival, not in order: the hole it closes may be what holds it back
-                self._on_abandoned(payload, now)
-            self._deliver(receiver.accept(nonce, (kind, stream_id, payload), True, now), now)
+                self._on_abandoned(plaintext[FRAME_HEADER_LEN:end], now)
+            self._deliver(receiver.accept(nonce, (kind, stream_id, plaintext, end), True, now), now)
             if receiver.holes:
                 self._check_gap(now)
         elif kind == FrameKind.ACK:
             try:
-                ranges = decode_ack(payload)
+                ranges = decode_ack(plaintext[FRAME_HEADER_LEN:end])
             except RemoteProtocolError:
                 self.stats.frame_decode_drop += 1
             else:
@@ -731,7 +749,7 @@ class Connection:
                 self._deliver(receiver.accept(nonce, None, False, now), now)
         elif kind == FrameKind.NACK:
             try:
-                again = self.sender.on_nack(decode_nack(payload), now)
+                again = self.sender.on_nack(decode_nack(plaintext[FRAME_HEADER_LEN:end]), now)
             except RemoteProtocolError:
                 self.stats.frame_decode_drop += 1
                 again = None
@@ -753,8 +771,7 @@ class Connection:
         """Build datagrams of at most ``size`` bytes from now on (queued Data is cut to fit
         when it is sent)."""
         self.datagram_size = size
-        self.max_stream_chunk = chunk = max(size - DATAGRAM_OVERHEAD - DATA_RELAY_HEADER, 64)
-        self._max_relay = chunk + DATA_RELAY_HEADER
+        self.max_stream_chunk = max(size - DATAGRAM_OVERHEAD - DATA_RELAY_HEADER, 64)
         padding = self.config.padding
         if self._pmtud is not None and padding.mtu_hint > size - 2:
             # spec §6.1: padded datagrams stay within mtu_hint + 2 bytes
@@ -930,6 +947,19 @@ class Connection:
         if self._blocked and stream_id in self._blocked:
             self._blocked_bytes += size
 
+    def _enqueue_data(self, stream_id: int, data: memoryview) -> None:
+        """Queue a Data message of ``data`` (a view of immutable bytes; see ``_SendQueue``)."""
+        queue = self._queues.get(stream_id)
+        if queue is None:
+            queue = self._queues[stream_id] = _SendQueue()
+            self._rr.append(stream_id)
+        queue.append(data)
+        size = len(data) + DATA_RELAY_HEADER
+        queue.size += size
+        self.send_buffer_bytes += size
+        if self._blocked and stream_id in self._blocked:
+            self._blocked_bytes += size
+
     def _flush_queue(self, now: float) -> None:
         sender = self.sender
         if self._urgent and not self._flush_urgent(now):
@@ -938,32 +968,34 @@ class Connection:
         rr = self._rr
         flows = self._flows
         end_tags = self._end_tags
-        max_relay = self._max_relay
+        max_chunk = self.max_stream_chunk
         while rr and sender.window_open(now):
             stream_id = rr[0]
             queue = queues[stream_id]
             relay = queue[0]
-            if len(relay) > max_relay and relay[0] == _TAG_DATA:
-                relay = self._split_queued(queue, max_relay)
             forget = False
-            if flows:
-                tag = relay[0]
-                if tag == _TAG_DATA:
+            if type(relay) is memoryview:  # stream bytes: a Data message (see _SendQueue)
+                n = len(relay)
+                if n > max_chunk:
+                    relay = self._split_queued(queue, max_chunk)
+                    n = max_chunk
+                if flows:
                     flow = flows.get(stream_id)
                     if flow is not None:
                         # Data only within the peer's credit; what follows in this stream's
                         # queue waits behind it, other streams go on (docs/flow-control.md)
-                        n = len(relay) - DATA_RELAY_HEADER
                         if flow.sent + n > flow.limit:
                             rr.popleft()
                             self._blocked.add(stream_id)
                             self._blocked_bytes += queue.size
                             continue
                         flow.sent += n
-                elif tag in end_tags:
+                size = n + DATA_RELAY_HEADER
+            else:
+                if flows and relay[0] in end_tags:
                     forget = True
+                size = len(relay)
             queue.popleft()
-            size = len(relay)
             queue.size -= size
             self.send_buffer_bytes -= size
             if queue:
@@ -973,19 +1005,20 @@ class Connection:
                 del queues[stream_id]
             if forget:
                 self._forget(stream_id)
-            if not self._build(FrameKind.DATA, stream_id, relay, now, retransmittable=True):
+            if type(relay) is memoryview:
+                if not self._build_data(stream_id, relay, now):
+                    return
+            elif not self._build(FrameKind.DATA, stream_id, relay, now, retransmittable=True):
                 return
 
-    def _split_queued(self, queue: _SendQueue, max_relay: int) -> bytes:
-        """Cut the Data message at the head of ``queue`` to ``max_relay`` bytes (it was queued
+    def _split_queued(self, queue: _SendQueue, max_chunk: int) -> memoryview:
+        """Cut the stream bytes at the head of ``queue`` to ``max_chunk`` (they were queued
         while datagrams were larger); the rest stays at the head as a Data message of its own."""
-        relay = queue[0]
-        head = (
-            encode_data_header(max_relay - DATA_RELAY_HEADER) + relay[DATA_RELAY_HEADER:max_relay]
-        )
-        rest = encode_data_header(len(relay) - max_relay) + relay[max_relay:]
+        data = queue[0]
+        assert type(data) is memoryview
+        head = data[:max_chunk]
         queue[0] = head
-        queue.insert(1, rest)
+        queue.insert(1, data[max_chunk:])
         queue.size += DATA_RELAY_HEADER
         self.send_buffer_bytes += DATA_RELAY_HEADER
         return head
@@ -1085,10 +1118,7 @@ class Connection:
         sender = self.sender
         nonce = sender.next_nonce
         if nonce > MAX_NONCE:
-            self._terminate(
-                Termination.NONCE_EXHAUSTED,
-                "nonce space exhausted: the session must be re-established",
-            )
+            self._nonce_exhausted()
             return False
         sealer = self._sealer
         assert sealer is not None
@@ -1104,18 +1134,52 @@ class Connection:
         self._out.append(datagram)
         return True
 
-    def _deliver(self, frames: list[tuple[int, int, bytes]], now: float) -> None:
+    def _build_data(self, stream_id: int, data: memoryview, now: float) -> bool:
+        """``_build`` of a Data frame carrying one relay Data message of ``data`` (the hot
+        path): frame header, relay header, the bytes and any padding joined in one copy."""
+        sender = self.sender
+        nonce = sender.next_nonce
+        if nonce > MAX_NONCE:
+            self._nonce_exhausted()
+            return False
+        sealer = self._sealer
+        assert sealer is not None
+        n = len(data)
+        relay_len = n + DATA_RELAY_HEADER
+        padding = self._padding
+        if relay_len + PADDING_CLAMP_OVERHEAD >= padding.mtu_hint:
+            pad = 0  # spec §6.1's final clamp, as in _build
+        else:
+            pad = padding.pad_len(relay_len, self._pad_randint)
+        head = encode_data_frame_header(stream_id, n, pad, self._take_random())
+        frame = b"".join((head, data, bytes(pad))) if pad else head + data
+        datagram = sealer.seal(nonce, frame)
+        sender.next_nonce = nonce + 1
+        sender.record(nonce, datagram, now, True)
+        self._out.append(datagram)
+        return True
+
+    def _nonce_exhausted(self) -> None:
+        self._terminate(
+            Termination.NONCE_EXHAUSTED,
+            "nonce space exhausted: the session must be re-established",
+        )
+
+    def _deliver(self, frames: list[Frame], now: float) -> None:
         events = self._events
         flows = self._flows
-        for _kind, stream_id, payload in frames:
+        for _kind, stream_id, plaintext, end in frames:
             # The hot path first: a whole Data message decoded in place (decode_relay's rules:
-            # tag, u16 length, the bytes; anything after them ignored), no isinstance chain.
+            # tag, u16 length, the bytes; anything after them ignored), no isinstance chain;
+            # its bytes are the one copy taken of the plaintext.
+            # (offsets as literals, FRAME_HEADER_LEN 12 and DATA_FRAME_HEADER_LEN 15: no global
+            # lookups per datagram)
             if (
-                len(payload) >= 3
-                and payload[0] == _TAG_DATA
-                and (end := 3 + ((payload[1] << 8) | payload[2])) <= len(payload)
+                end >= 15
+                and plaintext[12] == _TAG_DATA
+                and (stop := 15 + ((plaintext[13] << 8) | plaintext[14])) <= end
             ):
-                data = payload[3:end]
+                data = plaintext[15:stop]
                 if flows:
                     flow = flows.get(stream_id)
                     if flow is not None:
@@ -1124,6 +1188,7 @@ class Connection:
                             self.stats.flow_violation += 1
                 events.append(RelayMessageReceived(stream_id, Data(data)))
                 continue
+            payload = plaintext[FRAME_HEADER_LEN:end]
             try:
                 message = decode_relay(payload)
             except RemoteProtocolError:

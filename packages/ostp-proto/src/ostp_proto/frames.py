@@ -16,6 +16,9 @@ DATAGRAM_OVERHEAD = 12 + FRAME_HEADER_LEN + 16  # masked header + frame header +
 PADDING_CLAMP_OVERHEAD = 38  # spec §6.1: pad = min(raw, max(mtu_hint - L - 38, 0))
 
 _HEADER = struct.Struct(">BBHHIH")
+# A Data frame's header and its relay Data message's tag and u16 length (spec §6, §8)
+_DATA_HEADER = struct.Struct(">BBHHIHBH")
+DATA_FRAME_HEADER_LEN = FRAME_HEADER_LEN + 3
 
 
 class FrameKind(enum.IntEnum):
@@ -31,6 +34,8 @@ class FrameKind(enum.IntEnum):
 
 
 _KINDS = frozenset(int(k) for k in FrameKind)
+_KIND_DATA = int(FrameKind.DATA)
+_RELAY_DATA = 2  # the relay tag of Data (spec §8, relay.RelayTag.DATA)
 
 
 def encode_frame(
@@ -47,8 +52,25 @@ def encode_frame(
     return header + payload
 
 
+def encode_data_frame_header(stream_id: int, length: int, pad_len: int, reserved: int) -> bytes:
+    """The 15 bytes in front of ``length`` stream bytes in a Data frame carrying one relay Data
+    message: ``encode_frame(DATA, stream_id, encode_data_header(length) + data, pad_len,
+    reserved)`` is this, the data and ``pad_len`` zeros (the send path joins them in one copy).
+    """
+    return _DATA_HEADER.pack(
+        FRAME_VERSION, _KIND_DATA, reserved, stream_id, length + 3, pad_len, _RELAY_DATA, length
+    )
+
+
 def decode_frame(plaintext: bytes) -> tuple[int, int, bytes]:
     """Return ``(kind, stream_id, payload)``; RemoteProtocolError on a malformed frame."""
+    kind, stream_id, end = decode_frame_header(plaintext)
+    return kind, stream_id, plaintext[FRAME_HEADER_LEN:end]
+
+
+def decode_frame_header(plaintext: bytes) -> tuple[int, int, int]:
+    """:func:`decode_frame` without the slice: ``(kind, stream_id, end)``, the payload being
+    ``plaintext[FRAME_HEADER_LEN:end]``; the same checks and errors."""
     if len(plaintext) < FRAME_HEADER_LEN:
         raise RemoteProtocolError("frame shorter than its header")
     _version, kind, _reserved, stream_id, payload_len, pad_len = _HEADER.unpack_from(plaintext)
@@ -57,7 +79,7 @@ def decode_frame(plaintext: bytes) -> tuple[int, int, bytes]:
     end = FRAME_HEADER_LEN + payload_len
     if end + pad_len > len(plaintext):
         raise RemoteProtocolError("frame lengths exceed the datagram")
-    return kind, stream_id, plaintext[FRAME_HEADER_LEN:end]
+    return kind, stream_id, end
 
 
 # ----------------------------------------------------------------------------- padding (§6.1)

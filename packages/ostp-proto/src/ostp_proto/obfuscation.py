@@ -157,7 +157,10 @@ class DataOpener:
         """Decrypt the ciphertext of a datagram already unmasked; None if it fails to verify."""
         try:
             return self._decrypt(
-                NONCE_PREFIX + nonce.to_bytes(8, "big"), data[DATA_HEADER_LEN:], self._aad
+                # a view: the ciphertext is not copied out of the datagram first
+                NONCE_PREFIX + nonce.to_bytes(8, "big"),
+                memoryview(data)[DATA_HEADER_LEN:],
+                self._aad,
             )
         except InvalidTag:
             return None
