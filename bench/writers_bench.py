@@ -9,6 +9,8 @@ figures: aggregate MB/s over all writers, and CPU seconds per GiB of the client 
 (utime + stime, all threads; the writers and the sink are not counted). This is where many
 writers can share a flush, or each pay their own.
 
+``--transport tcp`` (or ``wss``) runs the session over TCP instead of UDP.
+
 ``--baseline DIR`` runs a second pair from another checkout (e.g. a git worktree of main) in
 the same rounds, the two taking turns (their order alternates by round) so that the machine's
 load hits both alike. ``--count`` runs the clients under ``bench/_send_counter.py``, which
@@ -17,7 +19,7 @@ datagrams each call carries (a few Python operations per call; the CPU figures o
 run include them for both pairs).
 
     hatch run python bench/writers_bench.py [--writers 1,16,64] [--mb 200] [--rounds 3]
-        [--baseline /tmp/main-checkout] [--count]
+        [--transport udp] [--baseline /tmp/main-checkout] [--count]
 
 Prints a table and writes bench/results/writers_bench.json.
 """
@@ -54,6 +56,7 @@ from bench._common import (  # noqa: E402
     process,
     wait_tcp,
 )
+from tests.client.tunnel_helpers import free_server_port  # noqa: E402
 
 GIB = 1 << 30
 BLOCK = secrets.token_bytes(1 << 16)  # what each writer sends, again and again
@@ -168,15 +171,20 @@ class Pair:
         raise RuntimeError(f"{self.name}: no send counts from the client")
 
 
-def start_pair(stack: ExitStack, tmp: Path, name: str, checkout: Path | None, count: bool) -> Pair:
+def start_pair(
+    stack: ExitStack, tmp: Path, name: str, checkout: Path | None, count: bool, transport: str
+) -> Pair:
     own = tmp / name
     own.mkdir()
-    server_port, socks_port = free_port(socket.SOCK_DGRAM), free_port()
+    server_port, socks_port = free_server_port(), free_port()  # the server: UDP and TCP
     key = secrets.token_hex(16)
-    (own / "server.json").write_text(
-        json.dumps({"listen": f"127.0.0.1:{server_port}", "access_keys": [key]})
-    )
-    ostp_client_config(own / "client.json", socks_port, server_port, key)
+    server_config = {
+        "listen": f"127.0.0.1:{server_port}",
+        "access_keys": [key],
+        "tcp_rate_limit": 0,
+    }
+    (own / "server.json").write_text(json.dumps(server_config))
+    ostp_client_config(own / "client.json", socks_port, server_port, key, transport=transport)
     env_prefix: list[str] = []
     if checkout is not None:
         sources = ":".join(str(p) for p in sorted((checkout / "packages").glob("*/src")))
@@ -248,6 +256,7 @@ def main() -> int:
     parser.add_argument("--mb", type=int, default=200, help="MB all writers upload together")
     parser.add_argument("--rounds", type=int, default=3, help="runs per cell (median)")
     parser.add_argument("--baseline", type=Path, help="another checkout, run in the same rounds")
+    parser.add_argument("--transport", default="udp", choices=["udp", "tcp", "wss"])
     parser.add_argument("--count", action="store_true", help="count send_batch calls")
     parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -261,6 +270,7 @@ def main() -> int:
         "mb": args.mb,
         "rounds": args.rounds,
         "count": args.count,
+        "transport": args.transport,
         "baseline": str(args.baseline) if args.baseline is not None else None,
         "cells": {},
     }
@@ -270,9 +280,10 @@ def main() -> int:
         )
         assert sink.stdout is not None
         sink_port = int(sink.stdout.readline())
-        pairs = [start_pair(stack, tmp, "ostp", None, args.count)]
+        pairs = [start_pair(stack, tmp, "ostp", None, args.count, args.transport)]
         if args.baseline is not None:
-            pairs.append(start_pair(stack, tmp, "ostp-base", args.baseline.resolve(), args.count))
+            base = args.baseline.resolve()
+            pairs.append(start_pair(stack, tmp, "ostp-base", base, args.count, args.transport))
         for pair in pairs:
             wait_usable(pair, sink_port)
         for r in range(args.rounds):
@@ -307,7 +318,7 @@ def main() -> int:
 def print_table(record: dict[str, Any], counts: list[int]) -> None:
     print(
         f"\nwriters_bench: concurrent uploads of {record['mb']} MB together through one "
-        f"session, median of {record['rounds']}"
+        f"session over {record['transport']}, median of {record['rounds']}"
     )
     head = f"{'writers':>7} {'tunnel':10} {'MB/s':>7} {'client s/GiB':>13} {'server s/GiB':>13}"
     if record["count"]:
