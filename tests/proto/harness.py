@@ -109,11 +109,14 @@ class Pair:
         server_config: ConnectionConfig | None = None,
         latency: float = 0.01,
         consume: bool = True,
+        start: float = 0.0,
     ) -> None:
         rng = random.Random(seed)
         self.consume = consume
         """Report every delivered Data as consumed at once (a reader that keeps up)."""
-        self.now = 0.0
+        self.now = start
+        """The virtual clock (``start``: e.g. ``time.monotonic()`` for a core a client
+        session drives, which reads that clock)."""
         self.client = ClientConnection(
             access_key=KEY,
             config=client_config or ConnectionConfig(padding=PaddingPolicy.none()),
@@ -127,7 +130,7 @@ class Pair:
         self.s2c = Link(s2c or Faults(), random.Random(seed + 2), latency)
         self.cpeer = Peer()
         self.speer = Peer()
-        self.client.connect(self.now, UNIX_EPOCH)
+        self.client.connect(self.now, UNIX_EPOCH + self.now)
 
     def _drain(self, conn: Connection, peer: Peer) -> None:
         while (ev := conn.next_event()) is not None:

@@ -6,11 +6,13 @@ sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import math
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -89,7 +91,13 @@ class SessionOwner(DialOptions, Protocol):
 
 class _Session:
     """One OSTP session: one datagram transport at a time, one ClientConnection, one driving
-    task (and, on TCP, the transport's writer and ``auto``'s UDP probe beside it)."""
+    task (and, on TCP, the transport's writer and ``auto``'s UDP probe beside it).
+
+    Flushing (``datagrams_to_send`` and ``send_batch``) happens in :meth:`flush` only: once per
+    turn of the driving task, and once per event-loop pass for the streams, which hand the
+    core their data and schedule that flush (:meth:`_flush_soon`) rather than flush each. A
+    stream that finds the core full flushes what is due before it waits; teardown and
+    replacement flush at once (their Close must leave now)."""
 
     def __init__(self, outbound: SessionOwner, index: int) -> None:
         self.outbound = outbound
@@ -120,6 +128,12 @@ class _Session:
         self._sleep_until = math.inf
         self._send_waiters: dict[int, anyio.Event] = {}
         """Streams waiting for the core to take more of their data, by stream id."""
+        self._call_soon: Callable[[Callable[[], None]], object] | None = None
+        """The event loop's ``call_soon`` (asyncio); None: writers flush at once."""
+        self._flush_due = False
+        """A writer gave the core something since the last flush (one is scheduled)."""
+        self._flush_error: Exception | None = None
+        """What a scheduled flush raised: the driving task raises it (ends the attempt)."""
         self.connected_event = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         """The current attempt's task group (the TCP writer, the UDP probe)."""
@@ -149,6 +163,10 @@ class _Session:
     # -- the driving loop ----------------------------------------------------------------------
 
     async def supervise(self, task_status: TaskStatus[None]) -> None:
+        try:
+            self._call_soon = asyncio.get_running_loop().call_soon
+        except RuntimeError:  # another event loop than asyncio's: writers flush at once
+            self._call_soon = None
         task_status.started()
         try:
             await self._supervise()
@@ -270,6 +288,9 @@ class _Session:
         self.flush()
         auto = self.outbound.transport == TransportMode.AUTO
         while True:
+            if (error := self._flush_error) is not None:
+                self._flush_error = None
+                raise error  # a scheduled flush failed: end this attempt
             now = time.monotonic()
             self._read_all(conn, now)
             transport = self.transport
@@ -623,6 +644,10 @@ class _Session:
                 conn.send(channel.stream_id, Close())  # the server closes its remote
 
     def flush(self) -> None:
+        """Send what the core has now. The driving task calls it once per turn; writers
+        (streams) call :meth:`_flush_soon` instead, and the flush it schedules calls this;
+        closing paths that must send at once call it directly."""
+        self._flush_due = False
         conn, transport = self.conn, self.transport
         if conn is None or transport is None:
             return
@@ -641,6 +666,35 @@ class _Session:
                 refused.clear()
         if self._send_waiters:
             self._wake_senders()
+
+    def _flush_soon(self) -> None:
+        """A writer gave the core data or a message: flush once in the event loop's next
+        pass, with whatever every other writer of this pass gave it (one ``send_batch``
+        instead of one each, and no task hop: a loop callback, not a turn of the driving
+        task). The driving task's own flush in between does the job and makes it a no-op."""
+        if self._flush_due:
+            return
+        call_soon = self._call_soon
+        if call_soon is None:
+            self.flush()
+            self._wake_if_needed()
+            return
+        call_soon(self._scheduled_flush)
+        self._flush_due = True
+
+    def _scheduled_flush(self) -> None:
+        """The flush :meth:`_flush_soon` scheduled (a loop callback: harmless after the
+        connection ended or was replaced, as :meth:`flush` then finds nothing or the new one).
+        What it raises goes to the driving task, which ends the attempt as if its own flush
+        had failed: the streams are reset, never left waiting."""
+        if not self._flush_due:
+            return  # the driving task flushed since
+        try:
+            self.flush()
+            self._wake_if_needed()  # the data in flight may make the core's timer earlier
+        except Exception as exc:
+            self._flush_error = exc
+            self._wake()
 
     def _wake_senders(self) -> None:
         """Wake every stream whose data the core takes again (each has its own event, so no
@@ -687,6 +741,7 @@ class _Session:
         self.conn = None
         self.mux = None
         self.buffered = 0
+        self._flush_error = None  # the connection it was about has gone
         self._wake_senders()
 
     def _reset_channels(self, reason: str) -> None:
@@ -723,15 +778,14 @@ class _Session:
             conn.receive_paused = False  # asks the server for what was dropped, at once
             flush = True
         if flush:
-            self.flush()
+            self._flush_soon()
 
     def send_message(self, stream_id: int, message: Any) -> None:
         conn = self.conn
         if conn is None or not conn.established:
             return
         conn.send(stream_id, message)
-        self.flush()
-        self._wake_if_needed()
+        self._flush_soon()
 
     async def send_data(self, stream_id: int, data: bytes) -> None:
         while True:
@@ -740,13 +794,18 @@ class _Session:
                 raise anyio.BrokenResourceError("tunnel session ended")
             if conn.stream_writable(stream_id):
                 break
+            if self._flush_due:
+                # What this pass's writers gave the core may be what fills it: send that now
+                # (one flush for all of them still) rather than wait for the scheduled one.
+                self.flush()
+                self._wake_if_needed()
+                continue
             event = self._send_waiters.get(stream_id)
             if event is None:
                 event = self._send_waiters[stream_id] = anyio.Event()
             await event.wait()
         conn.send_data(stream_id, data)
-        self.flush()
-        self._wake_if_needed()
+        self._flush_soon()
 
     def snapshot(self) -> SessionStatus:
         conn, nat_path = self.conn, self.nat_path
