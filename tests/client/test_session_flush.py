@@ -13,6 +13,8 @@ starts), never silently and never leaving a stream waiting.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
 import time
 from collections.abc import Iterator, Sequence
@@ -342,3 +344,42 @@ async def test_a_failing_scheduled_flush_ends_the_session_and_resets_its_streams
             await wait_for(lambda: outbound.state == "connected", 15)
             fine = await curl([*args, "-w", "%{size_download}", origin.url("/bytes/100000")])
             assert (fine.returncode, fine.stdout) == (0, "100000"), fine.stderr
+
+
+async def test_a_socket_error_inside_the_attempt_is_reported_as_one(
+    origin: Origin,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An OSError raised while the session drives its connection (here by a send) reaches
+    `_supervise` inside the attempt's task group, which anyio wraps in an ExceptionGroup: it
+    is still a socket error (a warning), not an internal error with a traceback."""
+    real = _Session.flush
+    failures = 0
+
+    def unreachable_once(self: _Session) -> None:
+        nonlocal failures
+        if failures == 0 and self.channels:
+            failures += 1
+            raise OSError(errno.ENETUNREACH, os.strerror(errno.ENETUNREACH))
+        real(self)
+
+    monkeypatch.setattr(_Session, "flush", unreachable_once)
+    with ostp_server(tmp_path) as server:
+        config = tunnel_config(server.outbound(reconnect_delay=0.2))
+        async with running_daemon(config) as daemon:
+            outbound = daemon.outbounds["proxy"]
+            assert isinstance(outbound, OstpOutbound)
+            session = outbound.sessions[0]
+            await wait_for(lambda: outbound.state == "connected", 15)
+            args = [*proxy_args("socks5h", proxy_port(daemon)), "-o", "/dev/null"]
+            result = await curl([*args, origin.url("/bytes/100000")], time_limit=30)
+            assert failures == 1
+            assert result.returncode != 0, result.stdout
+            await wait_for(lambda: session.reconnects >= 1, 15)
+            unreachable = os.strerror(errno.ENETUNREACH)
+            warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+            assert f"proxy session 0: socket error: {unreachable}" in warned
+            assert not [r for r in caplog.records if r.getMessage() == "proxy session 0 failed"]
+            await wait_for(lambda: outbound.state == "connected", 15)

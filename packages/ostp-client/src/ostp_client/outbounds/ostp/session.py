@@ -179,15 +179,20 @@ class _Session:
         while True:
             try:
                 await self._run_once()
-            except TransportError as exc:
-                self.last_error = f"{self.outbound.stream_options.kind}: {exc.strerror or exc}"
-                logger.warning("%s session %d: %s", self.outbound.tag, self.index, self.last_error)
-            except OSError as exc:
-                self.last_error = f"socket error: {exc.strerror or exc}"
-                logger.warning("%s session %d: %s", self.outbound.tag, self.index, self.last_error)
-            except Exception as exc:  # a bug must cost this session, not the daemon
-                self.last_error = f"internal error: {exc!r}"
-                logger.exception("%s session %d failed", self.outbound.tag, self.index)
+            except Exception as caught:  # a bug must cost this session, not the daemon
+                # What the attempt's task group raises comes wrapped in an ExceptionGroup
+                # (anyio 4 groups even one failure): judge the failure by what it holds.
+                match _single(caught):
+                    case TransportError() as exc:
+                        kind = self.outbound.stream_options.kind
+                        self.last_error = f"{kind}: {exc.strerror or exc}"
+                        logger.warning("%s: %s", self.name, self.last_error)
+                    case OSError() as exc:
+                        self.last_error = f"socket error: {exc.strerror or exc}"
+                        logger.warning("%s: %s", self.name, self.last_error)
+                    case exc:
+                        self.last_error = f"internal error: {exc!r}"
+                        logger.exception("%s failed", self.name)
             self._teardown(self.last_error or "session ended")
             if self._retry_now:
                 self._retry_now = False
@@ -879,6 +884,13 @@ class _Session:
 
 def _text(address: tuple[str, int] | None) -> str | None:
     return format_sockaddr(address) if address is not None else None
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) groups of one, else ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _pmtud_state(conn: ClientConnection | None) -> str | None:
