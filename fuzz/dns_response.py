@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dns.message
 
-from ostp_client.dns.resolver import TYPE_A, TYPE_AAAA, addresses_in, make_query, read_response
+from ostp_client.dns.codec import TYPE_A, TYPE_AAAA
+from ostp_client.dns.messages import addresses_in, make_query, read_response
 
 QUERY = make_query("www.test", TYPE_A)
 

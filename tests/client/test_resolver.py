@@ -8,6 +8,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,19 +26,17 @@ from hypothesis import strategies as st
 
 import ostp_client.dns.resolver as resolver_module
 from ostp_client.dns.codec import parse_query
+from ostp_client.dns.messages import addresses_in, make_query, read_response
 from ostp_client.dns.resolver import (
     TYPE_A,
     TYPE_AAAA,
     DnsCache,
     ResolveError,
     StubResolver,
-    addresses_in,
     candidate_names,
-    make_query,
     read_hosts,
     read_nameservers,
     read_resolv_conf,
-    read_response,
 )
 from ostp_client.flow import Address, ConnContext, HostUnreachable
 from ostp_client.outbounds.direct import DirectOutbound, DirectUdpSession
@@ -444,7 +444,7 @@ def test_make_query_encodes_and_rejects_bad_names() -> None:
     ids = {make_query("x.test", TYPE_A).id for _ in range(16)}
     assert len(ids) > 1
     for bad in ("a" * 64 + ".test", ".".join(["a" * 60] * 5), "a..b", "a_\u2028.test"):
-        with pytest.raises(ResolveError):
+        with pytest.raises(ValueError, match="not a name DNS can carry"):
             make_query(bad, TYPE_A)
 
 
@@ -555,3 +555,19 @@ async def test_direct_without_a_mark_keeps_getaddrinfo(monkeypatch: pytest.Monke
         assert isinstance(session, DirectUdpSession) and session._resolver is None
         await session.aclose()
         tg.cancel_scope.cancel()
+
+
+def test_dnspython_is_imported_with_the_first_query_not_with_the_daemon() -> None:
+    """dnspython's message modules cost the daemon's start about 64 ms; a daemon that never
+    sends a query through the stub resolver (no routing mark in effect) does not load them."""
+    code = (
+        "import sys\n"
+        "import ostp_client.cli, ostp_client.daemon, ostp_client.outbounds.direct\n"
+        "import ostp_client.dns.resolver\n"
+        "print(sorted(m for m in sys.modules if m == 'dns' or m.startswith('dns.')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -33,26 +33,24 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import secrets
 import socket
 import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
-import dns.exception
-import dns.flags
-import dns.message
-import dns.name
-import dns.rcode
-import dns.rdatatype
 
+from ostp_client.dns.codec import TYPE_A, TYPE_AAAA
 from ostp_client.errors import OstpClientError
 from ostp_client.net.bypass import apply_bypass
 from ostp_client.net.tcp import connect_marked
+
+if TYPE_CHECKING:
+    import dns.message
 
 __all__ = [
     "TYPE_A",
@@ -61,13 +59,10 @@ __all__ = [
     "ResolvConf",
     "ResolveError",
     "StubResolver",
-    "addresses_in",
     "candidate_names",
-    "make_query",
     "read_hosts",
     "read_nameservers",
     "read_resolv_conf",
-    "read_response",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,9 +75,9 @@ MAXDNSRCH = 6  # resolv.conf(5): at most six search domains
 NEGATIVE_TTL = 30  # seconds an NXDOMAIN or NODATA is kept
 MAX_TTL = 3600
 MAX_TCP_RESPONSE = 65535
-TYPE_A = int(dns.rdatatype.A)
-TYPE_AAAA = int(dns.rdatatype.AAAA)
-_IDNA = dns.name.IDNA_2008_Practical
+RCODE_NOERROR = 0  # RFC 1035 §4.1.1
+RCODE_NXDOMAIN = 3
+FLAG_TC = 0x0200  # truncated
 _TCP_LENGTH = struct.Struct("!H")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -177,55 +172,6 @@ def candidate_names(name: str, search: Sequence[str], ndots: int) -> list[str]:
     if name.count(".") >= ndots:
         return [name, *expanded]
     return [*expanded, name]
-
-
-def make_query(name: str, qtype: int) -> dns.message.QueryMessage:
-    """A recursive query for ``name`` (IDNA-encoded); `ResolveError` for a name DNS cannot
-    carry (RFC 1035 §2.3.4 limits, an empty label, a name IDNA refuses)."""
-    try:
-        qname = dns.name.from_text(name, origin=dns.name.root, idna_codec=_IDNA)
-        return dns.message.make_query(
-            qname, dns.rdatatype.RdataType(qtype), use_edns=False, id=secrets.randbits(16)
-        )
-    except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
-        raise ResolveError(f"{name}: not a name DNS can carry ({exc})") from None
-
-
-def read_response(query: dns.message.Message, data: bytes) -> dns.message.Message | None:
-    """The reply in ``data`` when it answers ``query`` (id, flags, question), else None."""
-    try:
-        response = dns.message.from_wire(data, ignore_trailing=True)
-    except Exception:  # anything dnspython cannot read is a malformed reply, dropped
-        return None
-    try:
-        return response if query.is_response(response) else None
-    except Exception:
-        return None
-
-
-def addresses_in(response: dns.message.Message, qtype: int) -> tuple[list[IPAddress], int]:
-    """The ``qtype`` addresses of the question's name, CNAMEs followed, and the smallest TTL
-    along the chain (0 when there is nothing; a TTL with the top bit set counts as 0,
-    RFC 2181 §8)."""
-    if not isinstance(response, dns.message.QueryMessage):
-        return [], 0
-    try:
-        chain = response.resolve_chaining()
-    except (dns.exception.DNSException, KeyError):  # no question, a loop too long, ...
-        return [], 0
-    answer = chain.answer
-    if answer is None or int(answer.rdtype) != qtype:
-        return [], 0
-    addresses: list[IPAddress] = []
-    for rdata in answer:
-        try:
-            addresses.append(ipaddress.ip_address(str(getattr(rdata, "address", ""))))
-        except (AttributeError, ValueError):
-            continue
-    if not addresses:
-        return [], 0
-    ttls = [rrset.ttl for rrset in (*chain.cnames, answer)]
-    return addresses, min(0 if ttl & 0x80000000 else ttl for ttl in ttls)
 
 
 class DnsCache:
@@ -388,19 +334,25 @@ class StubResolver:
             return cached
         for server in servers:
             for _ in range(self.attempts):
-                query = make_query(name, qtype)  # a fresh random id; a bad name raises here
+                # dnspython is imported with the first query, not with the daemon (start-up time)
+                from ostp_client.dns import messages  # noqa: PLC0415
+
+                try:
+                    query = messages.make_query(name, qtype)  # a fresh random id
+                except ValueError as exc:
+                    raise ResolveError(str(exc)) from None
                 try:
                     response = await self._ask(server, query, mark)
                 except _Failed:
                     continue
-                rcode = response.rcode()
-                if rcode == dns.rcode.NXDOMAIN:
+                rcode = int(response.rcode())
+                if rcode == RCODE_NXDOMAIN:
                     self.cache.put(name, qtype, [], NEGATIVE_TTL, anyio.current_time())
                     raise ResolveError(f"{name}: no such domain")
-                if rcode != dns.rcode.NOERROR:
+                if rcode != RCODE_NOERROR:
                     self.counters["server_failures"] += 1
                     break  # SERVFAIL, REFUSED...: the next server
-                addresses, ttl = addresses_in(response, qtype)
+                addresses, ttl = messages.addresses_in(response, qtype)
                 # no record of this type (NODATA) is kept like NXDOMAIN, briefly
                 self.cache.put(
                     name, qtype, addresses, ttl if addresses else NEGATIVE_TTL, anyio.current_time()
@@ -442,7 +394,7 @@ class StubResolver:
                     if response is None:
                         self.counters["dropped_replies"] += 1
                         continue
-                    if not response.flags & dns.flags.TC:
+                    if not response.flags & FLAG_TC:
                         return response
                     truncated = True  # the whole answer comes over TCP
                     break
@@ -469,8 +421,8 @@ class StubResolver:
                 logger.debug("DNS over TCP to %s failed: %s", server, exc)
                 self.counters["server_failures"] += 1
                 raise _Failed from None
-            response = read_response(query, data)
-            if response is None or response.flags & dns.flags.TC:
+            response = _read_response(query, data)
+            if response is None or response.flags & FLAG_TC:
                 self.counters["dropped_replies"] += 1
                 raise _Failed
             return response
@@ -487,7 +439,13 @@ class StubResolver:
             return None
         if source != server or port != self.port:
             return None
-        return read_response(query, data)
+        return _read_response(query, data)
+
+
+def _read_response(query: dns.message.Message, data: bytes) -> dns.message.Message | None:
+    from ostp_client.dns import messages  # noqa: PLC0415 (imported by the query already)
+
+    return messages.read_response(query, data)
 
 
 async def _receive_exactly(stream: anyio.abc.ByteStream, size: int) -> bytes:
