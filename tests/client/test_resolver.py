@@ -5,6 +5,7 @@ The responder builds its answers by hand (struct), independently of `ostp_client
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import struct
@@ -571,3 +572,22 @@ def test_dnspython_is_imported_with_the_first_query_not_with_the_daemon() -> Non
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.anyio
+async def test_a_query_that_cannot_open_its_socket_is_a_resolve_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A query's socket can fail before anything is sent (no descriptor left, the routing mark
+    refused): the name is unresolvable, a ResolveError the `direct` outbound turns into "host
+    unreachable", never an ExceptionGroup out of the A/AAAA task group."""
+
+    def refused(sock: socket.socket, mark: int | None) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(resolver_module, "apply_bypass", refused)
+    async with responder(Responder(ZONE)) as r:
+        stub = _stub(r)
+        with pytest.raises(ResolveError, match="Operation not permitted"):
+            await stub.resolve("origin.test")
+        assert r.queries == []

@@ -306,6 +306,8 @@ class StubResolver:
                 results[qtype] = await self._lookup(name, qtype, servers, mark)
             except ResolveError as exc:
                 results[qtype] = exc
+            except OSError as exc:  # its socket failed before sending: no descriptor, no mark
+                results[qtype] = ResolveError(f"{name}: {exc.strerror or exc}")
 
         async with anyio.create_task_group() as tg:
             for qtype in qtypes:
