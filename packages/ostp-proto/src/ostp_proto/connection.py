@@ -517,10 +517,11 @@ class Connection:
         chunk = self.max_stream_chunk
         n = len(view)
         if n <= chunk:
-            self._enqueue_data(stream_id, view)  # empty too: an empty Data message
+            self._queue(stream_id, view, n + DATA_RELAY_HEADER)  # empty too: an empty Data
             return
         for start in range(0, n, chunk):
-            self._enqueue_data(stream_id, view[start : start + chunk])
+            piece = view[start : start + chunk]
+            self._queue(stream_id, piece, len(piece) + DATA_RELAY_HEADER)
 
     def path_changed(self, now: float) -> None:
         """Tell the connection the peer's address changed (roaming, NAT rebinding).
@@ -936,25 +937,17 @@ class Connection:
         return int.from_bytes(self._random(2), "big") % (n + 1) if n > 0 else 0
 
     def _enqueue(self, stream_id: int, relay: bytes) -> None:
-        queue = self._queues.get(stream_id)
-        if queue is None:
-            queue = self._queues[stream_id] = _SendQueue()
-            self._rr.append(stream_id)
-        queue.append(relay)
-        size = len(relay)
-        queue.size += size
-        self.send_buffer_bytes += size
-        if self._blocked and stream_id in self._blocked:
-            self._blocked_bytes += size
+        """Queue an encoded relay message."""
+        self._queue(stream_id, relay, len(relay))
 
-    def _enqueue_data(self, stream_id: int, data: memoryview) -> None:
-        """Queue a Data message of ``data`` (a view of immutable bytes; see ``_SendQueue``)."""
+    def _queue(self, stream_id: int, item: bytes | memoryview, size: int) -> None:
+        """Queue an encoded relay message, or stream bytes for a Data message (a view of
+        immutable bytes, ``size`` counting its 3-byte header: see ``_SendQueue``)."""
         queue = self._queues.get(stream_id)
         if queue is None:
             queue = self._queues[stream_id] = _SendQueue()
             self._rr.append(stream_id)
-        queue.append(data)
-        size = len(data) + DATA_RELAY_HEADER
+        queue.append(item)
         queue.size += size
         self.send_buffer_bytes += size
         if self._blocked and stream_id in self._blocked:
