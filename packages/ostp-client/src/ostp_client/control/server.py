@@ -98,11 +98,15 @@ class RequestFailed(OstpClientError):
 # daemon data → protocol models
 
 
+def _uptime(since: float | None, now: float) -> float | None:
+    """Seconds connected (Unix times), None while not connected."""
+    return max(0.0, now - since) if since is not None else None
+
+
 def _session_model(
     session: SessionReport, server: str, now: float, rates: tuple[float, float]
 ) -> SessionStatus:
     """One ostp session as the control protocol shows it."""
-    since = session.connected_since
     return SessionStatus(
         id=str(session.index),
         rate_up=rates[0],
@@ -112,7 +116,7 @@ def _session_model(
         rtt_ms=session.rtt_ms,
         bytes_up=session.bytes_up,
         bytes_down=session.bytes_down,
-        uptime=max(0.0, now - since) if since is not None else None,
+        uptime=_uptime(session.connected_since, now),
         reconnects=session.reconnects,
         replacements=session.replacements,
         mapped_address=session.mapped_address,
@@ -428,13 +432,12 @@ class ControlServer:
         }
         match report:
             case OstpReport():
-                since = report.connected_since
                 fields.update(
                     server=report.server,
                     rtt_ms=report.rtt_ms,
                     bytes_up=report.bytes_up,
                     bytes_down=report.bytes_down,
-                    uptime=max(0.0, now - since) if since is not None else None,
+                    uptime=_uptime(report.connected_since, now),
                     reconnects=report.reconnects,
                     mapped_address=report.mapped_address,
                     kernel_drops=report.kernel_drops,
