@@ -17,7 +17,8 @@ import errno
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -305,24 +306,31 @@ def origin() -> Iterator[Origin]:
         yield server
 
 
-async def test_a_failing_scheduled_flush_ends_the_session_and_resets_its_streams(
-    origin: Origin,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def _break_one_flush(
+    monkeypatch: pytest.MonkeyPatch, error: Exception, when: Callable[[_Session], bool]
+) -> list[int]:
+    """Make the first `_Session.flush` for which ``when`` holds raise ``error``; the list
+    counts the failures."""
     real = _Session.flush
-    failures = 0
+    failures: list[int] = []
 
     def failing_once(self: _Session) -> None:
-        nonlocal failures
-        # a loop callback runs outside any task: that is the scheduled flush
-        if failures == 0 and self.channels and asyncio.current_task() is None:
-            failures += 1
-            raise RuntimeError("injected failure in the scheduled flush")
+        if not failures and when(self):
+            failures.append(1)
+            raise error
         real(self)
 
     monkeypatch.setattr(_Session, "flush", failing_once)
+    return failures
+
+
+@asynccontextmanager
+async def _failed_fetch(
+    origin: Origin, tmp_path: Path, failures: list[int]
+) -> AsyncIterator[tuple[OstpOutbound, _Session, list[str]]]:
+    """A connected daemon whose first fetch meets the broken flush and fails (not a short
+    success); then the session is re-established. Yields the outbound, its session and curl's
+    proxy arguments, once the session is connected again."""
     with ostp_server(tmp_path) as server:
         config = tunnel_config(server.outbound(reconnect_delay=0.2))
         async with running_daemon(config) as daemon:
@@ -331,19 +339,35 @@ async def test_a_failing_scheduled_flush_ends_the_session_and_resets_its_streams
             session = outbound.sessions[0]
             await wait_for(lambda: outbound.state == "connected", 15)
             args = [*proxy_args("socks5h", proxy_port(daemon)), "-o", "/dev/null"]
-            # the stream's Connect is in the flush that fails: the session ends, the stream
-            # is reset (curl fails, it does not wait), and a new session starts
             result = await curl([*args, origin.url("/bytes/100000")], time_limit=30)
-            assert failures == 1
+            assert failures == [1]
             assert result.returncode != 0, result.stdout
-            # the session's own failure path reported it (not the loop's exception handler)
-            failed = [r for r in caplog.records if r.getMessage() == "proxy session 0 failed"]
-            assert failed and failed[0].exc_info is not None
-            assert "injected failure" in repr(failed[0].exc_info[1])
             await wait_for(lambda: session.reconnects >= 1, 15)
             await wait_for(lambda: outbound.state == "connected", 15)
-            fine = await curl([*args, "-w", "%{size_download}", origin.url("/bytes/100000")])
-            assert (fine.returncode, fine.stdout) == (0, "100000"), fine.stderr
+            yield outbound, session, args
+
+
+async def test_a_failing_scheduled_flush_ends_the_session_and_resets_its_streams(
+    origin: Origin,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # a loop callback runs outside any task: that is the scheduled flush
+    failures = _break_one_flush(
+        monkeypatch,
+        RuntimeError("injected failure in the scheduled flush"),
+        lambda session: bool(session.channels) and asyncio.current_task() is None,
+    )
+    # the stream's Connect is in the flush that fails: the session ends, the stream is reset
+    # (curl fails, it does not wait), and a new session starts
+    async with _failed_fetch(origin, tmp_path, failures) as (_outbound, _session, args):
+        # the session's own failure path reported it (not the loop's exception handler)
+        failed = [r for r in caplog.records if r.getMessage() == "proxy session 0 failed"]
+        assert failed and failed[0].exc_info is not None
+        assert "injected failure" in repr(failed[0].exc_info[1])
+        fine = await curl([*args, "-w", "%{size_download}", origin.url("/bytes/100000")])
+        assert (fine.returncode, fine.stdout) == (0, "100000"), fine.stderr
 
 
 async def test_a_socket_error_inside_the_attempt_is_reported_as_one(
@@ -355,31 +379,13 @@ async def test_a_socket_error_inside_the_attempt_is_reported_as_one(
     """An OSError raised while the session drives its connection (here by a send) reaches
     `_supervise` inside the attempt's task group, which anyio wraps in an ExceptionGroup: it
     is still a socket error (a warning), not an internal error with a traceback."""
-    real = _Session.flush
-    failures = 0
-
-    def unreachable_once(self: _Session) -> None:
-        nonlocal failures
-        if failures == 0 and self.channels:
-            failures += 1
-            raise OSError(errno.ENETUNREACH, os.strerror(errno.ENETUNREACH))
-        real(self)
-
-    monkeypatch.setattr(_Session, "flush", unreachable_once)
-    with ostp_server(tmp_path) as server:
-        config = tunnel_config(server.outbound(reconnect_delay=0.2))
-        async with running_daemon(config) as daemon:
-            outbound = daemon.outbounds["proxy"]
-            assert isinstance(outbound, OstpOutbound)
-            session = outbound.sessions[0]
-            await wait_for(lambda: outbound.state == "connected", 15)
-            args = [*proxy_args("socks5h", proxy_port(daemon)), "-o", "/dev/null"]
-            result = await curl([*args, origin.url("/bytes/100000")], time_limit=30)
-            assert failures == 1
-            assert result.returncode != 0, result.stdout
-            await wait_for(lambda: session.reconnects >= 1, 15)
-            unreachable = os.strerror(errno.ENETUNREACH)
-            warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-            assert f"proxy session 0: socket error: {unreachable}" in warned
-            assert not [r for r in caplog.records if r.getMessage() == "proxy session 0 failed"]
-            await wait_for(lambda: outbound.state == "connected", 15)
+    failures = _break_one_flush(
+        monkeypatch,
+        OSError(errno.ENETUNREACH, os.strerror(errno.ENETUNREACH)),
+        lambda session: bool(session.channels),
+    )
+    async with _failed_fetch(origin, tmp_path, failures):
+        unreachable = os.strerror(errno.ENETUNREACH)
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert f"proxy session 0: socket error: {unreachable}" in warned
+        assert not [r for r in caplog.records if r.getMessage() == "proxy session 0 failed"]
